@@ -1,0 +1,20 @@
+//! All kernel I/O: the tc codec (one module per object kind), dumps and their decoding, links and
+//! IFB devices, capability probing, and sockets in named network namespaces.
+
+pub mod action;
+pub mod attr;
+pub mod error;
+pub mod fw;
+pub mod handle;
+pub mod htb;
+pub mod link;
+pub mod matchall;
+pub mod probe;
+pub mod socket;
+pub mod stats;
+pub mod tc;
+pub mod u32;
+
+pub use error::{DecodeError, KernelError, NetlinkError};
+pub use handle::{TcHandle, U32Handle};
+pub use socket::RtSocket;

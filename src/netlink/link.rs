@@ -8,8 +8,9 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
-use rtnetlink::{LinkIfb, LinkUnspec};
+use rtnetlink::LinkUnspec;
 
+use super::attr::AttrWriter;
 use super::error::NetlinkError;
 use super::socket::RtSocket;
 
@@ -131,12 +132,24 @@ impl RtSocket {
     }
 }
 
-/// `ip link add NAME type ifb`.
+/// `ip link add NAME type ifb`. Built by hand rather than with rtnetlink's builder so that it is
+/// byte-identical to iproute2's (which sends the kind without a trailing NUL).
 pub fn ifb_create_request(name: &str) -> Vec<u8> {
-    serialize(
-        RouteNetlinkMessage::NewLink(LinkIfb::new(name).build()),
-        NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
-    )
+    const IFLA_IFNAME: u16 = 3;
+    const IFLA_LINKINFO: u16 = 18;
+    const IFLA_INFO_KIND: u16 = 1;
+    let mut w = AttrWriter::new();
+    w.raw(&[0u8; 16]).raw(&[0u8; 16]); // nlmsghdr, ifinfomsg
+    w.put_str(IFLA_IFNAME, name);
+    w.nested(IFLA_LINKINFO, false, |w| {
+        w.put(IFLA_INFO_KIND, b"ifb");
+    });
+    let mut msg = w.into_bytes();
+    let len = msg.len() as u32;
+    msg[0..4].copy_from_slice(&len.to_ne_bytes());
+    msg[4..6].copy_from_slice(&RTM_NEWLINK.to_ne_bytes());
+    msg[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).to_ne_bytes());
+    msg
 }
 
 /// `ip link set dev INDEX up`.

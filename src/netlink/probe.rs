@@ -15,15 +15,13 @@ pub enum Feature {
     Fw,
     Gact,
     Connmark,
+    /// The u32 classifier's skb mark match (`CONFIG_CLS_U32_MARK`, part of cls_u32). Without it the
+    /// kernel silently ignores a u32 mark key.
+    U32Mark,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 4] = [
-        Feature::Matchall,
-        Feature::Fw,
-        Feature::Gact,
-        Feature::Connmark,
-    ];
+    pub const ALL: [Feature; 5] = [Feature::Matchall, Feature::Fw, Feature::Gact, Feature::Connmark, Feature::U32Mark];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -31,6 +29,7 @@ impl Feature {
             Feature::Fw => "fw",
             Feature::Gact => "gact",
             Feature::Connmark => "connmark",
+            Feature::U32Mark => "u32 mark match",
         }
     }
 
@@ -40,6 +39,7 @@ impl Feature {
             Feature::Fw => "CONFIG_NET_CLS_FW",
             Feature::Gact => "CONFIG_NET_ACT_GACT",
             Feature::Connmark => "CONFIG_NET_ACT_CONNMARK",
+            Feature::U32Mark => "CONFIG_CLS_U32_MARK",
         }
     }
 
@@ -49,6 +49,7 @@ impl Feature {
             Feature::Fw => "cls_fw",
             Feature::Gact => "act_gact",
             Feature::Connmark => "act_connmark",
+            Feature::U32Mark => "cls_u32",
         }
     }
 }
@@ -144,6 +145,14 @@ fn availability(
     config: Option<&str>,
     builtin: &str,
 ) -> Availability {
+    if f == Feature::U32Mark {
+        // A build option of cls_u32, not a module of its own: only the configuration tells.
+        return match config.map(|c| config_value(c, f.config())) {
+            Some(Some("y")) => Availability::Present(format!("{}=y", f.config())),
+            Some(_) => Availability::Absent(format!("{} is not set", f.config())),
+            None => Availability::Unknown,
+        };
+    }
     if Path::new(&roots.sys_module).join(f.module()).exists() {
         return Availability::Present(format!("{}/{} exists", roots.sys_module, f.module()));
     }

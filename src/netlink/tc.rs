@@ -213,6 +213,17 @@ impl Class {
     }
 }
 
+impl Class {
+    /// The value as the kernel reports it back: a class directly under its qdisc has parent `root`.
+    pub fn canonical(&self) -> Class {
+        let mut c = self.clone();
+        if c.parent == TcHandle::new(c.handle.major(), 0) {
+            c.parent = TcHandle::ROOT;
+        }
+        c
+    }
+}
+
 impl Filter {
     pub fn kind_name(&self) -> &str {
         match &self.kind {

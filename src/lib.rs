@@ -2,3 +2,4 @@
 //! rtnetlink and nfnetlink. See DESIGN.md for the architecture; the modules follow its layout.
 
 pub mod netlink;
+pub mod shaping;

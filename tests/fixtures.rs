@@ -25,13 +25,25 @@ struct Fixture {
 }
 
 fn hex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn load(name: &str) -> Fixture {
-    let path = format!("{}/netlink-fixtures/{name}.fixture", env!("CARGO_MANIFEST_DIR"));
+    let path = format!(
+        "{}/netlink-fixtures/{name}.fixture",
+        env!("CARGO_MANIFEST_DIR")
+    );
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
-    let mut f = Fixture { name: name.into(), result: String::new(), ifindex: BTreeMap::new(), request: vec![], dump: vec![] };
+    let mut f = Fixture {
+        name: name.into(),
+        result: String::new(),
+        ifindex: BTreeMap::new(),
+        request: vec![],
+        dump: vec![],
+    };
     for line in text.lines() {
         let (key, value) = line.split_once(": ").unwrap_or((line, ""));
         match key {
@@ -54,7 +66,14 @@ fn all_fixture_names() -> Vec<String> {
     let dir = format!("{}/netlink-fixtures", env!("CARGO_MANIFEST_DIR"));
     let mut names: Vec<String> = std::fs::read_dir(dir)
         .unwrap()
-        .filter_map(|e| e.ok()?.file_name().into_string().ok()?.strip_suffix(".fixture").map(String::from))
+        .filter_map(|e| {
+            e.ok()?
+                .file_name()
+                .into_string()
+                .ok()?
+                .strip_suffix(".fixture")
+                .map(String::from)
+        })
         .collect();
     names.sort();
     names
@@ -112,12 +131,20 @@ fn decoded_dump(f: &Fixture) -> Vec<TcEntry> {
     f.dump
         .iter()
         .filter(|m| u16::from_ne_bytes([m[4], m[5]]) != 3) // NLMSG_DONE
-        .map(|m| decode(u16::from_ne_bytes([m[4], m[5]]), &m[16..]).unwrap_or_else(|e| panic!("{}: {e}", f.name)))
+        .map(|m| {
+            decode(u16::from_ne_bytes([m[4], m[5]]), &m[16..])
+                .unwrap_or_else(|e| panic!("{}: {e}", f.name))
+        })
         .collect()
 }
 
 fn assert_request(f: &Fixture, ours: Vec<u8>) {
-    assert_eq!(hexs(&masked(&ours)), hexs(&masked(&f.request)), "{}: request differs from iproute2's", f.name);
+    assert_eq!(
+        hexs(&masked(&ours)),
+        hexs(&masked(&f.request)),
+        "{}: request differs from iproute2's",
+        f.name
+    );
 }
 
 fn hexs(b: &[u8]) -> String {
@@ -127,7 +154,12 @@ fn hexs(b: &[u8]) -> String {
 const VETH0: u32 = 3;
 
 fn htb_root(ifindex: u32, major: u16) -> Qdisc {
-    Qdisc { ifindex, handle: TcHandle::new(major, 0), parent: TcHandle::ROOT, kind: QdiscKind::Htb(HtbQdisc::default()) }
+    Qdisc {
+        ifindex,
+        handle: TcHandle::new(major, 0),
+        parent: TcHandle::ROOT,
+        kind: QdiscKind::Htb(HtbQdisc::default()),
+    }
 }
 
 /// A class as iproute2 builds it: buffer = 1600 bytes + rate/HZ (HZ = 1e9 here, so 1600 bytes).
@@ -141,12 +173,28 @@ fn tc_class(rate: u64, ceil: u64) -> HtbClass {
 fn qdisc_htb() {
     let f = load("qdisc_htb");
     assert_eq!(f.ifindex["veth0"], VETH0);
-    let q = Qdisc { kind: QdiscKind::Htb(HtbQdisc { r2q: 10, default_class: 0x30, direct_qlen: None }), ..htb_root(VETH0, 1) };
+    let q = Qdisc {
+        kind: QdiscKind::Htb(HtbQdisc {
+            r2q: 10,
+            default_class: 0x30,
+            direct_qlen: None,
+        }),
+        ..htb_root(VETH0, 1)
+    };
     assert_request(&f, q.request(Op::Create));
     // The kernel reports the direct queue length it chose (the device's txqueuelen).
     let mut expected = q.clone();
-    expected.kind = QdiscKind::Htb(HtbQdisc { r2q: 10, default_class: 0x30, direct_qlen: Some(1000) });
-    assert!(decoded_dump(&f).iter().any(|e| matches!(e, TcEntry::Qdisc(q) if q.qdisc == expected)), "dump lacks {expected:?}");
+    expected.kind = QdiscKind::Htb(HtbQdisc {
+        r2q: 10,
+        default_class: 0x30,
+        direct_qlen: Some(1000),
+    });
+    assert!(
+        decoded_dump(&f)
+            .iter()
+            .any(|e| matches!(e, TcEntry::Qdisc(q) if q.qdisc == expected)),
+        "dump lacks {expected:?}"
+    );
 }
 
 #[test]
@@ -156,10 +204,16 @@ fn qdisc_htb_direct_qlen() {
         ifindex: VETH0,
         handle: TcHandle::new(0x7a31, 0),
         parent: TcHandle::ROOT,
-        kind: QdiscKind::Htb(HtbQdisc { r2q: 20, default_class: 0, direct_qlen: Some(500) }),
+        kind: QdiscKind::Htb(HtbQdisc {
+            r2q: 20,
+            default_class: 0,
+            direct_qlen: Some(500),
+        }),
     };
     assert_request(&f, q.request(Op::Create));
-    assert!(decoded_dump(&f).iter().any(|e| matches!(e, TcEntry::Qdisc(d) if d.qdisc == q)));
+    assert!(decoded_dump(&f)
+        .iter()
+        .any(|e| matches!(e, TcEntry::Qdisc(d) if d.qdisc == q)));
 }
 
 #[test]
@@ -172,25 +226,48 @@ fn qdisc_delete() {
 fn qdisc_clsact_and_ingress() {
     let f = load("qdisc_clsact");
     let veth1 = f.ifindex["veth1"];
-    let q = Qdisc { ifindex: veth1, handle: TcHandle::INGRESS_QDISC, parent: TcHandle::INGRESS, kind: QdiscKind::Clsact };
+    let q = Qdisc {
+        ifindex: veth1,
+        handle: TcHandle::INGRESS_QDISC,
+        parent: TcHandle::INGRESS,
+        kind: QdiscKind::Clsact,
+    };
     assert_request(&f, q.request(Op::Create));
-    assert!(decoded_dump(&f).iter().any(|e| matches!(e, TcEntry::Qdisc(d) if d.qdisc == q)));
+    assert!(decoded_dump(&f)
+        .iter()
+        .any(|e| matches!(e, TcEntry::Qdisc(d) if d.qdisc == q)));
 
     let f = load("qdisc_ingress");
-    let q = Qdisc { ifindex: VETH0, handle: TcHandle::INGRESS_QDISC, parent: TcHandle::INGRESS, kind: QdiscKind::Ingress };
+    let q = Qdisc {
+        ifindex: VETH0,
+        handle: TcHandle::INGRESS_QDISC,
+        parent: TcHandle::INGRESS,
+        kind: QdiscKind::Ingress,
+    };
     assert_request(&f, q.request(Op::Create));
-    assert!(decoded_dump(&f).iter().any(|e| matches!(e, TcEntry::Qdisc(d) if d.qdisc == q)));
+    assert!(decoded_dump(&f)
+        .iter()
+        .any(|e| matches!(e, TcEntry::Qdisc(d) if d.qdisc == q)));
 }
 
 // ---------- classes ----------
 
 fn class(handle: TcHandle, parent: TcHandle, htb: HtbClass) -> Class {
-    Class { ifindex: VETH0, handle, parent, kind: ClassKind::Htb(htb) }
+    Class {
+        ifindex: VETH0,
+        handle,
+        parent,
+        kind: ClassKind::Htb(htb),
+    }
 }
 
 fn check_class(name: &str, c: Class, op: Op, kernel_quantum: u32) {
     let f = load(name);
-    assert_eq!(hexs(&masked(&c.request(op))), hexs(&masked(&strip_rate_tables(&f.request))), "{name}");
+    assert_eq!(
+        hexs(&masked(&c.request(op))),
+        hexs(&masked(&strip_rate_tables(&f.request))),
+        "{name}"
+    );
     // iproute2 leaves the quantum to the kernel (rate / r2q, clamped); everything else comes back.
     let mut expected = c.canonical();
     if let ClassKind::Htb(h) = &mut expected.kind {
@@ -210,45 +287,100 @@ fn check_class(name: &str, c: Class, op: Op, kernel_quantum: u32) {
 
 #[test]
 fn class_htb_basic() {
-    check_class("class_htb_basic", class(TcHandle::new(1, 1), TcHandle::new(1, 0), tc_class(125_000, 125_000)), Op::Create, 12_500);
+    check_class(
+        "class_htb_basic",
+        class(
+            TcHandle::new(1, 1),
+            TcHandle::new(1, 0),
+            tc_class(125_000, 125_000),
+        ),
+        Op::Create,
+        12_500,
+    );
 }
 
 #[test]
 fn class_htb_leaf() {
-    let mut htb = HtbClass::new(125_000, 250_000, ticks_for(125_000, 15 * 1024), ticks_for(250_000, 15 * 1024), 1500);
+    let mut htb = HtbClass::new(
+        125_000,
+        250_000,
+        ticks_for(125_000, 15 * 1024),
+        ticks_for(250_000, 15 * 1024),
+        1500,
+    );
     htb.prio = 1;
-    check_class("class_htb_leaf", class(TcHandle::new(1, 0x10), TcHandle::new(1, 1), htb), Op::Create, 1500);
+    check_class(
+        "class_htb_leaf",
+        class(TcHandle::new(1, 0x10), TcHandle::new(1, 1), htb),
+        Op::Create,
+        1500,
+    );
 }
 
 #[test]
 fn class_htb_64_bit_rates() {
     // 40gbit = 5e9 bytes/s (past 2^32): iproute2's microsecond arithmetic truncates the buffer to 0.
     let htb = HtbClass::new(5_000_000_000, 5_000_000_000, 0, 0, 0);
-    check_class("class_htb_rate64", class(TcHandle::new(1, 2), TcHandle::new(1, 0), htb), Op::Create, 200_000);
+    check_class(
+        "class_htb_rate64",
+        class(TcHandle::new(1, 2), TcHandle::new(1, 0), htb),
+        Op::Create,
+        200_000,
+    );
     // 1600 bytes at 1gbit is 12.8 us; iproute2 truncates to 12 us = 187 ticks (raylimit: 200).
     let htb = HtbClass::new(125_000_000, 6_250_000_000, 187, 0, 0);
-    check_class("class_htb_ceil64", class(TcHandle::new(1, 3), TcHandle::new(1, 0), htb), Op::Create, 200_000);
+    check_class(
+        "class_htb_ceil64",
+        class(TcHandle::new(1, 3), TcHandle::new(1, 0), htb),
+        Op::Create,
+        200_000,
+    );
 }
 
 #[test]
 fn class_htb_change_in_place() {
-    check_class("class_htb_change", class(TcHandle::new(1, 1), TcHandle::new(1, 0), tc_class(250_000, 250_000)), Op::Change, 25_000);
+    check_class(
+        "class_htb_change",
+        class(
+            TcHandle::new(1, 1),
+            TcHandle::new(1, 0),
+            tc_class(250_000, 250_000),
+        ),
+        Op::Change,
+        25_000,
+    );
 }
 
 #[test]
 fn class_delete() {
     let f = load("class_htb_delete");
-    assert_request(&f, class(TcHandle::new(1, 1), TcHandle::new(1, 0), tc_class(1, 1)).request(Op::Delete));
+    assert_request(
+        &f,
+        class(TcHandle::new(1, 1), TcHandle::new(1, 0), tc_class(1, 1)).request(Op::Delete),
+    );
 }
 
 // ---------- filters ----------
 
 fn filter(parent: TcHandle, priority: u16, protocol: u16, handle: u32, kind: FilterKind) -> Filter {
-    Filter { ifindex: VETH0, parent, priority, protocol, handle, kind }
+    Filter {
+        ifindex: VETH0,
+        parent,
+        priority,
+        protocol,
+        handle,
+        kind,
+    }
 }
 
 fn egress_u32(priority: u16, protocol: u16, sel: U32Selector) -> Filter {
-    filter(TcHandle::new(1, 0), priority, protocol, 0, FilterKind::U32(U32Filter::to_class(sel, TcHandle::new(1, 0x10))))
+    filter(
+        TcHandle::new(1, 0),
+        priority,
+        protocol,
+        0,
+        FilterKind::U32(U32Filter::to_class(sel, TcHandle::new(1, 0x10))),
+    )
 }
 
 /// Request bytes equal iproute2's; the dump holds the same filter (the kernel picked the handle).
@@ -259,13 +391,29 @@ fn check_filter(name: &str, ours: Filter) {
     let nodes: Vec<Filter> = decoded_dump(&f)
         .into_iter()
         .filter_map(|e| match e {
-            TcEntry::Filter(fe) if fe.filter.handle & 0xfff != 0 || !matches!(fe.filter.kind, FilterKind::U32(_)) => Some(fe.filter),
+            TcEntry::Filter(fe)
+                if fe.filter.handle & 0xfff != 0
+                    || !matches!(fe.filter.kind, FilterKind::U32(_)) =>
+            {
+                Some(fe.filter)
+            }
             _ => None,
         })
         .collect();
-    let found = nodes.iter().find(|d| d.priority == ours.priority && d.protocol == ours.protocol);
-    let found = found.unwrap_or_else(|| panic!("{name}: no filter at prio {} in dump: {nodes:?}", ours.priority));
-    let expected = Filter { handle: found.handle, ..ours.clone() }.canonical();
+    let found = nodes
+        .iter()
+        .find(|d| d.priority == ours.priority && d.protocol == ours.protocol);
+    let found = found.unwrap_or_else(|| {
+        panic!(
+            "{name}: no filter at prio {} in dump: {nodes:?}",
+            ours.priority
+        )
+    });
+    let expected = Filter {
+        handle: found.handle,
+        ..ours.clone()
+    }
+    .canonical();
     assert_eq!(found, &expected, "{name}");
 }
 
@@ -282,10 +430,18 @@ fn u32_ipv4_prefixes() {
 #[test]
 fn u32_ipv6_prefixes() {
     let mut s = U32Selector::default();
-    s.ipv6(End::Destination, "2001:db8::1".parse::<Ipv6Addr>().unwrap(), 128);
+    s.ipv6(
+        End::Destination,
+        "2001:db8::1".parse::<Ipv6Addr>().unwrap(),
+        128,
+    );
     check_filter("u32_ipv6_dst", egress_u32(2, ETH_P_IPV6, s));
     let mut s = U32Selector::default();
-    s.ipv6(End::Source, "2001:db8:ab00::".parse::<Ipv6Addr>().unwrap(), 41);
+    s.ipv6(
+        End::Source,
+        "2001:db8:ab00::".parse::<Ipv6Addr>().unwrap(),
+        41,
+    );
     check_filter("u32_ipv6_src_prefix", egress_u32(2, ETH_P_IPV6, s));
 }
 
@@ -295,13 +451,16 @@ fn u32_ports() {
     s.protocol(Family::V4, 6).port(Family::V4, End::Source, 80);
     check_filter("u32_ipv4_tcp_sport", egress_u32(5, ETH_P_IP, s));
     let mut s = U32Selector::default();
-    s.protocol(Family::V4, 17).port(Family::V4, End::Destination, 53);
+    s.protocol(Family::V4, 17)
+        .port(Family::V4, End::Destination, 53);
     check_filter("u32_ipv4_udp_dport", egress_u32(5, ETH_P_IP, s));
     let mut s = U32Selector::default();
-    s.protocol(Family::V6, 6).port(Family::V6, End::Destination, 443);
+    s.protocol(Family::V6, 6)
+        .port(Family::V6, End::Destination, 443);
     check_filter("u32_ipv6_tcp_dport", egress_u32(6, ETH_P_IPV6, s));
     let mut s = U32Selector::default();
-    s.protocol(Family::V6, 17).port(Family::V6, End::Source, 5353);
+    s.protocol(Family::V6, 17)
+        .port(Family::V6, End::Source, 5353);
     check_filter("u32_ipv6_udp_sport", egress_u32(6, ETH_P_IPV6, s));
 }
 
@@ -309,7 +468,10 @@ fn u32_ports() {
 fn u32_mark_catch_all_and_combination() {
     let mut f = egress_u32(7, ETH_P_ALL, U32Selector::default());
     if let FilterKind::U32(u) = &mut f.kind {
-        u.mark = Some(U32Mark { value: 0x10, mask: 0xff });
+        u.mark = Some(U32Mark {
+            value: 0x10,
+            mask: 0xff,
+        });
     }
     let fx = load("u32_mark");
     assert_request(&fx, f.request(Op::Create));
@@ -320,11 +482,17 @@ fn u32_mark_catch_all_and_combination() {
     let node = dumped
         .iter()
         .find_map(|e| match e {
-            TcEntry::Filter(d) if d.filter.priority == 7 && d.filter.handle & 0xfff != 0 => Some(&d.filter),
+            TcEntry::Filter(d) if d.filter.priority == 7 && d.filter.handle & 0xfff != 0 => {
+                Some(&d.filter)
+            }
             _ => None,
         })
         .expect("mark filter in dump");
-    let mut expected = Filter { handle: node.handle, ..f.clone() }.canonical();
+    let mut expected = Filter {
+        handle: node.handle,
+        ..f.clone()
+    }
+    .canonical();
     if !caps.has(Feature::U32Mark) {
         eprintln!("u32_mark: this kernel lacks the u32 mark match (CONFIG_CLS_U32_MARK): it drops the key");
         if let FilterKind::U32(u) = &mut expected.kind {
@@ -336,7 +504,9 @@ fn u32_mark_catch_all_and_combination() {
     s.catch_all();
     check_filter("u32_catchall", egress_u32(8, ETH_P_ALL, s));
     let mut s = U32Selector::default();
-    s.ipv4(End::Destination, Ipv4Addr::new(10, 99, 0, 2), 32).protocol(Family::V4, 6).port(Family::V4, End::Destination, 8443);
+    s.ipv4(End::Destination, Ipv4Addr::new(10, 99, 0, 2), 32)
+        .protocol(Family::V4, 6)
+        .port(Family::V4, End::Destination, 8443);
     check_filter("u32_combo", egress_u32(9, ETH_P_IP, s));
 }
 
@@ -344,39 +514,85 @@ fn u32_mark_catch_all_and_combination() {
 fn u32_explicit_handle_and_delete() {
     let mut s = U32Selector::default();
     s.ipv4(End::Destination, Ipv4Addr::new(10, 99, 0, 3), 32);
-    let f = Filter { handle: U32Handle::new(0x800, 0, 0x801).0, ..egress_u32(10, ETH_P_IP, s) };
+    let f = Filter {
+        handle: U32Handle::new(0x800, 0, 0x801).0,
+        ..egress_u32(10, ETH_P_IP, s)
+    };
     check_filter("u32_explicit_handle", f.clone());
     let fx = load("u32_explicit_handle");
     let dumped = decoded_dump(&fx);
-    assert!(dumped.iter().any(|e| matches!(e, TcEntry::Filter(d) if d.filter == f.canonical())), "explicit handle kept");
+    assert!(
+        dumped
+            .iter()
+            .any(|e| matches!(e, TcEntry::Filter(d) if d.filter == f.canonical())),
+        "explicit handle kept"
+    );
     assert_request(&load("u32_delete"), f.request(Op::Delete));
 }
 
 #[test]
 fn u32_hash_tables_and_links() {
-    let table = filter(TcHandle::new(1, 0), 20, ETH_P_IP, U32Handle::new(2, 0, 0).0, FilterKind::U32(U32Filter::table(256)));
+    let table = filter(
+        TcHandle::new(1, 0),
+        20,
+        ETH_P_IP,
+        U32Handle::new(2, 0, 0).0,
+        FilterKind::U32(U32Filter::table(256)),
+    );
     let f = load("u32_hash_table");
     assert_request(&f, table.request(Op::Create));
-    assert!(decoded_dump(&f).iter().any(|e| matches!(e, TcEntry::Filter(d) if d.filter == table)), "table in dump");
+    assert!(
+        decoded_dump(&f)
+            .iter()
+            .any(|e| matches!(e, TcEntry::Filter(d) if d.filter == table)),
+        "table in dump"
+    );
 
     let mut sel = U32Selector::default();
     sel.ipv4(End::Destination, Ipv4Addr::new(10, 99, 0, 0), 16);
     sel.hmask = 0xff;
     sel.hoff = 16;
-    let link = U32Filter { link: Some(U32Handle::new(2, 0, 0)), hash: Some(U32Handle::new(0x800, 0, 0)), selector: Some(sel), ..Default::default() };
-    let link = filter(TcHandle::new(1, 0), 20, ETH_P_IP, U32Handle::new(0x800, 0, 1).0, FilterKind::U32(link));
+    let link = U32Filter {
+        link: Some(U32Handle::new(2, 0, 0)),
+        hash: Some(U32Handle::new(0x800, 0, 0)),
+        selector: Some(sel),
+        ..Default::default()
+    };
+    let link = filter(
+        TcHandle::new(1, 0),
+        20,
+        ETH_P_IP,
+        U32Handle::new(0x800, 0, 1).0,
+        FilterKind::U32(link),
+    );
     let f = load("u32_hash_link");
     assert_request(&f, link.request(Op::Create));
-    assert!(decoded_dump(&f).iter().any(|e| matches!(e, TcEntry::Filter(d) if d.filter == link)), "link in dump");
+    assert!(
+        decoded_dump(&f)
+            .iter()
+            .any(|e| matches!(e, TcEntry::Filter(d) if d.filter == link)),
+        "link in dump"
+    );
 
     let mut sel = U32Selector::default();
     sel.ipv4(End::Destination, Ipv4Addr::new(10, 99, 0, 5), 32);
     let mut entry = U32Filter::to_class(sel, TcHandle::new(1, 0x10));
     entry.hash = Some(U32Handle::new(2, 5, 0));
-    let entry = filter(TcHandle::new(1, 0), 20, ETH_P_IP, U32Handle::new(2, 5, 1).0, FilterKind::U32(entry));
+    let entry = filter(
+        TcHandle::new(1, 0),
+        20,
+        ETH_P_IP,
+        U32Handle::new(2, 5, 1).0,
+        FilterKind::U32(entry),
+    );
     let f = load("u32_hash_bucket_entry");
     assert_request(&f, entry.request(Op::Create));
-    assert!(decoded_dump(&f).iter().any(|e| matches!(e, TcEntry::Filter(d) if d.filter == entry)), "bucket entry in dump");
+    assert!(
+        decoded_dump(&f)
+            .iter()
+            .any(|e| matches!(e, TcEntry::Filter(d) if d.filter == entry)),
+        "bucket entry in dump"
+    );
 }
 
 #[test]
@@ -385,7 +601,13 @@ fn u32_with_mirred_to_ifb() {
     let ifb = f.ifindex["ifb0"];
     let mut s = U32Selector::default();
     s.catch_all();
-    let ours = filter(TcHandle::INGRESS_QDISC, 1, ETH_P_ALL, 0, FilterKind::U32(U32Filter::with_actions(s, vec![Action::redirect_to(ifb)])));
+    let ours = filter(
+        TcHandle::INGRESS_QDISC,
+        1,
+        ETH_P_ALL,
+        0,
+        FilterKind::U32(U32Filter::with_actions(s, vec![Action::redirect_to(ifb)])),
+    );
     check_filter("u32_mirred_ingress", ours);
 
     let f = load("u32_mirred_clsact_ipv4_src");
@@ -393,7 +615,13 @@ fn u32_with_mirred_to_ifb() {
     s.ipv4(End::Source, Ipv4Addr::new(10, 99, 0, 2), 32);
     let ours = Filter {
         ifindex: f.ifindex["veth1"],
-        ..filter(TcHandle::CLSACT_INGRESS, 3, ETH_P_IP, 0, FilterKind::U32(U32Filter::with_actions(s, vec![Action::redirect_to(ifb)])))
+        ..filter(
+            TcHandle::CLSACT_INGRESS,
+            3,
+            ETH_P_IP,
+            0,
+            FilterKind::U32(U32Filter::with_actions(s, vec![Action::redirect_to(ifb)])),
+        )
     };
     check_filter("u32_mirred_clsact_ipv4_src", ours);
 }
@@ -403,8 +631,15 @@ fn u32_with_mirred_to_ifb() {
 fn check_refused(name: &str, ours: Filter, refusal: &str) {
     let f = load(name);
     assert_request(&f, ours.request(Op::Create));
-    assert!(f.result.starts_with("ENOENT") && f.result.contains(refusal), "{name}: {}", f.result);
-    eprintln!("{name}: this kernel lacks {}; covered at the byte level only", ours.feature().or(ours_action_feature(&ours)).unwrap_or("?"));
+    assert!(
+        f.result.starts_with("ENOENT") && f.result.contains(refusal),
+        "{name}: {}",
+        f.result
+    );
+    eprintln!(
+        "{name}: this kernel lacks {}; covered at the byte level only",
+        ours.feature().or(ours_action_feature(&ours)).unwrap_or("?")
+    );
 }
 
 fn ours_action_feature(f: &Filter) -> Option<&'static str> {
@@ -417,38 +652,103 @@ fn ours_action_feature(f: &Filter) -> Option<&'static str> {
 #[test]
 fn gact_and_connmark_actions() {
     let veth1 = load("u32_gact_drop").ifindex["veth1"];
-    for (name, verdict) in [("u32_gact_drop", Verdict::SHOT), ("u32_gact_pass", Verdict::OK)] {
+    for (name, verdict) in [
+        ("u32_gact_drop", Verdict::SHOT),
+        ("u32_gact_pass", Verdict::OK),
+    ] {
         let mut s = U32Selector::default();
         s.ipv4(End::Destination, Ipv4Addr::new(10, 99, 0, 9), 32);
         let ours = Filter {
             ifindex: veth1,
-            ..filter(TcHandle::CLSACT_EGRESS, 1, ETH_P_IP, 0, FilterKind::U32(U32Filter::with_actions(s, vec![Action::Gact { verdict }])))
+            ..filter(
+                TcHandle::CLSACT_EGRESS,
+                1,
+                ETH_P_IP,
+                0,
+                FilterKind::U32(U32Filter::with_actions(s, vec![Action::Gact { verdict }])),
+            )
         };
         check_refused(name, ours, "Failed to load TC action module");
     }
     let mut s = U32Selector::default();
     s.catch_all();
-    let actions = vec![Action::Connmark { zone: 0, verdict: Verdict::PIPE }, Action::redirect_to(4)];
-    let ours = filter(TcHandle::INGRESS_QDISC, 4, ETH_P_ALL, 0, FilterKind::U32(U32Filter::with_actions(s, actions)));
-    check_refused("u32_connmark_mirred", ours, "Failed to load TC action module");
+    let actions = vec![
+        Action::Connmark {
+            zone: 0,
+            verdict: Verdict::PIPE,
+        },
+        Action::redirect_to(4),
+    ];
+    let ours = filter(
+        TcHandle::INGRESS_QDISC,
+        4,
+        ETH_P_ALL,
+        0,
+        FilterKind::U32(U32Filter::with_actions(s, actions)),
+    );
+    check_refused(
+        "u32_connmark_mirred",
+        ours,
+        "Failed to load TC action module",
+    );
 }
 
 #[test]
 fn matchall_filters() {
-    let m = MatchAll { classid: Some(TcHandle::new(1, 0x10)), ..Default::default() };
-    check_refused("matchall_classid", filter(TcHandle::new(1, 0), 4, ETH_P_ALL, 0, FilterKind::MatchAll(m)), "TC classifier not found");
+    let m = MatchAll {
+        classid: Some(TcHandle::new(1, 0x10)),
+        ..Default::default()
+    };
+    check_refused(
+        "matchall_classid",
+        filter(
+            TcHandle::new(1, 0),
+            4,
+            ETH_P_ALL,
+            0,
+            FilterKind::MatchAll(m),
+        ),
+        "TC classifier not found",
+    );
     let f = load("matchall_mirred_clsact");
-    let m = MatchAll { actions: vec![Action::redirect_to(f.ifindex["ifb0"])], ..Default::default() };
-    let ours = Filter { ifindex: f.ifindex["veth1"], ..filter(TcHandle::CLSACT_INGRESS, 2, ETH_P_ALL, 0, FilterKind::MatchAll(m)) };
+    let m = MatchAll {
+        actions: vec![Action::redirect_to(f.ifindex["ifb0"])],
+        ..Default::default()
+    };
+    let ours = Filter {
+        ifindex: f.ifindex["veth1"],
+        ..filter(
+            TcHandle::CLSACT_INGRESS,
+            2,
+            ETH_P_ALL,
+            0,
+            FilterKind::MatchAll(m),
+        )
+    };
     check_refused("matchall_mirred_clsact", ours, "TC classifier not found");
 }
 
 #[test]
 fn fw_filters() {
-    let fw = Fw { classid: Some(TcHandle::new(1, 0x10)), ..Default::default() };
-    check_refused("fw_classid", filter(TcHandle::new(1, 0), 3, ETH_P_IP, 10, FilterKind::Fw(fw)), "TC classifier not found");
-    let fw = Fw { classid: Some(TcHandle::new(1, 0x10)), mask: Some(0xff), ..Default::default() };
-    check_refused("fw_mask", filter(TcHandle::new(1, 0), 3, ETH_P_IP, 0x10, FilterKind::Fw(fw)), "TC classifier not found");
+    let fw = Fw {
+        classid: Some(TcHandle::new(1, 0x10)),
+        ..Default::default()
+    };
+    check_refused(
+        "fw_classid",
+        filter(TcHandle::new(1, 0), 3, ETH_P_IP, 10, FilterKind::Fw(fw)),
+        "TC classifier not found",
+    );
+    let fw = Fw {
+        classid: Some(TcHandle::new(1, 0x10)),
+        mask: Some(0xff),
+        ..Default::default()
+    };
+    check_refused(
+        "fw_mask",
+        filter(TcHandle::new(1, 0), 3, ETH_P_IP, 0x10, FilterKind::Fw(fw)),
+        "TC classifier not found",
+    );
 }
 
 // ---------- links ----------

@@ -82,9 +82,9 @@ impl RtSocket {
         check_name(name)?;
         let request = serialize(
             RouteNetlinkMessage::GetLink(LinkUnspec::new_with_name(name).build()),
-            NLM_F_REQUEST,
+            NLM_F_REQUEST | NLM_F_ACK,
         );
-        // A GETLINK by name answers with one NEWLINK message, or ENODEV.
+        // A GETLINK by name answers with one NEWLINK message, then the requested ack (or ENODEV).
         match self.dump(&request, &format!("look up device {name}")) {
             Ok(messages) => messages
                 .iter()
@@ -148,7 +148,8 @@ pub fn ifb_create_request(name: &str) -> Vec<u8> {
     let len = msg.len() as u32;
     msg[0..4].copy_from_slice(&len.to_ne_bytes());
     msg[4..6].copy_from_slice(&RTM_NEWLINK.to_ne_bytes());
-    msg[6..8].copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).to_ne_bytes());
+    msg[6..8]
+        .copy_from_slice(&(NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL).to_ne_bytes());
     msg
 }
 

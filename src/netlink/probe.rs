@@ -21,7 +21,13 @@ pub enum Feature {
 }
 
 impl Feature {
-    pub const ALL: [Feature; 5] = [Feature::Matchall, Feature::Fw, Feature::Gact, Feature::Connmark, Feature::U32Mark];
+    pub const ALL: [Feature; 5] = [
+        Feature::Matchall,
+        Feature::Fw,
+        Feature::Gact,
+        Feature::Connmark,
+        Feature::U32Mark,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {

@@ -21,6 +21,8 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 const SEND_CHUNK_BYTES: usize = 64 * 1024;
 const RECV_BUFFER_BYTES: usize = 1 << 20;
 const DUMP_RETRIES: usize = 5;
+/// The kernel answers in microseconds; a reply this late means something is wrong, not slow.
+const RECV_TIMEOUT_SECS: libc::time_t = 30;
 
 /// A successful acknowledgement; the kernel may attach a warning ("quantum of class 10002 is big").
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -63,6 +65,7 @@ impl RtSocket {
         // A larger receive buffer keeps acknowledgements of big batches from being dropped.
         let _ = socket.set_rx_buf_sz(RECV_BUFFER_BYTES);
         socket.connect(&SocketAddr::new(0, 0))?;
+        set_receive_timeout(&socket, RECV_TIMEOUT_SECS)?;
         Ok(Self {
             socket,
             next_seq: 1,
@@ -201,6 +204,28 @@ impl RtSocket {
                 }
             }
         }
+    }
+}
+
+fn set_receive_timeout(socket: &Socket, secs: libc::time_t) -> std::io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: secs,
+        tv_usec: 0,
+    };
+    // SAFETY: a valid socket fd and a correctly sized timeval.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            &tv as *const libc::timeval as *const libc::c_void,
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 

@@ -1,5 +1,6 @@
 //! raylimit: bandwidth limits for one Xray/V2Ray runtime, built and read back directly over
 //! rtnetlink and nfnetlink. See DESIGN.md for the architecture; the modules follow its layout.
 
+pub mod cli;
 pub mod netlink;
 pub mod shaping;

@@ -22,7 +22,7 @@ const SEND_CHUNK_BYTES: usize = 64 * 1024;
 const RECV_BUFFER_BYTES: usize = 1 << 20;
 const DUMP_RETRIES: usize = 5;
 /// The kernel answers in microseconds; a reply this late means something is wrong, not slow.
-const RECV_TIMEOUT_SECS: libc::time_t = 30;
+const RECV_TIMEOUT_SECS: u32 = 30;
 
 /// A successful acknowledgement; the kernel may attach a warning ("quantum of class 10002 is big").
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -207,9 +207,9 @@ impl RtSocket {
     }
 }
 
-fn set_receive_timeout(socket: &Socket, secs: libc::time_t) -> std::io::Result<()> {
+fn set_receive_timeout(socket: &Socket, secs: u32) -> std::io::Result<()> {
     let tv = libc::timeval {
-        tv_sec: secs,
+        tv_sec: secs as _,
         tv_usec: 0,
     };
     // SAFETY: a valid socket fd and a correctly sized timeval.

@@ -1,0 +1,44 @@
+# raylimit: every target runs as root on Debian 12 (network namespaces, tc, nftables).
+.PHONY: setup build demo test lint static static-check fixtures clean-netns
+
+MUSL := x86_64-unknown-linux-musl
+
+setup:
+	bash scripts/setup.sh
+
+build:
+	cargo build --release
+
+# README command 1: set everything up and show the main job on the built-in demonstration.
+demo: setup
+	bash scripts/demo.sh
+
+# README command 2: the whole test suite (unit, fixtures, namespaces, real traffic, CLI),
+# then the static binary check.
+test: setup
+	cargo test --all-targets -- --test-threads 2
+	$(MAKE) static-check
+	@$(MAKE) --no-print-directory clean-netns
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+# A fully static musl binary without the nftables feature (no libnftnl, no libmnl).
+static:
+	cargo build --release --target $(MUSL) --no-default-features
+	@echo "built target/$(MUSL)/release/raylimit"
+
+static-check: static
+	@file target/$(MUSL)/release/raylimit | grep -Eq "static(-pie)? linked" || { file target/$(MUSL)/release/raylimit; echo "not static"; exit 1; }
+	@! ldd target/$(MUSL)/release/raylimit 2>/dev/null | grep -q "=>"
+	env -i target/$(MUSL)/release/raylimit version
+	@echo "static binary: no shared libraries (ldd: $$(ldd target/$(MUSL)/release/raylimit 2>&1 | head -1 | xargs))"
+
+# Regenerate netlink-fixtures/ from iproute2 (needs root, iproute2, strace).
+fixtures:
+	bash netlink-fixtures/capture.sh
+
+# Removes namespaces a killed test run may have left behind (tests remove their own).
+clean-netns:
+	@for n in $$(ip netns list 2>/dev/null | awk '{print $$1}' | grep '^rlt-' || true); do ip netns del $$n; done

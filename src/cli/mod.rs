@@ -1,0 +1,181 @@
+//! Command line: clap definitions and rendering (the only place that prints).
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use crate::netlink::probe::{Availability, Capabilities};
+use crate::netlink::tc::{self, TcEntry, RTM_GETQDISC, RTM_GETTCLASS, RTM_GETTFILTER};
+use crate::netlink::{NetlinkError, RtSocket, TcHandle};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "raylimit",
+    about = "Bandwidth limits for one Xray/V2Ray runtime, over rtnetlink",
+    disable_version_flag = true
+)]
+pub struct Cli {
+    /// Act inside the named network namespace (/run/netns/NAME).
+    #[arg(long, global = true, value_name = "NAME")]
+    pub netns: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Print the version.
+    Version,
+    /// Report which optional tc features this kernel has (reads only; changes nothing).
+    Probe {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// Show a device's qdiscs, classes and filters as raylimit decodes them, with counters.
+    Show {
+        #[arg(long, value_name = "DEV")]
+        device: String,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Text,
+    Json,
+}
+
+/// Runs the parsed command; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let result = match &cli.command {
+        Command::Version => {
+            println!("raylimit {}", env!("CARGO_PKG_VERSION"));
+            Ok(())
+        }
+        Command::Probe { format } => {
+            print_probe(&Capabilities::probe(), *format);
+            Ok(())
+        }
+        Command::Show { device, format } => show(cli.netns.as_deref(), device, *format),
+    };
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("raylimit: {e}");
+            1
+        }
+    }
+}
+
+fn print_probe(caps: &Capabilities, format: Format) {
+    let describe = |a: &Availability| match a {
+        Availability::Present(why) => ("present", why.clone()),
+        Availability::Loadable(why) => ("loadable", why.clone()),
+        Availability::Absent(why) => ("absent", why.clone()),
+        Availability::Unknown => (
+            "unknown",
+            "the kernel exposes no configuration or module list".to_string(),
+        ),
+    };
+    match format {
+        Format::Text => {
+            for (feature, a) in &caps.features {
+                let (state, why) = describe(a);
+                println!("{:<15} {:<9} {}", feature.name(), state, why);
+            }
+        }
+        Format::Json => {
+            let v: Vec<Value> = caps
+                .features
+                .iter()
+                .map(|(f, a)| {
+                    let (state, why) = describe(a);
+                    json!({"feature": f.name(), "state": state, "evidence": why})
+                })
+                .collect();
+            println!("{}", json!({ "features": v }));
+        }
+    }
+}
+
+fn show(netns: Option<&str>, device: &str, format: Format) -> Result<(), NetlinkError> {
+    let mut sock = RtSocket::open_in(netns)?;
+    let link = sock.link_by_name(device)?;
+    let entries = device_objects(&mut sock, link.index)?;
+    match format {
+        Format::Text => {
+            for e in &entries {
+                match e {
+                    TcEntry::Qdisc(q) => println!(
+                        "{}\n  sent {} bytes {} pkts (dropped {}, overlimits {})",
+                        q.qdisc, q.stats.bytes, q.stats.packets, q.stats.drops, q.stats.overlimits
+                    ),
+                    TcEntry::Class(c) => println!(
+                        "{}\n  sent {} bytes {} pkts (dropped {}, overlimits {})",
+                        c.class, c.stats.bytes, c.stats.packets, c.stats.drops, c.stats.overlimits
+                    ),
+                    TcEntry::Filter(f) => println!("{}", f.filter),
+                }
+            }
+        }
+        Format::Json => {
+            let v: Vec<Value> = entries
+                .iter()
+                .map(|e| match e {
+                    TcEntry::Qdisc(q) => json!({"object": "qdisc", "kind": q.qdisc.kind_name(), "handle": q.qdisc.handle.to_string(), "parent": q.qdisc.parent.to_string(), "text": q.qdisc.to_string(), "bytes": q.stats.bytes, "packets": q.stats.packets, "drops": q.stats.drops}),
+                    TcEntry::Class(c) => json!({"object": "class", "kind": c.class.kind_name(), "handle": c.class.handle.to_string(), "parent": c.class.parent.to_string(), "text": c.class.to_string(), "bytes": c.stats.bytes, "packets": c.stats.packets, "drops": c.stats.drops}),
+                    TcEntry::Filter(f) => json!({"object": "filter", "kind": f.filter.kind_name(), "parent": f.filter.parent.to_string(), "priority": f.filter.priority, "protocol": tc::protocol_name(f.filter.protocol), "text": f.filter.to_string()}),
+                })
+                .collect();
+            println!(
+                "{}",
+                json!({"device": device, "ifindex": link.index, "objects": v})
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Every qdisc, class and filter of one device: one dump per object kind, filters per parent.
+pub fn device_objects(sock: &mut RtSocket, ifindex: u32) -> Result<Vec<TcEntry>, NetlinkError> {
+    let mut out = Vec::new();
+    let decode_all =
+        |messages: Vec<crate::netlink::socket::Message>| -> Result<Vec<TcEntry>, NetlinkError> {
+            messages
+                .iter()
+                .map(|m| tc::decode(m.msg_type, &m.payload).map_err(NetlinkError::from))
+                .collect()
+        };
+    // The kernel ignores the device in qdisc dumps; keep only this one's.
+    let qdiscs: Vec<TcEntry> = decode_all(sock.dump(
+        &tc::dump_request(RTM_GETQDISC, ifindex, TcHandle(0)),
+        "dump qdiscs",
+    )?)?
+    .into_iter()
+    .filter(|e| matches!(e, TcEntry::Qdisc(q) if q.qdisc.ifindex == ifindex))
+    .collect();
+    let mut parents = Vec::new();
+    for e in &qdiscs {
+        if let TcEntry::Qdisc(q) = e {
+            match q.qdisc.kind {
+                tc::QdiscKind::Clsact => {
+                    parents.extend([TcHandle::CLSACT_INGRESS, TcHandle::CLSACT_EGRESS])
+                }
+                _ if q.qdisc.handle.major() != 0 => parents.push(q.qdisc.handle),
+                _ => {}
+            }
+        }
+    }
+    out.extend(qdiscs);
+    out.extend(decode_all(sock.dump(
+        &tc::dump_request(RTM_GETTCLASS, ifindex, TcHandle(0)),
+        "dump classes",
+    )?)?);
+    for parent in parents {
+        out.extend(decode_all(sock.dump(
+            &tc::dump_request(RTM_GETTFILTER, ifindex, parent),
+            "dump filters",
+        )?)?);
+    }
+    Ok(out)
+}

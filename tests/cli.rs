@@ -1,0 +1,151 @@
+//! The real binary: `--netns` selects the namespace its sockets open in; errors are one line with
+//! exit 1; usage errors exit 2; it never starts another process.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use raylimit::netlink::tc::*;
+use raylimit::netlink::u32::{End, U32Filter, U32Selector};
+use raylimit::netlink::{TcHandle, U32Handle};
+use raylimit::shaping::leaf_class;
+
+fn raylimit(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_raylimit"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn netns_option_reads_objects_inside_the_namespace() {
+    let ns = Netns::new("cli");
+    ns.ip(&[
+        "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
+    ]);
+    let mut sock = ns.socket();
+    let ifindex = sock.link_by_name("veth-a").unwrap().index;
+    let root = TcHandle::new(0x7a31, 0);
+    sock.request(
+        Qdisc {
+            ifindex,
+            handle: root,
+            parent: TcHandle::ROOT,
+            kind: QdiscKind::Htb(Default::default()),
+        }
+        .request(Op::Create),
+        "q",
+    )
+    .unwrap();
+    let class = TcHandle::new(0x7a31, 0x10);
+    sock.request(
+        Class {
+            ifindex,
+            handle: class,
+            parent: root,
+            kind: ClassKind::Htb(leaf_class(1_000_000)),
+        }
+        .request(Op::Create),
+        "c",
+    )
+    .unwrap();
+    let mut sel = U32Selector::default();
+    sel.ipv4(End::Destination, "10.99.0.2".parse().unwrap(), 32);
+    let f = Filter {
+        ifindex,
+        parent: root,
+        priority: 100,
+        protocol: ETH_P_IP,
+        handle: U32Handle::new(0x800, 0, 1).0,
+        kind: FilterKind::U32(U32Filter::to_class(sel, class)),
+    };
+    sock.request(f.request(Op::Create), "f").unwrap();
+
+    let (code, out, err) = raylimit(&[
+        "--netns", &ns.name, "show", "--device", "veth-a", "--format", "json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let objects = v["objects"].as_array().unwrap();
+    assert!(
+        objects
+            .iter()
+            .any(|o| o["object"] == "qdisc" && o["handle"] == "7a31:0"),
+        "{out}"
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|o| o["object"] == "class"
+                && o["text"].as_str().unwrap().contains("rate 1000000B/s")),
+        "{out}"
+    );
+    assert!(
+        objects.iter().any(|o| o["object"] == "filter"
+            && o["text"]
+                .as_str()
+                .unwrap()
+                .contains("match 0a630002/ffffffff at 16")),
+        "{out}"
+    );
+
+    let (code, out, _) = raylimit(&["--netns", &ns.name, "show", "--device", "veth-a"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("class htb 7a31:10 parent root rate 1000000B/s ceil 1000000B/s"),
+        "{out}"
+    );
+}
+
+#[test]
+fn errors_are_one_line_and_exit_codes_follow_the_contract() {
+    let (code, _, err) = raylimit(&["--netns", "rlt-no-such-namespace", "show", "--device", "lo"]);
+    assert_eq!(code, 1);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("network namespace \"rlt-no-such-namespace\""),
+        "{err}"
+    );
+    let (code, _, err) = raylimit(&["show", "--device", "rl-missing0"]);
+    assert_eq!(
+        (code, err.trim()),
+        (1, "raylimit: no network device named \"rl-missing0\"")
+    );
+    let (code, _, err) = raylimit(&["show", "--device", "a-name-longer-than-ifnamsiz"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, _) = raylimit(&["no-such-command"]);
+    assert_eq!(code, 2);
+    let (code, out, _) = raylimit(&["version"]);
+    assert_eq!(
+        (code, out.trim()),
+        (0, concat!("raylimit ", env!("CARGO_PKG_VERSION")))
+    );
+}
+
+/// With an empty PATH under `strace -f -e trace=execve`, the only execve is raylimit's own.
+#[test]
+fn never_starts_another_process() {
+    let ns = Netns::new("exec");
+    let log = std::env::temp_dir().join(format!("raylimit-execve-{}.log", std::process::id()));
+    let status = Command::new("/usr/bin/strace")
+        .args(["-f", "-qq", "-e", "trace=execve", "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_raylimit"))
+        .args(["--netns", &ns.name, "show", "--device", "lo"])
+        .env_clear()
+        .env("PATH", "")
+        .status()
+        .expect("strace is installed by .ci/run");
+    assert!(status.success());
+    let trace = std::fs::read_to_string(&log).unwrap();
+    let _ = std::fs::remove_file(&log);
+    let execs: Vec<&str> = trace.lines().filter(|l| l.contains("execve(")).collect();
+    assert_eq!(execs.len(), 1, "{trace}");
+    assert!(execs[0].contains(env!("CARGO_BIN_EXE_raylimit")), "{trace}");
+}

@@ -1,5 +1,5 @@
 # raylimit: every target runs as root on Debian 12 (network namespaces, tc, nftables).
-.PHONY: setup build demo test lint static static-check fixtures clean-netns
+.PHONY: setup build demo test lint bench static static-check fixtures clean-netns
 
 MUSL := x86_64-unknown-linux-musl
 
@@ -42,3 +42,6 @@ fixtures:
 # Removes namespaces a killed test run may have left behind (tests remove their own).
 clean-netns:
 	@for n in $$(ip netns list 2>/dev/null | awk '{print $$1}' | grep '^rlt-' || true); do ip netns del $$n; done
+
+bench:
+	cargo bench --bench codec

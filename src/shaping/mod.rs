@@ -31,7 +31,8 @@ mod tests {
         let slow = leaf_class(4096);
         assert!((6055..=6056).contains(&bytes_for(4096, slow.buffer)));
         let fast = leaf_class(10 << 30);
-        assert!(bytes_for(10 << 30, fast.buffer) >= (10u64 << 30) / 50 - 1);
+        // One tick (64 ns) of rounding at 10 GiB/s is under 700 bytes.
+        assert!(bytes_for(10 << 30, fast.buffer) >= (10u64 << 30) / 50 - 700);
         assert_eq!(fast.quantum, 200_000);
         assert_eq!(leaf_class(1_000_000).quantum, 100_000);
     }

@@ -6,7 +6,7 @@ use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
     NLM_F_REQUEST,
 };
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::RouteNetlinkMessage;
 use rtnetlink::LinkUnspec;
 
@@ -167,9 +167,4 @@ pub fn link_delete_request(index: u32) -> Vec<u8> {
         RouteNetlinkMessage::DelLink(LinkUnspec::new_with_index(index).build()),
         NLM_F_REQUEST | NLM_F_ACK,
     )
-}
-
-/// The interface kinds the codec names (`InfoKind` prints them as the kernel spells them).
-pub fn is_ifb(link: &Link) -> bool {
-    link.kind.as_deref() == Some(InfoKind::Ifb.to_string().as_str())
 }

@@ -76,7 +76,7 @@ fn netns_option_reads_objects_inside_the_namespace() {
     assert!(
         objects
             .iter()
-            .any(|o| o["object"] == "qdisc" && o["handle"] == "7a31:0"),
+            .any(|o| o["object"] == "qdisc" && o["handle"] == "7a31:"),
         "{out}"
     );
     assert!(

@@ -1,5 +1,9 @@
 //! Command line: clap definitions and rendering (the only place that prints).
 
+mod limit;
+mod report;
+mod status;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
@@ -23,6 +27,15 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Plan (and with --execute, apply) one limit for one subject, direction and device.
+    Limit(Box<limit::LimitArgs>),
+    /// Every limit raylimit manages on this host (or one device), with live counters.
+    Status {
+        #[arg(long, value_name = "DEV")]
+        device: Option<String>,
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
     /// Print the version.
     Version,
     /// Report which optional tc features this kernel has (reads only; changes nothing).
@@ -45,9 +58,73 @@ pub enum Format {
     Json,
 }
 
+/// A mistake in the command line: one line on stderr, exit 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageError(pub String);
+
+/// Parses the command line; a clap error becomes one line (help and version print as usual).
+pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, i32> {
+    match Cli::try_parse_from(args) {
+        Ok(cli) => Ok(cli),
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(
+                e.kind(),
+                ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+            ) {
+                let _ = e.print();
+                return Err(
+                    if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
+                        2
+                    } else {
+                        0
+                    },
+                );
+            }
+            let rendered = e.render().to_string();
+            let first = rendered.lines().next().unwrap_or("invalid command line");
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            eprintln!("raylimit: {first} (see raylimit help)");
+            Err(2)
+        }
+    }
+}
+
 /// Runs the parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
+    if let Command::Limit(args) = &cli.command {
+        return run_limit(cli.netns.as_deref(), args);
+    }
+    if let Command::Status { device, format } = &cli.command {
+        if let Some(d) = device {
+            if let Err(e) = crate::netlink::link::check_name(d) {
+                eprintln!("raylimit: {e}");
+                return 2;
+            }
+        }
+        return match status::run(
+            cli.netns.as_deref(),
+            device.as_deref(),
+            *format == Format::Json,
+        ) {
+            Ok(out) => {
+                print!("{out}");
+                0
+            }
+            Err(e @ NetlinkError::NoSuchDevice(_)) => {
+                eprintln!("raylimit: {e}");
+                2
+            }
+            Err(e) => {
+                eprintln!("raylimit: {e}");
+                1
+            }
+        };
+    }
     let result = match &cli.command {
+        Command::Limit(_) | Command::Status { .. } => Ok(()),
         Command::Version => {
             println!("raylimit {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -62,6 +139,38 @@ pub fn run(cli: Cli) -> i32 {
         Ok(()) => 0,
         Err(e) => {
             eprintln!("raylimit: {e}");
+            1
+        }
+    }
+}
+
+fn run_limit(netns: Option<&str>, args: &limit::LimitArgs) -> i32 {
+    match limit::run(netns, args) {
+        Ok(report) => {
+            match args.format {
+                Format::Text => print!("{}", report.text()),
+                Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&report.json()).unwrap_or_default()
+                ),
+            }
+            let code = report.exit_code();
+            if code != 0 {
+                let why = report
+                    .decision
+                    .blocked
+                    .clone()
+                    .unwrap_or_else(|| "an operation failed; see the report".into());
+                eprintln!("raylimit: limit {}: {why}", report.outcome_name());
+            }
+            code
+        }
+        Err(limit::LimitError::Usage(UsageError(m))) => {
+            eprintln!("raylimit: {m}");
+            2
+        }
+        Err(limit::LimitError::Refused(m)) => {
+            eprintln!("raylimit: {m}");
             1
         }
     }

@@ -53,6 +53,7 @@ impl fmt::Display for TcHandle {
             TcHandle::ROOT => f.write_str("root"),
             TcHandle::INGRESS => f.write_str("ingress"),
             TcHandle(0) => f.write_str("none"),
+            h if h.minor() == 0 => write!(f, "{:x}:", h.major()),
             h => write!(f, "{:x}:{:x}", h.major(), h.minor()),
         }
     }
@@ -88,15 +89,21 @@ impl U32Handle {
     }
 }
 
+/// As tc prints it: `800::801` for a node, `12c:2` for a bucket, `12c:` for a table.
 impl fmt::Display for U32Handle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{:x}:{:x}:{:x}",
-            self.table(),
-            self.bucket(),
-            self.node()
-        )
+        if self.table() != 0 {
+            write!(f, "{:x}:", self.table())?;
+        }
+        if self.bucket() != 0 || self.node() != 0 {
+            if self.bucket() != 0 {
+                write!(f, "{:x}", self.bucket())?;
+            }
+            if self.node() != 0 {
+                write!(f, ":{:x}", self.node())?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -112,7 +119,10 @@ mod tests {
         assert_eq!(TcHandle::CLSACT_INGRESS.to_string(), "ffff:fff2");
         let h = U32Handle::new(0x800, 0, 0x801);
         assert_eq!(h.0, 0x8000_0801);
-        assert_eq!(h.to_string(), "800:0:801");
+        assert_eq!(h.to_string(), "800::801");
+        assert_eq!(U32Handle::new(0x12c, 2, 0).to_string(), "12c:2");
+        assert_eq!(U32Handle::new(0x12c, 0, 0).to_string(), "12c:");
+        assert_eq!(TcHandle::new(0x524c, 0).to_string(), "524c:");
         assert_eq!(U32Handle::new(2, 5, 1).0, 0x0020_5001);
         assert_eq!(
             U32Handle(0x0020_5001).table_and_bucket(),

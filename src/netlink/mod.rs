@@ -3,6 +3,7 @@
 
 pub mod action;
 pub mod attr;
+pub mod dump;
 pub mod error;
 pub mod fw;
 pub mod handle;

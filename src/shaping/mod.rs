@@ -1,12 +1,130 @@
-//! Desired kernel objects for a subject (pure, no I/O). For now: how an HTB leaf class is sized
-//! for its rate.
+//! Desired kernel objects for a subject (pure, no I/O): the managed HTB root, leaf classes, the
+//! u32 layout that classifies client addresses, the shared baseline, and the ingress redirect to
+//! the IFB companion for upload.
+//!
+//! The layout on every shaped root (a device's egress for download, its IFB's for upload):
+//!
+//! ```text
+//! qdisc htb 524c: root default 0            (unclassified traffic passes unshaped)
+//!   class 524c:<minor> rate=ceil=R           one per limited subject
+//!   pref 300 protocol ip   u32 table 12c: (256 buckets, keyed on the address's last byte)
+//!                          link node: every IPv4 packet -> 12c:<last byte of address>
+//!                          nodes 12c:<bucket>:<id>: one per client address -> its class
+//!   pref 301 protocol ipv6 the same for IPv6, table 12d:
+//!   pref 400 protocol all  the `--ip all` baseline: matchall (or a u32 catch-all) -> its class
+//! ```
+//!
+//! Priorities come in bands in the precedence order of DESIGN.md §3 (lower runs first, first
+//! match wins): connection 100, uuid 200, specific ip 300, baseline 400, inbound 500, outbound
+//! 600, with IPv4 and IPv6 one apart inside a band. A specific IP therefore always wins over the
+//! baseline, and the unlimited exception is a specific-IP node whose class is the root itself
+//! (`524c:0`), which HTB sends through its direct queue.
 
-use crate::netlink::htb::{ticks_for, HtbClass};
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use crate::netlink::action::Action;
+use crate::netlink::htb::{ticks_for, HtbClass, HtbQdisc};
+use crate::netlink::matchall::MatchAll;
+use crate::netlink::tc::{
+    Class, ClassKind, Filter, FilterKind, Qdisc, QdiscKind, ETH_P_ALL, ETH_P_IP, ETH_P_IPV6,
+};
+use crate::netlink::u32::{End, Family, U32Filter, U32Selector};
+use crate::netlink::{TcHandle, U32Handle};
+use crate::policy::Direction;
+
+/// The major handle of every root raylimit manages ("RL"). A root with this handle is ours.
+pub const ROOT_MAJOR: u16 = 0x524c;
+/// IFB companions are named `rlifb<ifindex of the device>`.
+pub const IFB_PREFIX: &str = "rlifb";
+/// Priority of the redirect to the IFB on the device's ingress hook.
+pub const PRIO_REDIRECT: u16 = 0x524c;
+/// First priority of each band.
+pub const BAND_IP_SPECIFIC: u16 = 300;
+pub const BAND_IP_BASELINE: u16 = 400;
+/// Buckets of a client-address table: one per value of the address's last byte.
+pub const ADDRESS_BUCKETS: u32 = 256;
+/// The node id of the one link node in a band's root table.
+const LINK_NODE: u32 = 1;
+/// Class minors raylimit allocates from (below: reserved; above: room for the kernel's own).
+const MINOR_FIRST: u16 = 0x0100;
+const MINOR_LAST: u16 = 0xfeff;
+/// u32 node ids are 12 bits; 0 names the bucket itself.
+const NODE_LAST: u32 = 0xfff;
 
 /// Largest packet HTB may see at once: a 64 KiB GSO super-packet on veth and most NICs.
 const MAX_PACKET: u64 = 64 * 1024;
 /// Smallest burst worth allowing: a few full-size Ethernet frames.
 const MIN_BURST: u64 = 4 * 1514;
+
+pub const fn root_handle() -> TcHandle {
+    TcHandle::new(ROOT_MAJOR, 0)
+}
+
+pub fn ifb_name(device_ifindex: u32) -> String {
+    format!("{IFB_PREFIX}{device_ifindex}")
+}
+
+/// True for names raylimit gives its IFB companions.
+pub fn is_managed_ifb_name(name: &str) -> bool {
+    name.strip_prefix(IFB_PREFIX)
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The address family of a client address.
+pub fn family_of(ip: IpAddr) -> Family {
+    match ip {
+        IpAddr::V4(_) => Family::V4,
+        IpAddr::V6(_) => Family::V6,
+    }
+}
+
+/// Which end of the packet holds the client: its destination when leaving toward it (download),
+/// its source when arriving from it (upload, shaped on the IFB).
+pub fn client_end(direction: Direction) -> End {
+    match direction {
+        Direction::Download => End::Destination,
+        Direction::Upload => End::Source,
+    }
+}
+
+/// Priority of the specific-IP band for a family.
+pub fn ip_specific_priority(family: Family) -> u16 {
+    match family {
+        Family::V4 => BAND_IP_SPECIFIC,
+        Family::V6 => BAND_IP_SPECIFIC + 1,
+    }
+}
+
+fn ethertype(family: Family) -> u16 {
+    match family {
+        Family::V4 => ETH_P_IP,
+        Family::V6 => ETH_P_IPV6,
+    }
+}
+
+/// The u32 table of a band is numbered after its priority, below the ids the kernel allocates
+/// itself (0x800 and up), so its handle is known before it exists.
+pub fn table_of_priority(priority: u16) -> U32Handle {
+    U32Handle::new(priority as u32, 0, 0)
+}
+
+/// Packets HTB's direct queue holds: unclassified and unlimited traffic goes there unshaped, and
+/// an IFB's own queue length (32) would drop its bursts.
+const DIRECT_QUEUE_PACKETS: u32 = 1000;
+
+/// The managed HTB root: no default class, so traffic no filter claims passes unshaped.
+pub fn root_qdisc(ifindex: u32) -> Qdisc {
+    Qdisc {
+        ifindex,
+        handle: root_handle(),
+        parent: TcHandle::ROOT,
+        kind: QdiscKind::Htb(HtbQdisc {
+            direct_qlen: Some(DIRECT_QUEUE_PACKETS),
+            ..HtbQdisc::default()
+        }),
+    }
+}
 
 /// An HTB leaf at exactly `rate` bytes/s (rate = ceil), with burst and quantum sized for the rate.
 ///
@@ -19,6 +137,239 @@ pub fn leaf_class(rate: u64) -> HtbClass {
     let ticks = ticks_for(rate, burst);
     let quantum = (rate / 10).clamp(1514, 200_000) as u32;
     HtbClass::new(rate, rate, ticks, ticks, quantum)
+}
+
+pub fn class(ifindex: u32, minor: u16, rate: u64) -> Class {
+    Class {
+        ifindex,
+        handle: TcHandle::new(ROOT_MAJOR, minor),
+        parent: root_handle(),
+        kind: ClassKind::Htb(leaf_class(rate)),
+    }
+}
+
+/// True when two HTB classes shape the same way (the parameters raylimit sets).
+pub fn same_shaping(a: &HtbClass, b: &HtbClass) -> bool {
+    (a.rate, a.ceil, a.buffer, a.cbuffer, a.quantum)
+        == (b.rate, b.ceil, b.buffer, b.cbuffer, b.quantum)
+}
+
+/// The client-address table of the specific-IP band.
+pub fn ip_table(ifindex: u32, family: Family) -> Filter {
+    let priority = ip_specific_priority(family);
+    Filter {
+        ifindex,
+        parent: root_handle(),
+        priority,
+        protocol: ethertype(family),
+        handle: table_of_priority(priority).0,
+        kind: FilterKind::U32(U32Filter::table(ADDRESS_BUCKETS)),
+    }
+}
+
+/// Offset of the 32-bit word holding the last byte of the client address.
+fn last_address_word(family: Family, end: End) -> i16 {
+    match (family, end) {
+        (Family::V4, End::Source) => 12,
+        (Family::V4, End::Destination) => 16,
+        (Family::V6, End::Source) => 20,
+        (Family::V6, End::Destination) => 36,
+    }
+}
+
+/// The node in the band's root table that sends every packet of the family to the bucket of its
+/// client address's last byte. Created with node id 1 in whatever root table the kernel gave the
+/// band; its full handle is known only from a dump.
+pub fn ip_link(ifindex: u32, family: Family, end: End) -> Filter {
+    let priority = ip_specific_priority(family);
+    let mut selector = U32Selector::default();
+    selector.catch_all();
+    selector.hmask = 0xff;
+    selector.hoff = last_address_word(family, end);
+    Filter {
+        ifindex,
+        parent: root_handle(),
+        priority,
+        protocol: ethertype(family),
+        handle: U32Handle::new(0, 0, LINK_NODE).0,
+        kind: FilterKind::U32(U32Filter {
+            link: Some(table_of_priority(priority)),
+            selector: Some(selector),
+            ..Default::default()
+        }),
+    }
+}
+
+/// The bucket a client address lands in: its last byte.
+pub fn bucket_of(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(a) => a.octets()[3] as u32,
+        IpAddr::V6(a) => a.octets()[15] as u32,
+    }
+}
+
+/// The selector matching one client address at `end`.
+pub fn address_selector(ip: IpAddr, end: End) -> U32Selector {
+    let mut s = U32Selector::default();
+    match ip {
+        IpAddr::V4(a) => s.ipv4(end, a, 32),
+        IpAddr::V6(a) => s.ipv6(end, a, 128),
+    };
+    s
+}
+
+/// One client address's node: in its bucket, with an explicit node id, to `classid` (a leaf, or
+/// the root itself for the unlimited exception).
+pub fn ip_node(ifindex: u32, ip: IpAddr, end: End, node: u32, classid: TcHandle) -> Filter {
+    let family = family_of(ip);
+    let priority = ip_specific_priority(family);
+    let table = table_of_priority(priority).table();
+    let handle = U32Handle::new(table, bucket_of(ip), node);
+    let mut u = U32Filter::to_class(address_selector(ip, end), classid);
+    u.hash = Some(handle.table_and_bucket());
+    Filter {
+        ifindex,
+        parent: root_handle(),
+        priority,
+        protocol: ethertype(family),
+        handle: handle.0,
+        kind: FilterKind::U32(u),
+    }
+}
+
+/// The client address a node of the specific-IP band matches, if it has that shape.
+pub fn node_address(filter: &U32Filter, family: Family, end: End) -> Option<IpAddr> {
+    let sel = filter.selector.as_ref()?;
+    let (first, words) = match (family, end) {
+        (Family::V4, End::Source) => (12, 1),
+        (Family::V4, End::Destination) => (16, 1),
+        (Family::V6, End::Source) => (8, 4),
+        (Family::V6, End::Destination) => (24, 4),
+    };
+    if sel.keys.len() != words {
+        return None;
+    }
+    let mut bytes = Vec::with_capacity(words * 4);
+    for (i, k) in sel.keys.iter().enumerate() {
+        if k.mask != u32::MAX || k.offset != first + 4 * i as i32 || k.offmask != 0 {
+            return None;
+        }
+        bytes.extend_from_slice(&k.value.to_be_bytes());
+    }
+    Some(match family {
+        Family::V4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        Family::V6 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+    })
+}
+
+/// How an "every packet" match is built on this kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CatchAll {
+    /// `matchall`, the preferred form.
+    MatchAll,
+    /// A u32 node with one key every packet matches, where the kernel lacks `matchall`.
+    U32,
+}
+
+impl CatchAll {
+    pub fn choose(has_matchall: bool) -> Self {
+        if has_matchall {
+            CatchAll::MatchAll
+        } else {
+            CatchAll::U32
+        }
+    }
+
+    /// Why this form was chosen, for the plan.
+    pub fn reason(self) -> &'static str {
+        match self {
+            CatchAll::MatchAll => "matchall (this kernel has cls_matchall)",
+            CatchAll::U32 => "u32 catch-all key (this kernel has no cls_matchall)",
+        }
+    }
+}
+
+fn catch_all_filter(
+    ifindex: u32,
+    parent: TcHandle,
+    priority: u16,
+    form: CatchAll,
+    classid: Option<TcHandle>,
+    actions: Vec<Action>,
+) -> Filter {
+    let (handle, kind) = match form {
+        CatchAll::MatchAll => (
+            1,
+            FilterKind::MatchAll(MatchAll {
+                classid,
+                actions,
+                flags: None,
+            }),
+        ),
+        CatchAll::U32 => {
+            let mut s = U32Selector::default();
+            s.catch_all();
+            let mut u = U32Filter::with_actions(s, actions);
+            u.classid = classid;
+            (U32Handle::new(0, 0, LINK_NODE).0, FilterKind::U32(u))
+        }
+    };
+    Filter {
+        ifindex,
+        parent,
+        priority,
+        protocol: ETH_P_ALL,
+        handle,
+        kind,
+    }
+}
+
+/// The `--ip all` baseline on a shaped root: every packet to the baseline class.
+pub fn baseline(ifindex: u32, classid: TcHandle, form: CatchAll) -> Filter {
+    catch_all_filter(
+        ifindex,
+        root_handle(),
+        BAND_IP_BASELINE,
+        form,
+        Some(classid),
+        Vec::new(),
+    )
+}
+
+/// The redirect on the device's ingress hook that hands every arriving packet to the IFB.
+pub fn redirect(ifindex: u32, hook: TcHandle, ifb_ifindex: u32, form: CatchAll) -> Filter {
+    catch_all_filter(
+        ifindex,
+        hook,
+        PRIO_REDIRECT,
+        form,
+        None,
+        vec![Action::redirect_to(ifb_ifindex)],
+    )
+}
+
+/// A class minor for `key`, stable across runs: a hash of the key, probing upward past minors
+/// already in use. Two subjects can never share one, whatever the hash does.
+pub fn allocate_minor(key: &str, used: &BTreeSet<u16>) -> Option<u16> {
+    let span = (MINOR_LAST - MINOR_FIRST) as u32 + 1;
+    let start = fnv1a(key) % span;
+    (0..span)
+        .map(|i| MINOR_FIRST + ((start + i) % span) as u16)
+        .find(|m| !used.contains(m))
+}
+
+/// A node id inside a bucket for `key`, the same way.
+pub fn allocate_node(key: &str, used: &BTreeSet<u32>) -> Option<u32> {
+    let start = fnv1a(key) % NODE_LAST;
+    (0..NODE_LAST)
+        .map(|i| 1 + (start + i) % NODE_LAST)
+        .find(|n| !used.contains(n))
+}
+
+fn fnv1a(key: &str) -> u32 {
+    key.bytes().fold(0x811c_9dc5u32, |h, b| {
+        (h ^ b as u32).wrapping_mul(0x0100_0193)
+    })
 }
 
 #[cfg(test)]
@@ -35,5 +386,42 @@ mod tests {
         assert!(bytes_for(10 << 30, fast.buffer) >= (10u64 << 30) / 50 - 700);
         assert_eq!(fast.quantum, 200_000);
         assert_eq!(leaf_class(1_000_000).quantum, 100_000);
+    }
+
+    #[test]
+    fn minors_are_stable_and_never_collide() {
+        let mut used = BTreeSet::new();
+        let a = allocate_minor("ip 10.0.0.1", &used).unwrap();
+        assert_eq!(allocate_minor("ip 10.0.0.1", &used), Some(a));
+        used.insert(a);
+        let b = allocate_minor("ip 10.0.0.1", &used).unwrap();
+        assert_ne!(a, b);
+        assert!((MINOR_FIRST..=MINOR_LAST).contains(&b));
+        let all: BTreeSet<u16> = (MINOR_FIRST..=MINOR_LAST).collect();
+        assert_eq!(allocate_minor("x", &all), None);
+    }
+
+    #[test]
+    fn node_addresses_round_trip() {
+        for (ip, end) in [
+            ("10.99.0.2", End::Destination),
+            ("10.99.0.2", End::Source),
+            ("fd00:99::2", End::Destination),
+            ("2001:db8::10", End::Source),
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let f = ip_node(1, ip, end, 7, TcHandle::new(ROOT_MAJOR, 0x100));
+            let FilterKind::U32(u) = &f.kind else {
+                panic!()
+            };
+            assert_eq!(node_address(u, family_of(ip), end), Some(ip));
+            let other = if end == End::Source {
+                End::Destination
+            } else {
+                End::Source
+            };
+            assert_eq!(node_address(u, family_of(ip), other), None);
+            assert_eq!(U32Handle(f.handle).bucket(), bucket_of(ip));
+        }
     }
 }

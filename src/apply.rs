@@ -1,0 +1,209 @@
+//! Runs a plan against the kernel, one acknowledged step at a time. When a step fails, the steps
+//! this run already did are undone in reverse order, so the kernel ends as it began.
+
+use std::collections::HashMap;
+
+use crate::netlink::action::Action;
+use crate::netlink::tc::FilterKind;
+use crate::netlink::{NetlinkError, RtSocket};
+use crate::reconcile::plan::{Dev, Operation, Step, TcObject};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    Failed,
+    /// Done, then undone because a later step failed.
+    Undone,
+    /// Never run because an earlier step failed.
+    NotRun,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Failed => "failed",
+            Status::Undone => "undone",
+            Status::NotRun => "not run",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepResult {
+    pub step: String,
+    pub command: String,
+    pub status: Status,
+    pub error: Option<String>,
+    /// A warning the kernel attached to its acknowledgement.
+    pub warning: Option<String>,
+}
+
+/// What running a plan did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Execution {
+    pub results: Vec<StepResult>,
+    /// The undo steps run after a failure, in the order they ran.
+    pub rollback: Vec<StepResult>,
+}
+
+impl Execution {
+    pub fn failed(&self) -> bool {
+        self.results.iter().any(|r| r.status == Status::Failed)
+    }
+
+    /// True when a failure was followed by an undo that itself failed: the kernel may differ
+    /// from how it began.
+    pub fn rollback_failed(&self) -> bool {
+        self.rollback.iter().any(|r| r.status == Status::Failed)
+    }
+}
+
+/// Runs `steps` on `sock`.
+pub fn execute(sock: &mut RtSocket, steps: &[Step]) -> Execution {
+    let mut devices = HashMap::new();
+    let mut exec = Execution::default();
+    let mut undo_stack: Vec<(usize, Step)> = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        match run(sock, &mut devices, step) {
+            Ok(warning) => {
+                exec.results.push(result(step, Status::Ok, None, warning));
+                undo_stack.extend(step.undo.iter().cloned().map(|u| (i, u)));
+            }
+            Err(e) => {
+                exec.results
+                    .push(result(step, Status::Failed, Some(e), None));
+                for later in &steps[i + 1..] {
+                    exec.results.push(result(later, Status::NotRun, None, None));
+                }
+                while let Some((done, undo)) = undo_stack.pop() {
+                    let outcome = run(sock, &mut devices, &undo);
+                    exec.results[done].status = Status::Undone;
+                    exec.rollback.push(match outcome {
+                        Ok(w) => result(&undo, Status::Ok, None, w),
+                        Err(e) => result(&undo, Status::Failed, Some(e), None),
+                    });
+                }
+                break;
+            }
+        }
+    }
+    exec
+}
+
+fn result(
+    step: &Step,
+    status: Status,
+    error: Option<String>,
+    warning: Option<String>,
+) -> StepResult {
+    StepResult {
+        step: step.name.clone(),
+        command: step.command(),
+        status,
+        error,
+        warning,
+    }
+}
+
+/// The ifindex of a step's device; IFBs are looked up by name (they may be new in this run).
+fn resolve(
+    sock: &mut RtSocket,
+    devices: &mut HashMap<String, u32>,
+    dev: &Dev,
+) -> Result<u32, NetlinkError> {
+    match dev {
+        Dev::Index { index, .. } => Ok(*index),
+        Dev::Ifb(name) => {
+            if let Some(i) = devices.get(name) {
+                return Ok(*i);
+            }
+            let index = sock.link_by_name(name)?.index;
+            devices.insert(name.clone(), index);
+            Ok(index)
+        }
+    }
+}
+
+fn run(
+    sock: &mut RtSocket,
+    devices: &mut HashMap<String, u32>,
+    step: &Step,
+) -> Result<Option<String>, String> {
+    let outcome = run_operation(sock, devices, step);
+    match outcome {
+        Err(e) if step.exists_ok && e.kernel().is_some_and(|k| k.errno == libc::EEXIST) => Ok(None),
+        other => other.map_err(|e| e.to_string()),
+    }
+}
+
+fn run_operation(
+    sock: &mut RtSocket,
+    devices: &mut HashMap<String, u32>,
+    step: &Step,
+) -> Result<Option<String>, NetlinkError> {
+    match &step.action {
+        Operation::CreateIfb(name) => {
+            devices.remove(name);
+            let link = sock.create_ifb(name)?;
+            devices.insert(name.clone(), link.index);
+            Ok(None)
+        }
+        Operation::SetUp(dev) => {
+            let index = resolve(sock, devices, dev)?;
+            sock.set_link_up(index)?;
+            Ok(None)
+        }
+        Operation::DeleteLink(dev) => {
+            let index = resolve(sock, devices, dev)?;
+            sock.delete_link(index)?;
+            devices.remove(dev.name());
+            Ok(None)
+        }
+        Operation::Tc {
+            op,
+            dev,
+            object,
+            redirect_to,
+        } => {
+            let ifindex = resolve(sock, devices, dev)?;
+            let target = match redirect_to {
+                Some(d) => Some(resolve(sock, devices, d)?),
+                None => None,
+            };
+            let message = match object.clone() {
+                TcObject::Qdisc(mut q) => {
+                    q.ifindex = ifindex;
+                    q.request(*op)
+                }
+                TcObject::Class(mut c) => {
+                    c.ifindex = ifindex;
+                    c.request(*op)
+                }
+                TcObject::Filter(mut f) => {
+                    f.ifindex = ifindex;
+                    if let Some(t) = target {
+                        point_redirects_at(&mut f.kind, t);
+                    }
+                    f.request(*op)
+                }
+            };
+            let ack = sock.request(message, &step.command())?;
+            Ok(ack.warning)
+        }
+    }
+}
+
+fn point_redirects_at(kind: &mut FilterKind, ifindex: u32) {
+    let actions = match kind {
+        FilterKind::U32(u) => &mut u.actions,
+        FilterKind::MatchAll(m) => &mut m.actions,
+        FilterKind::Fw(f) => &mut f.actions,
+        FilterKind::Other { .. } => return,
+    };
+    for a in actions {
+        if let Action::Mirred { ifindex: i, .. } = a {
+            *i = ifindex;
+        }
+    }
+}

@@ -1,0 +1,434 @@
+//! `raylimit limit`: validate, select the runtime, observe, decide, execute, annotate, report.
+
+use clap::Args;
+
+use super::report::{LimitReport, Outcome};
+use super::{Format, UsageError};
+use crate::apply;
+use crate::netlink::link::{check_name, Link, MAX_IFNAME_LEN};
+use crate::netlink::probe::{Capabilities, Feature};
+use crate::netlink::{NetlinkError, RtSocket};
+use crate::ownership::{Annotation, StateDir};
+use crate::policy::{self, Direction, Request, Subject, Want};
+use crate::reconcile::observe::{Hook, Observation, ShapedRoot};
+use crate::reconcile::{self, Context};
+use crate::runtime::{self, Selection, Source};
+use crate::shaping::{self, CatchAll};
+
+/// Flags are read as text and validated here, so every mistake gets raylimit's own one-line
+/// message (and exit 2) in a fixed order.
+#[derive(Args, Debug)]
+pub struct LimitArgs {
+    /// A client IP address, or `all` for every client.
+    #[arg(long, value_name = "IP|all")]
+    pub ip: Option<String>,
+    /// With `--ip all`: `shared` (one baseline class) or `per_ip` (one class per live client IP).
+    #[arg(long, value_name = "shared|per_ip")]
+    pub ip_aggregation: Option<String>,
+    /// An inbound tag of the runtime's config.
+    #[arg(long, value_name = "TAG")]
+    pub inbound: Option<String>,
+    /// An outbound tag of the runtime's config.
+    #[arg(long, value_name = "TAG")]
+    pub outbound: Option<String>,
+    /// A user's UUID or email.
+    #[arg(long, value_name = "UUID")]
+    pub uuid: Option<String>,
+    /// One client connection, as IP:PORT.
+    #[arg(long, value_name = "IP:PORT")]
+    pub connection: Option<String>,
+    /// The network device whose traffic is shaped.
+    #[arg(long, value_name = "DEV")]
+    pub device: Option<String>,
+    /// `download` (toward the client, leaving DEV) or `upload` (from the client, arriving on DEV).
+    #[arg(long, value_name = "upload|download", allow_hyphen_values = true)]
+    pub direction: Option<String>,
+    /// Bytes per second, or with a unit: 10mbit, 5MB/s, 512KiB/s.
+    #[arg(long, value_name = "RATE", allow_hyphen_values = true)]
+    pub rate: Option<String>,
+    /// Exempt the IP from any baseline (unshaped).
+    #[arg(long)]
+    pub unlimited: bool,
+    /// Remove the rule instead of setting it.
+    #[arg(long)]
+    pub remove: bool,
+    /// The runtime's process id.
+    #[arg(long, value_name = "PID", allow_hyphen_values = true)]
+    pub pid: Option<String>,
+    /// The runtime's container (id, id prefix or name).
+    #[arg(long, value_name = "ID")]
+    pub container: Option<String>,
+    /// The runtime's process name.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Only consider runtimes from this source: host_process or docker_container.
+    #[arg(long, value_name = "SOURCE")]
+    pub source: Option<String>,
+    /// Change the kernel (the default is a dry-run that only plans).
+    #[arg(long)]
+    pub execute: bool,
+    /// Execute even when the current tc state cannot be observed or compared.
+    #[arg(long)]
+    pub allow_missing_tc_state: bool,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+/// A validated `limit` request.
+#[derive(Debug, Clone)]
+pub struct Validated {
+    pub selection: Selection,
+    pub request: Request,
+    pub per_ip: bool,
+}
+
+fn given(v: &Option<String>) -> Option<&str> {
+    v.as_deref().map(str::trim).filter(|s| !s.is_empty())
+}
+
+/// Checks the flags in a fixed order; the first problem is the one reported.
+pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
+    let usage = |m: String| Err(UsageError(m));
+    let source = match a.source.as_deref() {
+        None | Some("") => None,
+        Some(s) => match Source::parse(s) {
+            Some(src) => Some(src),
+            None => {
+                return usage(format!(
+                    "unknown --source {s:?}; use host_process or docker_container"
+                ))
+            }
+        },
+    };
+    let pid = match given(&a.pid) {
+        None => None,
+        Some(p) => match p.parse::<i64>() {
+            Ok(0) => None,
+            Ok(n) if n < 0 => {
+                return usage(format!(
+                    "--pid {n} is not a process id; give a number above zero"
+                ))
+            }
+            Ok(n) if n > u32::MAX as i64 => {
+                return usage(format!("--pid {n} is beyond any process id"))
+            }
+            Ok(n) => Some(n as u32),
+            Err(_) => return usage(format!("--pid {p:?} is not a number")),
+        },
+    };
+    let name = given(&a.name).map(str::to_string);
+    let container = given(&a.container).map(str::to_string);
+    if pid.is_none() && name.is_none() && container.is_none() {
+        return usage("choose the runtime with one of --pid, --container or --name".into());
+    }
+    if pid.is_some() && container.is_some() {
+        return usage("--pid and --container each select a runtime; give only one".into());
+    }
+    if pid.is_some() && source == Some(Source::DockerContainer) {
+        return usage(
+            "--pid selects a host process, so it cannot be combined with --source docker_container"
+                .into(),
+        );
+    }
+    if container.is_some() && source == Some(Source::HostProcess) {
+        return usage(
+            "--container selects a container, so it cannot be combined with --source host_process"
+                .into(),
+        );
+    }
+    if [pid.is_some(), name.is_some(), container.is_some()]
+        .iter()
+        .filter(|b| **b)
+        .count()
+        > 1
+    {
+        return usage("give exactly one of --pid, --container or --name".into());
+    }
+
+    let targets: Vec<(&str, &str)> = [
+        ("--ip", &a.ip),
+        ("--inbound", &a.inbound),
+        ("--outbound", &a.outbound),
+        ("--uuid", &a.uuid),
+        ("--connection", &a.connection),
+    ]
+    .into_iter()
+    .filter_map(|(flag, v)| given(v).map(|v| (flag, v)))
+    .collect();
+    match targets.len() {
+        0 => {
+            return usage(
+                "choose what to limit with --ip, --inbound, --outbound, --uuid or --connection"
+                    .into(),
+            )
+        }
+        1 => {}
+        _ => {
+            let flags: Vec<&str> = targets.iter().map(|t| t.0).collect();
+            return usage(format!(
+                "give exactly one target; got {}",
+                flags.join(" and ")
+            ));
+        }
+    }
+    let aggregation = match given(&a.ip_aggregation).map(str::to_ascii_lowercase) {
+        None => None,
+        Some(g) if g == "shared" || g == "per_ip" => Some(g),
+        Some(g) => {
+            return usage(format!(
+                "--ip-aggregation must be shared or per_ip, not {g:?}"
+            ))
+        }
+    };
+    let (flag, value) = targets[0];
+    if flag != "--ip" {
+        return usage(format!(
+            "{flag} limits are not available in this build yet; the ip family is (--ip ADDRESS or --ip all)"
+        ));
+    }
+    let is_all = value.eq_ignore_ascii_case("all");
+    if aggregation.is_some() && !is_all {
+        return usage("--ip-aggregation only applies to --ip all".into());
+    }
+    let subject = policy::parse_ip_subject(value, aggregation.as_deref() == Some("per_ip"))
+        .map_err(UsageError)?;
+
+    let Some(device) = given(&a.device) else {
+        return usage("--device is required: the network device whose traffic is shaped".into());
+    };
+    if device.len() > MAX_IFNAME_LEN {
+        return usage(format!(
+            "device name {device:?} is {} bytes; Linux device names have at most {MAX_IFNAME_LEN} (IFNAMSIZ)",
+            device.len()
+        ));
+    }
+    if check_name(device).is_err() {
+        return usage(format!("{device:?} is not a valid device name"));
+    }
+    let direction = match a.direction.as_deref() {
+        None => return usage("--direction is required: upload or download".into()),
+        Some(d) => Direction::parse(d).ok_or_else(|| {
+            UsageError(format!("--direction must be upload or download, not {d:?}"))
+        })?,
+    };
+    if a.unlimited && a.remove {
+        return usage("--unlimited and --remove contradict each other; give one".into());
+    }
+    if a.unlimited && !matches!(subject, Subject::Ip(_)) {
+        return usage(
+            "--unlimited exempts one client address; it needs --ip ADDRESS, not --ip all".into(),
+        );
+    }
+    let rate = given(&a.rate);
+    let want = if a.remove {
+        if rate.is_some() {
+            return usage("--rate has no meaning with --remove".into());
+        }
+        Want::Remove
+    } else if a.unlimited {
+        if rate.is_some() {
+            return usage("--rate and --unlimited contradict each other; give one".into());
+        }
+        Want::Unlimited
+    } else {
+        match rate {
+            None => return usage("give --rate (bytes per second), --unlimited or --remove".into()),
+            Some(r) => Want::Limit(policy::parse_rate(r).map_err(UsageError)?),
+        }
+    };
+    if a.allow_missing_tc_state && !a.execute {
+        return usage("--allow-missing-tc-state only matters with --execute".into());
+    }
+    Ok(Validated {
+        selection: Selection {
+            pid,
+            name,
+            container,
+            source,
+        },
+        request: Request {
+            subject,
+            direction,
+            device: device.to_string(),
+            want,
+        },
+        per_ip: aggregation.as_deref() == Some("per_ip"),
+    })
+}
+
+/// Why `limit` stopped before it could build a report.
+#[derive(Debug)]
+pub enum LimitError {
+    Usage(UsageError),
+    Refused(String),
+}
+
+impl From<UsageError> for LimitError {
+    fn from(e: UsageError) -> Self {
+        LimitError::Usage(e)
+    }
+}
+
+/// Runs `limit` up to a report (which the caller renders).
+pub fn run(netns: Option<&str>, a: &LimitArgs) -> Result<LimitReport, LimitError> {
+    let v = validate(a)?;
+    let runtime = runtime::select(&v.selection).map_err(|e| LimitError::Refused(e.to_string()))?;
+    let mut sock = RtSocket::open_in(netns).map_err(|e| LimitError::Refused(e.to_string()))?;
+    let device = match sock.link_by_name(&v.request.device) {
+        Ok(l) => l,
+        Err(NetlinkError::NoSuchDevice(_)) => {
+            return Err(UsageError(format!(
+                "no network device named {:?}{}",
+                v.request.device,
+                netns
+                    .map(|n| format!(" in network namespace {n}"))
+                    .unwrap_or_default()
+            ))
+            .into())
+        }
+        Err(e) => return Err(LimitError::Refused(e.to_string())),
+    };
+    let state_dir = StateDir::from_env();
+    // Executing runs hold the lock from observation to annotation, so no other run interleaves.
+    let _lock = if a.execute {
+        Some(state_dir.lock().map_err(LimitError::Refused)?)
+    } else {
+        None
+    };
+    let caps = Capabilities::probe();
+    let catch_all = CatchAll::choose(caps.has(Feature::Matchall));
+    let observation = observe(&mut sock, &device, v.request.direction);
+    let shaped_device = shaped_device_name(&v.request, &device);
+    let netns_key = netns.unwrap_or("").to_string();
+    let mut annotations = state_dir.load();
+    let subject_key = v.request.subject.key();
+    let annotation = annotations
+        .find(&netns_key, &shaped_device, &subject_key)
+        .cloned();
+    let owner = runtime.owner();
+    let ctx = Context {
+        request: v.request.clone(),
+        catch_all,
+        allow_missing_state: a.allow_missing_tc_state,
+        owned_by_other: annotation
+            .as_ref()
+            .filter(|x| x.owner != owner)
+            .map(|x| x.owner.clone()),
+        remembered_minor: annotation.as_ref().and_then(|x| x.class_minor),
+    };
+    let decision = reconcile::decide(&ctx, &observation);
+    let mut report = LimitReport::new(
+        a.execute,
+        &v,
+        &runtime,
+        &device,
+        &shaped_device,
+        &observation,
+        decision,
+    );
+    if !a.execute {
+        report.outcome = if report.decision.blocked.is_some() {
+            Outcome::Blocked
+        } else if report.decision.steps.is_empty() {
+            Outcome::NoChanges
+        } else {
+            Outcome::PlanReady
+        };
+        return Ok(report);
+    }
+    if report.decision.blocked.is_some() {
+        report.outcome = Outcome::Blocked;
+        return Ok(report);
+    }
+    let execution = apply::execute(&mut sock, &report.decision.steps);
+    report.outcome = if execution.failed() {
+        Outcome::Failed
+    } else if report.decision.steps.is_empty() {
+        Outcome::NoChanges
+    } else {
+        Outcome::Executed
+    };
+    let succeeded = !execution.failed();
+    report.execution = Some(execution);
+    if succeeded {
+        let minor = report.decision.expected_class.map(|c| c.minor());
+        match v.request.want {
+            Want::Remove => annotations.remove(&netns_key, &shaped_device, &subject_key),
+            _ => annotations.upsert(Annotation {
+                netns: netns_key,
+                device: device.name.clone(),
+                direction: v.request.direction.name().into(),
+                subject: subject_key,
+                shaped_device,
+                class_minor: minor,
+                owner,
+                runtime: runtime.describe(),
+            }),
+        }
+        if let Err(e) = state_dir.save(&annotations) {
+            report.warnings.push(format!(
+                "the kernel was changed, but the owner annotation could not be written: {e}"
+            ));
+        }
+    }
+    Ok(report)
+}
+
+fn shaped_device_name(req: &Request, device: &Link) -> String {
+    match req.direction {
+        Direction::Download => device.name.clone(),
+        Direction::Upload => shaping::ifb_name(device.index),
+    }
+}
+
+/// Reads what the request is decided on: the shaped root, and for upload the IFB and the hook.
+pub fn observe(sock: &mut RtSocket, device: &Link, direction: Direction) -> Observation {
+    let end = shaping::client_end(direction);
+    let mut obs = Observation {
+        device: device.clone(),
+        shaped: None,
+        ifb: None,
+        hook: None,
+        error: None,
+    };
+    let result = (|| -> Result<(), NetlinkError> {
+        let device_tc = sock.device_tc(device.index)?;
+        match direction {
+            Direction::Download => obs.shaped = Some(ShapedRoot::read(&device_tc, end)),
+            Direction::Upload => {
+                obs.hook = Some(Hook::read(&device_tc));
+                match sock.link_by_name(&shaping::ifb_name(device.index)) {
+                    Ok(ifb) => {
+                        let ifb_tc = sock.device_tc(ifb.index)?;
+                        obs.shaped = Some(ShapedRoot::read(&ifb_tc, end));
+                        obs.ifb = Some(ifb);
+                    }
+                    Err(NetlinkError::NoSuchDevice(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        obs = Observation {
+            device: device.clone(),
+            shaped: None,
+            ifb: None,
+            hook: None,
+            error: Some(e.to_string()),
+        };
+    }
+    obs
+}
+
+impl LimitReport {
+    /// Exit code: 0 planned or done; 1 refused (blocked with --execute) or failed.
+    pub fn exit_code(&self) -> i32 {
+        match self.outcome {
+            Outcome::Failed => 1,
+            Outcome::Blocked if self.execute => 1,
+            _ => 0,
+        }
+    }
+}

@@ -1,0 +1,382 @@
+//! The `limit` report: one value, rendered as text (sections an operator reads top to bottom) or
+//! JSON (the original's top-level names, so scripts keep working).
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+use super::limit::Validated;
+use crate::apply::{Execution, Status};
+use crate::netlink::link::Link;
+use crate::policy::{Subject, Want};
+use crate::reconcile::observe::{Observation, RootState};
+use crate::reconcile::Decision;
+use crate::runtime::Runtime;
+use crate::shaping;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    PlanReady,
+    NoChanges,
+    Executed,
+    Blocked,
+    Failed,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::PlanReady => "plan ready",
+            Outcome::NoChanges => "no changes",
+            Outcome::Executed => "executed",
+            Outcome::Blocked => "blocked",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+pub struct LimitReport {
+    pub execute: bool,
+    pub request: crate::policy::Request,
+    pub per_ip: bool,
+    pub runtime: Runtime,
+    pub device: Link,
+    pub shaped_device: String,
+    pub root: String,
+    pub decision: Decision,
+    pub execution: Option<Execution>,
+    pub outcome: Outcome,
+    pub warnings: Vec<String>,
+}
+
+fn describe_root(obs: &Observation, shaped_device: &str) -> String {
+    match obs.shaped.as_ref().map(|s| &s.root) {
+        _ if obs.error.is_some() => "unknown".into(),
+        None => format!("{shaped_device} does not exist yet"),
+        Some(RootState::Managed(_)) => {
+            format!("managed root {} on {shaped_device}", shaping::root_handle())
+        }
+        Some(RootState::Default(None)) => format!("no root qdisc on {shaped_device}"),
+        Some(RootState::Default(Some(kind))) => {
+            format!("kernel default ({kind}) on {shaped_device}")
+        }
+        Some(RootState::Foreign(desc)) => format!("foreign root qdisc {desc} on {shaped_device}"),
+    }
+}
+
+impl LimitReport {
+    pub fn new(
+        execute: bool,
+        v: &Validated,
+        runtime: &Runtime,
+        device: &Link,
+        shaped_device: &str,
+        obs: &Observation,
+        decision: Decision,
+    ) -> Self {
+        LimitReport {
+            execute,
+            request: v.request.clone(),
+            per_ip: v.per_ip,
+            runtime: runtime.clone(),
+            device: device.clone(),
+            shaped_device: shaped_device.to_string(),
+            root: describe_root(obs, shaped_device),
+            decision,
+            execution: None,
+            outcome: Outcome::PlanReady,
+            warnings: Vec::new(),
+        }
+    }
+
+    pub fn outcome_name(&self) -> &'static str {
+        self.outcome.name()
+    }
+
+    fn operation(&self) -> &'static str {
+        if self.request.want == Want::Remove {
+            "remove"
+        } else {
+            "limit"
+        }
+    }
+
+    fn mode(&self) -> &'static str {
+        if self.execute {
+            "execute"
+        } else {
+            "dry-run"
+        }
+    }
+
+    fn requested(&self) -> String {
+        let r = &self.request;
+        let dir = r.direction.name();
+        match r.want {
+            Want::Limit(rate) => format!("Requested limit: {dir} {rate} bytes/s on {}", r.device),
+            Want::Unlimited => {
+                format!("Requested state: {dir} unlimited exception on {}", r.device)
+            }
+            Want::Remove => format!("Requested removal: the {dir} rule on {}", r.device),
+        }
+    }
+
+    fn summary(&self) -> String {
+        let ran = self
+            .execution
+            .as_ref()
+            .map(|e| {
+                e.results
+                    .iter()
+                    .filter(|r| r.status != Status::NotRun)
+                    .count()
+            })
+            .unwrap_or(0);
+        match self.outcome {
+            Outcome::Blocked if self.execute => "No operations were run.".into(),
+            Outcome::Blocked | Outcome::PlanReady => "No system changes were made.".into(),
+            Outcome::NoChanges => {
+                "The kernel already matches the request; nothing was changed.".into()
+            }
+            Outcome::Executed => format!("Executed {ran} operation(s)."),
+            Outcome::Failed => {
+                let rolled_back = self
+                    .execution
+                    .as_ref()
+                    .is_some_and(|e| !e.rollback.is_empty());
+                match self.execution.as_ref() {
+                    Some(e) if e.rollback_failed() => format!(
+                        "Stopped after {ran} operation(s); undoing them also failed, so the kernel may differ from how it began (see Rollback)."
+                    ),
+                    _ if rolled_back => format!(
+                        "Stopped after {ran} operation(s); the ones that had succeeded were undone, so the kernel is as it began."
+                    ),
+                    _ => "The first operation failed; nothing was changed.".into(),
+                }
+            }
+        }
+    }
+
+    pub fn text(&self) -> String {
+        let d = &self.decision;
+        let mut s = String::new();
+        let w = &mut s;
+        let _ = writeln!(w, "Request:");
+        let _ = writeln!(w, "Mode: {}", self.mode());
+        let _ = writeln!(w, "Operation: {}", self.operation());
+        let _ = writeln!(w, "Runtime: {}", self.runtime.describe());
+        let _ = writeln!(w, "Owner: {}", self.runtime.owner());
+        let _ = writeln!(w, "Target: {}", self.request.subject);
+        if matches!(self.request.subject, Subject::AllShared | Subject::AllPerIp) {
+            let _ = writeln!(
+                w,
+                "IP aggregation: {}",
+                if self.per_ip { "per_ip" } else { "shared" }
+            );
+        }
+        let _ = writeln!(w, "\nRequested state:\n{}", self.requested());
+        if self.per_ip {
+            let _ = writeln!(w, "\nEvidence:");
+            let _ = writeln!(w, "Per-IP evidence provider: none");
+            let _ = writeln!(w, "Per-IP evidence state: unavailable");
+            let _ = writeln!(w, "Per-IP reconcile state: unavailable_evidence");
+            let _ = writeln!(w, "Visible client IPs: none");
+        }
+        let _ = writeln!(w, "\nObservation:");
+        let _ = writeln!(w, "Observed tc state: {}", d.observed_state);
+        let _ = writeln!(w, "Shaped root: {}", self.root);
+        let _ = writeln!(w, "Matching rule: {}", if d.matched { "yes" } else { "no" });
+        if let Some(c) = d.expected_class {
+            let _ = writeln!(w, "Expected class ID: {c}");
+        }
+        if let Some(c) = d.observed_class {
+            let _ = writeln!(w, "Observed class ID: {c}");
+        }
+        if let Some(r) = d.observed_rate {
+            let _ = writeln!(w, "Observed rate: {r} bytes/s");
+        }
+        if let Some(n) = &d.observation_note {
+            let _ = writeln!(w, "Observation note: {n}");
+        }
+        let _ = writeln!(w, "\nDecision:");
+        let _ = writeln!(w, "Reconcile decision: {}", d.kind.name());
+        let _ = writeln!(w, "Decision reason: {}", d.reason);
+        if !d.steps.is_empty() {
+            let _ = writeln!(w, "\nPlan:");
+            let _ = writeln!(w, "Planned action: {}", d.kind.name());
+            if let Some(c) = d.expected_class.or(d.observed_class) {
+                let _ = writeln!(w, "Class ID: {c}");
+            }
+            for f in &d.forms {
+                let _ = writeln!(w, "Kernel form: {f}");
+            }
+            let _ = writeln!(w, "Planned operations:");
+            for (i, step) in d.steps.iter().enumerate() {
+                let _ = writeln!(w, "  {}. {}", i + 1, step.command());
+            }
+        }
+        let _ = writeln!(w, "\nExecution:");
+        if let Some(b) = &d.blocked {
+            let _ = writeln!(
+                w,
+                "Execution status: {}",
+                if self.execute {
+                    "blocked"
+                } else {
+                    "blocked (--execute would refuse)"
+                }
+            );
+            let _ = writeln!(w, "Execution note: {b}");
+        }
+        match &self.execution {
+            Some(e) if !e.results.is_empty() => {
+                if e.failed() {
+                    let _ = writeln!(w, "Execution status: failed");
+                }
+                let _ = writeln!(w, "Execution results:");
+                for (i, r) in e.results.iter().enumerate() {
+                    let _ = writeln!(w, "  {}. {}: {}", i + 1, r.step, r.status.name());
+                    if let Some(err) = &r.error {
+                        let _ = writeln!(w, "     error: {err}");
+                    }
+                    if let Some(warn) = &r.warning {
+                        let _ = writeln!(w, "     kernel warning: {warn}");
+                    }
+                }
+                if !e.rollback.is_empty() {
+                    let _ = writeln!(w, "Rollback:");
+                    for (i, r) in e.rollback.iter().enumerate() {
+                        let _ = writeln!(
+                            w,
+                            "  {}. {}: {} ({})",
+                            i + 1,
+                            r.step,
+                            r.status.name(),
+                            r.command
+                        );
+                        if let Some(err) = &r.error {
+                            let _ = writeln!(w, "     error: {err}");
+                        }
+                    }
+                }
+            }
+            _ if !d.steps.is_empty() && self.outcome != Outcome::Blocked => {
+                let _ = writeln!(w, "Execution results:");
+                for (i, step) in d.steps.iter().enumerate() {
+                    let _ = writeln!(w, "  {}. {}: skipped", i + 1, step.name);
+                }
+            }
+            _ => {}
+        }
+        for warning in &self.warnings {
+            let _ = writeln!(w, "Warning: {warning}");
+        }
+        let outcome = match (self.outcome, self.execute) {
+            (Outcome::Blocked, false) => "blocked (execute would refuse)".to_string(),
+            (o, _) => o.name().to_string(),
+        };
+        let _ = writeln!(w, "Outcome: {outcome}");
+        let _ = writeln!(w, "{}", self.summary());
+        s
+    }
+
+    pub fn json(&self) -> Value {
+        let d = &self.decision;
+        let r = &self.request;
+        let mut target = json!({"kind": "ip", "value": r.subject.value()});
+        if matches!(r.subject, Subject::AllShared | Subject::AllPerIp) {
+            target["ip_aggregation"] = json!(if self.per_ip { "per_ip" } else { "shared" });
+        }
+        let mut v = json!({
+            "mode": self.mode(),
+            "operation": self.operation(),
+            "runtime": self.runtime_json(),
+            "target": target,
+            "scope": {
+                "device": r.device,
+                "ifindex": self.device.index,
+                "direction": r.direction.name(),
+                "root_handle": shaping::root_handle().to_string(),
+                "shaped_device": self.shaped_device,
+            },
+            "observation": {
+                "available": d.observed_state != "unavailable",
+                "reconcilable": d.observed_state == "available",
+                "state": d.observed_state,
+                "matched": d.matched,
+                "root": self.root,
+                "expected_class_id": d.expected_class.map(|c| c.to_string()),
+                "observed_class_id": d.observed_class.map(|c| c.to_string()),
+                "observed_rate_bytes_per_second": d.observed_rate,
+                "error": d.observation_note,
+            },
+            "decision": {"kind": d.kind.name(), "reason": d.reason},
+            "execution_blocked": d.blocked.is_some(),
+            "outcome": self.outcome.name(),
+        });
+        match r.want {
+            Want::Limit(rate) => v["rate_bytes_per_second"] = json!(rate),
+            Want::Unlimited => v["unlimited"] = json!(true),
+            Want::Remove => {}
+        }
+        if let Some(b) = &d.blocked {
+            v["execution_note"] = json!(b);
+        }
+        if !d.steps.is_empty() {
+            v["plan"] = json!({
+                "action": d.kind.name(),
+                "class_id": d.expected_class.or(d.observed_class).map(|c| c.to_string()),
+                "forms": d.forms,
+                "steps": d.steps.iter().map(|s| json!({"name": s.name, "command": s.command()})).collect::<Vec<_>>(),
+            });
+        }
+        v["results"] = match &self.execution {
+            Some(e) => json!(e.results.iter().map(result_json).collect::<Vec<_>>()),
+            None => json!(d
+                .steps
+                .iter()
+                .map(|s| json!({"step": s.name, "command": s.command(), "skipped": true}))
+                .collect::<Vec<_>>()),
+        };
+        if let Some(e) = &self.execution {
+            if !e.rollback.is_empty() {
+                v["rollback"] = json!(e.rollback.iter().map(result_json).collect::<Vec<_>>());
+            }
+        }
+        if self.per_ip {
+            v["per_ip_expansion"] = json!({
+                "provider": "none",
+                "state": "unavailable",
+                "reconcile_state": "unavailable_evidence",
+                "client_ips": [],
+                "note": "no live client IP evidence source exists in this build yet",
+            });
+        }
+        if !self.warnings.is_empty() {
+            v["warnings"] = json!(self.warnings);
+        }
+        v
+    }
+
+    fn runtime_json(&self) -> Value {
+        let rt = &self.runtime;
+        json!({
+            "source": rt.source.name(),
+            "owner": rt.owner(),
+            "identity": {"name": rt.name},
+            "host_process": {"pid": rt.pid, "exe": rt.exe, "config_paths": rt.config_paths},
+            "container_id": rt.container_id,
+        })
+    }
+}
+
+fn result_json(r: &crate::apply::StepResult) -> Value {
+    let mut v = json!({"step": r.step, "command": r.command, "status": r.status.name()});
+    if let Some(e) = &r.error {
+        v["error"] = json!(e);
+    }
+    if let Some(w) = &r.warning {
+        v["warning"] = json!(w);
+    }
+    v
+}

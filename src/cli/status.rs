@@ -1,0 +1,210 @@
+//! `raylimit status`: every managed root, class and filter in the namespace, IFBs included, with
+//! subject, owner, direction, rate and the kernel's live counters.
+
+use std::fmt::Write as _;
+
+use serde_json::{json, Value};
+
+use crate::netlink::link::Link;
+use crate::netlink::tc::ClassKind;
+use crate::netlink::u32::End;
+use crate::netlink::{NetlinkError, RtSocket, TcHandle};
+use crate::ownership::StateDir;
+use crate::reconcile::observe::{classid_of, RootState, ShapedRoot};
+use crate::shaping::{self, IFB_PREFIX};
+
+/// One managed rule as the kernel holds it.
+struct Rule {
+    subject: String,
+    priority: u16,
+    class: Option<TcHandle>,
+    rate: Option<u64>,
+    bytes: u64,
+    packets: u64,
+    drops: u32,
+    owner: Option<String>,
+}
+
+/// One managed root: a device's egress (download) or its IFB's (upload).
+struct Root {
+    device: String,
+    direction: &'static str,
+    shaped_device: String,
+    bytes: u64,
+    packets: u64,
+    drops: u32,
+    rules: Vec<Rule>,
+    /// Classes no filter points at (a crashed run, or a rule whose filter was removed by hand).
+    orphan_classes: Vec<TcHandle>,
+    unrecognised: Vec<String>,
+}
+
+pub fn run(
+    netns: Option<&str>,
+    device: Option<&str>,
+    json_out: bool,
+) -> Result<String, NetlinkError> {
+    let mut sock = RtSocket::open_in(netns)?;
+    if let Some(d) = device {
+        sock.link_by_name(d)?;
+    }
+    let links = sock.links()?;
+    let annotations = StateDir::from_env().load();
+    let netns_key = netns.unwrap_or("");
+    let mut roots = Vec::new();
+    for link in &links {
+        let (owner_device, direction) = owner_device(link, &links);
+        if device.is_some_and(|d| d != owner_device) {
+            continue;
+        }
+        let end = if direction == "upload" {
+            End::Source
+        } else {
+            End::Destination
+        };
+        let tc = sock.device_tc(link.index)?;
+        let shaped = ShapedRoot::read(&tc, end);
+        let RootState::Managed(root_entry) = &shaped.root else {
+            continue;
+        };
+        let mut rules = Vec::new();
+        let mut referenced = std::collections::BTreeSet::new();
+        let subjects = shaped
+            .ip_nodes
+            .iter()
+            .map(|n| (format!("ip {}", n.ip), &n.entry))
+            .chain(shaped.baseline.iter().map(|f| ("ip all".to_string(), f)));
+        for (subject, entry) in subjects {
+            let class = classid_of(entry);
+            let class_entry = class
+                .and_then(|c| shaped.classes.get(&c.minor()))
+                .filter(|_| class.is_some_and(|c| c.minor() != 0));
+            if let Some(c) = class {
+                referenced.insert(c.minor());
+            }
+            let owner = annotations
+                .find(netns_key, &link.name, &subject)
+                .map(|a| a.owner.clone());
+            rules.push(Rule {
+                subject,
+                priority: entry.filter.priority,
+                class,
+                rate: class_entry.and_then(|c| match &c.class.kind {
+                    ClassKind::Htb(h) => Some(h.rate),
+                    _ => None,
+                }),
+                bytes: class_entry.map(|c| c.stats.bytes).unwrap_or(0),
+                packets: class_entry.map(|c| c.stats.packets).unwrap_or(0),
+                drops: class_entry.map(|c| c.stats.drops).unwrap_or(0),
+                owner,
+            });
+        }
+        roots.push(Root {
+            device: owner_device.to_string(),
+            direction,
+            shaped_device: link.name.clone(),
+            bytes: root_entry.stats.bytes,
+            packets: root_entry.stats.packets,
+            drops: root_entry.stats.drops,
+            orphan_classes: shaped
+                .classes
+                .values()
+                .map(|c| c.class.handle)
+                .filter(|h| !referenced.contains(&h.minor()))
+                .collect(),
+            unrecognised: shaped
+                .unrecognised
+                .iter()
+                .map(|f| f.filter.to_string())
+                .collect(),
+            rules,
+        });
+    }
+    Ok(if json_out {
+        let v: Vec<Value> = roots.iter().map(root_json).collect();
+        format!(
+            "{}\n",
+            serde_json::to_string_pretty(&json!({"roots": v})).unwrap_or_default()
+        )
+    } else {
+        text(&roots)
+    })
+}
+
+/// The device a root belongs to: an IFB `rlifbN` shapes upload for device N.
+fn owner_device<'a>(link: &'a Link, links: &'a [Link]) -> (&'a str, &'static str) {
+    if shaping::is_managed_ifb_name(&link.name) {
+        let index: Option<u32> = link.name[IFB_PREFIX.len()..].parse().ok();
+        if let Some(dev) = links.iter().find(|l| Some(l.index) == index) {
+            return (&dev.name, "upload");
+        }
+    }
+    (&link.name, "download")
+}
+
+fn text(roots: &[Root]) -> String {
+    let mut s = String::new();
+    if roots.is_empty() {
+        s.push_str("No managed limits.\n");
+        return s;
+    }
+    for r in roots {
+        let _ = writeln!(
+            s,
+            "{} {}: root {} on {} (sent {} bytes, {} packets, {} dropped)",
+            r.device,
+            r.direction,
+            shaping::root_handle(),
+            r.shaped_device,
+            r.bytes,
+            r.packets,
+            r.drops
+        );
+        for rule in &r.rules {
+            let shape = match (rule.class, rule.rate) {
+                (Some(c), Some(rate)) => format!("class {c} rate {rate} bytes/s"),
+                (Some(c), None) if c.minor() == 0 => "unlimited (HTB direct queue)".to_string(),
+                (Some(c), None) => format!("class {c} (missing)"),
+                (None, _) => "no class".to_string(),
+            };
+            let _ = writeln!(
+                s,
+                "  {:<28} pref {:<4} {shape}; sent {} bytes, {} packets, {} dropped; owner {}",
+                rule.subject,
+                rule.priority,
+                rule.bytes,
+                rule.packets,
+                rule.drops,
+                rule.owner.as_deref().unwrap_or("unknown")
+            );
+        }
+        for c in &r.orphan_classes {
+            let _ = writeln!(s, "  class {c} has no filter (orphan)");
+        }
+        for f in &r.unrecognised {
+            let _ = writeln!(s, "  not raylimit's: {f}");
+        }
+    }
+    s
+}
+
+fn root_json(r: &Root) -> Value {
+    json!({
+        "device": r.device,
+        "direction": r.direction,
+        "shaped_device": r.shaped_device,
+        "root_handle": shaping::root_handle().to_string(),
+        "bytes": r.bytes, "packets": r.packets, "drops": r.drops,
+        "rules": r.rules.iter().map(|x| json!({
+            "subject": x.subject,
+            "priority": x.priority,
+            "class_id": x.class.map(|c| c.to_string()),
+            "unlimited": x.class.is_some_and(|c| c.minor() == 0),
+            "rate_bytes_per_second": x.rate,
+            "bytes": x.bytes, "packets": x.packets, "drops": x.drops,
+            "owner": x.owner,
+        })).collect::<Vec<_>>(),
+        "orphan_classes": r.orphan_classes.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
+        "unrecognised_filters": r.unrecognised,
+    })
+}

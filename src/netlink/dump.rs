@@ -1,0 +1,90 @@
+//! Everything tc holds for one device, read with one dump per object kind (filters per parent).
+
+use super::error::NetlinkError;
+use super::socket::{Message, RtSocket};
+use super::tc::{
+    self, ClassEntry, FilterEntry, QdiscEntry, QdiscKind, TcEntry, RTM_GETQDISC, RTM_GETTCLASS,
+    RTM_GETTFILTER,
+};
+use super::TcHandle;
+
+/// A device's qdiscs, classes and filters, decoded.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceTc {
+    pub ifindex: u32,
+    pub qdiscs: Vec<QdiscEntry>,
+    pub classes: Vec<ClassEntry>,
+    pub filters: Vec<FilterEntry>,
+}
+
+impl DeviceTc {
+    /// All objects in dump order: qdiscs, classes, filters.
+    pub fn entries(&self) -> Vec<TcEntry> {
+        let q = self.qdiscs.iter().cloned().map(TcEntry::Qdisc);
+        let c = self.classes.iter().cloned().map(TcEntry::Class);
+        let f = self.filters.iter().cloned().map(TcEntry::Filter);
+        q.chain(c).chain(f).collect()
+    }
+}
+
+fn decode_all(messages: Vec<Message>) -> Result<Vec<TcEntry>, NetlinkError> {
+    messages
+        .iter()
+        .map(|m| tc::decode(m.msg_type, &m.payload).map_err(NetlinkError::from))
+        .collect()
+}
+
+impl RtSocket {
+    /// Reads every qdisc, class and filter of one device.
+    pub fn device_tc(&mut self, ifindex: u32) -> Result<DeviceTc, NetlinkError> {
+        let mut out = DeviceTc {
+            ifindex,
+            ..Default::default()
+        };
+        let qdiscs = self.dump(
+            &tc::dump_request(RTM_GETQDISC, ifindex, TcHandle(0)),
+            "dump qdiscs",
+        )?;
+        for e in decode_all(qdiscs)? {
+            // The kernel ignores the device in qdisc dumps; keep only this one's.
+            if let TcEntry::Qdisc(q) = e {
+                if q.qdisc.ifindex == ifindex {
+                    out.qdiscs.push(q);
+                }
+            }
+        }
+        let mut parents = Vec::new();
+        for q in &out.qdiscs {
+            match q.qdisc.kind {
+                QdiscKind::Clsact => {
+                    parents.extend([TcHandle::CLSACT_INGRESS, TcHandle::CLSACT_EGRESS])
+                }
+                _ if q.qdisc.handle.major() != 0 => parents.push(q.qdisc.handle),
+                _ => {}
+            }
+        }
+        let classes = self.dump(
+            &tc::dump_request(RTM_GETTCLASS, ifindex, TcHandle(0)),
+            "dump classes",
+        )?;
+        for e in decode_all(classes)? {
+            if let TcEntry::Class(c) = e {
+                out.classes.push(c);
+            }
+        }
+        for parent in parents {
+            let filters = self.dump(
+                &tc::dump_request(RTM_GETTFILTER, ifindex, parent),
+                "dump filters",
+            )?;
+            for e in decode_all(filters)? {
+                if let TcEntry::Filter(mut f) = e {
+                    // Ingress-qdisc filters may be reported under ffff:0; keep the parent asked for.
+                    f.filter.parent = parent;
+                    out.filters.push(f);
+                }
+            }
+        }
+        Ok(out)
+    }
+}

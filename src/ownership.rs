@@ -1,0 +1,195 @@
+//! Owner annotations: which runtime each managed rule belongs to, kept in a small JSON file under
+//! `/run/raylimit/` (lost at reboot, exactly like tc state), written atomically, and a lock that
+//! keeps two raylimit runs from interleaving their changes. `RAYLIMIT_STATE_DIR` moves both.
+//!
+//! The kernel stays the source of truth for what exists: without the file, managed objects are
+//! still recognised (by their root handle) and reported with an unknown owner.
+
+use std::fs::{self, File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub const DEFAULT_STATE_DIR: &str = "/run/raylimit";
+const STATE_FILE: &str = "owners.json";
+const LOCK_FILE: &str = "lock";
+/// How long a run waits for another one to finish before giving up.
+const LOCK_WAIT: Duration = Duration::from_secs(30);
+
+/// One managed rule and its owner.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Annotation {
+    /// The network namespace (`--netns`), empty for the current one.
+    pub netns: String,
+    /// The device the operator named.
+    pub device: String,
+    pub direction: String,
+    /// The subject's key (`ip 10.0.0.1`, `ip all`).
+    pub subject: String,
+    /// The device whose root holds the rule (the device, or its IFB).
+    pub shaped_device: String,
+    /// The leaf class, when the rule has one (the unlimited exception has none).
+    pub class_minor: Option<u16>,
+    pub owner: String,
+    /// How the runtime was described when the rule was made (for reports only).
+    pub runtime: String,
+}
+
+impl Annotation {
+    fn to_json(&self) -> Value {
+        json!({
+            "netns": self.netns, "device": self.device, "direction": self.direction,
+            "subject": self.subject, "shaped_device": self.shaped_device,
+            "class_minor": self.class_minor, "owner": self.owner, "runtime": self.runtime,
+        })
+    }
+
+    fn from_json(v: &Value) -> Option<Self> {
+        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
+        Some(Annotation {
+            netns: s("netns")?,
+            device: s("device")?,
+            direction: s("direction")?,
+            subject: s("subject")?,
+            shaped_device: s("shaped_device")?,
+            class_minor: v
+                .get("class_minor")
+                .and_then(Value::as_u64)
+                .and_then(|m| u16::try_from(m).ok()),
+            owner: s("owner")?,
+            runtime: s("runtime").unwrap_or_default(),
+        })
+    }
+
+    fn same_rule(&self, netns: &str, shaped_device: &str, subject: &str) -> bool {
+        self.netns == netns && self.shaped_device == shaped_device && self.subject == subject
+    }
+}
+
+/// All annotations.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Annotations {
+    pub entries: Vec<Annotation>,
+}
+
+impl Annotations {
+    pub fn find(&self, netns: &str, shaped_device: &str, subject: &str) -> Option<&Annotation> {
+        self.entries
+            .iter()
+            .find(|a| a.same_rule(netns, shaped_device, subject))
+    }
+
+    /// The annotation of the rule whose class is `minor` on `shaped_device`.
+    pub fn by_class(&self, netns: &str, shaped_device: &str, minor: u16) -> Option<&Annotation> {
+        self.entries.iter().find(|a| {
+            a.netns == netns && a.shaped_device == shaped_device && a.class_minor == Some(minor)
+        })
+    }
+
+    pub fn upsert(&mut self, a: Annotation) {
+        self.remove(
+            &a.netns.clone(),
+            &a.shaped_device.clone(),
+            &a.subject.clone(),
+        );
+        self.entries.push(a);
+    }
+
+    pub fn remove(&mut self, netns: &str, shaped_device: &str, subject: &str) {
+        self.entries
+            .retain(|a| !a.same_rule(netns, shaped_device, subject));
+    }
+}
+
+/// The directory holding the annotations and the lock.
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub path: PathBuf,
+}
+
+/// Held while a run changes the kernel; released when dropped.
+pub struct Lock {
+    _file: File,
+}
+
+impl StateDir {
+    /// `RAYLIMIT_STATE_DIR`, or `/run/raylimit`.
+    pub fn from_env() -> Self {
+        let path = std::env::var_os("RAYLIMIT_STATE_DIR")
+            .filter(|p| !p.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_STATE_DIR));
+        StateDir { path }
+    }
+
+    /// Takes the exclusive lock, waiting up to 30 s for another run to finish.
+    pub fn lock(&self) -> Result<Lock, String> {
+        fs::create_dir_all(&self.path)
+            .map_err(|e| format!("cannot create {}: {e}", self.path.display()))?;
+        let path = self.path.join(LOCK_FILE);
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let deadline = Instant::now() + LOCK_WAIT;
+        loop {
+            // SAFETY: flock on a file descriptor this function owns.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+            if rc == 0 {
+                return Ok(Lock { _file: file });
+            }
+            let err = std::io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(format!("cannot lock {}: {err}", path.display()));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "another raylimit run has held {} for {} s; try again when it has finished",
+                    path.display(),
+                    LOCK_WAIT.as_secs()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The annotations; a missing or unreadable file means none (owners show as unknown).
+    pub fn load(&self) -> Annotations {
+        let Ok(text) = fs::read_to_string(self.path.join(STATE_FILE)) else {
+            return Annotations::default();
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+            return Annotations::default();
+        };
+        Annotations {
+            entries: v
+                .get("rules")
+                .and_then(Value::as_array)
+                .map(|a| a.iter().filter_map(Annotation::from_json).collect())
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Writes the annotations atomically (a temporary file renamed over the old one).
+    pub fn save(&self, annotations: &Annotations) -> Result<(), String> {
+        fs::create_dir_all(&self.path)
+            .map_err(|e| format!("cannot create {}: {e}", self.path.display()))?;
+        let rules: Vec<Value> = annotations
+            .entries
+            .iter()
+            .map(Annotation::to_json)
+            .collect();
+        let text = serde_json::to_string_pretty(&json!({ "version": 1, "rules": rules }))
+            .map_err(|e| e.to_string())?;
+        let tmp = self
+            .path
+            .join(format!("{STATE_FILE}.{}", std::process::id()));
+        let target = self.path.join(STATE_FILE);
+        fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+        fs::rename(&tmp, &target).map_err(|e| format!("cannot replace {}: {e}", target.display()))
+    }
+}

@@ -1,0 +1,143 @@
+//! What an operator asks for, validated: the subject, the direction, the rate. Pure, no I/O.
+
+mod rate;
+
+use std::fmt;
+use std::net::IpAddr;
+
+pub use rate::parse_rate;
+
+/// Direction relative to the client (DESIGN.md §2): download leaves the device, upload arrives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Direction {
+    Upload,
+    Download,
+}
+
+impl Direction {
+    pub fn parse(s: &str) -> Option<Direction> {
+        match s {
+            "upload" => Some(Direction::Upload),
+            "download" => Some(Direction::Download),
+            _ => None,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Direction::Upload => "upload",
+            Direction::Download => "download",
+        }
+    }
+}
+
+/// Who a limit applies to. (The inbound, outbound, uuid and connection families come later.)
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Subject {
+    /// One client address; IPv4-mapped IPv6 is folded to IPv4, so textual variants are one subject.
+    Ip(IpAddr),
+    /// Every client IP through one shared baseline class.
+    AllShared,
+    /// Every live client IP, each with its own class (needs live evidence).
+    AllPerIp,
+}
+
+impl Subject {
+    /// The `--ip` value as it is reported back.
+    pub fn value(&self) -> String {
+        match self {
+            Subject::Ip(ip) => ip.to_string(),
+            Subject::AllShared | Subject::AllPerIp => "all".into(),
+        }
+    }
+
+    /// The stable key class minors are derived from: never a PID, never the owner.
+    pub fn key(&self) -> String {
+        format!("ip {}", self.value())
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ip {}", self.value())
+    }
+}
+
+/// Parses an `--ip` value: `all` (any case) or one address. Zones are refused: a classifier
+/// matches addresses, not scopes.
+pub fn parse_ip_subject(value: &str, per_ip: bool) -> Result<Subject, String> {
+    let value = value.trim();
+    if value.eq_ignore_ascii_case("all") {
+        return Ok(if per_ip {
+            Subject::AllPerIp
+        } else {
+            Subject::AllShared
+        });
+    }
+    let ip: IpAddr = value
+        .parse()
+        .map_err(|_| format!("--ip {value:?} is neither an IP address nor \"all\""))?;
+    Ok(Subject::Ip(canonical_ip(ip)))
+}
+
+/// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is the IPv4 client it maps.
+pub fn canonical_ip(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}
+
+/// What the request wants for its subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Shape to this many bytes per second.
+    Limit(u64),
+    /// Exempt from any baseline: unshaped through HTB's direct queue.
+    Unlimited,
+    /// Take the subject's objects away.
+    Remove,
+}
+
+/// One subject, one direction, one device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub subject: Subject,
+    pub direction: Direction,
+    pub device: String,
+    pub want: Want,
+}
+
+impl Request {
+    /// `Requested limit: download 1000000 bytes/s on eth0` and its kin, without the label.
+    pub fn describe(&self) -> String {
+        let dir = self.direction.name();
+        match self.want {
+            Want::Limit(rate) => format!("{dir} {rate} bytes/s on {}", self.device),
+            Want::Unlimited => format!("{dir} unlimited exception on {}", self.device),
+            Want::Remove => format!("removal of the {dir} rule on {}", self.device),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn textual_variants_of_one_address_are_one_subject() {
+        let a = parse_ip_subject("::ffff:10.0.0.1", false).unwrap();
+        let b = parse_ip_subject(" 10.0.0.1 ", false).unwrap();
+        assert_eq!(a, b);
+        assert_eq!(a.value(), "10.0.0.1");
+        let c = parse_ip_subject("2001:0DB8:0:0::0010", false).unwrap();
+        assert_eq!(c.value(), "2001:db8::10");
+        assert_eq!(parse_ip_subject("ALL", false).unwrap(), Subject::AllShared);
+        assert_eq!(parse_ip_subject("all", true).unwrap(), Subject::AllPerIp);
+        assert!(parse_ip_subject("1.2.3", false).is_err());
+        assert!(parse_ip_subject("fe80::1%eth0", false).is_err());
+    }
+}

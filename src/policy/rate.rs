@@ -1,0 +1,130 @@
+//! Rates: bytes per second, written as a plain number or with a unit operators know.
+//!
+//! A plain number is bytes/s (the original's contract). Byte units are `B/s`, `KB/s`, `MB/s`,
+//! `GB/s`, `TB/s` (powers of 1000) and `KiB/s`, `MiB/s`, `GiB/s`, `TiB/s` (powers of 1024); the
+//! `/s` may be left out. Bit units are tc's: `bit`, `kbit`, `mbit`, `gbit`, `tbit` and the binary
+//! `kibit`... forms, with an optional `/s` or `ps`. `bps` is bytes/s, as in tc.
+
+/// Parses a rate into bytes per second: at least 1, at most `u64::MAX`.
+pub fn parse_rate(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    if t.starts_with('-') {
+        return Err(format!(
+            "rate {text:?} is negative; give bytes per second above zero"
+        ));
+    }
+    if number.is_empty() || number.matches('.').count() > 1 || number == "." {
+        return Err(format!(
+            "rate {text:?} is not a number (examples: 1000000, 10mbit, 5MB/s, 512KiB/s)"
+        ));
+    }
+    let bits_per_unit = unit_bits(unit.trim()).ok_or_else(|| {
+        format!(
+            "rate {text:?} has an unknown unit {unit:?} (use B/s, KB/s, MiB/s, kbit, mbit, ...)"
+        )
+    })?;
+    let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+    // Exact integer arithmetic: (whole.fraction × bits_per_unit) / 8, in u128.
+    let scale = 10u128
+        .checked_pow(fraction.len() as u32)
+        .filter(|_| fraction.len() <= 30)
+        .ok_or_else(|| format!("rate {text:?} has too many decimal places"))?;
+    let digits: u128 = format!("{whole}{fraction}").parse().map_err(|_| {
+        format!("rate {text:?} is beyond what raylimit can represent (2^64-1 bytes/s)")
+    })?;
+    let bits = digits
+        .checked_mul(bits_per_unit)
+        .ok_or_else(|| format!("rate {text:?} is beyond 2^64-1 bytes/s"))?;
+    let bytes = bits / scale / 8;
+    if bytes == 0 {
+        return Err(format!(
+            "rate {text:?} is below 1 byte/s; give a rate greater than zero"
+        ));
+    }
+    u64::try_from(bytes).map_err(|_| format!("rate {text:?} is beyond 2^64-1 bytes/s"))
+}
+
+/// Bits per unit, or None for an unknown unit.
+fn unit_bits(unit: &str) -> Option<u128> {
+    const K: u128 = 1000;
+    const KI: u128 = 1024;
+    let lower = unit.to_ascii_lowercase();
+    if lower.is_empty() {
+        return Some(8);
+    }
+    let bit_unit = lower
+        .strip_suffix("bit/s")
+        .or_else(|| lower.strip_suffix("bitps"))
+        .or_else(|| lower.strip_suffix("bit"));
+    if let Some(prefix) = bit_unit {
+        return Some(match prefix {
+            "" => 1,
+            "k" => K,
+            "m" => K.pow(2),
+            "g" => K.pow(3),
+            "t" => K.pow(4),
+            "ki" => KI,
+            "mi" => KI.pow(2),
+            "gi" => KI.pow(3),
+            "ti" => KI.pow(4),
+            _ => return None,
+        });
+    }
+    let byte_prefix = lower
+        .strip_suffix("b/s")
+        .or_else(|| lower.strip_suffix("bps"))
+        .or_else(|| lower.strip_suffix('b'))?;
+    let bytes = match byte_prefix {
+        "" => 1,
+        "k" => K,
+        "m" => K.pow(2),
+        "g" => K.pow(3),
+        "t" => K.pow(4),
+        "ki" => KI,
+        "mi" => KI.pow(2),
+        "gi" => KI.pow(3),
+        "ti" => KI.pow(4),
+        _ => return None,
+    };
+    Some(bytes * 8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_rate;
+
+    #[test]
+    fn units_convert_to_bytes_per_second() {
+        assert_eq!(parse_rate("2048"), Ok(2048));
+        assert_eq!(parse_rate("10mbit"), Ok(1_250_000));
+        assert_eq!(parse_rate("10Mbit/s"), Ok(1_250_000));
+        assert_eq!(parse_rate("5MB/s"), Ok(5_000_000));
+        assert_eq!(parse_rate("512KiB/s"), Ok(524_288));
+        assert_eq!(parse_rate("1.5MB/s"), Ok(1_500_000));
+        assert_eq!(parse_rate("100bps"), Ok(100));
+        assert_eq!(parse_rate("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_rate("18446744073709551615"), Ok(u64::MAX));
+    }
+
+    #[test]
+    fn bad_rates_are_refused() {
+        for bad in [
+            "0",
+            "-5",
+            "abc",
+            "",
+            "1bit",
+            "18446744073709551616",
+            "99999999999999999999999999999999999999999",
+            "5 parsecs",
+            "1.2.3",
+            "20000000000000000000GB/s",
+        ] {
+            assert!(parse_rate(bad).is_err(), "{bad} was accepted");
+        }
+    }
+}

@@ -1,0 +1,819 @@
+//! Observed versus desired: the decision (`apply`, `no_op`, `replace`, `remove`) and the ordered
+//! plan that gets the kernel from one to the other. Pure, no I/O.
+//!
+//! Plans are ordered so traffic is never sent to a class that does not exist: scaffolding (IFB,
+//! root), then the class, then the filters that point at it; removal runs the other way. Every
+//! step carries the steps that undo it, computed from what was observed, so a failed run can put
+//! the kernel back as it was.
+
+pub mod observe;
+pub mod plan;
+
+use std::collections::BTreeSet;
+use std::net::IpAddr;
+
+use crate::netlink::link::Link;
+use crate::netlink::tc::{Class, ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
+use crate::netlink::u32::U32Filter;
+use crate::netlink::{TcHandle, U32Handle};
+use crate::policy::{Direction, Request, Subject, Want};
+use crate::shaping::{self, CatchAll, ROOT_MAJOR};
+use observe::{classid_of, Observation, RootState, ShapedRoot};
+use plan::{Dev, Operation, Step, TcObject};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionKind {
+    Apply,
+    NoOp,
+    Replace,
+    Remove,
+}
+
+impl DecisionKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            DecisionKind::Apply => "apply",
+            DecisionKind::NoOp => "no_op",
+            DecisionKind::Replace => "replace",
+            DecisionKind::Remove => "remove",
+        }
+    }
+}
+
+/// What decide() needs besides the observation.
+#[derive(Debug, Clone)]
+pub struct Context {
+    pub request: Request,
+    pub catch_all: CatchAll,
+    /// `--allow-missing-tc-state`: go ahead when the state could not be observed or compared.
+    pub allow_missing_state: bool,
+    /// Another runtime owns this subject's rule (from the owner annotations).
+    pub owned_by_other: Option<String>,
+    /// A class minor the annotations remember for this subject (found even if its filter is gone).
+    pub remembered_minor: Option<u16>,
+}
+
+/// The outcome of comparing: what to do, why, and the plan.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub kind: DecisionKind,
+    pub reason: String,
+    /// Set when execution must not go ahead; says why, in words an operator can act on.
+    pub blocked: Option<String>,
+    /// `available`, `available (not comparable)` or `unavailable`.
+    pub observed_state: &'static str,
+    pub observation_note: Option<String>,
+    /// The observed rule for the subject matches the request exactly.
+    pub matched: bool,
+    pub expected_class: Option<TcHandle>,
+    pub observed_class: Option<TcHandle>,
+    pub observed_rate: Option<u64>,
+    /// Form choices made for this kernel (matchall or u32 catch-all, clsact or ingress).
+    pub forms: Vec<String>,
+    pub steps: Vec<Step>,
+}
+
+/// The subject's rule on a shaped root.
+#[derive(Debug, Clone, Copy)]
+enum Rule {
+    Address(IpAddr),
+    Baseline,
+}
+
+/// Decides for one request.
+pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
+    let req = &ctx.request;
+    let mut d = Decision {
+        kind: DecisionKind::NoOp,
+        reason: String::new(),
+        blocked: None,
+        observed_state: "available",
+        observation_note: None,
+        matched: false,
+        expected_class: None,
+        observed_class: None,
+        observed_rate: None,
+        forms: Vec::new(),
+        steps: Vec::new(),
+    };
+    let rule = match req.subject {
+        Subject::Ip(ip) => Rule::Address(ip),
+        Subject::AllShared => Rule::Baseline,
+        Subject::AllPerIp => {
+            d.kind = if req.want == Want::Remove {
+                DecisionKind::Remove
+            } else {
+                DecisionKind::Apply
+            };
+            d.reason = "per_ip expands into one rule per live client IP, and no live client IP evidence is available for this runtime".into();
+            d.blocked = Some("per_ip needs live client IP evidence for the selected runtime; this build has no session evidence source yet (it arrives with the evidence work), so nothing can be expanded".into());
+            d.observed_state = "unavailable";
+            return d;
+        }
+    };
+    if let Some(e) = &obs.error {
+        d.observed_state = "unavailable";
+        d.observation_note = Some(format!("tc state could not be read: {e}"));
+        if !ctx.allow_missing_state {
+            d.blocked = Some(format!(
+                "real execution requires observed tc state; tc state could not be read ({e}); rerun with --allow-missing-tc-state to execute without observation"
+            ));
+        }
+        plan_without_state(ctx, rule, obs, &mut d);
+        return d;
+    }
+    if let Some(other) = &ctx.owned_by_other {
+        d.blocked = Some(format!(
+            "{} {} on {} is managed for another runtime ({other}); remove it with that runtime selected first",
+            req.subject,
+            req.direction.name(),
+            req.device
+        ));
+    }
+    if let Some(RootState::Foreign(desc)) = obs.shaped.as_ref().map(|s| &s.root) {
+        d.blocked = Some(format!(
+            "the root qdisc of {} is {desc}, which raylimit does not own; raylimit never replaces another tool's root qdisc (delete it first if it is not needed)",
+            shaped_name(req, obs)
+        ));
+    }
+    if let Some(hook) = &obs.hook {
+        if let Some(f) = &hook.conflicting {
+            d.blocked = Some(format!(
+                "the ingress hook of {} already has a filter at raylimit's priority {} ({}); raylimit will not replace it",
+                req.device,
+                shaping::PRIO_REDIRECT,
+                f.filter
+            ));
+        }
+    }
+    if let Some(shaped) = &obs.shaped {
+        let foreign = shaped.foreign_in_bands();
+        if !foreign.is_empty() {
+            d.observed_state = "available (not comparable)";
+            let list: Vec<String> = foreign.iter().map(|f| f.filter.to_string()).collect();
+            let note = format!(
+                "the managed root holds filters raylimit did not make in its priority bands: {}",
+                list.join("; ")
+            );
+            if !ctx.allow_missing_state && d.blocked.is_none() {
+                d.blocked = Some(format!(
+                    "real execution requires comparable tc state; {note}; rerun with --allow-missing-tc-state to execute anyway (those filters are left alone)"
+                ));
+            }
+            d.observation_note = Some(note);
+        }
+    }
+    match req.want {
+        Want::Remove => plan_remove(ctx, rule, obs, &mut d),
+        Want::Limit(_) | Want::Unlimited => plan_apply(ctx, rule, obs, &mut d),
+    }
+    d
+}
+
+fn shaped_name(req: &Request, obs: &Observation) -> String {
+    match req.direction {
+        Direction::Download => req.device.clone(),
+        Direction::Upload => shaping::ifb_name(obs.device.index),
+    }
+}
+
+fn device_dev(link: &Link) -> Dev {
+    Dev::Index {
+        index: link.index,
+        name: link.name.clone(),
+    }
+}
+
+/// The device whose egress root is shaped, and its Dev for steps.
+fn shaped_dev(req: &Request, obs: &Observation) -> Dev {
+    match (req.direction, &obs.ifb) {
+        (Direction::Download, _) => device_dev(&obs.device),
+        (Direction::Upload, Some(ifb)) => device_dev(ifb),
+        (Direction::Upload, None) => Dev::Ifb(shaping::ifb_name(obs.device.index)),
+    }
+}
+
+fn dev_index(dev: &Dev) -> u32 {
+    match dev {
+        Dev::Index { index, .. } => *index,
+        Dev::Ifb(_) => 0,
+    }
+}
+
+/// The subject's observed filter on a shaped root, with its class.
+fn observed_rule(shaped: &ShapedRoot, rule: Rule) -> Option<(Filter, Option<TcHandle>)> {
+    match rule {
+        Rule::Address(ip) => shaped
+            .node_for(ip)
+            .map(|n| (n.entry.filter.clone(), n.classid)),
+        Rule::Baseline => shaped
+            .baseline
+            .as_ref()
+            .map(|f| (f.filter.clone(), classid_of(f))),
+    }
+}
+
+/// The filter a rule wants on `dev`, sending to `classid`.
+fn desired_filter(
+    ctx: &Context,
+    rule: Rule,
+    ifindex: u32,
+    shaped: Option<&ShapedRoot>,
+    classid: TcHandle,
+) -> Filter {
+    let end = shaping::client_end(ctx.request.direction);
+    match rule {
+        Rule::Address(ip) => {
+            let prio = shaping::ip_specific_priority(shaping::family_of(ip));
+            let node = shaped
+                .and_then(|s| s.node_for(ip).map(|n| n.handle().node()))
+                .or_else(|| {
+                    let used = shaped
+                        .map(|s| s.nodes_in_bucket(prio, shaping::bucket_of(ip)))
+                        .unwrap_or_default();
+                    shaping::allocate_node(&ctx.request.subject.key(), &used)
+                })
+                .unwrap_or(1);
+            shaping::ip_node(ifindex, ip, end, node, classid)
+        }
+        Rule::Baseline => shaping::baseline(ifindex, classid, ctx.catch_all),
+    }
+}
+
+fn same_filter(observed: &Filter, desired: &Filter) -> bool {
+    let mut o = observed.clone();
+    let mut d = desired.canonical();
+    o.ifindex = d.ifindex;
+    if let (FilterKind::U32(ou), FilterKind::U32(du)) = (&mut o.kind, &mut d.kind) {
+        // A node created without a table lands in the root table the kernel chose.
+        if U32Handle(d.handle).table() == 0 {
+            d.handle = o.handle;
+            du.hash = ou.hash;
+        }
+    }
+    o == d
+}
+
+fn class_step(name: &str, op: Op, dev: &Dev, class: Class) -> Step {
+    Step::tc(name, op, dev, TcObject::Class(class))
+}
+
+fn filter_step(name: &str, op: Op, dev: &Dev, filter: Filter) -> Step {
+    Step::tc(name, op, dev, TcObject::Filter(filter))
+}
+
+fn qdisc_step(name: &str, op: Op, dev: &Dev, qdisc: Qdisc) -> Step {
+    Step::tc(name, op, dev, TcObject::Qdisc(qdisc))
+}
+
+/// Deleting a whole u32 priority (its table, link and any nodes): handle 0.
+fn whole_priority(ifindex: u32, prio: u16, protocol: u16) -> Filter {
+    Filter {
+        ifindex,
+        parent: shaping::root_handle(),
+        priority: prio,
+        protocol,
+        handle: 0,
+        kind: FilterKind::U32(U32Filter::default()),
+    }
+}
+
+fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
+    let req = &ctx.request;
+    let dev = shaped_dev(req, obs);
+    let ifindex = dev_index(&dev);
+    let shaped = obs.shaped.as_ref().filter(|s| s.is_managed());
+    let mut steps = Vec::new();
+    let mut changes: Vec<String> = Vec::new();
+
+    // Scaffolding for upload: the IFB companion, up.
+    if req.direction == Direction::Upload {
+        match &obs.ifb {
+            None => {
+                let name = shaping::ifb_name(obs.device.index);
+                steps.push(
+                    Step::new("create-ifb", Operation::CreateIfb(name.clone())).undone_by(vec![
+                        Step::new("delete-ifb", Operation::DeleteLink(Dev::Ifb(name.clone()))),
+                    ]),
+                );
+                steps.push(Step::new("set-ifb-up", Operation::SetUp(Dev::Ifb(name))));
+            }
+            Some(ifb) if !ifb.up => {
+                steps.push(Step::new("set-ifb-up", Operation::SetUp(device_dev(ifb))));
+            }
+            Some(_) => {}
+        }
+    }
+    if shaped.is_none() {
+        let root = shaping::root_qdisc(ifindex);
+        steps.push(
+            qdisc_step("create-root-qdisc", Op::Create, &dev, root.clone()).undone_by(vec![
+                qdisc_step("delete-root-qdisc", Op::Delete, &dev, root),
+            ]),
+        );
+    }
+
+    // The class: kept at its minor when the subject has one, else a fresh stable minor.
+    let observed = shaped.and_then(|s| observed_rule(s, rule));
+    let observed_class = observed
+        .as_ref()
+        .and_then(|(_, c)| *c)
+        .filter(|c| c.major() == ROOT_MAJOR && c.minor() != 0)
+        .or_else(|| {
+            ctx.remembered_minor
+                .filter(|m| shaped.is_some_and(|s| s.classes.contains_key(m)))
+                .map(|m| TcHandle::new(ROOT_MAJOR, m))
+        });
+    let observed_class_entry =
+        observed_class.and_then(|c| shaped.and_then(|s| s.classes.get(&c.minor())));
+    d.observed_class = observed_class_entry.map(|c| c.class.handle);
+    d.observed_rate = observed_class_entry.and_then(|c| match &c.class.kind {
+        ClassKind::Htb(h) => Some(h.rate),
+        _ => None,
+    });
+    let target_class = match req.want {
+        Want::Limit(rate) => {
+            let minor = match observed_class_entry {
+                Some(c) => Some(c.class.handle.minor()),
+                None => {
+                    let used: BTreeSet<u16> = shaped
+                        .map(|s| s.classes.keys().copied().collect())
+                        .unwrap_or_default();
+                    shaping::allocate_minor(&req.subject.key(), &used)
+                }
+            };
+            let Some(minor) = minor else {
+                d.blocked = Some(format!(
+                    "every class minor under {} is in use",
+                    shaping::root_handle()
+                ));
+                return;
+            };
+            let class = shaping::class(ifindex, minor, rate);
+            let ClassKind::Htb(want) = &class.kind else {
+                unreachable!("leaf classes are HTB")
+            };
+            match observed_class_entry {
+                Some(old) => {
+                    let same = matches!(&old.class.kind, ClassKind::Htb(h) if shaping::same_shaping(h, want));
+                    if !same {
+                        changes.push(format!(
+                            "class {} changes in place from {} to {rate} bytes/s",
+                            class.handle,
+                            d.observed_rate.unwrap_or(0)
+                        ));
+                        let mut before = old.class.clone();
+                        before.parent = shaping::root_handle();
+                        steps.push(
+                            class_step("change-class", Op::Change, &dev, class.clone()).undone_by(
+                                vec![class_step("restore-class", Op::Change, &dev, before)],
+                            ),
+                        );
+                    }
+                }
+                None => {
+                    steps.push(
+                        class_step("create-class", Op::Create, &dev, class.clone()).undone_by(
+                            vec![class_step("delete-class", Op::Delete, &dev, class.clone())],
+                        ),
+                    );
+                }
+            }
+            class.handle
+        }
+        // The root itself: HTB sends it through its direct queue, unshaped.
+        _ => shaping::root_handle(),
+    };
+    d.expected_class = (target_class.minor() != 0).then_some(target_class);
+
+    // Band scaffolding: the address table and the link into it.
+    if let Rule::Address(ip) = rule {
+        let family = shaping::family_of(ip);
+        let prio = shaping::ip_specific_priority(family);
+        let has_table = shaped.is_some_and(|s| s.tables.contains(&prio));
+        let has_link = shaped.is_some_and(|s| s.links.contains_key(&prio));
+        let table = shaping::ip_table(ifindex, family);
+        let link = shaping::ip_link(ifindex, family, shaping::client_end(req.direction));
+        let protocol = table.protocol;
+        if !has_table {
+            // A new band: undoing it removes the whole priority (table, link, nodes).
+            steps.push(
+                filter_step("create-address-table", Op::Create, &dev, table).undone_by(vec![
+                    filter_step(
+                        "delete-address-band",
+                        Op::Delete,
+                        &dev,
+                        whole_priority(ifindex, prio, protocol),
+                    ),
+                ]),
+            );
+        }
+        if !has_link {
+            steps.push(filter_step("create-address-link", Op::Create, &dev, link));
+            if has_table {
+                changes.push(format!(
+                    "the link into address table {} was missing",
+                    shaping::table_of_priority(prio)
+                ));
+            }
+        }
+    }
+
+    // The subject's filter.
+    let want_filter = desired_filter(ctx, rule, ifindex, shaped, target_class);
+    match &observed {
+        Some((old, _)) if same_filter(old, &want_filter) => {}
+        Some((old, old_class)) => {
+            let mut before = old.clone();
+            before.ifindex = ifindex;
+            let replaceable = matches!(rule, Rule::Address(_))
+                || std::mem::discriminant(&old.kind) == std::mem::discriminant(&want_filter.kind);
+            changes.push(match (old_class, want_filter_class(&want_filter)) {
+                (Some(a), Some(b)) if *a != b => {
+                    format!("the filter now sends to {b} instead of {a}")
+                }
+                _ => "the filter differed from the requested one and is repaired".to_string(),
+            });
+            if replaceable {
+                steps.push(
+                    filter_step("replace-filter", Op::Replace, &dev, want_filter.clone())
+                        .undone_by(vec![filter_step(
+                            "restore-filter",
+                            Op::Replace,
+                            &dev,
+                            before,
+                        )]),
+                );
+            } else {
+                steps.push(
+                    filter_step("delete-filter", Op::Delete, &dev, before.clone()).undone_by(vec![
+                        filter_step("restore-filter", Op::Create, &dev, before),
+                    ]),
+                );
+                steps.push(
+                    filter_step("create-filter", Op::Create, &dev, want_filter.clone()).undone_by(
+                        vec![filter_step(
+                            "delete-filter",
+                            Op::Delete,
+                            &dev,
+                            want_filter.clone(),
+                        )],
+                    ),
+                );
+            }
+        }
+        None => {
+            steps.push(
+                filter_step("create-filter", Op::Create, &dev, want_filter.clone()).undone_by(
+                    vec![filter_step(
+                        "delete-filter",
+                        Op::Delete,
+                        &dev,
+                        want_filter.clone(),
+                    )],
+                ),
+            );
+        }
+    }
+    // A class the subject no longer uses (limit -> unlimited) goes after the filter moved off it.
+    if let Some(old) = observed_class_entry {
+        if old.class.handle != target_class {
+            let mut before = old.class.clone();
+            before.parent = shaping::root_handle();
+            changes.push(format!("class {} is no longer needed", old.class.handle));
+            steps.push(
+                class_step("delete-class", Op::Delete, &dev, before.clone())
+                    .undone_by(vec![class_step("restore-class", Op::Create, &dev, before)]),
+            );
+        }
+    }
+
+    // Upload: the hook on the device and the redirect into the IFB, last, once the tree exists.
+    if req.direction == Direction::Upload {
+        plan_redirect(ctx, obs, &mut steps, &mut changes, d);
+    }
+
+    d.matched = observed.is_some() && changes.is_empty() && steps.is_empty();
+    let had_rule = observed.is_some() || observed_class_entry.is_some();
+    d.kind = if steps.is_empty() {
+        DecisionKind::NoOp
+    } else if had_rule {
+        DecisionKind::Replace
+    } else {
+        DecisionKind::Apply
+    };
+    d.reason = match d.kind {
+        DecisionKind::NoOp => "the observed rule already matches the requested state".into(),
+        DecisionKind::Apply => "no rule for this subject was observed".into(),
+        _ if changes.is_empty() => {
+            "scaffolding the rule depends on was missing and is restored".into()
+        }
+        _ => changes.join("; "),
+    };
+    if rule_is_baseline(rule) {
+        d.forms
+            .push(format!("baseline filter: {}", ctx.catch_all.reason()));
+    }
+    d.steps = steps;
+}
+
+fn rule_is_baseline(rule: Rule) -> bool {
+    matches!(rule, Rule::Baseline)
+}
+
+fn want_filter_class(f: &Filter) -> Option<TcHandle> {
+    match &f.kind {
+        FilterKind::U32(u) => u.classid,
+        FilterKind::MatchAll(m) => m.classid,
+        _ => None,
+    }
+}
+
+fn plan_redirect(
+    ctx: &Context,
+    obs: &Observation,
+    steps: &mut Vec<Step>,
+    changes: &mut Vec<String>,
+    d: &mut Decision,
+) {
+    let device = device_dev(&obs.device);
+    let ifb = match &obs.ifb {
+        Some(l) => device_dev(l),
+        None => Dev::Ifb(shaping::ifb_name(obs.device.index)),
+    };
+    let hook = obs.hook.as_ref();
+    let parent = hook
+        .and_then(|h| h.parent)
+        .unwrap_or(TcHandle::CLSACT_INGRESS);
+    if hook.and_then(|h| h.parent).is_none() {
+        let clsact = Qdisc {
+            ifindex: obs.device.index,
+            handle: TcHandle::INGRESS_QDISC,
+            parent: TcHandle::INGRESS,
+            kind: QdiscKind::Clsact,
+        };
+        steps.push(
+            qdisc_step("create-ingress-hook", Op::Create, &device, clsact.clone()).undone_by(vec![
+                qdisc_step("delete-ingress-hook", Op::Delete, &device, clsact),
+            ]),
+        );
+    }
+    d.forms.push(format!(
+        "upload redirect to {}: {}, on the {} hook",
+        ifb.name(),
+        ctx.catch_all.reason(),
+        if parent == TcHandle::INGRESS_QDISC {
+            "existing ingress qdisc"
+        } else {
+            "clsact ingress"
+        }
+    ));
+    let ifb_index = obs.ifb.as_ref().map(|l| l.index).unwrap_or(0);
+    let want = shaping::redirect(obs.device.index, parent, ifb_index, ctx.catch_all);
+    let redirect_step = |name: &str, op: Op, f: Filter| Step {
+        name: name.to_string(),
+        action: Operation::Tc {
+            op,
+            dev: device.clone(),
+            object: TcObject::Filter(f),
+            redirect_to: Some(ifb.clone()),
+        },
+        undo: Vec::new(),
+        exists_ok: false,
+    };
+    match hook.and_then(|h| h.redirect.as_ref()) {
+        Some((_, target)) if *target == ifb_index && obs.ifb.is_some() => {}
+        Some((f, _)) => {
+            changes.push(format!(
+                "the ingress redirect on {} pointed elsewhere",
+                obs.device.name
+            ));
+            let before = f.filter.clone();
+            steps.push(
+                redirect_step("delete-stale-redirect", Op::Delete, before.clone()).undone_by(vec![
+                    filter_step("restore-redirect", Op::Create, &device, before),
+                ]),
+            );
+            let delete = redirect_step("delete-redirect", Op::Delete, want.clone());
+            steps.push(redirect_step("create-redirect", Op::Create, want).undone_by(vec![delete]));
+        }
+        None => {
+            let delete = redirect_step("delete-redirect", Op::Delete, want.clone());
+            steps.push(redirect_step("create-redirect", Op::Create, want).undone_by(vec![delete]));
+        }
+    }
+}
+
+fn plan_remove(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
+    let req = &ctx.request;
+    let dev = shaped_dev(req, obs);
+    let ifindex = dev_index(&dev);
+    d.kind = DecisionKind::Remove;
+    let Some(shaped) = obs.shaped.as_ref().filter(|s| s.is_managed()) else {
+        d.kind = DecisionKind::NoOp;
+        d.reason = format!(
+            "no managed root exists on {}, so there is nothing to remove",
+            dev.name()
+        );
+        return;
+    };
+    let observed = observed_rule(shaped, rule);
+    let class_minor = observed
+        .as_ref()
+        .and_then(|(_, c)| *c)
+        .filter(|c| c.major() == ROOT_MAJOR && c.minor() != 0)
+        .map(|c| c.minor())
+        .or(ctx.remembered_minor)
+        .filter(|m| shaped.classes.contains_key(m));
+    if observed.is_none() && class_minor.is_none() {
+        d.kind = DecisionKind::NoOp;
+        d.reason = format!(
+            "no rule for {} {} was observed on {}",
+            req.subject,
+            req.direction.name(),
+            dev.name()
+        );
+        return;
+    }
+    d.observed_class = class_minor.map(|m| TcHandle::new(ROOT_MAJOR, m));
+    let mut steps = Vec::new();
+    let mut removed_filters = 0usize;
+    if let Some((f, _)) = &observed {
+        let mut before = f.clone();
+        before.ifindex = ifindex;
+        removed_filters += 1;
+        // The last address of a band takes the band's table and link with it.
+        let last_in_band = match rule {
+            Rule::Address(ip) => {
+                let prio = shaping::ip_specific_priority(shaping::family_of(ip));
+                !shaped
+                    .ip_nodes
+                    .iter()
+                    .any(|n| n.ip != ip && n.entry.filter.priority == prio)
+            }
+            Rule::Baseline => false,
+        };
+        let delete = match rule {
+            // The baseline is alone in its priority: the priority goes with it, kernel table too.
+            Rule::Baseline => whole_priority(ifindex, before.priority, before.protocol),
+            Rule::Address(_) => before.clone(),
+        };
+        steps.push(
+            filter_step("delete-filter", Op::Delete, &dev, delete).undone_by(vec![filter_step(
+                "restore-filter",
+                Op::Create,
+                &dev,
+                before.clone(),
+            )]),
+        );
+        if let (true, Rule::Address(ip)) = (last_in_band, rule) {
+            let family = shaping::family_of(ip);
+            let prio = shaping::ip_specific_priority(family);
+            steps.push(
+                filter_step(
+                    "delete-address-band",
+                    Op::Delete,
+                    &dev,
+                    whole_priority(ifindex, prio, before.protocol),
+                )
+                .undone_by(vec![
+                    filter_step(
+                        "restore-address-table",
+                        Op::Create,
+                        &dev,
+                        shaping::ip_table(ifindex, family),
+                    ),
+                    filter_step(
+                        "restore-address-link",
+                        Op::Create,
+                        &dev,
+                        shaping::ip_link(ifindex, family, shaping::client_end(req.direction)),
+                    ),
+                ]),
+            );
+        }
+    }
+    if let Some(minor) = class_minor {
+        let mut before = shaped.classes[&minor].class.clone();
+        before.parent = shaping::root_handle();
+        steps.push(
+            class_step("delete-class", Op::Delete, &dev, before.clone())
+                .undone_by(vec![class_step("restore-class", Op::Create, &dev, before)]),
+        );
+    }
+    // Shared scaffolding goes only when nothing managed is left on it.
+    let classes_left = shaped.classes.len() - usize::from(class_minor.is_some());
+    let nodes_left =
+        shaped.ip_nodes.len() + usize::from(shaped.baseline.is_some()) - removed_filters;
+    let empty = classes_left == 0 && nodes_left == 0 && shaped.unrecognised.is_empty();
+    if empty {
+        let root = shaping::root_qdisc(ifindex);
+        steps.push(
+            qdisc_step("delete-root-qdisc", Op::Delete, &dev, root.clone()).undone_by(vec![
+                qdisc_step("restore-root-qdisc", Op::Create, &dev, root),
+            ]),
+        );
+        if req.direction == Direction::Upload {
+            remove_upload_scaffolding(obs, &mut steps);
+        }
+    }
+    d.reason = match (&observed, empty) {
+        (Some(_), true) => {
+            "the rule was observed; it was the last managed rule here, so the shared root goes too"
+                .into()
+        }
+        (Some(_), false) => "the rule was observed; other managed rules stay".into(),
+        (None, _) => {
+            "only the subject's class was left (its filter was gone); it is removed".into()
+        }
+    };
+    d.steps = steps;
+}
+
+fn remove_upload_scaffolding(obs: &Observation, steps: &mut Vec<Step>) {
+    let device = device_dev(&obs.device);
+    if let Some(hook) = &obs.hook {
+        if let Some((f, _)) = &hook.redirect {
+            let before = f.filter.clone();
+            steps.push(
+                filter_step("delete-redirect", Op::Delete, &device, before.clone()).undone_by(
+                    vec![filter_step("restore-redirect", Op::Create, &device, before)],
+                ),
+            );
+        }
+        // The hook goes only if nothing else (another tool's filter) lives on it.
+        if hook.others == 0 && hook.conflicting.is_none() {
+            if hook.parent.is_some() {
+                let kind = if hook.clsact {
+                    QdiscKind::Clsact
+                } else {
+                    QdiscKind::Ingress
+                };
+                let q = Qdisc {
+                    ifindex: obs.device.index,
+                    handle: TcHandle::INGRESS_QDISC,
+                    parent: TcHandle::INGRESS,
+                    kind,
+                };
+                steps.push(
+                    qdisc_step("delete-ingress-hook", Op::Delete, &device, q.clone()).undone_by(
+                        vec![qdisc_step("restore-ingress-hook", Op::Create, &device, q)],
+                    ),
+                );
+            }
+        }
+    }
+    if let Some(ifb) = &obs.ifb {
+        let name = ifb.name.clone();
+        steps.push(
+            Step::new("delete-ifb", Operation::DeleteLink(device_dev(ifb))).undone_by(vec![
+                Step::new("restore-ifb", Operation::CreateIfb(name.clone())),
+                Step::new("set-ifb-up", Operation::SetUp(Dev::Ifb(name))),
+            ]),
+        );
+    }
+}
+
+/// `--allow-missing-tc-state` without a readable state: the rule is put in place as if nothing
+/// existed, with create-or-replace semantics, and scaffolding that already exists counts as done.
+/// A removal cannot be exact without state, so it stays blocked.
+fn plan_without_state(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
+    let req = &ctx.request;
+    if req.want == Want::Remove {
+        d.kind = DecisionKind::Remove;
+        d.reason =
+            "tc state could not be compared; a removal needs it to know what to delete".into();
+        d.blocked.get_or_insert_with(|| {
+            "real remove execution requires observed tc state; raylimit cannot tell which objects are the subject's without it".into()
+        });
+        return;
+    }
+    plan_apply(ctx, rule, obs, d);
+    d.kind = DecisionKind::Apply;
+    d.reason =
+        "tc state could not be compared; proceeding with an apply plan without observed state"
+            .into();
+    for step in &mut d.steps {
+        if let Operation::Tc { op, object, .. } = &mut step.action {
+            let leaf = matches!(object, TcObject::Class(_))
+                || matches!(object, TcObject::Filter(f) if U32Handle(f.handle).node() != 0 && U32Handle(f.handle).table() != 0);
+            if *op == Op::Create && leaf {
+                *op = Op::Replace;
+                continue;
+            }
+        }
+        if !step.undo.is_empty()
+            || matches!(
+                step.action,
+                Operation::CreateIfb(_) | Operation::Tc { op: Op::Create, .. }
+            )
+        {
+            step.exists_ok = true;
+            // What existed before is unknown, so nothing is undone.
+            step.undo.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,254 @@
+//! Plan steps: kernel operations in execution order, each with the steps that undo it, rendered
+//! in tc/ip-like notation for reports.
+
+use std::fmt::Write as _;
+
+use crate::netlink::action::Action;
+use crate::netlink::htb::bytes_for;
+use crate::netlink::tc::{Class, ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
+use crate::netlink::u32::{End, Family, U32Filter};
+use crate::netlink::{TcHandle, U32Handle};
+use crate::shaping;
+
+/// A device a step acts on: known by index, or an IFB that may only exist once an earlier step
+/// of the same run created it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Dev {
+    Index { index: u32, name: String },
+    Ifb(String),
+}
+
+impl Dev {
+    pub fn name(&self) -> &str {
+        match self {
+            Dev::Index { name, .. } | Dev::Ifb(name) => name,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TcObject {
+    Qdisc(Qdisc),
+    Class(Class),
+    Filter(Filter),
+}
+
+/// One kernel operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Operation {
+    CreateIfb(String),
+    SetUp(Dev),
+    DeleteLink(Dev),
+    Tc {
+        op: Op,
+        dev: Dev,
+        object: TcObject,
+        /// Where a redirect's mirred action points, resolved when the step runs.
+        redirect_to: Option<Dev>,
+    },
+}
+
+/// A named step of a plan and the steps that reverse it if a later step fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Step {
+    pub name: String,
+    pub action: Operation,
+    pub undo: Vec<Step>,
+    /// Run without observed state: an object that already exists counts as done.
+    pub exists_ok: bool,
+}
+
+impl Step {
+    pub fn new(name: &str, action: Operation) -> Self {
+        Step {
+            name: name.to_string(),
+            action,
+            undo: Vec::new(),
+            exists_ok: false,
+        }
+    }
+
+    pub fn undone_by(mut self, undo: Vec<Step>) -> Self {
+        self.undo = undo;
+        self
+    }
+
+    pub fn tc(name: &str, op: Op, dev: &Dev, object: TcObject) -> Self {
+        Step::new(
+            name,
+            Operation::Tc {
+                op,
+                dev: dev.clone(),
+                object,
+                redirect_to: None,
+            },
+        )
+    }
+
+    /// The command an operator would type for the same change.
+    pub fn command(&self) -> String {
+        match &self.action {
+            Operation::CreateIfb(name) => format!("ip link add {name} type ifb"),
+            Operation::SetUp(dev) => format!("ip link set {} up", dev.name()),
+            Operation::DeleteLink(dev) => format!("ip link del {}", dev.name()),
+            Operation::Tc {
+                op,
+                dev,
+                object,
+                redirect_to,
+            } => render_tc(*op, dev.name(), object, redirect_to.as_ref()),
+        }
+    }
+}
+
+fn render_tc(op: Op, dev: &str, object: &TcObject, redirect_to: Option<&Dev>) -> String {
+    let verb = op.verb();
+    match object {
+        TcObject::Qdisc(q) => {
+            let (place, kind) = match &q.kind {
+                QdiscKind::Clsact => (String::new(), "clsact".to_string()),
+                QdiscKind::Ingress => (String::new(), "ingress".to_string()),
+                QdiscKind::Htb(h) => (
+                    format!("root handle {} ", q.handle),
+                    format!("htb default {:x}", h.default_class),
+                ),
+                QdiscKind::Other { kind, .. } => {
+                    (format!("root handle {} ", q.handle), kind.clone())
+                }
+            };
+            if op == Op::Delete {
+                let place = if place.is_empty() {
+                    kind
+                } else {
+                    place.trim_end().to_string()
+                };
+                return format!("tc qdisc del dev {dev} {place}");
+            }
+            format!("tc qdisc {verb} dev {dev} {place}{kind}")
+        }
+        TcObject::Class(c) => {
+            if op == Op::Delete {
+                return format!("tc class del dev {dev} classid {}", c.handle);
+            }
+            let mut s = format!(
+                "tc class {verb} dev {dev} parent {} classid {}",
+                c.parent, c.handle
+            );
+            if let ClassKind::Htb(h) = &c.kind {
+                let _ = write!(
+                    s,
+                    " htb rate {}bps ceil {}bps burst {}b cburst {}b quantum {}",
+                    h.rate,
+                    h.ceil,
+                    bytes_for(h.rate, h.buffer),
+                    bytes_for(h.ceil, h.cbuffer),
+                    h.quantum
+                );
+            }
+            s
+        }
+        TcObject::Filter(f) => render_filter(op, dev, f, redirect_to),
+    }
+}
+
+fn parent_words(parent: TcHandle) -> String {
+    match parent {
+        TcHandle::CLSACT_INGRESS | TcHandle::INGRESS_QDISC => "ingress".into(),
+        p => format!("parent {p}"),
+    }
+}
+
+fn render_filter(op: Op, dev: &str, f: &Filter, redirect_to: Option<&Dev>) -> String {
+    let mut s = format!(
+        "tc filter {} dev {dev} {} protocol {} pref {}",
+        op.verb(),
+        parent_words(f.parent),
+        crate::netlink::tc::protocol_name(f.protocol),
+        f.priority
+    );
+    if op == Op::Delete && f.handle == 0 {
+        let _ = write!(s, " {}", f.kind_name());
+        return s;
+    }
+    let target = |a: &Action| match (a, redirect_to) {
+        (Action::Mirred { .. }, Some(d)) => format!("mirred egress redirect dev {}", d.name()),
+        (a, _) => a.to_string(),
+    };
+    match &f.kind {
+        FilterKind::U32(u) => {
+            let handle = U32Handle(f.handle);
+            let _ = write!(s, " handle {handle} u32");
+            if op != Op::Delete {
+                s.push_str(&render_u32(u));
+                for a in &u.actions {
+                    let _ = write!(s, " action {}", target(a));
+                }
+            }
+        }
+        FilterKind::MatchAll(m) => {
+            let _ = write!(s, " handle 0x{:x} matchall", f.handle);
+            if op != Op::Delete {
+                if let Some(c) = m.classid {
+                    let _ = write!(s, " classid {c}");
+                }
+                for a in &m.actions {
+                    let _ = write!(s, " action {}", target(a));
+                }
+            }
+        }
+        _ => {
+            let _ = write!(s, " handle 0x{:x} {}", f.handle, f.kind_name());
+        }
+    }
+    s
+}
+
+/// u32 options in tc's words, recognising raylimit's shapes (tables, links, address nodes).
+fn render_u32(u: &U32Filter) -> String {
+    if let Some(d) = u.divisor {
+        return format!(" divisor {d}");
+    }
+    let mut s = String::new();
+    if let Some(h) = u.hash {
+        let _ = write!(s, " ht {h}");
+    }
+    if let Some(l) = u.link {
+        let _ = write!(s, " link {l}");
+    }
+    if let Some(sel) = &u.selector {
+        if sel.hmask != 0 {
+            let _ = write!(s, " hashkey mask 0x{:08x} at {}", sel.hmask, sel.hoff);
+        }
+        let address = [
+            (Family::V4, End::Source),
+            (Family::V4, End::Destination),
+            (Family::V6, End::Source),
+            (Family::V6, End::Destination),
+        ]
+        .into_iter()
+        .find_map(|(fam, end)| shaping::node_address(u, fam, end).map(|ip| (fam, end, ip)));
+        match address {
+            Some((fam, end, ip)) => {
+                let (word, len) = match fam {
+                    Family::V4 => ("ip", 32),
+                    Family::V6 => ("ip6", 128),
+                };
+                let side = if end == End::Source { "src" } else { "dst" };
+                let _ = write!(s, " match {word} {side} {ip}/{len}");
+            }
+            None => {
+                for k in &sel.keys {
+                    let _ = write!(
+                        s,
+                        " match u32 0x{:x} 0x{:x} at {}",
+                        k.value, k.mask, k.offset
+                    );
+                }
+            }
+        }
+    }
+    if let Some(c) = u.classid {
+        let _ = write!(s, " classid {c}");
+    }
+    s
+}

@@ -3,7 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -139,6 +139,51 @@ impl Pair {
 /// returns the receiver's throughput in bytes/s, measured after the first second (so the
 /// initial burst does not count). Bounded in time; stops by itself.
 pub fn measure_tcp(sender: &Netns, receiver: &Netns, addr: SocketAddr, secs: u64) -> f64 {
+    measure_tcp_from(sender, receiver, None, addr, secs)
+}
+
+/// A TCP connection from a chosen local address (std cannot bind before connecting).
+pub fn connect_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
+    use std::os::fd::FromRawFd;
+    let (SocketAddr::V4(dst), IpAddr::V4(src)) = (addr, source) else {
+        panic!("connect_from handles IPv4");
+    };
+    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor owned here and handed to TcpStream at the end.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        let local = sockaddr(src, 0);
+        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let remote = sockaddr(*dst.ip(), dst.port());
+        if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stream)
+    }
+}
+
+/// Like [`measure_tcp`], with the sender bound to `source` when given.
+pub fn measure_tcp_from(
+    sender: &Netns,
+    receiver: &Netns,
+    source: Option<IpAddr>,
+    addr: SocketAddr,
+    secs: u64,
+) -> f64 {
     let (tx, rx) = std::sync::mpsc::channel();
     let server = receiver.spawn(move || {
         let listener = TcpListener::bind(addr).expect("bind");
@@ -174,7 +219,10 @@ pub fn measure_tcp(sender: &Netns, receiver: &Netns, addr: SocketAddr, secs: u64
     rx.recv_timeout(Duration::from_secs(5))
         .expect("listener ready");
     let client = sender.spawn(move || {
-        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
+        let mut s = match source {
+            Some(src) => connect_from(src, addr).expect("connect"),
+            None => TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"),
+        };
         s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
         let chunk = vec![0x5au8; 1 << 16];
         let end = Instant::now() + Duration::from_secs(secs);
@@ -200,4 +248,88 @@ pub fn assert_within_10_percent(what: &str, measured: f64, target: f64) {
         (0.9..=1.1).contains(&ratio),
         "{what}: {measured:.0} B/s is not within 10% of {target:.0} B/s"
     );
+}
+
+/// A real V2Ray runtime (Debian's `v2ray`, Xray's config format) running inside a namespace for
+/// the life of this value, with a private config file.
+pub struct V2ray {
+    pub child: std::process::Child,
+    pub config: std::path::PathBuf,
+}
+
+impl V2ray {
+    pub fn start(ns: &Netns) -> Self {
+        let config = std::env::temp_dir().join(format!("{}-v2ray.json", ns.name));
+        std::fs::write(
+            &config,
+            r#"{"log":{"loglevel":"warning"},
+                "inbounds":[{"tag":"socks-in","listen":"127.0.0.1","port":10808,"protocol":"socks","settings":{"udp":false}}],
+                "outbounds":[{"tag":"direct","protocol":"freedom"}]}"#,
+        )
+        .unwrap();
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.name, "/usr/bin/v2ray", "-config"])
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("v2ray is installed by scripts/setup.sh");
+        // Wait until the runtime is up (its comm is v2ray once ip netns exec has exec'd it).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let comm =
+                std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap_or_default();
+            if comm.trim() == "v2ray" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        V2ray { child, config }
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for V2ray {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.config);
+    }
+}
+
+/// A private owner-annotation directory for one test (`RAYLIMIT_STATE_DIR`), removed on drop.
+pub struct StateDir(pub std::path::PathBuf);
+
+impl StateDir {
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!(
+            "raylimit-state-{tag}-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        StateDir(p)
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs the real binary with a state directory; returns (exit code, stdout, stderr).
+pub fn raylimit_in(state: &StateDir, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_raylimit"))
+        .args(args)
+        .env("RAYLIMIT_STATE_DIR", &state.0)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }

@@ -742,25 +742,23 @@ fn remove_upload_scaffolding(obs: &Observation, steps: &mut Vec<Step>) {
             );
         }
         // The hook goes only if nothing else (another tool's filter) lives on it.
-        if hook.others == 0 && hook.conflicting.is_none() {
-            if hook.parent.is_some() {
-                let kind = if hook.clsact {
-                    QdiscKind::Clsact
-                } else {
-                    QdiscKind::Ingress
-                };
-                let q = Qdisc {
-                    ifindex: obs.device.index,
-                    handle: TcHandle::INGRESS_QDISC,
-                    parent: TcHandle::INGRESS,
-                    kind,
-                };
-                steps.push(
-                    qdisc_step("delete-ingress-hook", Op::Delete, &device, q.clone()).undone_by(
-                        vec![qdisc_step("restore-ingress-hook", Op::Create, &device, q)],
-                    ),
-                );
-            }
+        if hook.others == 0 && hook.conflicting.is_none() && hook.parent.is_some() {
+            let kind = if hook.clsact {
+                QdiscKind::Clsact
+            } else {
+                QdiscKind::Ingress
+            };
+            let q = Qdisc {
+                ifindex: obs.device.index,
+                handle: TcHandle::INGRESS_QDISC,
+                parent: TcHandle::INGRESS,
+                kind,
+            };
+            steps.push(
+                qdisc_step("delete-ingress-hook", Op::Delete, &device, q.clone()).undone_by(vec![
+                    qdisc_step("restore-ingress-hook", Op::Create, &device, q),
+                ]),
+            );
         }
     }
     if let Some(ifb) = &obs.ifb {

@@ -259,12 +259,17 @@ pub struct V2ray {
 
 impl V2ray {
     pub fn start(ns: &Netns) -> Self {
-        let config = std::env::temp_dir().join(format!("{}-v2ray.json", ns.name));
+        let config = std::env::temp_dir().join(format!(
+            "{}-v2ray-{}.json",
+            ns.name,
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
         std::fs::write(
             &config,
             r#"{"log":{"loglevel":"warning"},
-                "inbounds":[{"tag":"socks-in","listen":"127.0.0.1","port":10808,"protocol":"socks","settings":{"udp":false}}],
-                "outbounds":[{"tag":"direct","protocol":"freedom"}]}"#,
+                "inbounds":[{"tag":"socks-in","listen":"127.0.0.1","port":PORT,"protocol":"socks","settings":{"udp":false}}],
+                "outbounds":[{"tag":"direct","protocol":"freedom"}]}"#
+                .replace("PORT", &(10000 + COUNTER.fetch_add(1, Ordering::SeqCst) % 50000).to_string()),
         )
         .unwrap();
         let child = Command::new("ip")

@@ -1,14 +1,91 @@
 #!/usr/bin/env bash
-# The built-in demonstration: two private network namespaces joined by a veth pair; raylimit's own
-# netlink codec puts a 1 MB/s HTB class with a u32 filter on the server's egress (download) and,
-# through clsact + mirred + an IFB, on its ingress (upload); real TCP streams are measured before
-# and after. The namespaces are removed at the end, whatever happens.
+# The built-in demonstration, told as a short story: a server namespace runs a real V2Ray runtime,
+# a client namespace reaches it over a veth pair, and raylimit (finding the runtime by its PID)
+# limits what the client may download and upload, measured with iperf3 before and after.
+# Everything lives in two private namespaces that are removed at the end, whatever happens.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+SRV=rl-demo-server
+CLI=rl-demo-client
+SERVER_IP=10.77.0.1
+CLIENT_IP=10.77.0.2
+WORK=$(mktemp -d)
+export RAYLIMIT_STATE_DIR=$WORK/state
+PIDS=()
+
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    ip netns del "$SRV" 2>/dev/null || true
+    ip netns del "$CLI" 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+say() { printf '\n\033[1m%s\033[0m\n' "$*"; }
+# Bytes per second of a 3-second iperf3 stream between the namespaces (after a 1 s warm-up).
+measure() {
+    local json
+    json=$(ip netns exec "$CLI" iperf3 -c "$SERVER_IP" -t 3 -O 1 -J "$@")
+    echo "$json" | tr -d ' \t\n' | grep -o '"sum_received":{[^}]*}' |
+        grep -o '"bits_per_second":[0-9.e+]*' | cut -d: -f2 |
+        awk '{ printf "%.2f MB/s", $1 / 8 / 1000000 }'
+}
+
 echo "== building raylimit"
 cargo build --release --quiet
-echo "== raylimit probes the kernel (reads only)"
-./target/release/raylimit probe
-echo
-echo "== shaping real traffic between two namespaces (egress HTB, then clsact+mirred+IFB)"
-cargo test --release --quiet --test traffic -- --nocapture --test-threads 1 2>&1 | grep -E "measured|test result"
+RL="$PWD/target/release/raylimit"
+
+say "1. A server and a client, each in its own network namespace, joined by a veth pair."
+ip netns add "$SRV"
+ip netns add "$CLI"
+ip -n "$SRV" link add veth-s type veth peer name veth-c netns "$CLI"
+ip -n "$SRV" addr add "$SERVER_IP/24" dev veth-s
+ip -n "$CLI" addr add "$CLIENT_IP/24" dev veth-c
+ip -n "$SRV" link set veth-s up
+ip -n "$CLI" link set veth-c up
+ip -n "$SRV" link set lo up
+echo "   server $SERVER_IP (veth-s), client $CLIENT_IP (veth-c)"
+
+say "2. The server runs V2Ray, a real Xray-compatible runtime."
+cat >"$WORK/config.json" <<EOF
+{"log": {"loglevel": "warning"},
+ "inbounds": [{"tag": "socks-in", "listen": "$SERVER_IP", "port": 1080, "protocol": "socks"}],
+ "outbounds": [{"tag": "direct", "protocol": "freedom"}]}
+EOF
+ip netns exec "$SRV" v2ray -config "$WORK/config.json" >"$WORK/v2ray.log" 2>&1 &
+V2RAY=$!
+PIDS+=("$V2RAY")
+ip netns exec "$SRV" iperf3 -s >/dev/null 2>&1 &
+PIDS+=("$!")
+sleep 1
+echo "   v2ray is pid $V2RAY; raylimit will find it by that pid"
+
+say "3. Before any limit, the client downloads and uploads at full veth speed:"
+echo "   download: $(measure -R)   upload: $(measure)"
+
+LIMIT=("$RL" --netns "$SRV" limit --pid "$V2RAY" --ip "$CLIENT_IP" --device veth-s)
+
+say "4. Plan first: a dry-run of a 1 MB/s download limit for the client (changes nothing):"
+"${LIMIT[@]}" --direction download --rate 1MB/s | sed 's/^/   /'
+
+say "5. Execute it, and an 8 Mbit/s (1 MB/s) upload limit too:"
+"${LIMIT[@]}" --direction download --rate 1MB/s --execute | grep -E '^(Reconcile decision|Outcome|Executed)' | sed 's/^/   /'
+"${LIMIT[@]}" --direction upload --rate 8mbit --execute | grep -E '^(Reconcile decision|Outcome|Executed)' | sed 's/^/   /'
+
+say "6. Measured again (HTB counts Ethernet and IP headers, so TCP payload lands a few % below):"
+echo "   download: $(measure -R)   upload: $(measure)"
+
+say "7. Repeating the request changes nothing in the kernel:"
+"${LIMIT[@]}" --direction download --rate 1MB/s --execute | grep -E '^(Reconcile decision|Outcome)' | sed 's/^/   /'
+
+say "8. raylimit status: everything it manages, with live counters and owners:"
+"$RL" --netns "$SRV" status | sed 's/^/   /'
+
+say "9. Remove both limits; the root qdisc, the IFB and the ingress hook go with the last rule:"
+"${LIMIT[@]}" --direction download --remove --execute | grep -E '^(Reconcile decision|Outcome)' | sed 's/^/   /'
+"${LIMIT[@]}" --direction upload --remove --execute | grep -E '^(Reconcile decision|Outcome)' | sed 's/^/   /'
+"$RL" --netns "$SRV" status | sed 's/^/   /'
+echo "   download: $(measure -R)   upload: $(measure)"
+
+say "Done. The namespaces are removed on exit."

@@ -872,3 +872,81 @@ fn limit_never_starts_another_process() {
     }
     assert!(!h.ns.tc(&["qdisc", "show"]).contains("524c:"));
 }
+
+#[test]
+fn a_foreign_root_blocks_and_is_not_listed_as_managed() {
+    let h = Host::new("foreign");
+    h.ns.tc(&[
+        "qdisc", "add", "dev", "veth-a", "root", "handle", "1:", "htb", "default", "0",
+    ]);
+    let before = h.kernel_state();
+    let (code, out, err) = h.limit(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "download",
+        "--rate",
+        "1000",
+        "--execute",
+    ]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("htb 1:") && err.contains("does not own"),
+        "{err}"
+    );
+    same_state(&h.kernel_state(), &before, "blocked by a foreign root");
+    let (_, out, _) = h.run(&["status"]);
+    assert_eq!(out.trim(), "No managed limits.");
+}
+
+#[test]
+fn a_missing_filter_is_repaired_in_place() {
+    let h = Host::new("repair");
+    let first = h.limit_json(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "download",
+        "--rate",
+        "1000",
+        "--execute",
+    ]);
+    let class = first["observation"]["expected_class_id"].clone();
+    // Someone deletes the client's filter node by hand; the class and the table stay.
+    let filters = h.ns.tc(&["filter", "show", "dev", "veth-a"]);
+    let handle = filters
+        .split_whitespace()
+        .find(|w| w.starts_with("12c:7:"))
+        .unwrap_or_else(|| panic!("{filters}"));
+    h.ns.tc(&[
+        "filter", "del", "dev", "veth-a", "parent", "524c:", "protocol", "ip", "prio", "300",
+        "handle", handle, "u32",
+    ]);
+    let repaired = h.limit_json(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "download",
+        "--rate",
+        "1000",
+        "--execute",
+    ]);
+    assert_eq!(repaired["decision"]["kind"], "replace", "{repaired}");
+    let steps: Vec<&str> = repaired["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["step"].as_str().unwrap())
+        .collect();
+    assert_eq!(steps, ["create-filter"]);
+    assert_eq!(repaired["observation"]["expected_class_id"], class);
+    let again = h.limit_json(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "download",
+        "--rate",
+        "1000",
+    ]);
+    assert_eq!(again["decision"]["kind"], "no_op");
+}

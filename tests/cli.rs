@@ -132,20 +132,10 @@ fn errors_are_one_line_and_exit_codes_follow_the_contract() {
 #[test]
 fn never_starts_another_process() {
     let ns = Netns::new("exec");
-    let log = std::env::temp_dir().join(format!("raylimit-execve-{}.log", std::process::id()));
-    let status = Command::new("/usr/bin/strace")
-        .args(["-f", "-qq", "-e", "trace=execve", "-o"])
-        .arg(&log)
-        .arg(env!("CARGO_BIN_EXE_raylimit"))
-        .args(["--netns", &ns.name, "show", "--device", "lo"])
-        .env_clear()
-        .env("PATH", "")
-        .status()
-        .expect("strace is installed by .ci/run");
-    assert!(status.success());
-    let trace = std::fs::read_to_string(&log).unwrap();
-    let _ = std::fs::remove_file(&log);
-    let execs: Vec<&str> = trace.lines().filter(|l| l.contains("execve(")).collect();
-    assert_eq!(execs.len(), 1, "{trace}");
-    assert!(execs[0].contains(env!("CARGO_BIN_EXE_raylimit")), "{trace}");
+    let execs = execve_trace(&["--netns", &ns.name, "show", "--device", "lo"], None);
+    assert_eq!(execs.len(), 1, "{execs:?}");
+    assert!(
+        execs[0].contains(env!("CARGO_BIN_EXE_raylimit")),
+        "{execs:?}"
+    );
 }

@@ -834,15 +834,8 @@ fn limit_never_starts_another_process() {
     let h = Host::new("nospawn");
     let pid = h.runtime.pid();
     for action in ["--rate=1000", "--remove"] {
-        let log = h
-            .state
-            .0
-            .with_extension(format!("execve{}.log", action.len()));
-        let status = Command::new("/usr/bin/strace")
-            .args(["-f", "-qq", "-e", "trace=execve", "-o"])
-            .arg(&log)
-            .arg(env!("CARGO_BIN_EXE_raylimit"))
-            .args([
+        let execs = execve_trace(
+            &[
                 "--netns",
                 &h.ns.name,
                 "limit",
@@ -856,19 +849,14 @@ fn limit_never_starts_another_process() {
                 "upload",
                 action,
                 "--execute",
-            ])
-            .env_clear()
-            .env("PATH", "")
-            .env("RAYLIMIT_STATE_DIR", &h.state.0)
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("strace is installed by scripts/setup.sh");
-        assert!(status.success());
-        let trace = std::fs::read_to_string(&log).unwrap();
-        let _ = std::fs::remove_file(&log);
-        let execs: Vec<&str> = trace.lines().filter(|l| l.contains("execve(")).collect();
-        assert_eq!(execs.len(), 1, "{trace}");
-        assert!(execs[0].contains(env!("CARGO_BIN_EXE_raylimit")), "{trace}");
+            ],
+            Some(&h.state),
+        );
+        assert_eq!(execs.len(), 1, "{execs:?}");
+        assert!(
+            execs[0].contains(env!("CARGO_BIN_EXE_raylimit")),
+            "{execs:?}"
+        );
     }
     assert!(!h.ns.tc(&["qdisc", "show"]).contains("524c:"));
 }

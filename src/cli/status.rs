@@ -75,10 +75,11 @@ pub fn run(
             .map(|n| (format!("ip {}", n.ip), &n.entry))
             .chain(shaped.baseline.iter().map(|f| ("ip all".to_string(), f)));
         for (subject, entry) in subjects {
-            let class = classid_of(entry);
+            let class = classid_of(&entry.filter);
+            // Minor 0 is the root itself (the unlimited exception): it has no leaf class.
             let class_entry = class
-                .and_then(|c| shaped.classes.get(&c.minor()))
-                .filter(|_| class.is_some_and(|c| c.minor() != 0));
+                .filter(|c| c.minor() != 0)
+                .and_then(|c| shaped.classes.get(&c.minor()));
             if let Some(c) = class {
                 referenced.insert(c.minor());
             }

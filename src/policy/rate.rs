@@ -50,8 +50,6 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
 
 /// Bits per unit, or None for an unknown unit.
 fn unit_bits(unit: &str) -> Option<u128> {
-    const K: u128 = 1000;
-    const KI: u128 = 1024;
     let lower = unit.to_ascii_lowercase();
     if lower.is_empty() {
         return Some(8);
@@ -61,24 +59,20 @@ fn unit_bits(unit: &str) -> Option<u128> {
         .or_else(|| lower.strip_suffix("bitps"))
         .or_else(|| lower.strip_suffix("bit"));
     if let Some(prefix) = bit_unit {
-        return Some(match prefix {
-            "" => 1,
-            "k" => K,
-            "m" => K.pow(2),
-            "g" => K.pow(3),
-            "t" => K.pow(4),
-            "ki" => KI,
-            "mi" => KI.pow(2),
-            "gi" => KI.pow(3),
-            "ti" => KI.pow(4),
-            _ => return None,
-        });
+        return prefix_scale(prefix);
     }
     let byte_prefix = lower
         .strip_suffix("b/s")
         .or_else(|| lower.strip_suffix("bps"))
         .or_else(|| lower.strip_suffix('b'))?;
-    let bytes = match byte_prefix {
+    Some(prefix_scale(byte_prefix)? * 8)
+}
+
+/// `k`, `m`, `g`, `t` are powers of 1000; `ki`, `mi`, `gi`, `ti` powers of 1024.
+fn prefix_scale(prefix: &str) -> Option<u128> {
+    const K: u128 = 1000;
+    const KI: u128 = 1024;
+    Some(match prefix {
         "" => 1,
         "k" => K,
         "m" => K.pow(2),
@@ -89,8 +83,7 @@ fn unit_bits(unit: &str) -> Option<u128> {
         "gi" => KI.pow(3),
         "ti" => KI.pow(4),
         _ => return None,
-    };
-    Some(bytes * 8)
+    })
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use crate::netlink::link::Link;
-use crate::netlink::tc::{Class, ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
+use crate::netlink::tc::{ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
 use crate::netlink::u32::U32Filter;
 use crate::netlink::{TcHandle, U32Handle};
 use crate::policy::{Direction, Request, Subject, Want};
@@ -209,7 +209,7 @@ fn observed_rule(shaped: &ShapedRoot, rule: Rule) -> Option<(Filter, Option<TcHa
         Rule::Baseline => shaped
             .baseline
             .as_ref()
-            .map(|f| (f.filter.clone(), classid_of(f))),
+            .map(|f| (f.filter.clone(), classid_of(&f.filter))),
     }
 }
 
@@ -254,18 +254,6 @@ fn same_filter(observed: &Filter, desired: &Filter) -> bool {
     o == d
 }
 
-fn class_step(name: &str, op: Op, dev: &Dev, class: Class) -> Step {
-    Step::tc(name, op, dev, TcObject::Class(class))
-}
-
-fn filter_step(name: &str, op: Op, dev: &Dev, filter: Filter) -> Step {
-    Step::tc(name, op, dev, TcObject::Filter(filter))
-}
-
-fn qdisc_step(name: &str, op: Op, dev: &Dev, qdisc: Qdisc) -> Step {
-    Step::tc(name, op, dev, TcObject::Qdisc(qdisc))
-}
-
 /// Deleting a whole u32 priority (its table, link and any nodes): handle 0.
 fn whole_priority(ifindex: u32, prio: u16, protocol: u16) -> Filter {
     Filter {
@@ -306,11 +294,7 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
     }
     if shaped.is_none() {
         let root = shaping::root_qdisc(ifindex);
-        steps.push(
-            qdisc_step("create-root-qdisc", Op::Create, &dev, root.clone()).undone_by(vec![
-                qdisc_step("delete-root-qdisc", Op::Delete, &dev, root),
-            ]),
-        );
+        steps.push(Step::create("create-root-qdisc", &dev, root));
     }
 
     // The class: kept at its minor when the subject has one, else a fresh stable minor.
@@ -365,18 +349,14 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
                         let mut before = old.class.clone();
                         before.parent = shaping::root_handle();
                         steps.push(
-                            class_step("change-class", Op::Change, &dev, class.clone()).undone_by(
-                                vec![class_step("restore-class", Op::Change, &dev, before)],
+                            Step::tc("change-class", Op::Change, &dev, class.clone()).undone_by(
+                                vec![Step::tc("restore-class", Op::Change, &dev, before)],
                             ),
                         );
                     }
                 }
                 None => {
-                    steps.push(
-                        class_step("create-class", Op::Create, &dev, class.clone()).undone_by(
-                            vec![class_step("delete-class", Op::Delete, &dev, class.clone())],
-                        ),
-                    );
+                    steps.push(Step::create("create-class", &dev, class.clone()));
                 }
             }
             class.handle
@@ -398,8 +378,8 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
         if !has_table {
             // A new band: undoing it removes the whole priority (table, link, nodes).
             steps.push(
-                filter_step("create-address-table", Op::Create, &dev, table).undone_by(vec![
-                    filter_step(
+                Step::tc("create-address-table", Op::Create, &dev, table).undone_by(vec![
+                    Step::tc(
                         "delete-address-band",
                         Op::Delete,
                         &dev,
@@ -409,7 +389,7 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
             );
         }
         if !has_link {
-            steps.push(filter_step("create-address-link", Op::Create, &dev, link));
+            steps.push(Step::tc("create-address-link", Op::Create, &dev, link));
             if has_table {
                 changes.push(format!(
                     "the link into address table {} was missing",
@@ -428,7 +408,7 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
             before.ifindex = ifindex;
             let replaceable = matches!(rule, Rule::Address(_))
                 || std::mem::discriminant(&old.kind) == std::mem::discriminant(&want_filter.kind);
-            changes.push(match (old_class, want_filter_class(&want_filter)) {
+            changes.push(match (old_class, classid_of(&want_filter)) {
                 (Some(a), Some(b)) if *a != b => {
                     format!("the filter now sends to {b} instead of {a}")
                 }
@@ -436,43 +416,16 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
             });
             if replaceable {
                 steps.push(
-                    filter_step("replace-filter", Op::Replace, &dev, want_filter.clone())
-                        .undone_by(vec![filter_step(
-                            "restore-filter",
-                            Op::Replace,
-                            &dev,
-                            before,
-                        )]),
+                    Step::tc("replace-filter", Op::Replace, &dev, want_filter.clone())
+                        .undone_by(vec![Step::tc("restore-filter", Op::Replace, &dev, before)]),
                 );
             } else {
-                steps.push(
-                    filter_step("delete-filter", Op::Delete, &dev, before.clone()).undone_by(vec![
-                        filter_step("restore-filter", Op::Create, &dev, before),
-                    ]),
-                );
-                steps.push(
-                    filter_step("create-filter", Op::Create, &dev, want_filter.clone()).undone_by(
-                        vec![filter_step(
-                            "delete-filter",
-                            Op::Delete,
-                            &dev,
-                            want_filter.clone(),
-                        )],
-                    ),
-                );
+                steps.push(Step::delete("delete-filter", &dev, before));
+                steps.push(Step::create("create-filter", &dev, want_filter.clone()));
             }
         }
         None => {
-            steps.push(
-                filter_step("create-filter", Op::Create, &dev, want_filter.clone()).undone_by(
-                    vec![filter_step(
-                        "delete-filter",
-                        Op::Delete,
-                        &dev,
-                        want_filter.clone(),
-                    )],
-                ),
-            );
+            steps.push(Step::create("create-filter", &dev, want_filter.clone()));
         }
     }
     // A class the subject no longer uses (limit -> unlimited) goes after the filter moved off it.
@@ -481,10 +434,7 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
             let mut before = old.class.clone();
             before.parent = shaping::root_handle();
             changes.push(format!("class {} is no longer needed", old.class.handle));
-            steps.push(
-                class_step("delete-class", Op::Delete, &dev, before.clone())
-                    .undone_by(vec![class_step("restore-class", Op::Create, &dev, before)]),
-            );
+            steps.push(Step::delete("delete-class", &dev, before));
         }
     }
 
@@ -510,23 +460,11 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
         }
         _ => changes.join("; "),
     };
-    if rule_is_baseline(rule) {
+    if matches!(rule, Rule::Baseline) {
         d.forms
             .push(format!("baseline filter: {}", ctx.catch_all.reason()));
     }
     d.steps = steps;
-}
-
-fn rule_is_baseline(rule: Rule) -> bool {
-    matches!(rule, Rule::Baseline)
-}
-
-fn want_filter_class(f: &Filter) -> Option<TcHandle> {
-    match &f.kind {
-        FilterKind::U32(u) => u.classid,
-        FilterKind::MatchAll(m) => m.classid,
-        _ => None,
-    }
 }
 
 fn plan_redirect(
@@ -552,11 +490,7 @@ fn plan_redirect(
             parent: TcHandle::INGRESS,
             kind: QdiscKind::Clsact,
         };
-        steps.push(
-            qdisc_step("create-ingress-hook", Op::Create, &device, clsact.clone()).undone_by(vec![
-                qdisc_step("delete-ingress-hook", Op::Delete, &device, clsact),
-            ]),
-        );
+        steps.push(Step::create("create-ingress-hook", &device, clsact));
     }
     d.forms.push(format!(
         "upload redirect to {}: {}, on the {} hook",
@@ -591,7 +525,7 @@ fn plan_redirect(
             let before = f.filter.clone();
             steps.push(
                 redirect_step("delete-stale-redirect", Op::Delete, before.clone()).undone_by(vec![
-                    filter_step("restore-redirect", Op::Create, &device, before),
+                    Step::tc("restore-redirect", Op::Create, &device, before),
                 ]),
             );
             let delete = redirect_step("delete-redirect", Op::Delete, want.clone());
@@ -659,7 +593,7 @@ fn plan_remove(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
             Rule::Address(_) => before.clone(),
         };
         steps.push(
-            filter_step("delete-filter", Op::Delete, &dev, delete).undone_by(vec![filter_step(
+            Step::tc("delete-filter", Op::Delete, &dev, delete).undone_by(vec![Step::tc(
                 "restore-filter",
                 Op::Create,
                 &dev,
@@ -670,20 +604,20 @@ fn plan_remove(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
             let family = shaping::family_of(ip);
             let prio = shaping::ip_specific_priority(family);
             steps.push(
-                filter_step(
+                Step::tc(
                     "delete-address-band",
                     Op::Delete,
                     &dev,
                     whole_priority(ifindex, prio, before.protocol),
                 )
                 .undone_by(vec![
-                    filter_step(
+                    Step::tc(
                         "restore-address-table",
                         Op::Create,
                         &dev,
                         shaping::ip_table(ifindex, family),
                     ),
-                    filter_step(
+                    Step::tc(
                         "restore-address-link",
                         Op::Create,
                         &dev,
@@ -696,10 +630,7 @@ fn plan_remove(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
     if let Some(minor) = class_minor {
         let mut before = shaped.classes[&minor].class.clone();
         before.parent = shaping::root_handle();
-        steps.push(
-            class_step("delete-class", Op::Delete, &dev, before.clone())
-                .undone_by(vec![class_step("restore-class", Op::Create, &dev, before)]),
-        );
+        steps.push(Step::delete("delete-class", &dev, before));
     }
     // Shared scaffolding goes only when nothing managed is left on it.
     let classes_left = shaped.classes.len() - usize::from(class_minor.is_some());
@@ -708,11 +639,7 @@ fn plan_remove(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
     let empty = classes_left == 0 && nodes_left == 0 && shaped.unrecognised.is_empty();
     if empty {
         let root = shaping::root_qdisc(ifindex);
-        steps.push(
-            qdisc_step("delete-root-qdisc", Op::Delete, &dev, root.clone()).undone_by(vec![
-                qdisc_step("restore-root-qdisc", Op::Create, &dev, root),
-            ]),
-        );
+        steps.push(Step::delete("delete-root-qdisc", &dev, root));
         if req.direction == Direction::Upload {
             remove_upload_scaffolding(obs, &mut steps);
         }
@@ -734,12 +661,7 @@ fn remove_upload_scaffolding(obs: &Observation, steps: &mut Vec<Step>) {
     let device = device_dev(&obs.device);
     if let Some(hook) = &obs.hook {
         if let Some((f, _)) = &hook.redirect {
-            let before = f.filter.clone();
-            steps.push(
-                filter_step("delete-redirect", Op::Delete, &device, before.clone()).undone_by(
-                    vec![filter_step("restore-redirect", Op::Create, &device, before)],
-                ),
-            );
+            steps.push(Step::delete("delete-redirect", &device, f.filter.clone()));
         }
         // The hook goes only if nothing else (another tool's filter) lives on it.
         if hook.others == 0 && hook.conflicting.is_none() && hook.parent.is_some() {
@@ -754,11 +676,7 @@ fn remove_upload_scaffolding(obs: &Observation, steps: &mut Vec<Step>) {
                 parent: TcHandle::INGRESS,
                 kind,
             };
-            steps.push(
-                qdisc_step("delete-ingress-hook", Op::Delete, &device, q.clone()).undone_by(vec![
-                    qdisc_step("restore-ingress-hook", Op::Create, &device, q),
-                ]),
-            );
+            steps.push(Step::delete("delete-ingress-hook", &device, q));
         }
     }
     if let Some(ifb) = &obs.ifb {
@@ -800,12 +718,10 @@ fn plan_without_state(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Deci
                 continue;
             }
         }
-        if !step.undo.is_empty()
-            || matches!(
-                step.action,
-                Operation::CreateIfb(_) | Operation::Tc { op: Op::Create, .. }
-            )
-        {
+        if matches!(
+            step.action,
+            Operation::CreateIfb(_) | Operation::Tc { op: Op::Create, .. }
+        ) {
             step.exists_ok = true;
             // What existed before is unknown, so nothing is undone.
             step.undo.clear();

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use crate::netlink::action::{Action, MirredMode};
 use crate::netlink::dump::DeviceTc;
 use crate::netlink::link::Link;
-use crate::netlink::tc::{ClassEntry, FilterEntry, FilterKind, QdiscEntry, QdiscKind};
+use crate::netlink::tc::{ClassEntry, Filter, FilterEntry, FilterKind, QdiscEntry, QdiscKind};
 use crate::netlink::u32::{End, Family};
 use crate::netlink::{TcHandle, U32Handle};
 use crate::shaping::{self, BAND_IP_BASELINE, BAND_IP_SPECIFIC, PRIO_REDIRECT, ROOT_MAJOR};
@@ -107,7 +107,7 @@ impl ShapedRoot {
             }
         }
         if prio == BAND_IP_BASELINE {
-            if classid_of(f).is_none() {
+            if classid_of(&f.filter).is_none() {
                 return false;
             }
             self.baseline = Some(f.clone());
@@ -175,8 +175,8 @@ impl ShapedRoot {
 }
 
 /// The class a filter sends packets to, if it is a classifying filter.
-pub fn classid_of(f: &FilterEntry) -> Option<TcHandle> {
-    match &f.filter.kind {
+pub fn classid_of(f: &Filter) -> Option<TcHandle> {
+    match &f.kind {
         FilterKind::U32(u) => u.classid,
         FilterKind::MatchAll(m) => m.classid,
         FilterKind::Fw(fw) => fw.classid,

@@ -33,6 +33,24 @@ pub enum TcObject {
     Filter(Filter),
 }
 
+impl From<Qdisc> for TcObject {
+    fn from(q: Qdisc) -> Self {
+        TcObject::Qdisc(q)
+    }
+}
+
+impl From<Class> for TcObject {
+    fn from(c: Class) -> Self {
+        TcObject::Class(c)
+    }
+}
+
+impl From<Filter> for TcObject {
+    fn from(f: Filter) -> Self {
+        TcObject::Filter(f)
+    }
+}
+
 /// One kernel operation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Operation {
@@ -73,16 +91,40 @@ impl Step {
         self
     }
 
-    pub fn tc(name: &str, op: Op, dev: &Dev, object: TcObject) -> Self {
+    pub fn tc(name: &str, op: Op, dev: &Dev, object: impl Into<TcObject>) -> Self {
         Step::new(
             name,
             Operation::Tc {
                 op,
                 dev: dev.clone(),
-                object,
+                object: object.into(),
                 redirect_to: None,
             },
         )
+    }
+
+    /// Creates `object`; undone by deleting it (`create-x` is undone by `delete-x`).
+    pub fn create(name: &str, dev: &Dev, object: impl Into<TcObject>) -> Self {
+        let object = object.into();
+        let undo = Step::tc(
+            &name.replacen("create-", "delete-", 1),
+            Op::Delete,
+            dev,
+            object.clone(),
+        );
+        Step::tc(name, Op::Create, dev, object).undone_by(vec![undo])
+    }
+
+    /// Deletes `object` as observed; undone by creating it again (`delete-x` by `restore-x`).
+    pub fn delete(name: &str, dev: &Dev, object: impl Into<TcObject>) -> Self {
+        let object = object.into();
+        let undo = Step::tc(
+            &name.replacen("delete-", "restore-", 1),
+            Op::Create,
+            dev,
+            object.clone(),
+        );
+        Step::tc(name, Op::Delete, dev, object).undone_by(vec![undo])
     }
 
     /// The command an operator would type for the same change.

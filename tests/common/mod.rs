@@ -338,3 +338,36 @@ pub fn raylimit_in(state: &StateDir, args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into(),
     )
 }
+
+/// Runs the real binary with `args` under `strace -f -e trace=execve`, with an empty environment
+/// but for an empty PATH and `RAYLIMIT_STATE_DIR` (when given); asserts it succeeded and returns
+/// the execve lines of the trace.
+pub fn execve_trace(args: &[&str], state: Option<&StateDir>) -> Vec<String> {
+    let log = std::env::temp_dir().join(format!(
+        "raylimit-execve-{}-{}.log",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    let mut cmd = Command::new("/usr/bin/strace");
+    cmd.args(["-f", "-qq", "-e", "trace=execve", "-o"])
+        .arg(&log)
+        .arg(env!("CARGO_BIN_EXE_raylimit"))
+        .args(args)
+        .env_clear()
+        .env("PATH", "")
+        .stdout(std::process::Stdio::null());
+    if let Some(state) = state {
+        cmd.env("RAYLIMIT_STATE_DIR", &state.0);
+    }
+    let status = cmd
+        .status()
+        .expect("strace is installed by scripts/setup.sh");
+    let trace = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    assert!(status.success(), "{args:?} failed: {trace}");
+    trace
+        .lines()
+        .filter(|l| l.contains("execve("))
+        .map(str::to_string)
+        .collect()
+}

@@ -9,3 +9,4 @@ pub mod policy;
 pub mod reconcile;
 pub mod runtime;
 pub mod shaping;
+pub mod xray;

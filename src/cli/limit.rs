@@ -86,10 +86,17 @@ fn given(v: &Option<String>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
-/// Checks the flags in a fixed order; the first problem is the one reported.
-pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
+/// The runtime selection flags, checked in the original's order. `required`: one of --pid,
+/// --container or --name must be given (limit); inspect may select everything.
+pub fn parse_selection(
+    pid_flag: &Option<String>,
+    name_flag: &Option<String>,
+    container_flag: &Option<String>,
+    source_flag: Option<&str>,
+    required: bool,
+) -> Result<Selection, UsageError> {
     let usage = |m: String| Err(UsageError(m));
-    let source = match a.source.as_deref() {
+    let source = match source_flag {
         None | Some("") => None,
         Some(s) => match Source::parse(s) {
             Some(src) => Some(src),
@@ -100,7 +107,7 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
             }
         },
     };
-    let pid = match given(&a.pid) {
+    let pid = match given(pid_flag) {
         None => None,
         Some(p) => match p.parse::<i64>() {
             Ok(0) => None,
@@ -116,9 +123,9 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
             Err(_) => return usage(format!("--pid {p:?} is not a number")),
         },
     };
-    let name = given(&a.name).map(str::to_string);
-    let container = given(&a.container).map(str::to_string);
-    if pid.is_none() && name.is_none() && container.is_none() {
+    let name = given(name_flag).map(str::to_string);
+    let container = given(container_flag).map(str::to_string);
+    if required && pid.is_none() && name.is_none() && container.is_none() {
         return usage("choose the runtime with one of --pid, --container or --name".into());
     }
     if pid.is_some() && container.is_some() {
@@ -144,6 +151,52 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
     {
         return usage("give exactly one of --pid, --container or --name".into());
     }
+    Ok(Selection {
+        pid,
+        name,
+        container,
+        source,
+    })
+}
+
+/// A family whose subject is a tag of the runtime's config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    Inbound,
+    Outbound,
+}
+
+impl Family {
+    pub fn name(self) -> &'static str {
+        match self {
+            Family::Inbound => "inbound",
+            Family::Outbound => "outbound",
+        }
+    }
+}
+
+/// A validated `limit --inbound TAG` or `--outbound TAG` request.
+#[derive(Debug, Clone)]
+pub struct Tagged {
+    pub selection: Selection,
+    pub family: Family,
+    pub tag: String,
+    pub direction: Direction,
+    pub device: String,
+    pub want: Want,
+}
+
+/// What the flags asked for.
+#[derive(Debug, Clone)]
+pub enum Checked {
+    Ip(Validated),
+    Tagged(Tagged),
+}
+
+/// Checks the flags in a fixed order; the first problem is the one reported.
+pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
+    let usage = |m: String| Err(UsageError(m));
+    let selection = parse_selection(&a.pid, &a.name, &a.container, a.source.as_deref(), true)?;
 
     let targets: Vec<(&str, &str)> = [
         ("--ip", &a.ip),
@@ -181,17 +234,29 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
         }
     };
     let (flag, value) = targets[0];
-    if flag != "--ip" {
-        return usage(format!(
-            "{flag} limits are not available in this build yet; the ip family is (--ip ADDRESS or --ip all)"
-        ));
-    }
-    let is_all = value.eq_ignore_ascii_case("all");
-    if aggregation.is_some() && !is_all {
-        return usage("--ip-aggregation only applies to --ip all".into());
-    }
-    let subject = policy::parse_ip_subject(value, aggregation.as_deref() == Some("per_ip"))
-        .map_err(UsageError)?;
+    let subject = match flag {
+        "--ip" => {
+            let is_all = value.eq_ignore_ascii_case("all");
+            if aggregation.is_some() && !is_all {
+                return usage("--ip-aggregation only applies to --ip all".into());
+            }
+            Some(
+                policy::parse_ip_subject(value, aggregation.as_deref() == Some("per_ip"))
+                    .map_err(UsageError)?,
+            )
+        }
+        "--inbound" | "--outbound" => {
+            if aggregation.is_some() {
+                return usage("--ip-aggregation only applies to --ip all".into());
+            }
+            None
+        }
+        _ => {
+            return usage(format!(
+                "{flag} limits are not available in this build yet; the ip, inbound and outbound families are"
+            ))
+        }
+    };
 
     let Some(device) = given(&a.device) else {
         return usage("--device is required: the network device whose traffic is shaped".into());
@@ -214,7 +279,7 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
     if a.unlimited && a.remove {
         return usage("--unlimited and --remove contradict each other; give one".into());
     }
-    if a.unlimited && !matches!(subject, Subject::Ip(_)) {
+    if a.unlimited && !matches!(subject, Some(Subject::Ip(_))) {
         return usage(
             "--unlimited exempts one client address; it needs --ip ADDRESS, not --ip all".into(),
         );
@@ -239,13 +304,22 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
     if a.allow_missing_tc_state && !a.execute {
         return usage("--allow-missing-tc-state only matters with --execute".into());
     }
-    Ok(Validated {
-        selection: Selection {
-            pid,
-            name,
-            container,
-            source,
-        },
+    let Some(subject) = subject else {
+        return Ok(Checked::Tagged(Tagged {
+            selection,
+            family: if flag == "--inbound" {
+                Family::Inbound
+            } else {
+                Family::Outbound
+            },
+            tag: value.to_string(),
+            direction,
+            device: device.to_string(),
+            want,
+        }));
+    };
+    Ok(Checked::Ip(Validated {
+        selection,
         request: Request {
             subject,
             direction,
@@ -253,7 +327,7 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
             want,
         },
         per_ip: aggregation.as_deref() == Some("per_ip"),
-    })
+    }))
 }
 
 /// Why `limit` stopped before it could build a report.
@@ -270,8 +344,7 @@ impl From<UsageError> for LimitError {
 }
 
 /// Runs `limit` up to a report (which the caller renders).
-pub fn run(netns: Option<&str>, a: &LimitArgs) -> Result<LimitReport, LimitError> {
-    let v = validate(a)?;
+pub fn run(netns: Option<&str>, a: &LimitArgs, v: Validated) -> Result<LimitReport, LimitError> {
     let runtime = runtime::select(&v.selection).map_err(|e| LimitError::Refused(e.to_string()))?;
     let mut sock = RtSocket::open_in(netns).map_err(|e| LimitError::Refused(e.to_string()))?;
     let device = match sock.link_by_name(&v.request.device) {

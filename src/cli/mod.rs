@@ -1,8 +1,10 @@
 //! Command line: clap definitions and rendering (the only place that prints).
 
+mod discover;
 mod limit;
 mod report;
 mod status;
+mod tagged;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -29,6 +31,15 @@ pub struct Cli {
 pub enum Command {
     /// Plan (and with --execute, apply) one limit for one subject, direction and device.
     Limit(Box<limit::LimitArgs>),
+    /// List the Xray and V2Ray runtimes on this host: processes, and containers through the
+    /// container engine's API.
+    Discover {
+        #[arg(long, value_enum, default_value_t = Format::Text)]
+        format: Format,
+    },
+    /// A runtime's config as it reads it: files, API, inbounds and outbounds, and whether a
+    /// limit on each can be concrete. Without a selector, every runtime.
+    Inspect(Box<discover::InspectArgs>),
     /// Every limit raylimit manages on this host (or one device), with live counters.
     Status {
         #[arg(long, value_name = "DEV")]
@@ -123,8 +134,16 @@ pub fn run(cli: Cli) -> i32 {
             }
         };
     }
+    match &cli.command {
+        Command::Discover { format } => return discover::discover(*format),
+        Command::Inspect(args) => return discover::inspect(args),
+        _ => {}
+    }
     let result = match &cli.command {
-        Command::Limit(_) | Command::Status { .. } => Ok(()),
+        Command::Limit(_)
+        | Command::Status { .. }
+        | Command::Discover { .. }
+        | Command::Inspect(_) => Ok(()),
         Command::Version => {
             println!("raylimit {}", env!("CARGO_PKG_VERSION"));
             Ok(())
@@ -145,7 +164,15 @@ pub fn run(cli: Cli) -> i32 {
 }
 
 fn run_limit(netns: Option<&str>, args: &limit::LimitArgs) -> i32 {
-    match limit::run(netns, args) {
+    let v = match limit::validate(args) {
+        Ok(limit::Checked::Ip(v)) => v,
+        Ok(limit::Checked::Tagged(t)) => return tagged::run(netns, args, t),
+        Err(UsageError(m)) => {
+            eprintln!("raylimit: {m}");
+            return 2;
+        }
+    };
+    match limit::run(netns, args, v) {
         Ok(report) => {
             match args.format {
                 Format::Text => print!("{}", report.text()),

@@ -364,8 +364,12 @@ impl LimitReport {
             "source": rt.source.name(),
             "owner": rt.owner(),
             "identity": {"name": rt.name},
-            "host_process": {"pid": rt.pid, "exe": rt.exe, "config_paths": rt.config_paths},
-            "container_id": rt.container_id,
+            "host_process": {
+                "pid": rt.pid(),
+                "exe": rt.process.as_ref().map(|p| p.exe.as_str()),
+                "config_paths": rt.config.as_ref().map(|l| &l.files),
+            },
+            "container_id": rt.container_id(),
         })
     }
 }

@@ -269,7 +269,6 @@ pub mod tests {
         }
     }
 
-
     pub fn hex(c: char) -> String {
         c.to_string().repeat(64)
     }

@@ -371,3 +371,97 @@ pub fn execve_trace(args: &[&str], state: Option<&StateDir>) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// A runtime started in a namespace from any binary, directory and environment; killed on drop,
+/// and its directory (when given) removed.
+pub struct Launched {
+    pub child: std::process::Child,
+    pub dir: Option<std::path::PathBuf>,
+}
+
+impl Launched {
+    /// Starts `exe args` in `cwd` inside `ns` and waits until it runs under its own name and
+    /// has not exited (a config the runtime rejects fails the test here, not later).
+    pub fn start(
+        ns: &Netns,
+        exe: &std::path::Path,
+        args: &[&str],
+        cwd: &std::path::Path,
+        env: &[(&str, &str)],
+        dir: Option<std::path::PathBuf>,
+    ) -> Launched {
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns.name])
+            .arg(exe)
+            .args(args)
+            .current_dir(cwd)
+            .envs(env.iter().copied())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("ip netns exec");
+        let name: String = exe
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .chars()
+            .take(15)
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let comm =
+                std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap_or_default();
+            if comm.trim() == name {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "{} {args:?} exited at start: its config was rejected",
+            exe.display()
+        );
+        Launched { child, dir }
+    }
+
+    pub fn pid(&self) -> String {
+        self.child.id().to_string()
+    }
+}
+
+impl Drop for Launched {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+/// A private temporary directory, removed on drop.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!(
+        "raylimit-{tag}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    ));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs the real binary with extra environment; returns (exit code, stdout, stderr).
+pub fn raylimit_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_raylimit"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}

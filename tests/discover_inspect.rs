@@ -88,7 +88,7 @@ fn target<'a>(v: &'a Value, pid: &str) -> &'a Value {
         .as_array()
         .unwrap()
         .iter()
-        .find(|t| t["host_process"]["pid"].to_string() == pid)
+        .find(|t| t["host_process"]["pid"].as_u64() == pid.parse().ok())
         .unwrap_or_else(|| panic!("pid {pid} not listed: {v}"))
 }
 
@@ -522,7 +522,7 @@ fn a_container_runtime_is_listed_once_under_its_name() {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|t| t["host_process"]["pid"].to_string() == pid)
+        .filter(|t| t["host_process"]["pid"].as_u64() == pid.parse().ok())
         .collect();
     assert_eq!(listed.len(), 1, "listed once: {d}");
     let t = listed[0];

@@ -59,7 +59,8 @@ PIDS+=("$V2RAY")
 ip netns exec "$SRV" iperf3 -s >/dev/null 2>&1 &
 PIDS+=("$!")
 sleep 1
-echo "   v2ray is pid $V2RAY; raylimit will find it by that pid"
+echo "   v2ray is pid $V2RAY; raylimit will find it by that pid and read its config as v2ray does:"
+"$RL" inspect --pid "$V2RAY" | sed -n '/config files:/,$p' | sed 's/^/   /'
 
 say "3. Before any limit, the client downloads and uploads at full veth speed:"
 echo "   download: $(measure -R)   upload: $(measure)"

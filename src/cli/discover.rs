@@ -15,18 +15,8 @@ use crate::xray::Loaded;
 
 #[derive(Args, Debug)]
 pub struct InspectArgs {
-    /// The runtime's process id.
-    #[arg(long, value_name = "PID", allow_hyphen_values = true)]
-    pub pid: Option<String>,
-    /// The runtime's container (name, id or id prefix).
-    #[arg(long, value_name = "ID")]
-    pub container: Option<String>,
-    /// The runtime's name (container name, or process name).
-    #[arg(long, value_name = "NAME")]
-    pub name: Option<String>,
-    /// Only this source: host_process or docker_container.
-    #[arg(long, value_name = "SOURCE")]
-    pub source: Option<String>,
+    #[command(flatten)]
+    pub runtime: super::limit::RuntimeArgs,
     /// Inspect every runtime the selection matches (without it, a selection must match one).
     #[arg(long)]
     pub all: bool,
@@ -143,10 +133,10 @@ struct Inspected<'a> {
 
 pub fn inspect(a: &InspectArgs) -> i32 {
     let sel = match super::limit::parse_selection(
-        &a.pid,
-        &a.name,
-        &a.container,
-        a.source.as_deref(),
+        &a.runtime.pid,
+        &a.runtime.name,
+        &a.runtime.container,
+        a.runtime.source.as_deref(),
         false,
     ) {
         Ok(s) => s,
@@ -250,17 +240,7 @@ fn port_text(p: &Port) -> String {
     match p {
         Port::Missing => "-".into(),
         Port::Single(p) => p.to_string(),
-        Port::Ranges(r) => r
-            .iter()
-            .map(|(a, b)| {
-                if a == b {
-                    a.to_string()
-                } else {
-                    format!("{a}-{b}")
-                }
-            })
-            .collect::<Vec<_>>()
-            .join(","),
+        Port::Ranges(r) => crate::xray::config::ranges_text(r),
         Port::Invalid(why) => format!("invalid ({why})"),
     }
 }

@@ -52,18 +52,8 @@ pub struct LimitArgs {
     /// Remove the rule instead of setting it.
     #[arg(long)]
     pub remove: bool,
-    /// The runtime's process id.
-    #[arg(long, value_name = "PID", allow_hyphen_values = true)]
-    pub pid: Option<String>,
-    /// The runtime's container (id, id prefix or name).
-    #[arg(long, value_name = "ID")]
-    pub container: Option<String>,
-    /// The runtime's process name.
-    #[arg(long, value_name = "NAME")]
-    pub name: Option<String>,
-    /// Only consider runtimes from this source: host_process or docker_container.
-    #[arg(long, value_name = "SOURCE")]
-    pub source: Option<String>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Change the kernel (the default is a dry-run that only plans).
     #[arg(long)]
     pub execute: bool,
@@ -72,6 +62,23 @@ pub struct LimitArgs {
     pub allow_missing_tc_state: bool,
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+}
+
+/// The flags that select a runtime (limit and inspect).
+#[derive(Args, Debug)]
+pub struct RuntimeArgs {
+    /// The runtime's process id.
+    #[arg(long, value_name = "PID", allow_hyphen_values = true)]
+    pub pid: Option<String>,
+    /// The runtime's container (id, id prefix or name).
+    #[arg(long, value_name = "ID")]
+    pub container: Option<String>,
+    /// The runtime's name: container name, process name or binary name.
+    #[arg(long, value_name = "NAME")]
+    pub name: Option<String>,
+    /// Only consider runtimes from this source: host_process or docker_container.
+    #[arg(long, value_name = "SOURCE")]
+    pub source: Option<String>,
 }
 
 /// A validated `limit` request.
@@ -196,7 +203,13 @@ pub enum Checked {
 /// Checks the flags in a fixed order; the first problem is the one reported.
 pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
     let usage = |m: String| Err(UsageError(m));
-    let selection = parse_selection(&a.pid, &a.name, &a.container, a.source.as_deref(), true)?;
+    let selection = parse_selection(
+        &a.runtime.pid,
+        &a.runtime.name,
+        &a.runtime.container,
+        a.runtime.source.as_deref(),
+        true,
+    )?;
 
     let targets: Vec<(&str, &str)> = [
         ("--ip", &a.ip),

@@ -27,6 +27,21 @@ pub enum Port {
     Invalid(String),
 }
 
+/// `80`, `1000-2000`, `80,443` as Xray writes them.
+pub fn ranges_text(ranges: &[(u16, u16)]) -> String {
+    ranges
+        .iter()
+        .map(|(a, b)| {
+            if a == b {
+                a.to_string()
+            } else {
+                format!("{a}-{b}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// A layer-4 protocol a listener accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum L4 {

@@ -139,19 +139,9 @@ pub fn inbound(cfg: &Loaded, tag: &str) -> Result<Listener, String> {
         Port::Single(p) => *p,
         Port::Missing => return Err(format!("inbound {tag:?} has no port")),
         Port::Ranges(r) => {
-            let list: Vec<String> = r
-                .iter()
-                .map(|(a, b)| {
-                    if a == b {
-                        a.to_string()
-                    } else {
-                        format!("{a}-{b}")
-                    }
-                })
-                .collect();
             return Err(format!(
                 "inbound {tag:?} listens on several ports ({}); a limit matches one listener port",
-                list.join(",")
+                super::config::ranges_text(r)
             ));
         }
         Port::Invalid(why) => return Err(format!("inbound {tag:?}: {why}")),

@@ -287,24 +287,26 @@ fn discover_and_inspect_real_runtimes() {
     // limit --inbound/--outbound: dry-run plans from the verdicts; execution is refused.
     ns.ip(&["link", "add", "rl0", "type", "veth", "peer", "name", "rl1"]);
     let netns = ns.name.as_str();
-    let (code, out, err) = raylimit_env(
-        &[
+    let tagged_limit = |flag: &str, tag: &str, direction: &str, rate: &str, extra: &[&str]| {
+        let mut args = vec![
             "--netns",
             netns,
             "limit",
-            "--inbound",
-            "vmess-in",
+            flag,
+            tag,
             "--device",
             "rl0",
             "--direction",
-            "download",
+            direction,
             "--rate",
-            "1MB/s",
+            rate,
             "--pid",
             &p1,
-        ],
-        &[NO_ENGINE],
-    );
+        ];
+        args.extend_from_slice(extra);
+        raylimit_env(&args, &[NO_ENGINE])
+    };
+    let (code, out, err) = tagged_limit("--inbound", "vmess-in", "download", "1MB/s", &[]);
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("Selector: tcp listener 127.0.0.1:21086"),
@@ -318,25 +320,12 @@ fn discover_and_inspect_real_runtimes() {
         out.contains("Outcome: blocked (execute would refuse)"),
         "{out}"
     );
-    let (code, out, _) = raylimit_env(
-        &[
-            "--netns",
-            netns,
-            "limit",
-            "--outbound",
-            "plain",
-            "--device",
-            "rl0",
-            "--direction",
-            "upload",
-            "--rate",
-            "1000",
-            "--pid",
-            &p1,
-            "--format",
-            "json",
-        ],
-        &[NO_ENGINE],
+    let (code, out, _) = tagged_limit(
+        "--outbound",
+        "plain",
+        "upload",
+        "1000",
+        &["--format", "json"],
     );
     assert_eq!(code, 0);
     let r = json(&out);
@@ -346,25 +335,7 @@ fn discover_and_inspect_real_runtimes() {
         .unwrap()
         .contains("has no socket mark"));
     assert_eq!(r["target"]["kind"], "outbound");
-    let (code, _, err) = raylimit_env(
-        &[
-            "--netns",
-            netns,
-            "limit",
-            "--outbound",
-            "direct",
-            "--device",
-            "rl0",
-            "--direction",
-            "upload",
-            "--rate",
-            "1000",
-            "--pid",
-            &p1,
-            "--execute",
-        ],
-        &[NO_ENGINE],
-    );
+    let (code, _, err) = tagged_limit("--outbound", "direct", "upload", "1000", &["--execute"]);
     assert_eq!(code, 1);
     assert!(err.contains("not in this build yet"), "{err}");
 
@@ -380,24 +351,7 @@ fn discover_and_inspect_real_runtimes() {
         concrete(&t["inbounds"], "vmess-in"),
         "tcp listener 127.0.0.1:21086"
     );
-    let (code, out, _) = raylimit_env(
-        &[
-            "--netns",
-            netns,
-            "limit",
-            "--outbound",
-            "direct",
-            "--device",
-            "rl0",
-            "--direction",
-            "upload",
-            "--rate",
-            "1000",
-            "--pid",
-            &p1,
-        ],
-        &[NO_ENGINE],
-    );
+    let (code, out, _) = tagged_limit("--outbound", "direct", "upload", "1000", &[]);
     assert_eq!(code, 0);
     assert!(out.contains("no outbound tagged \"direct\" in the readable config, and the runtime's config could not be read in full"), "{out}");
     blocked(&t["outbounds"], "shared-a", "cannot be checked");

@@ -16,74 +16,62 @@ use crate::shaping;
 use crate::xray::config::L4;
 use crate::xray::verdict;
 
-/// The evidence for a tagged subject: what the kernel would match, with the notes that go
-/// with it, or why nothing exact can be matched.
-struct Evidence {
-    result: Result<(String, Vec<String>), String>,
-    /// The kernel match for the requested direction, when the subject is concrete.
-    classify: Option<String>,
+/// A tagged subject the kernel can match exactly: the selector, its notes, and the kernel
+/// match for the requested direction.
+struct Concrete {
+    selector: String,
+    notes: Vec<String>,
+    classify: String,
 }
 
-fn evidence(rt: &Runtime, t: &Tagged, device: &str, ifindex: u32) -> Evidence {
-    let cfg = match rt.load_config() {
-        Ok(c) => c,
-        Err(why) => {
-            return Evidence {
-                result: Err(why),
-                classify: None,
+/// The evidence for a tagged subject, or why nothing exact can be matched.
+fn evidence(rt: &Runtime, t: &Tagged, device: &str, ifindex: u32) -> Result<Concrete, String> {
+    let cfg = rt.load_config()?;
+    let ifb = shaping::ifb_name(ifindex);
+    Ok(match t.family {
+        Family::Inbound => {
+            let l = verdict::inbound(&cfg, &t.tag)?;
+            let l4: Vec<&str> = l.l4.iter().map(|p: &L4| p.name()).collect();
+            // Client-facing leg: download leaves from the listener, upload arrives at it.
+            let (port, addr, how) = match t.direction {
+                Direction::Download => ("sport", "saddr", format!("packets leaving {device}")),
+                Direction::Upload => (
+                    "dport",
+                    "daddr",
+                    format!("packets arriving on {device}, redirected to {ifb}"),
+                ),
+            };
+            let mut m = format!("{} {port} {}", l4.join("/"), l.port);
+            if let Some(a) = l.address {
+                let _ = write!(m, " and {addr} {a}");
+            }
+            Concrete {
+                selector: l.describe(),
+                notes: l.notes,
+                classify: format!("match {m} ({how})"),
             }
         }
-    };
-    let ifb = shaping::ifb_name(ifindex);
-    match t.family {
-        Family::Inbound => match verdict::inbound(&cfg, &t.tag) {
-            Ok(l) => {
-                let l4: Vec<&str> = l.l4.iter().map(|p: &L4| p.name()).collect();
-                // Client-facing leg: download leaves from the listener, upload arrives at it.
-                let (port, addr, how) = match t.direction {
-                    Direction::Download => ("sport", "saddr", format!("packets leaving {device}")),
-                    Direction::Upload => (
-                        "dport",
-                        "daddr",
-                        format!("packets arriving on {device}, redirected to {ifb}"),
-                    ),
-                };
-                let mut m = format!("{} {port} {}", l4.join("/"), l.port);
-                if let Some(a) = l.address {
-                    let _ = write!(m, " and {addr} {a}");
-                }
-                Evidence {
-                    classify: Some(format!("match {m} ({how})")),
-                    result: Ok((l.describe(), l.notes)),
-                }
+        Family::Outbound => {
+            let m = verdict::outbound(&cfg, &t.tag)?;
+            // Remote-facing leg: upload leaves with the socket's mark; download arrives and
+            // carries the connection's mark only once restored.
+            let classify = match t.direction {
+                Direction::Upload => format!(
+                    "match socket mark {:#x} on packets leaving {device}",
+                    m.mark
+                ),
+                Direction::Download => format!(
+                    "save mark {:#x} to the connection (nft output rule), restore it on packets arriving on {device} before the redirect to {ifb}, and match it there",
+                    m.mark
+                ),
+            };
+            Concrete {
+                selector: m.describe(),
+                notes: m.notes,
+                classify,
             }
-            Err(why) => Evidence {
-                result: Err(why),
-                classify: None,
-            },
-        },
-        Family::Outbound => match verdict::outbound(&cfg, &t.tag) {
-            Ok(m) => {
-                // Remote-facing leg: upload leaves with the socket's mark; download arrives
-                // and carries the connection's mark only once restored.
-                let how = match t.direction {
-                    Direction::Upload => format!("match socket mark {:#x} on packets leaving {device}", m.mark),
-                    Direction::Download => format!(
-                        "save mark {:#x} to the connection (nft output rule), restore it on packets arriving on {device} before the redirect to {ifb}, and match it there",
-                        m.mark
-                    ),
-                };
-                Evidence {
-                    classify: Some(how),
-                    result: Ok((m.describe(), m.notes)),
-                }
-            }
-            Err(why) => Evidence {
-                result: Err(why),
-                classify: None,
-            },
-        },
-    }
+        }
+    })
 }
 
 pub fn run(netns: Option<&str>, a: &LimitArgs, t: Tagged) -> i32 {
@@ -113,18 +101,18 @@ pub fn run(netns: Option<&str>, a: &LimitArgs, t: Tagged) -> i32 {
     };
     let ev = evidence(&rt, &t, &link.name, link.index);
     let family = t.family.name();
-    let (kind, reason) = match (&t.want, &ev.result) {
+    let (kind, reason) = match (&t.want, &ev) {
         (Want::Remove, _) => (
             "remove",
             format!("remove the {family} limit on {:?}", t.tag),
         ),
-        (_, Ok((selector, _))) => ("apply", format!("the {family} is concrete: {selector}")),
+        (_, Ok(c)) => ("apply", format!("the {family} is concrete: {}", c.selector)),
         (_, Err(_)) => (
             "apply",
             format!("the {family} is not concrete, so nothing exact can be built"),
         ),
     };
-    let blocked = match &ev.result {
+    let blocked = match &ev {
         Err(why) if t.want != Want::Remove => why.clone(),
         _ => format!(
             "executing {family} limits is not in this build yet; this dry-run shows what they will build"
@@ -136,7 +124,7 @@ pub fn run(netns: Option<&str>, a: &LimitArgs, t: Tagged) -> i32 {
         _ => shaping::ifb_name(link.index),
     };
     let mut plan = Vec::new();
-    if let (Ok(_), Some(classify)) = (&ev.result, &ev.classify) {
+    if let Ok(Concrete { classify, .. }) = &ev {
         match t.want {
             Want::Limit(rate) => {
                 plan.push(format!(
@@ -167,8 +155,8 @@ pub fn run(netns: Option<&str>, a: &LimitArgs, t: Tagged) -> i32 {
                 "target": {"kind": family, "value": t.tag},
                 "scope": {"device": link.name, "ifindex": link.index, "direction": t.direction.name(),
                           "shaped_device": shaped},
-                "evidence": match &ev.result {
-                    Ok((selector, notes)) => json!({"concrete": true, "selector": selector, "notes": notes}),
+                "evidence": match &ev {
+                    Ok(c) => json!({"concrete": true, "selector": c.selector, "notes": c.notes}),
                     Err(why) => json!({"concrete": false, "blocked": why}),
                 },
                 "decision": {"kind": kind, "reason": reason},
@@ -208,10 +196,10 @@ pub fn run(netns: Option<&str>, a: &LimitArgs, t: Tagged) -> i32 {
                 None => writeln!(w, "Requested removal: the {dir} rule on {}", link.name),
             };
             let _ = writeln!(w, "\nEvidence:");
-            match &ev.result {
-                Ok((selector, notes)) => {
-                    let _ = writeln!(w, "Selector: {selector}");
-                    for n in notes {
+            match &ev {
+                Ok(c) => {
+                    let _ = writeln!(w, "Selector: {}", c.selector);
+                    for n in &c.notes {
                         let _ = writeln!(w, "Note: {n}");
                     }
                 }

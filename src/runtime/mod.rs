@@ -288,14 +288,7 @@ fn looks_like_runtime(image: &str, command: &str) -> bool {
 pub fn discover(opts: &Options) -> Discovery {
     let mut d = Discovery::default();
     let netns_names = procfs::netns_names(&opts.run_netns);
-    let host_netns = procfs::read_process(&opts.proc_root, 1)
-        .and_then(|p| p.netns)
-        .or_else(|| {
-            use std::os::unix::fs::MetadataExt;
-            std::fs::metadata(opts.proc_root.join("1/ns/net"))
-                .ok()
-                .map(|m| m.ino())
-        });
+    let host_netns = procfs::netns_inode(&opts.proc_root, 1);
     let processes: Vec<Process> = match opts.pid {
         Some(pid) => procfs::read_process(&opts.proc_root, pid)
             .into_iter()

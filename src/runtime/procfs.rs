@@ -137,9 +137,16 @@ pub fn read_process(proc_root: &Path, pid: u32) -> Option<Process> {
             .ok()
             .and_then(|c| container_id(&c)),
         start_time,
-        netns: fs::metadata(dir.join("ns/net")).ok().map(|m| m.ino()),
+        netns: netns_inode(proc_root, pid),
         reasons,
     })
+}
+
+/// The inode of a process's network namespace (PID 1's is the host's).
+pub fn netns_inode(proc_root: &Path, pid: u32) -> Option<u64> {
+    fs::metadata(proc_root.join(pid.to_string()).join("ns/net"))
+        .ok()
+        .map(|m| m.ino())
 }
 
 /// Named network namespaces (`ip netns` bind mounts under /run/netns), by inode.

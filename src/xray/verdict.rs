@@ -302,7 +302,6 @@ fn api_listen(s: &str) -> Endpoint {
         Some((h, p)) if !s.starts_with('/') => (h, p.parse::<u16>().ok()),
         _ => (s, None),
     };
-    let host = if host.is_empty() { "" } else { host };
     let listen = match host {
         "" => Listen::Unspecified,
         h if h.starts_with('/') || h.starts_with('@') => Listen::Unix(s.to_string()),

@@ -57,7 +57,8 @@ impl RtSocket {
         }
     }
 
-    fn open_protocol(protocol: isize) -> Result<Self, NetlinkError> {
+    /// A socket of another netlink protocol (sock_diag, say) with the same request and dump logic.
+    pub fn open_protocol(protocol: isize) -> Result<Self, NetlinkError> {
         let mut socket = Socket::new(protocol)?;
         socket.bind_auto()?;
         socket.set_ext_ack(true)?;
@@ -301,15 +302,27 @@ pub fn in_netns<T>(
     name: &str,
     f: impl FnOnce() -> Result<T, NetlinkError>,
 ) -> Result<T, NetlinkError> {
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Err(NetlinkError::Namespace {
+            name: name.to_string(),
+            reason: "not a valid namespace name".into(),
+        });
+    }
+    in_netns_at(&format!("/run/netns/{name}"), name, f)
+}
+
+/// Runs `f` inside the network namespace at `path` (a bind mount under /run/netns, or a process's
+/// `/proc/PID/ns/net`), then returns. `label` names the namespace in errors.
+pub fn in_netns_at<T>(
+    path: &str,
+    label: &str,
+    f: impl FnOnce() -> Result<T, NetlinkError>,
+) -> Result<T, NetlinkError> {
     let fail = |reason: String| NetlinkError::Namespace {
-        name: name.to_string(),
+        name: label.to_string(),
         reason,
     };
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Err(fail("not a valid namespace name".into()));
-    }
-    let target = File::open(format!("/run/netns/{name}"))
-        .map_err(|e| fail(format!("cannot open /run/netns/{name}: {e}")))?;
+    let target = File::open(path).map_err(|e| fail(format!("cannot open {path}: {e}")))?;
     let original = File::open("/proc/thread-self/ns/net")
         .map_err(|e| fail(format!("cannot open the current namespace: {e}")))?;
     // SAFETY: setns on valid namespace file descriptors only changes this thread's namespace.

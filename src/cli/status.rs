@@ -11,11 +11,13 @@ use crate::netlink::u32::End;
 use crate::netlink::{NetlinkError, RtSocket, TcHandle};
 use crate::ownership::StateDir;
 use crate::reconcile::observe::{classid_of, RootState, ShapedRoot};
-use crate::shaping::{self, IFB_PREFIX};
+use crate::shaping::{self, Band, IFB_PREFIX};
 
 /// One managed rule as the kernel holds it.
 struct Rule {
     subject: String,
+    /// A user's client addresses (one node each, one class).
+    clients: Vec<String>,
     priority: u16,
     class: Option<TcHandle>,
     rate: Option<u64>,
@@ -69,12 +71,33 @@ pub fn run(
         };
         let mut rules = Vec::new();
         let mut referenced = std::collections::BTreeSet::new();
-        let subjects = shaped
-            .ip_nodes
-            .iter()
-            .map(|n| (format!("ip {}", n.ip), &n.entry))
-            .chain(shaped.baseline.iter().map(|f| ("ip all".to_string(), f)));
-        for (subject, entry) in subjects {
+        // A user's nodes share one class: they are one rule, named by its annotation.
+        let mut users: std::collections::BTreeMap<Option<TcHandle>, (Vec<String>, _)> =
+            Default::default();
+        let mut subjects = Vec::new();
+        for n in &shaped.nodes {
+            match n.band {
+                Band::User => {
+                    let e = users.entry(n.classid).or_insert((Vec::new(), &n.entry));
+                    e.0.push(n.matched.to_string());
+                }
+                Band::Connection => {
+                    subjects.push((format!("connection {}", n.matched), Vec::new(), &n.entry))
+                }
+                Band::Ip => subjects.push((format!("ip {}", n.matched), Vec::new(), &n.entry)),
+            }
+        }
+        for (class, (clients, entry)) in users {
+            let subject = class
+                .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
+                .map(|a| a.subject.clone())
+                .unwrap_or_else(|| "uuid (unknown)".into());
+            subjects.push((subject, clients, entry));
+        }
+        if let Some(f) = &shaped.baseline {
+            subjects.push(("ip all".to_string(), Vec::new(), f));
+        }
+        for (subject, clients, entry) in subjects {
             let class = classid_of(&entry.filter);
             // Minor 0 is the root itself (the unlimited exception): it has no leaf class.
             let class_entry = class
@@ -88,6 +111,7 @@ pub fn run(
                 .map(|a| a.owner.clone());
             rules.push(Rule {
                 subject,
+                clients,
                 priority: entry.filter.priority,
                 class,
                 rate: class_entry.and_then(|c| match &c.class.kind {
@@ -178,6 +202,9 @@ fn text(roots: &[Root]) -> String {
                 rule.drops,
                 rule.owner.as_deref().unwrap_or("unknown")
             );
+            if !rule.clients.is_empty() {
+                let _ = writeln!(s, "    clients: {}", rule.clients.join(", "));
+            }
         }
         for c in &r.orphan_classes {
             let _ = writeln!(s, "  class {c} has no filter (orphan)");
@@ -198,6 +225,7 @@ fn root_json(r: &Root) -> Value {
         "bytes": r.bytes, "packets": r.packets, "drops": r.drops,
         "rules": r.rules.iter().map(|x| json!({
             "subject": x.subject,
+            "clients": x.clients,
             "priority": x.priority,
             "class_id": x.class.map(|c| c.to_string()),
             "unlimited": x.class.is_some_and(|c| c.minor() == 0),

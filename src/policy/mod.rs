@@ -2,8 +2,9 @@
 
 mod rate;
 
+use std::collections::BTreeSet;
 use std::fmt;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 pub use rate::parse_rate;
 
@@ -31,36 +32,66 @@ impl Direction {
     }
 }
 
-/// Who a limit applies to. (The inbound, outbound, uuid and connection families come later.)
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+/// Who a limit applies to. (The inbound and outbound families are planned elsewhere.)
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Subject {
     /// One client address; IPv4-mapped IPv6 is folded to IPv4, so textual variants are one subject.
     Ip(IpAddr),
     /// Every client IP through one shared baseline class.
     AllShared,
-    /// Every live client IP, each with its own class (needs live evidence).
+    /// Every live client IP, each with its own class (expanded from live evidence into `Ip`s).
     AllPerIp,
+    /// One user (by UUID): the live client IPs attributed to them, all into one class.
+    User { uuid: String, ips: BTreeSet<IpAddr> },
+    /// One client connection: its address and port.
+    Connection(SocketAddr),
 }
 
 impl Subject {
-    /// The `--ip` value as it is reported back.
+    /// The value as it is reported back (`--ip`, `--uuid` or `--connection`).
     pub fn value(&self) -> String {
         match self {
             Subject::Ip(ip) => ip.to_string(),
             Subject::AllShared | Subject::AllPerIp => "all".into(),
+            Subject::User { uuid, .. } => uuid.clone(),
+            Subject::Connection(c) => c.to_string(),
         }
     }
 
-    /// The stable key class minors are derived from: never a PID, never the owner.
+    /// The family word reports and keys use.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Subject::Ip(_) | Subject::AllShared | Subject::AllPerIp => "ip",
+            Subject::User { .. } => "uuid",
+            Subject::Connection(_) => "connection",
+        }
+    }
+
+    /// The stable key class minors are derived from: never a PID, never the owner, never the
+    /// user's current addresses.
     pub fn key(&self) -> String {
-        format!("ip {}", self.value())
+        format!("{} {}", self.kind(), self.value())
     }
 }
 
 impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ip {}", self.value())
+        write!(f, "{} {}", self.kind(), self.value())
     }
+}
+
+/// Parses a `--connection` value: `IP:PORT`, `[IPv6]:PORT`, with IPv4-mapped folded.
+pub fn parse_connection(value: &str) -> Result<SocketAddr, String> {
+    let value = value.trim();
+    let addr: SocketAddr = value.parse().map_err(|_| {
+        format!("--connection {value:?} is not a client IP:PORT (write IPv6 as [ADDR]:PORT)")
+    })?;
+    if addr.port() == 0 {
+        return Err(format!(
+            "--connection {value:?} has port 0, which no connection uses"
+        ));
+    }
+    Ok(SocketAddr::new(canonical_ip(addr.ip()), addr.port()))
 }
 
 /// Parses an `--ip` value: `all` (any case) or one address. Zones are refused: a classifier
@@ -139,5 +170,23 @@ mod tests {
         assert_eq!(parse_ip_subject("all", true).unwrap(), Subject::AllPerIp);
         assert!(parse_ip_subject("1.2.3", false).is_err());
         assert!(parse_ip_subject("fe80::1%eth0", false).is_err());
+    }
+
+    #[test]
+    fn connections_parse_and_fold() {
+        assert_eq!(
+            parse_connection("[::ffff:10.0.0.2]:4000")
+                .unwrap()
+                .to_string(),
+            "10.0.0.2:4000"
+        );
+        assert_eq!(
+            parse_connection("[2001:db8::1]:80").unwrap().to_string(),
+            "[2001:db8::1]:80"
+        );
+        assert!(parse_connection("10.0.0.2").is_err());
+        assert!(parse_connection("10.0.0.2:0").is_err());
+        let c = Subject::Connection(parse_connection("10.0.0.2:4000").unwrap());
+        assert_eq!(c.key(), "connection 10.0.0.2:4000");
     }
 }

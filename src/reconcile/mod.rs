@@ -10,14 +10,13 @@ pub mod observe;
 pub mod plan;
 
 use std::collections::BTreeSet;
-use std::net::IpAddr;
 
 use crate::netlink::link::Link;
 use crate::netlink::tc::{ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
-use crate::netlink::u32::U32Filter;
+use crate::netlink::u32::{End, Family, U32Filter};
 use crate::netlink::{TcHandle, U32Handle};
 use crate::policy::{Direction, Request, Subject, Want};
-use crate::shaping::{self, CatchAll, ROOT_MAJOR};
+use crate::shaping::{self, Band, CatchAll, ClientMatch, ROOT_MAJOR};
 use observe::{classid_of, Observation, RootState, ShapedRoot};
 use plan::{Dev, Operation, Step, TcObject};
 
@@ -74,10 +73,73 @@ pub struct Decision {
 }
 
 /// The subject's rule on a shaped root.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Rule {
-    Address(IpAddr),
+    /// Nodes of a client band (one for an IP or a connection, one per address for a user), all
+    /// sending to the subject's one class.
+    Nodes {
+        band: Band,
+        matches: BTreeSet<ClientMatch>,
+    },
     Baseline,
+}
+
+/// What the kernel holds of a subject's rule.
+#[derive(Debug, Default)]
+struct Held {
+    /// The subject's filters: what each matches (none for the baseline), and the filter.
+    filters: Vec<(Option<ClientMatch>, Filter)>,
+    /// The subject's leaf class, when it has one.
+    class: Option<TcHandle>,
+    /// Addresses the subject wants that another rule of its band already holds.
+    conflicts: Vec<String>,
+}
+
+fn leaf(c: Option<TcHandle>) -> Option<TcHandle> {
+    c.filter(|c| c.major() == ROOT_MAJOR && c.minor() != 0)
+}
+
+/// Reads the subject's rule from a managed root. A user's rule is known by its class (from the
+/// annotations); an IP's or a connection's by what its node matches.
+fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) -> Held {
+    let remembered = remembered
+        .filter(|m| shaped.classes.contains_key(m))
+        .map(|m| TcHandle::new(ROOT_MAJOR, m));
+    let mut h = Held::default();
+    match rule {
+        Rule::Baseline => {
+            if let Some(f) = &shaped.baseline {
+                h.class = leaf(classid_of(&f.filter));
+                h.filters.push((None, f.filter.clone()));
+            }
+            h.class = h.class.or(remembered);
+        }
+        Rule::Nodes { band, matches } if *band == Band::User => {
+            h.class = remembered;
+            for n in shaped.nodes.iter().filter(|n| n.band == *band) {
+                let ours = h.class.is_some() && n.classid == h.class;
+                if ours {
+                    h.filters.push((Some(n.matched), n.entry.filter.clone()));
+                } else if matches.contains(&n.matched) {
+                    h.conflicts.push(format!(
+                        "{} (sent to {})",
+                        n.matched,
+                        n.classid.map(|c| c.to_string()).unwrap_or("nothing".into())
+                    ));
+                }
+            }
+        }
+        Rule::Nodes { band, matches } => {
+            for m in matches {
+                if let Some(n) = shaped.node_for(*band, *m) {
+                    h.class = h.class.or(leaf(n.classid));
+                    h.filters.push((Some(*m), n.entry.filter.clone()));
+                }
+            }
+            h.class = h.class.or(remembered);
+        }
+    }
+    h
 }
 
 /// Decides for one request.
@@ -96,17 +158,29 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
         forms: Vec::new(),
         steps: Vec::new(),
     };
-    let rule = match req.subject {
-        Subject::Ip(ip) => Rule::Address(ip),
+    let rule = match &req.subject {
+        Subject::Ip(ip) => Rule::Nodes {
+            band: Band::Ip,
+            matches: [ClientMatch::ip(*ip)].into(),
+        },
+        Subject::Connection(c) => Rule::Nodes {
+            band: Band::Connection,
+            matches: [ClientMatch {
+                ip: c.ip(),
+                port: Some(c.port()),
+            }]
+            .into(),
+        },
+        Subject::User { ips, .. } => Rule::Nodes {
+            band: Band::User,
+            matches: ips.iter().map(|ip| ClientMatch::ip(*ip)).collect(),
+        },
         Subject::AllShared => Rule::Baseline,
         Subject::AllPerIp => {
-            d.kind = if req.want == Want::Remove {
-                DecisionKind::Remove
-            } else {
-                DecisionKind::Apply
-            };
-            d.reason = "per_ip expands into one rule per live client IP, and no live client IP evidence is available for this runtime".into();
-            d.blocked = Some("per_ip needs live client IP evidence for the selected runtime; this build has no session evidence source yet (it arrives with the evidence work), so nothing can be expanded".into());
+            // per_ip is expanded into one `ip` decision per live client before anything is decided.
+            d.kind = DecisionKind::Apply;
+            d.reason = "per_ip is decided per live client IP, not as one rule".into();
+            d.blocked = Some("per_ip must be expanded into client IPs first".into());
             d.observed_state = "unavailable";
             return d;
         }
@@ -119,7 +193,7 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
                 "real execution requires observed tc state; tc state could not be read ({e}); rerun with --allow-missing-tc-state to execute without observation"
             ));
         }
-        plan_without_state(ctx, rule, obs, &mut d);
+        plan_without_state(ctx, &rule, obs, &mut d);
         return d;
     }
     if let Some(other) = &ctx.owned_by_other {
@@ -164,8 +238,8 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
         }
     }
     match req.want {
-        Want::Remove => plan_remove(ctx, rule, obs, &mut d),
-        Want::Limit(_) | Want::Unlimited => plan_apply(ctx, rule, obs, &mut d),
+        Want::Remove => plan_remove(ctx, &rule, obs, &mut d),
+        Want::Limit(_) | Want::Unlimited => plan_apply(ctx, &rule, obs, &mut d),
     }
     d
 }
@@ -200,44 +274,77 @@ fn dev_index(dev: &Dev) -> u32 {
     }
 }
 
-/// The subject's observed filter on a shaped root, with its class.
-fn observed_rule(shaped: &ShapedRoot, rule: Rule) -> Option<(Filter, Option<TcHandle>)> {
-    match rule {
-        Rule::Address(ip) => shaped
-            .node_for(ip)
-            .map(|n| (n.entry.filter.clone(), n.classid)),
-        Rule::Baseline => shaped
-            .baseline
-            .as_ref()
-            .map(|f| (f.filter.clone(), classid_of(&f.filter))),
-    }
-}
-
-/// The filter a rule wants on `dev`, sending to `classid`.
-fn desired_filter(
+/// The node a client match wants on `ifindex`, keeping the node id it already has, else a free
+/// stable one in its bucket (`planned` holds ids this plan has already taken).
+fn node_filter(
     ctx: &Context,
-    rule: Rule,
+    band: Band,
+    m: ClientMatch,
     ifindex: u32,
     shaped: Option<&ShapedRoot>,
+    planned: &BTreeSet<(u16, u32, u32)>,
     classid: TcHandle,
 ) -> Filter {
     let end = shaping::client_end(ctx.request.direction);
-    match rule {
-        Rule::Address(ip) => {
-            let prio = shaping::ip_specific_priority(shaping::family_of(ip));
-            let node = shaped
-                .and_then(|s| s.node_for(ip).map(|n| n.handle().node()))
-                .or_else(|| {
-                    let used = shaped
-                        .map(|s| s.nodes_in_bucket(prio, shaping::bucket_of(ip)))
-                        .unwrap_or_default();
-                    shaping::allocate_node(&ctx.request.subject.key(), &used)
+    let prio = band.priority(shaping::family_of(m.ip));
+    let bucket = shaping::bucket_of(m.ip);
+    let node = shaped
+        .and_then(|s| s.node_for(band, m).map(|n| n.handle().node()))
+        .or_else(|| {
+            let mut used = shaped
+                .map(|s| s.nodes_in_bucket(prio, bucket))
+                .unwrap_or_default();
+            used.extend(
+                planned
+                    .iter()
+                    .filter(|(p, b, _)| *p == prio && *b == bucket)
+                    .map(|x| x.2),
+            );
+            shaping::allocate_node(&format!("{} {m}", ctx.request.subject.key()), &used)
+        })
+        .unwrap_or(1);
+    shaping::client_node(ifindex, band, m, end, node, classid)
+}
+
+/// The steps that delete a band's whole priority, undone by restoring its table and link.
+fn delete_band(ifindex: u32, band: Band, family: Family, end: End, dev: &Dev) -> Step {
+    let table = shaping::band_table(ifindex, band, family);
+    Step::tc(
+        "delete-address-band",
+        Op::Delete,
+        dev,
+        whole_priority(ifindex, table.priority, table.protocol),
+    )
+    .undone_by(vec![
+        Step::tc("restore-address-table", Op::Create, dev, table),
+        Step::tc(
+            "restore-address-link",
+            Op::Create,
+            dev,
+            shaping::band_link(ifindex, band, family, end),
+        ),
+    ])
+}
+
+/// Priorities of a band left with no node once `removed` (filter handles) are gone.
+fn emptied_bands(
+    shaped: &ShapedRoot,
+    band: Band,
+    removed: &BTreeSet<(u16, u32)>,
+    kept: &BTreeSet<u16>,
+) -> Vec<Family> {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .filter(|f| {
+            let prio = band.priority(*f);
+            removed.iter().any(|(p, _)| *p == prio)
+                && !kept.contains(&prio)
+                && !shaped.nodes.iter().any(|n| {
+                    n.entry.filter.priority == prio
+                        && !removed.contains(&(prio, n.entry.filter.handle))
                 })
-                .unwrap_or(1);
-            shaping::ip_node(ifindex, ip, end, node, classid)
-        }
-        Rule::Baseline => shaping::baseline(ifindex, classid, ctx.catch_all),
-    }
+        })
+        .collect()
 }
 
 fn same_filter(observed: &Filter, desired: &Filter) -> bool {
@@ -266,13 +373,37 @@ fn whole_priority(ifindex: u32, prio: u16, protocol: u16) -> Filter {
     }
 }
 
-fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
+fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
     let req = &ctx.request;
     let dev = shaped_dev(req, obs);
     let ifindex = dev_index(&dev);
+    let end = shaping::client_end(req.direction);
     let shaped = obs.shaped.as_ref().filter(|s| s.is_managed());
     let mut steps = Vec::new();
     let mut changes: Vec<String> = Vec::new();
+
+    if let Rule::Nodes { matches, .. } = rule {
+        if matches.is_empty() {
+            d.kind = DecisionKind::Apply;
+            d.reason = "the subject has no client address to classify".into();
+            d.blocked = Some(format!(
+                "{} has no live client address to limit",
+                req.subject
+            ));
+            return;
+        }
+    }
+    let held = shaped
+        .map(|s| held(s, rule, ctx.remembered_minor))
+        .unwrap_or_default();
+    if !held.conflicts.is_empty() && d.blocked.is_none() {
+        d.blocked = Some(format!(
+            "another rule of the {} band on {} already classifies {}; remove that rule first",
+            req.subject.kind(),
+            dev.name(),
+            held.conflicts.join(", ")
+        ));
+    }
 
     // Scaffolding for upload: the IFB companion, up.
     if req.direction == Direction::Upload {
@@ -298,18 +429,9 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
     }
 
     // The class: kept at its minor when the subject has one, else a fresh stable minor.
-    let observed = shaped.and_then(|s| observed_rule(s, rule));
-    let observed_class = observed
-        .as_ref()
-        .and_then(|(_, c)| *c)
-        .filter(|c| c.major() == ROOT_MAJOR && c.minor() != 0)
-        .or_else(|| {
-            ctx.remembered_minor
-                .filter(|m| shaped.is_some_and(|s| s.classes.contains_key(m)))
-                .map(|m| TcHandle::new(ROOT_MAJOR, m))
-        });
-    let observed_class_entry =
-        observed_class.and_then(|c| shaped.and_then(|s| s.classes.get(&c.minor())));
+    let observed_class_entry = held
+        .class
+        .and_then(|c| shaped.and_then(|s| s.classes.get(&c.minor())));
     d.observed_class = observed_class_entry.map(|c| c.class.handle);
     d.observed_rate = observed_class_entry.and_then(|c| match &c.class.kind {
         ClassKind::Htb(h) => Some(h.rate),
@@ -366,68 +488,51 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
     };
     d.expected_class = (target_class.minor() != 0).then_some(target_class);
 
-    // Band scaffolding: the address table and the link into it.
-    if let Rule::Address(ip) = rule {
-        let family = shaping::family_of(ip);
-        let prio = shaping::ip_specific_priority(family);
-        let has_table = shaped.is_some_and(|s| s.tables.contains(&prio));
-        let has_link = shaped.is_some_and(|s| s.links.contains_key(&prio));
-        let table = shaping::ip_table(ifindex, family);
-        let link = shaping::ip_link(ifindex, family, shaping::client_end(req.direction));
-        let protocol = table.protocol;
-        if !has_table {
-            // A new band: undoing it removes the whole priority (table, link, nodes).
-            steps.push(
-                Step::tc("create-address-table", Op::Create, &dev, table).undone_by(vec![
-                    Step::tc(
-                        "delete-address-band",
-                        Op::Delete,
-                        &dev,
-                        whole_priority(ifindex, prio, protocol),
-                    ),
-                ]),
-            );
-        }
-        if !has_link {
-            steps.push(Step::tc("create-address-link", Op::Create, &dev, link));
-            if has_table {
-                changes.push(format!(
-                    "the link into address table {} was missing",
-                    shaping::table_of_priority(prio)
-                ));
+    match rule {
+        Rule::Baseline => {
+            let want = shaping::baseline(ifindex, target_class, ctx.catch_all);
+            match held.filters.first() {
+                Some((_, old)) if same_filter(old, &want) => {}
+                Some((_, old)) => {
+                    let mut before = old.clone();
+                    before.ifindex = ifindex;
+                    changes.push(match (classid_of(old), classid_of(&want)) {
+                        (Some(a), Some(b)) if a != b => {
+                            format!("the filter now sends to {b} instead of {a}")
+                        }
+                        _ => "the filter differed from the requested one and is repaired".into(),
+                    });
+                    if std::mem::discriminant(&old.kind) == std::mem::discriminant(&want.kind) {
+                        steps.push(
+                            Step::tc("replace-filter", Op::Replace, &dev, want.clone()).undone_by(
+                                vec![Step::tc("restore-filter", Op::Replace, &dev, before)],
+                            ),
+                        );
+                    } else {
+                        steps.push(Step::delete("delete-filter", &dev, before));
+                        steps.push(Step::create("create-filter", &dev, want));
+                    }
+                }
+                None => steps.push(Step::create("create-filter", &dev, want)),
             }
+            d.forms
+                .push(format!("baseline filter: {}", ctx.catch_all.reason()));
+        }
+        Rule::Nodes { band, matches } => {
+            plan_nodes(
+                ctx,
+                *band,
+                matches,
+                &held,
+                shaped,
+                (&dev, ifindex, end),
+                target_class,
+                &mut steps,
+                &mut changes,
+            );
         }
     }
 
-    // The subject's filter.
-    let want_filter = desired_filter(ctx, rule, ifindex, shaped, target_class);
-    match &observed {
-        Some((old, _)) if same_filter(old, &want_filter) => {}
-        Some((old, old_class)) => {
-            let mut before = old.clone();
-            before.ifindex = ifindex;
-            let replaceable = matches!(rule, Rule::Address(_))
-                || std::mem::discriminant(&old.kind) == std::mem::discriminant(&want_filter.kind);
-            changes.push(match (old_class, classid_of(&want_filter)) {
-                (Some(a), Some(b)) if *a != b => {
-                    format!("the filter now sends to {b} instead of {a}")
-                }
-                _ => "the filter differed from the requested one and is repaired".to_string(),
-            });
-            if replaceable {
-                steps.push(
-                    Step::tc("replace-filter", Op::Replace, &dev, want_filter.clone())
-                        .undone_by(vec![Step::tc("restore-filter", Op::Replace, &dev, before)]),
-                );
-            } else {
-                steps.push(Step::delete("delete-filter", &dev, before));
-                steps.push(Step::create("create-filter", &dev, want_filter.clone()));
-            }
-        }
-        None => {
-            steps.push(Step::create("create-filter", &dev, want_filter.clone()));
-        }
-    }
     // A class the subject no longer uses (limit -> unlimited) goes after the filter moved off it.
     if let Some(old) = observed_class_entry {
         if old.class.handle != target_class {
@@ -443,8 +548,8 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
         plan_redirect(ctx, obs, &mut steps, &mut changes, d);
     }
 
-    d.matched = observed.is_some() && changes.is_empty() && steps.is_empty();
-    let had_rule = observed.is_some() || observed_class_entry.is_some();
+    let had_rule = !held.filters.is_empty() || observed_class_entry.is_some();
+    d.matched = !held.filters.is_empty() && changes.is_empty() && steps.is_empty();
     d.kind = if steps.is_empty() {
         DecisionKind::NoOp
     } else if had_rule {
@@ -460,11 +565,108 @@ fn plan_apply(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
         }
         _ => changes.join("; "),
     };
-    if matches!(rule, Rule::Baseline) {
-        d.forms
-            .push(format!("baseline filter: {}", ctx.catch_all.reason()));
-    }
     d.steps = steps;
+}
+
+/// The nodes of a client-band rule: band scaffolding, then each wanted client's node (kept,
+/// repaired or created), then nodes of clients that are no longer wanted (a user's departed
+/// addresses), and a band left empty by that.
+#[allow(clippy::too_many_arguments)]
+fn plan_nodes(
+    ctx: &Context,
+    band: Band,
+    matches: &BTreeSet<ClientMatch>,
+    held: &Held,
+    shaped: Option<&ShapedRoot>,
+    (dev, ifindex, end): (&Dev, u32, End),
+    target_class: TcHandle,
+    steps: &mut Vec<Step>,
+    changes: &mut Vec<String>,
+) {
+    let families: BTreeSet<u16> = matches
+        .iter()
+        .map(|m| band.priority(shaping::family_of(m.ip)))
+        .collect();
+    for family in [Family::V4, Family::V6] {
+        let prio = band.priority(family);
+        if !families.contains(&prio) {
+            continue;
+        }
+        let has_table = shaped.is_some_and(|s| s.tables.contains(&prio));
+        let has_link = shaped.is_some_and(|s| s.links.contains_key(&prio));
+        let table = shaping::band_table(ifindex, band, family);
+        let protocol = table.protocol;
+        if !has_table {
+            // A new band: undoing it removes the whole priority (table, link, nodes).
+            steps.push(
+                Step::tc("create-address-table", Op::Create, dev, table).undone_by(vec![Step::tc(
+                    "delete-address-band",
+                    Op::Delete,
+                    dev,
+                    whole_priority(ifindex, prio, protocol),
+                )]),
+            );
+        }
+        if !has_link {
+            let link = shaping::band_link(ifindex, band, family, end);
+            steps.push(Step::tc("create-address-link", Op::Create, dev, link));
+            if has_table {
+                changes.push(format!(
+                    "the link into address table {} was missing",
+                    shaping::table_of_priority(prio)
+                ));
+            }
+        }
+    }
+    let mut planned = BTreeSet::new();
+    for m in matches {
+        let want = node_filter(ctx, band, *m, ifindex, shaped, &planned, target_class);
+        let h = U32Handle(want.handle);
+        planned.insert((want.priority, h.bucket(), h.node()));
+        match held.filters.iter().find(|(hm, _)| *hm == Some(*m)) {
+            Some((_, old)) if same_filter(old, &want) => {}
+            Some((_, old)) => {
+                let mut before = old.clone();
+                before.ifindex = ifindex;
+                changes.push(match (classid_of(old), classid_of(&want)) {
+                    (Some(a), Some(b)) if a != b => {
+                        format!("the filter for {m} now sends to {b} instead of {a}")
+                    }
+                    _ => format!("the filter for {m} differed and is repaired"),
+                });
+                steps.push(
+                    Step::tc("replace-filter", Op::Replace, dev, want).undone_by(vec![Step::tc(
+                        "restore-filter",
+                        Op::Replace,
+                        dev,
+                        before,
+                    )]),
+                );
+            }
+            None => {
+                if !held.filters.is_empty() {
+                    changes.push(format!("client {m} joins the rule"));
+                }
+                steps.push(Step::create("create-filter", dev, want));
+            }
+        }
+    }
+    let mut removed = BTreeSet::new();
+    for (hm, old) in &held.filters {
+        let Some(m) = hm.filter(|m| !matches.contains(m)) else {
+            continue;
+        };
+        let mut before = old.clone();
+        before.ifindex = ifindex;
+        changes.push(format!("client {m} has left the rule"));
+        removed.insert((old.priority, old.handle));
+        steps.push(Step::delete("delete-filter", dev, before));
+    }
+    if let Some(shaped) = shaped {
+        for family in emptied_bands(shaped, band, &removed, &families) {
+            steps.push(delete_band(ifindex, band, family, end, dev));
+        }
+    }
 }
 
 fn plan_redirect(
@@ -538,10 +740,11 @@ fn plan_redirect(
     }
 }
 
-fn plan_remove(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
+fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
     let req = &ctx.request;
     let dev = shaped_dev(req, obs);
     let ifindex = dev_index(&dev);
+    let end = shaping::client_end(req.direction);
     d.kind = DecisionKind::Remove;
     let Some(shaped) = obs.shaped.as_ref().filter(|s| s.is_managed()) else {
         d.kind = DecisionKind::NoOp;
@@ -551,15 +754,12 @@ fn plan_remove(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
         );
         return;
     };
-    let observed = observed_rule(shaped, rule);
-    let class_minor = observed
-        .as_ref()
-        .and_then(|(_, c)| *c)
-        .filter(|c| c.major() == ROOT_MAJOR && c.minor() != 0)
-        .map(|c| c.minor())
-        .or(ctx.remembered_minor)
-        .filter(|m| shaped.classes.contains_key(m));
-    if observed.is_none() && class_minor.is_none() {
+    // A removal takes the subject's own filters only: a user's by its class, never by the
+    // addresses it has now (another user may hold one of them).
+    let mut held = held(shaped, rule, ctx.remembered_minor);
+    held.conflicts.clear();
+    let class_minor = held.class.map(|c| c.minor());
+    if held.filters.is_empty() && class_minor.is_none() {
         d.kind = DecisionKind::NoOp;
         d.reason = format!(
             "no rule for {} {} was observed on {}",
@@ -569,62 +769,31 @@ fn plan_remove(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
         );
         return;
     }
-    d.observed_class = class_minor.map(|m| TcHandle::new(ROOT_MAJOR, m));
+    d.observed_class = held.class;
     let mut steps = Vec::new();
-    let mut removed_filters = 0usize;
-    if let Some((f, _)) = &observed {
+    let mut removed = BTreeSet::new();
+    for (_, f) in &held.filters {
         let mut before = f.clone();
         before.ifindex = ifindex;
-        removed_filters += 1;
-        // The last address of a band takes the band's table and link with it.
-        let last_in_band = match rule {
-            Rule::Address(ip) => {
-                let prio = shaping::ip_specific_priority(shaping::family_of(ip));
-                !shaped
-                    .ip_nodes
-                    .iter()
-                    .any(|n| n.ip != ip && n.entry.filter.priority == prio)
-            }
-            Rule::Baseline => false,
-        };
+        removed.insert((f.priority, f.handle));
+        // The baseline is alone in its priority: the priority goes with it, kernel table too.
         let delete = match rule {
-            // The baseline is alone in its priority: the priority goes with it, kernel table too.
             Rule::Baseline => whole_priority(ifindex, before.priority, before.protocol),
-            Rule::Address(_) => before.clone(),
+            Rule::Nodes { .. } => before.clone(),
         };
         steps.push(
             Step::tc("delete-filter", Op::Delete, &dev, delete).undone_by(vec![Step::tc(
                 "restore-filter",
                 Op::Create,
                 &dev,
-                before.clone(),
+                before,
             )]),
         );
-        if let (true, Rule::Address(ip)) = (last_in_band, rule) {
-            let family = shaping::family_of(ip);
-            let prio = shaping::ip_specific_priority(family);
-            steps.push(
-                Step::tc(
-                    "delete-address-band",
-                    Op::Delete,
-                    &dev,
-                    whole_priority(ifindex, prio, before.protocol),
-                )
-                .undone_by(vec![
-                    Step::tc(
-                        "restore-address-table",
-                        Op::Create,
-                        &dev,
-                        shaping::ip_table(ifindex, family),
-                    ),
-                    Step::tc(
-                        "restore-address-link",
-                        Op::Create,
-                        &dev,
-                        shaping::ip_link(ifindex, family, shaping::client_end(req.direction)),
-                    ),
-                ]),
-            );
+    }
+    // The last node of a band takes the band's table and link with it.
+    if let Rule::Nodes { band, .. } = rule {
+        for family in emptied_bands(shaped, *band, &removed, &BTreeSet::new()) {
+            steps.push(delete_band(ifindex, *band, family, end, &dev));
         }
     }
     if let Some(minor) = class_minor {
@@ -634,8 +803,7 @@ fn plan_remove(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
     }
     // Shared scaffolding goes only when nothing managed is left on it.
     let classes_left = shaped.classes.len() - usize::from(class_minor.is_some());
-    let nodes_left =
-        shaped.ip_nodes.len() + usize::from(shaped.baseline.is_some()) - removed_filters;
+    let nodes_left = shaped.nodes.len() + usize::from(shaped.baseline.is_some()) - removed.len();
     let empty = classes_left == 0 && nodes_left == 0 && shaped.unrecognised.is_empty();
     if empty {
         let root = shaping::root_qdisc(ifindex);
@@ -644,13 +812,13 @@ fn plan_remove(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
             remove_upload_scaffolding(obs, &mut steps);
         }
     }
-    d.reason = match (&observed, empty) {
-        (Some(_), true) => {
+    d.reason = match (held.filters.is_empty(), empty) {
+        (false, true) => {
             "the rule was observed; it was the last managed rule here, so the shared root goes too"
                 .into()
         }
-        (Some(_), false) => "the rule was observed; other managed rules stay".into(),
-        (None, _) => {
+        (false, false) => "the rule was observed; other managed rules stay".into(),
+        (true, _) => {
             "only the subject's class was left (its filter was gone); it is removed".into()
         }
     };
@@ -693,7 +861,7 @@ fn remove_upload_scaffolding(obs: &Observation, steps: &mut Vec<Step>) {
 /// `--allow-missing-tc-state` without a readable state: the rule is put in place as if nothing
 /// existed, with create-or-replace semantics, and scaffolding that already exists counts as done.
 /// A removal cannot be exact without state, so it stays blocked.
-fn plan_without_state(ctx: &Context, rule: Rule, obs: &Observation, d: &mut Decision) {
+fn plan_without_state(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
     let req = &ctx.request;
     if req.want == Want::Remove {
         d.kind = DecisionKind::Remove;

@@ -8,9 +8,11 @@ use crate::netlink::action::{Action, MirredMode};
 use crate::netlink::dump::DeviceTc;
 use crate::netlink::link::Link;
 use crate::netlink::tc::{ClassEntry, Filter, FilterEntry, FilterKind, QdiscEntry, QdiscKind};
-use crate::netlink::u32::{End, Family};
+use crate::netlink::u32::End;
 use crate::netlink::{TcHandle, U32Handle};
-use crate::shaping::{self, BAND_IP_BASELINE, BAND_IP_SPECIFIC, PRIO_REDIRECT, ROOT_MAJOR};
+use crate::shaping::{
+    self, Band, ClientMatch, BAND_CONNECTION, BAND_IP_BASELINE, PRIO_REDIRECT, ROOT_MAJOR,
+};
 
 /// What sits on a device's egress root.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,15 +25,16 @@ pub enum RootState {
     Foreign(String),
 }
 
-/// One client-address node of the specific-IP band.
+/// One client node of a client band (connection, uuid, specific ip).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IpNode {
-    pub ip: IpAddr,
+pub struct Node {
+    pub band: Band,
+    pub matched: ClientMatch,
     pub entry: FilterEntry,
     pub classid: Option<TcHandle>,
 }
 
-impl IpNode {
+impl Node {
     pub fn handle(&self) -> U32Handle {
         U32Handle(self.entry.filter.handle)
     }
@@ -44,10 +47,11 @@ pub struct ShapedRoot {
     pub root: RootState,
     /// Leaf classes under the managed root, by minor.
     pub classes: BTreeMap<u16, ClassEntry>,
-    pub ip_nodes: Vec<IpNode>,
-    /// Specific-IP band priorities whose address table exists.
+    /// Client nodes of every band.
+    pub nodes: Vec<Node>,
+    /// Client band priorities whose address table exists.
     pub tables: BTreeSet<u16>,
-    /// Specific-IP band priorities whose link node exists, with it.
+    /// Client band priorities whose link node exists, with it.
     pub links: BTreeMap<u16, FilterEntry>,
     pub baseline: Option<FilterEntry>,
     /// Filters under the managed root that are not raylimit's layout.
@@ -61,7 +65,7 @@ impl ShapedRoot {
             ifindex: tc.ifindex,
             root: RootState::Default(None),
             classes: BTreeMap::new(),
-            ip_nodes: Vec::new(),
+            nodes: Vec::new(),
             tables: BTreeSet::new(),
             links: BTreeMap::new(),
             baseline: None,
@@ -103,7 +107,7 @@ impl ShapedRoot {
         // The root table the kernel makes for every u32 priority is part of the layout.
         if let FilterKind::U32(u) = &f.filter.kind {
             if u.divisor.is_some() && U32Handle(f.filter.handle).table() >= U32Handle::ROOT_TABLE {
-                return (BAND_IP_SPECIFIC..=BAND_IP_BASELINE).contains(&prio);
+                return (BAND_CONNECTION..=BAND_IP_BASELINE).contains(&prio);
             }
         }
         if prio == BAND_IP_BASELINE {
@@ -113,10 +117,8 @@ impl ShapedRoot {
             self.baseline = Some(f.clone());
             return true;
         }
-        let family = match prio {
-            p if p == shaping::ip_specific_priority(Family::V4) => Family::V4,
-            p if p == shaping::ip_specific_priority(Family::V6) => Family::V6,
-            _ => return false,
+        let Some((band, family)) = Band::of_priority(prio) else {
+            return false;
         };
         let FilterKind::U32(u) = &f.filter.kind else {
             return false;
@@ -130,9 +132,10 @@ impl ShapedRoot {
             return handle == table;
         }
         if handle.table() == table.table() {
-            if let Some(ip) = shaping::node_address(u, family, end) {
-                self.ip_nodes.push(IpNode {
-                    ip,
+            if let Some(matched) = shaping::node_match(u, family, end, band.has_port()) {
+                self.nodes.push(Node {
+                    band,
+                    matched,
                     entry: f.clone(),
                     classid: u.classid,
                 });
@@ -151,13 +154,20 @@ impl ShapedRoot {
         matches!(self.root, RootState::Managed(_))
     }
 
-    pub fn node_for(&self, ip: IpAddr) -> Option<&IpNode> {
-        self.ip_nodes.iter().find(|n| n.ip == ip)
+    pub fn node_for(&self, band: Band, matched: ClientMatch) -> Option<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.band == band && n.matched == matched)
+    }
+
+    /// The specific-IP node of an address.
+    pub fn ip_node(&self, ip: IpAddr) -> Option<&Node> {
+        self.node_for(Band::Ip, ClientMatch::ip(ip))
     }
 
     /// Node ids in use in one bucket of a band's table.
     pub fn nodes_in_bucket(&self, prio: u16, bucket: u32) -> BTreeSet<u32> {
-        self.ip_nodes
+        self.nodes
             .iter()
             .filter(|n| n.entry.filter.priority == prio && n.handle().bucket() == bucket)
             .map(|n| n.handle().node())

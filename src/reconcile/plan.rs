@@ -268,15 +268,23 @@ fn render_u32(u: &U32Filter) -> String {
             (Family::V6, End::Destination),
         ]
         .into_iter()
-        .find_map(|(fam, end)| shaping::node_address(u, fam, end).map(|ip| (fam, end, ip)));
+        .find_map(|(fam, end)| {
+            [false, true]
+                .into_iter()
+                .find_map(|port| shaping::node_match(u, fam, end, port))
+                .map(|m| (fam, end, m))
+        });
         match address {
-            Some((fam, end, ip)) => {
+            Some((fam, end, m)) => {
                 let (word, len) = match fam {
                     Family::V4 => ("ip", 32),
                     Family::V6 => ("ip6", 128),
                 };
                 let side = if end == End::Source { "src" } else { "dst" };
-                let _ = write!(s, " match {word} {side} {ip}/{len}");
+                let _ = write!(s, " match {word} {side} {}/{len}", m.ip);
+                if let Some(port) = m.port {
+                    let _ = write!(s, " match {word} {side}port {port} 0xffff");
+                }
             }
             None => {
                 for k in &sel.keys {

@@ -207,8 +207,8 @@ fn baseline_and_specific_rules_coexist_and_remove_independently() {
     let obs = k.observe(dl);
     let shaped = obs.shaped.as_ref().unwrap();
     assert!(shaped.baseline.is_some());
-    assert_eq!(shaped.ip_nodes.len(), 2);
-    let unlimited = shaped.node_for("10.0.0.2".parse().unwrap()).unwrap();
+    assert_eq!(shaped.nodes.len(), 2);
+    let unlimited = shaped.ip_node("10.0.0.2".parse().unwrap()).unwrap();
     assert_eq!(unlimited.classid, Some(shaping::root_handle()));
 
     let d = run(&mut k, &ctx("10.0.0.2", dl, Want::Remove));
@@ -217,7 +217,7 @@ fn baseline_and_specific_rules_coexist_and_remove_independently() {
     let after = k.observe(dl);
     let s = after.shaped.as_ref().unwrap();
     assert!(s.baseline.is_some());
-    assert_eq!(s.ip_nodes.len(), 1);
+    assert_eq!(s.nodes.len(), 1);
     assert_eq!(
         decide(&ctx("all", dl, Want::Limit(500_000)), &after).kind,
         DecisionKind::NoOp
@@ -266,4 +266,138 @@ fn minors_probe_past_classes_in_use() {
     let b = run(&mut k, &ctx("10.0.0.3", dl, Want::Limit(1000)));
     assert_ne!(a.expected_class, b.expected_class);
     assert_eq!(k.device.classes.len(), 2);
+}
+
+fn user_ctx(uuid: &str, ips: &[&str], want: Want, remembered: Option<u16>) -> Context {
+    Context {
+        request: Request {
+            subject: Subject::User {
+                uuid: uuid.into(),
+                ips: ips.iter().map(|i| i.parse().unwrap()).collect(),
+            },
+            direction: Direction::Download,
+            device: "eth0".into(),
+            want,
+        },
+        catch_all: CatchAll::U32,
+        allow_missing_state: false,
+        owned_by_other: None,
+        remembered_minor: remembered,
+    }
+}
+
+#[test]
+fn a_user_is_one_class_with_a_node_per_address_that_follows_its_clients() {
+    let mut k = FakeKernel::default();
+    let first = run(
+        &mut k,
+        &user_ctx("u1", &["10.0.0.2", "fd00::2"], Want::Limit(1000), None),
+    );
+    assert_eq!(first.kind, DecisionKind::Apply);
+    let minor = first.expected_class.unwrap().minor();
+    let obs = k.observe(Direction::Download);
+    let s = obs.shaped.as_ref().unwrap();
+    assert_eq!(s.nodes.len(), 2);
+    assert!(s
+        .nodes
+        .iter()
+        .all(|n| n.band == Band::User && n.classid == first.expected_class));
+    assert_eq!(k.device.classes.len(), 1);
+
+    let same = run(
+        &mut k,
+        &user_ctx(
+            "u1",
+            &["10.0.0.2", "fd00::2"],
+            Want::Limit(1000),
+            Some(minor),
+        ),
+    );
+    assert_eq!(same.kind, DecisionKind::NoOp, "{:?}", names(&same));
+
+    // The IPv6 client leaves and another IPv4 client arrives: one node each way, and the
+    // emptied IPv6 band goes.
+    let moved = run(
+        &mut k,
+        &user_ctx(
+            "u1",
+            &["10.0.0.2", "10.0.0.9"],
+            Want::Limit(1000),
+            Some(minor),
+        ),
+    );
+    assert_eq!(moved.kind, DecisionKind::Replace);
+    assert_eq!(
+        names(&moved),
+        ["create-filter", "delete-filter", "delete-address-band"]
+    );
+    assert!(
+        moved.reason.contains("fd00::2 has left"),
+        "{}",
+        moved.reason
+    );
+
+    // Another user may not take an address the first one holds.
+    let other = decide(
+        &user_ctx("u2", &["10.0.0.9"], Want::Limit(1000), None),
+        &k.observe(Direction::Download),
+    );
+    assert!(other.blocked.unwrap().contains("10.0.0.9"));
+
+    // Removal goes by the class, whatever addresses the request carries now.
+    let removed = run(&mut k, &user_ctx("u1", &[], Want::Remove, Some(minor)));
+    assert_eq!(removed.kind, DecisionKind::Remove);
+    assert!(k.device.qdiscs.is_empty(), "{:?}", names(&removed));
+}
+
+#[test]
+fn a_user_without_addresses_is_blocked() {
+    let mut k = FakeKernel::default();
+    let d = decide(
+        &user_ctx("u1", &[], Want::Limit(1000), None),
+        &k.observe(Direction::Download),
+    );
+    assert!(d.blocked.unwrap().contains("no live client address"));
+    assert!(d.steps.is_empty());
+    k.apply(&d.steps);
+}
+
+#[test]
+fn a_connection_matches_address_and_port_and_wins_over_its_ip() {
+    for direction in [Direction::Download, Direction::Upload] {
+        let mut k = FakeKernel::default();
+        let conn = |want| Context {
+            request: Request {
+                subject: Subject::Connection("10.0.0.2:40000".parse().unwrap()),
+                direction,
+                device: "eth0".into(),
+                want,
+            },
+            ..ctx("10.0.0.2", direction, want)
+        };
+        run(&mut k, &ctx("10.0.0.2", direction, Want::Limit(5000)));
+        let c = run(&mut k, &conn(Want::Limit(1000)));
+        assert_eq!(c.kind, DecisionKind::Apply);
+        let obs = k.observe(direction);
+        let s = obs.shaped.as_ref().unwrap();
+        let node = s.nodes.iter().find(|n| n.band == Band::Connection).unwrap();
+        assert_eq!(node.matched.port, Some(40000));
+        assert!(
+            node.entry.filter.priority
+                < s.ip_node("10.0.0.2".parse().unwrap())
+                    .unwrap()
+                    .entry
+                    .filter
+                    .priority
+        );
+        assert_eq!(
+            run(&mut k, &conn(Want::Limit(1000))).kind,
+            DecisionKind::NoOp
+        );
+        let gone = run(&mut k, &conn(Want::Remove));
+        assert!(names(&gone).contains(&"delete-address-band"));
+        assert!(!names(&gone).contains(&"delete-root-qdisc"));
+        let left = k.observe(direction);
+        assert_eq!(left.shaped.as_ref().unwrap().nodes.len(), 1);
+    }
 }

@@ -11,6 +11,8 @@
 //!                          link node: every IPv4 packet -> 12c:<last byte of address>
 //!                          nodes 12c:<bucket>:<id>: one per client address -> its class
 //!   pref 301 protocol ipv6 the same for IPv6, table 12d:
+//!   pref 100/101, 200/201  the connection and uuid bands: the same hashed tables; a connection's
+//!                          node also matches the client port, a user's nodes share one class
 //!   pref 400 protocol all  the `--ip all` baseline: matchall (or a u32 catch-all) -> its class
 //! ```
 //!
@@ -40,6 +42,8 @@ pub const IFB_PREFIX: &str = "rlifb";
 /// Priority of the redirect to the IFB on the device's ingress hook.
 pub const PRIO_REDIRECT: u16 = 0x524c;
 /// First priority of each band.
+pub const BAND_CONNECTION: u16 = 100;
+pub const BAND_USER: u16 = 200;
 pub const BAND_IP_SPECIFIC: u16 = 300;
 pub const BAND_IP_BASELINE: u16 = 400;
 /// Buckets of a client-address table: one per value of the address's last byte.
@@ -88,12 +92,70 @@ pub fn client_end(direction: Direction) -> End {
     }
 }
 
+/// The bands whose rules match client addresses, each laid out as a hashed address table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Band {
+    Connection,
+    User,
+    Ip,
+}
+
+impl Band {
+    pub const ALL: [Band; 3] = [Band::Connection, Band::User, Band::Ip];
+
+    pub fn priority(self, family: Family) -> u16 {
+        let base = match self {
+            Band::Connection => BAND_CONNECTION,
+            Band::User => BAND_USER,
+            Band::Ip => BAND_IP_SPECIFIC,
+        };
+        match family {
+            Family::V4 => base,
+            Family::V6 => base + 1,
+        }
+    }
+
+    /// The band and family a priority belongs to.
+    pub fn of_priority(prio: u16) -> Option<(Band, Family)> {
+        Band::ALL.into_iter().find_map(|b| {
+            [Family::V4, Family::V6]
+                .into_iter()
+                .find(|f| b.priority(*f) == prio)
+                .map(|f| (b, f))
+        })
+    }
+
+    /// Connection nodes also match the client port; the others never do.
+    pub fn has_port(self) -> bool {
+        self == Band::Connection
+    }
+}
+
+/// What one node of a client band matches: the client address, and for a connection its port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientMatch {
+    pub ip: IpAddr,
+    pub port: Option<u16>,
+}
+
+impl ClientMatch {
+    pub fn ip(ip: IpAddr) -> Self {
+        ClientMatch { ip, port: None }
+    }
+}
+
+impl std::fmt::Display for ClientMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.port {
+            Some(p) => write!(f, "{}", std::net::SocketAddr::new(self.ip, p)),
+            None => write!(f, "{}", self.ip),
+        }
+    }
+}
+
 /// Priority of the specific-IP band for a family.
 pub fn ip_specific_priority(family: Family) -> u16 {
-    match family {
-        Family::V4 => BAND_IP_SPECIFIC,
-        Family::V6 => BAND_IP_SPECIFIC + 1,
-    }
+    Band::Ip.priority(family)
 }
 
 fn ethertype(family: Family) -> u16 {
@@ -154,9 +216,9 @@ pub fn same_shaping(a: &HtbClass, b: &HtbClass) -> bool {
         == (b.rate, b.ceil, b.buffer, b.cbuffer, b.quantum)
 }
 
-/// The client-address table of the specific-IP band.
-pub fn ip_table(ifindex: u32, family: Family) -> Filter {
-    let priority = ip_specific_priority(family);
+/// The client-address table of a band.
+pub fn band_table(ifindex: u32, band: Band, family: Family) -> Filter {
+    let priority = band.priority(family);
     Filter {
         ifindex,
         parent: root_handle(),
@@ -180,8 +242,8 @@ fn last_address_word(family: Family, end: End) -> i16 {
 /// The node in the band's root table that sends every packet of the family to the bucket of its
 /// client address's last byte. Created with node id 1 in whatever root table the kernel gave the
 /// band; its full handle is known only from a dump.
-pub fn ip_link(ifindex: u32, family: Family, end: End) -> Filter {
-    let priority = ip_specific_priority(family);
+pub fn band_link(ifindex: u32, band: Band, family: Family, end: End) -> Filter {
+    let priority = band.priority(family);
     let mut selector = U32Selector::default();
     selector.catch_all();
     selector.hmask = 0xff;
@@ -208,24 +270,34 @@ pub fn bucket_of(ip: IpAddr) -> u32 {
     }
 }
 
-/// The selector matching one client address at `end`.
-pub fn address_selector(ip: IpAddr, end: End) -> U32Selector {
+/// The selector matching one client (address, and port when given) at `end`.
+pub fn client_selector(m: ClientMatch, end: End) -> U32Selector {
     let mut s = U32Selector::default();
-    match ip {
+    match m.ip {
         IpAddr::V4(a) => s.ipv4(end, a, 32),
         IpAddr::V6(a) => s.ipv6(end, a, 128),
     };
+    if let Some(port) = m.port {
+        s.port(family_of(m.ip), end, port);
+    }
     s
 }
 
-/// One client address's node: in its bucket, with an explicit node id, to `classid` (a leaf, or
-/// the root itself for the unlimited exception).
-pub fn ip_node(ifindex: u32, ip: IpAddr, end: End, node: u32, classid: TcHandle) -> Filter {
-    let family = family_of(ip);
-    let priority = ip_specific_priority(family);
+/// One client's node in a band: in its bucket, with an explicit node id, to `classid` (a leaf,
+/// or the root itself for the unlimited exception).
+pub fn client_node(
+    ifindex: u32,
+    band: Band,
+    m: ClientMatch,
+    end: End,
+    node: u32,
+    classid: TcHandle,
+) -> Filter {
+    let family = family_of(m.ip);
+    let priority = band.priority(family);
     let table = table_of_priority(priority).table();
-    let handle = U32Handle::new(table, bucket_of(ip), node);
-    let mut u = U32Filter::to_class(address_selector(ip, end), classid);
+    let handle = U32Handle::new(table, bucket_of(m.ip), node);
+    let mut u = U32Filter::to_class(client_selector(m, end), classid);
     u.hash = Some(handle.table_and_bucket());
     Filter {
         ifindex,
@@ -237,8 +309,14 @@ pub fn ip_node(ifindex: u32, ip: IpAddr, end: End, node: u32, classid: TcHandle)
     }
 }
 
-/// The client address a node of the specific-IP band matches, if it has that shape.
-pub fn node_address(filter: &U32Filter, family: Family, end: End) -> Option<IpAddr> {
+/// What a node of a client band matches, if it has that shape: exactly the address keys, plus
+/// the port key when `with_port`.
+pub fn node_match(
+    filter: &U32Filter,
+    family: Family,
+    end: End,
+    with_port: bool,
+) -> Option<ClientMatch> {
     let sel = filter.selector.as_ref()?;
     let (first, words) = match (family, end) {
         (Family::V4, End::Source) => (12, 1),
@@ -246,20 +324,36 @@ pub fn node_address(filter: &U32Filter, family: Family, end: End) -> Option<IpAd
         (Family::V6, End::Source) => (8, 4),
         (Family::V6, End::Destination) => (24, 4),
     };
-    if sel.keys.len() != words {
+    if sel.keys.len() != words + usize::from(with_port) {
         return None;
     }
     let mut bytes = Vec::with_capacity(words * 4);
-    for (i, k) in sel.keys.iter().enumerate() {
+    for (i, k) in sel.keys.iter().take(words).enumerate() {
         if k.mask != u32::MAX || k.offset != first + 4 * i as i32 || k.offmask != 0 {
             return None;
         }
         bytes.extend_from_slice(&k.value.to_be_bytes());
     }
-    Some(match family {
+    let ip = match family {
         Family::V4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
         Family::V6 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
-    })
+    };
+    let port = match sel.keys.get(words) {
+        None => None,
+        Some(k) => {
+            let l4 = if family == Family::V4 { 20 } else { 40 };
+            let (mask, shift) = if end == End::Source {
+                (0xffff_0000, 16)
+            } else {
+                (0x0000_ffff, 0)
+            };
+            if k.offset != l4 || k.mask != mask || k.offmask != 0 {
+                return None;
+            }
+            Some((k.value >> shift) as u16)
+        }
+    };
+    Some(ClientMatch { ip, port })
 }
 
 /// How an "every packet" match is built on this kernel.
@@ -410,17 +504,46 @@ mod tests {
             ("2001:db8::10", End::Source),
         ] {
             let ip: IpAddr = ip.parse().unwrap();
-            let f = ip_node(1, ip, end, 7, TcHandle::new(ROOT_MAJOR, 0x100));
+            let f = client_node(
+                1,
+                Band::Ip,
+                ClientMatch::ip(ip),
+                end,
+                7,
+                TcHandle::new(ROOT_MAJOR, 0x100),
+            );
             let FilterKind::U32(u) = &f.kind else {
                 panic!()
             };
-            assert_eq!(node_address(u, family_of(ip), end), Some(ip));
+            assert_eq!(
+                node_match(u, family_of(ip), end, false),
+                Some(ClientMatch::ip(ip))
+            );
+            assert_eq!(node_match(u, family_of(ip), end, true), None);
+            let m = ClientMatch {
+                ip,
+                port: Some(40123),
+            };
+            let c = client_node(
+                1,
+                Band::Connection,
+                m,
+                end,
+                7,
+                TcHandle::new(ROOT_MAJOR, 0x100),
+            );
+            let FilterKind::U32(cu) = &c.kind else {
+                panic!()
+            };
+            assert_eq!(node_match(cu, family_of(ip), end, true), Some(m));
+            assert_eq!(node_match(cu, family_of(ip), end, false), None);
+            assert_eq!(c.priority, Band::Connection.priority(family_of(ip)));
             let other = if end == End::Source {
                 End::Destination
             } else {
                 End::Source
             };
-            assert_eq!(node_address(u, family_of(ip), other), None);
+            assert_eq!(node_match(u, family_of(ip), other, false), None);
             assert_eq!(U32Handle(f.handle).bucket(), bucket_of(ip));
         }
     }

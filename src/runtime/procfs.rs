@@ -1,6 +1,8 @@
 //! The host provider: Xray and V2Ray processes found in procfs. Only files are read.
 
+use std::collections::BTreeSet;
 use std::fs;
+use std::io::ErrorKind;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
@@ -147,6 +149,24 @@ pub fn netns_inode(proc_root: &Path, pid: u32) -> Option<u64> {
     fs::metadata(proc_root.join(pid.to_string()).join("ns/net"))
         .ok()
         .map(|m| m.ino())
+}
+
+/// The inodes of a process's sockets: the `socket:[N]` targets under `<proc_root>/<pid>/fd`. An fd
+/// closed between listing and reading its link is skipped; the process keeps running meanwhile.
+pub fn socket_inodes(proc_root: &Path, pid: u32) -> std::io::Result<BTreeSet<u64>> {
+    let mut out = BTreeSet::new();
+    for entry in fs::read_dir(proc_root.join(pid.to_string()).join("fd"))? {
+        let target = match entry.and_then(|e| fs::read_link(e.path())) {
+            Ok(target) => target,
+            Err(e) if e.kind() == ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        let inode: Option<u64> = target
+            .to_str()
+            .and_then(|t| t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok());
+        out.extend(inode);
+    }
+    Ok(out)
 }
 
 /// Named network namespaces (`ip netns` bind mounts under /run/netns), by inode.
@@ -396,6 +416,36 @@ pub mod tests {
         assert_eq!(read_process(&fp.root, 1).unwrap().binary(), "bin");
         let missing = std::env::temp_dir().join(format!("raylimit-no-proc-{}", std::process::id()));
         assert!(scan(&missing).is_err());
+    }
+
+    #[test]
+    fn socket_inodes_from_fd_links() {
+        let fp = FakeProc::new();
+        let fd = fp.root.join("7/fd");
+        fs::create_dir_all(&fd).unwrap();
+        for (n, target) in [
+            ("0", "/dev/null"),
+            ("1", "socket:[316388]"),
+            ("2", "pipe:[5]"),
+            ("3", "socket:[42]"),
+            ("4", "anon_inode:[eventfd]"),
+            ("5", "socket:[oops]"),
+        ] {
+            symlink(target, fd.join(n)).unwrap();
+        }
+        let inodes = socket_inodes(&fp.root, 7).unwrap();
+        assert_eq!(inodes.into_iter().collect::<Vec<_>>(), [42, 316388]);
+        assert!(socket_inodes(&fp.root, 8).is_err());
+    }
+
+    #[test]
+    fn socket_inodes_of_this_process() {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // A socket's inode is what fstat reports for its descriptor.
+        let path = format!("/proc/self/fd/{}", std::os::fd::AsRawFd::as_raw_fd(&socket));
+        let inode = fs::metadata(path).unwrap().ino();
+        let inodes = socket_inodes(Path::new("/proc"), std::process::id()).unwrap();
+        assert!(inodes.contains(&inode), "{inode} not in {inodes:?}");
     }
 
     #[test]

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Capture the netlink requests iproute2 sends for the tc/ip commands raylimit
 # re-implements, plus the kernel's answer and (on success) the kernel's dump
-# reply, into netlink-fixtures/<name>.fixture.  See README.md for the format.
+# reply, and the sock_diag dump requests of ss, into
+# netlink-fixtures/<name>.fixture.  See README.md for the format.
 #
 # Usage (as root, from any directory):  bash netlink-fixtures/capture.sh
 #
@@ -55,6 +56,7 @@ LINK_REQ = {16, 17, 19}                # NEWLINK, DELLINK, SETLINK
 DUMP_REQ = {38, 42, 46}                # GETQDISC, GETTCLASS, GETTFILTER
 DUMP_REPLY = {36, 40, 44, 3, 2}        # NEW{QDISC,TCLASS,TFILTER}, DONE, ERROR
 NLMSG_ERROR, NLMSG_DONE = 2, 3
+SOCK_DIAG_BY_FAMILY = 20               # inet_diag_req_v2 dump (NETLINK_SOCK_DIAG)
 NLM_F_DUMP = 0x300
 NLM_F_CAPPED, NLM_F_ACK_TLVS = 0x100, 0x200
 NLMSGERR_ATTR_MSG = 1
@@ -192,11 +194,40 @@ def do_dump(path):
         print("dump: " + m.hex())
 
 
+def do_sockdiag(path, family):
+    """The one SOCK_DIAG_BY_FAMILY dump request for `family`, sequence number and port id zeroed,
+    and how the kernel answered it (ss sends one request per family on one fd, same seq)."""
+    evs = [ev for ev in events(path) if not ev["peek"] and ev["data"]]
+    found = [(i, ev["fd"], m) for i, ev in enumerate(evs) if ev["dir"] == "send"
+             for m in split_nlmsgs(ev["data"])
+             if hdr(m)[0] == SOCK_DIAG_BY_FAMILY and m[16] == family]
+    if len(found) != 1:
+        die("expected exactly 1 sock_diag request for family %d, found %d" % (family, len(found)))
+    i, fd, req = found[0]
+    replies = []
+    for ev in evs[i + 1:]:
+        if ev["fd"] != fd:
+            continue
+        if ev["dir"] == "send":
+            break
+        replies += [m for m in split_nlmsgs(ev["data"]) if hdr(m)[2] == hdr(req)[2]]
+    if not replies or hdr(replies[-1])[0] not in (NLMSG_DONE, NLMSG_ERROR):
+        die("sock_diag dump reply does not end with NLMSG_DONE")
+    if hdr(replies[-1])[0] == NLMSG_ERROR:
+        code, text = parse_error(replies[-1])
+        print("result: " + errname(code) + (" " + text if text else ""))
+    else:
+        print("result: 0")
+    print("request: " + (req[:8] + bytes(8) + req[16:]).hex())
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "request":
         do_request(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "dump":
         do_dump(sys.argv[2])
+    elif sys.argv[1] == "sockdiag":
+        do_sockdiag(sys.argv[2], int(sys.argv[3]))
     else:
         die("unknown mode " + sys.argv[1])
 PYEOF
@@ -306,6 +337,34 @@ capture() {
     printf '%-28s %s\n' "$name" "${result#result: }"
 }
 
+# --------------------------------------------------------------------------
+# capture_sockdiag NAME FAMILY(2|10) "COMMAND": the sock_diag dump request of one address family
+# (ss sends one per family). Sequence number and port id are zeroed: ss always sends seq 123456.
+# --------------------------------------------------------------------------
+capture_sockdiag() {
+    local name="$1" family="$2" cmd="$3"
+    local file="$NEW_DIR/$name.fixture" log="$WORK/$name.req.log"
+    local -a argv
+    read -r -a argv <<<"$cmd"
+    nsx "${STRACE[@]}" -o "$log" "${argv[@]}" >"$WORK/$name.out" 2>"$WORK/$name.err" || {
+        echo "capture.sh: $name: command failed" >&2
+        cat "$WORK/$name.err" >&2
+        exit 1
+    }
+    local parsed
+    if ! parsed="$(python3 "$PARSER" sockdiag "$log" "$family")"; then
+        echo "capture.sh: $name: no usable sock_diag request captured" >&2
+        exit 1
+    fi
+    {
+        echo "command: $cmd"
+        echo "$parsed"
+        echo "note: the request for address family $family; sequence number and port id zeroed"
+    } >"$file"
+    COUNT=$((COUNT + 1))
+    printf '%-28s %s\n' "$name" "$(grep '^result: ' <<<"$parsed" | cut -d' ' -f2-)"
+}
+
 QSHOW0="tc -s qdisc show dev veth0"
 QSHOW1="tc -s qdisc show dev veth1"
 CSHOW="tc -s class show dev veth0"
@@ -393,6 +452,10 @@ capture link_set_up link "ip link set dev rlifb9 up" ""
 reset_tc; pre_ifb9
 capture link_delete link "ip link del dev rlifb9" ""
 reset_tc
+
+# ---- sock_diag (ss) ---------------------------------------------------------
+capture_sockdiag sock_diag_tcp4_established 2 "ss -tn state established"
+capture_sockdiag sock_diag_tcp6_established 10 "ss -tn state established"
 
 # --------------------------------------------------------------------------
 # All captured: replace the old fixture files atomically-ish.

@@ -1,7 +1,9 @@
-//! No input makes the decoder panic: arbitrary bytes, and captured kernel messages with random
+//! No input makes a decoder panic: arbitrary bytes, and captured kernel messages with random
 //! corruption (truncation, flipped bytes, lengths that lie), all either decode or return an error.
+//! That holds for the tc decoder and for sock_diag's inet_diag_msg decoder.
 
 use proptest::prelude::*;
+use raylimit::netlink::sock_diag;
 use raylimit::netlink::tc::{decode, RTM_NEWQDISC, RTM_NEWTCLASS, RTM_NEWTFILTER};
 
 fn captured_payloads() -> &'static [(u16, Vec<u8>)] {
@@ -42,6 +44,11 @@ proptest! {
     #[test]
     fn arbitrary_bytes_never_panic(ty in prop_oneof![Just(RTM_NEWQDISC), Just(RTM_NEWTCLASS), Just(RTM_NEWTFILTER), 0u16..100], bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
         let _ = decode(ty, &bytes);
+    }
+
+    #[test]
+    fn sock_diag_arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..160)) {
+        let _ = sock_diag::decode(&bytes);
     }
 
     #[test]

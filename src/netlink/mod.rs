@@ -1,5 +1,6 @@
 //! All kernel I/O: the tc codec (one module per object kind), dumps and their decoding, links and
-//! IFB devices, capability probing, and sockets in named network namespaces.
+//! IFB devices, capability probing, sockets in named network namespaces, and live TCP/UDP sockets
+//! over sock_diag.
 
 pub mod action;
 pub mod attr;
@@ -11,6 +12,7 @@ pub mod htb;
 pub mod link;
 pub mod matchall;
 pub mod probe;
+pub mod sock_diag;
 pub mod socket;
 pub mod stats;
 pub mod tc;

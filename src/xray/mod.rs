@@ -1,7 +1,9 @@
 //! The runtime's configuration, read as the runtime reads it, and what it allows raylimit to
 //! match: which files it loaded (`locate`), each file's text (`read`), the merged model
-//! (`config`), and the verdicts on inbounds, outbounds and the API (`verdict`).
+//! (`config`), the verdicts on inbounds, outbounds and the API (`verdict`), and a client for the
+//! API's StatsService (`api`).
 
+pub mod api;
 pub mod config;
 pub mod locate;
 pub mod read;

@@ -3,6 +3,7 @@
 
 pub mod apply;
 pub mod cli;
+pub mod evidence;
 pub mod netlink;
 pub mod ownership;
 pub mod policy;

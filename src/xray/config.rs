@@ -124,6 +124,8 @@ pub struct FileConfig {
     pub inbounds: Vec<Inbound>,
     pub outbounds: Vec<Outbound>,
     pub api: Option<Api>,
+    /// `log.access`: where the runtime writes one line per dispatched connection.
+    pub access_log: Option<String>,
     pub rules: Option<Vec<Rule>>,
 }
 
@@ -133,6 +135,8 @@ pub struct Merged {
     pub inbounds: Vec<Inbound>,
     pub outbounds: Vec<Outbound>,
     pub api: Option<Api>,
+    /// `log.access`, when it names a file (not `none`, not empty: stdout).
+    pub access_log: Option<String>,
     pub rules: Vec<Rule>,
 }
 
@@ -162,6 +166,9 @@ pub fn from_value(
             return Err(format!("outbounds[{i}] is not an object"));
         }
         out.outbounds.push(outbound(item, file));
+    }
+    if let Some(log) = v.get("log").filter(|l| l.is_object()) {
+        out.access_log = Some(text(log, "access"));
     }
     if let Some(api) = v.get("api").filter(|a| !a.is_null()) {
         if !api.is_object() {
@@ -429,9 +436,13 @@ pub fn merge(files: Vec<FileConfig>) -> Merged {
                 inbounds: f.inbounds,
                 outbounds: f.outbounds,
                 api: f.api,
+                access_log: f.access_log,
                 rules: f.rules.unwrap_or_default(),
             };
             continue;
+        }
+        if f.access_log.is_some() {
+            m.access_log = f.access_log;
         }
         if f.api.is_some() {
             m.api = f.api;

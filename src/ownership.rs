@@ -35,6 +35,8 @@ pub struct Annotation {
     pub owner: String,
     /// How the runtime was described when the rule was made (for reports only).
     pub runtime: String,
+    /// The expanded set the rule belongs to (`per_ip`), when it was not asked for by itself.
+    pub set: Option<String>,
 }
 
 impl Annotation {
@@ -43,6 +45,7 @@ impl Annotation {
             "netns": self.netns, "device": self.device, "direction": self.direction,
             "subject": self.subject, "shaped_device": self.shaped_device,
             "class_minor": self.class_minor, "owner": self.owner, "runtime": self.runtime,
+            "set": self.set,
         })
     }
 
@@ -60,6 +63,7 @@ impl Annotation {
                 .and_then(|m| u16::try_from(m).ok()),
             owner: s("owner")?,
             runtime: s("runtime").unwrap_or_default(),
+            set: s("set"),
         })
     }
 
@@ -85,6 +89,22 @@ impl Annotations {
     pub fn by_class(&self, netns: &str, shaped_device: &str, minor: u16) -> Option<&Annotation> {
         self.entries.iter().find(|a| {
             a.netns == netns && a.shaped_device == shaped_device && a.class_minor == Some(minor)
+        })
+    }
+
+    /// The rules of one owner's expanded set on a shaped device.
+    pub fn in_set<'a>(
+        &'a self,
+        netns: &'a str,
+        shaped_device: &'a str,
+        owner: &'a str,
+        set: &'a str,
+    ) -> impl Iterator<Item = &'a Annotation> + 'a {
+        self.entries.iter().filter(move |a| {
+            a.netns == netns
+                && a.shaped_device == shaped_device
+                && a.owner == owner
+                && a.set.as_deref() == Some(set)
         })
     }
 

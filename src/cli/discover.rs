@@ -8,6 +8,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::{Format, UsageError};
+use crate::evidence::{self, Evidence};
 use crate::runtime::{self, Discovery, Options, Runtime, Selection};
 use crate::xray::config::{Listen, Mark, Port};
 use crate::xray::verdict::{self, ApiView, Endpoint};
@@ -129,6 +130,8 @@ pub fn discover(format: Format) -> i32 {
 struct Inspected<'a> {
     runtime: &'a Runtime,
     config: Result<Loaded, String>,
+    /// Live sessions, when the config could be read (the listeners and users come from it).
+    sessions: Option<Evidence>,
 }
 
 pub fn inspect(a: &InspectArgs) -> i32 {
@@ -175,9 +178,17 @@ pub fn inspect(a: &InspectArgs) -> i32 {
     }
     let inspected: Vec<Inspected> = matched
         .into_iter()
-        .map(|r| Inspected {
-            runtime: r,
-            config: r.load_config(),
+        .map(|r| {
+            let config = r.load_config();
+            let sessions = config
+                .as_ref()
+                .ok()
+                .map(|c| evidence::gather(r, c, &evidence::Options::default()));
+            Inspected {
+                runtime: r,
+                config,
+                sessions,
+            }
         })
         .collect();
     match a.format {
@@ -389,7 +400,83 @@ fn inspected_json(x: &Inspected) -> Value {
         "proxy_tag": o.proxy_tag, "dialer_proxy": o.dialer_proxy, "file": o.file,
         "limit": verdict_json(&outbound_verdict(cfg, &o.tag), |m| (m.describe(), m.notes.clone())),
     })).collect::<Vec<_>>());
+    if let Some(e) = &x.sessions {
+        v["sessions"] = e.to_json();
+    }
     v
+}
+
+/// Live sessions: connections, users and their byte counters.
+fn sessions_text(out: &mut String, e: &Evidence) {
+    let _ = writeln!(out, "     live sessions: {}: {}", e.state.name(), e.reason);
+    for s in &e.sources {
+        let _ = writeln!(out, "       source: {s}");
+    }
+    for c in &e.connections {
+        let _ = writeln!(
+            out,
+            "       - {} -> {} (inbound {}){}{}",
+            c.client,
+            c.local,
+            c.inbound,
+            c.user
+                .as_ref()
+                .map(|u| format!(", user {u} via {}", c.user_source.unwrap_or("?")))
+                .unwrap_or_default(),
+            c.accepted
+                .as_ref()
+                .map(|t| format!(", accepted {t}"))
+                .unwrap_or_default()
+        );
+    }
+    let _ = writeln!(
+        out,
+        "     user attribution: {}: {}",
+        e.attribution.name(),
+        e.attribution_reason
+    );
+    for u in &e.users {
+        let ips: Vec<String> = u.ips.iter().map(|i| i.to_string()).collect();
+        let _ = writeln!(
+            out,
+            "       - {}: {} ({}){}",
+            if u.email.is_empty() {
+                &u.uuid
+            } else {
+                &u.email
+            },
+            u.state.name(),
+            u.reason,
+            if ips.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", ips.join(", "))
+            }
+        );
+    }
+    match &e.traffic {
+        Ok(t) if !t.is_empty() => {
+            let _ = writeln!(out, "     user traffic (StatsService):");
+            for u in t {
+                let _ = writeln!(
+                    out,
+                    "       - {}: uplink {} bytes, downlink {} bytes",
+                    u.email,
+                    u.uplink.unwrap_or(0),
+                    u.downlink.unwrap_or(0)
+                );
+            }
+        }
+        Ok(_) => {
+            let _ = writeln!(
+                out,
+                "     user traffic (StatsService): no user counter yet (they appear with a user's first connection)"
+            );
+        }
+        Err(why) => {
+            let _ = writeln!(out, "     user traffic: unavailable: {why}");
+        }
+    }
 }
 
 fn verdict_text<T>(
@@ -519,5 +606,8 @@ fn inspected_text(out: &mut String, x: &Inspected) {
         verdict_text(out, &outbound_verdict(cfg, &o.tag), |m| {
             (m.describe(), m.notes.clone())
         });
+    }
+    if let Some(e) = &x.sessions {
+        sessions_text(out, e);
     }
 }

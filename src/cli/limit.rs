@@ -2,7 +2,8 @@
 
 use clap::Args;
 
-use super::report::{LimitReport, Outcome};
+use super::live;
+use super::report::{LimitReport, Outcome, Report};
 use super::{Format, UsageError};
 use crate::apply;
 use crate::netlink::link::{check_name, Link, MAX_IFNAME_LEN};
@@ -12,6 +13,7 @@ use crate::ownership::{Annotation, StateDir};
 use crate::policy::{self, Direction, Request, Subject, Want};
 use crate::reconcile::observe::{Hook, Observation, ShapedRoot};
 use crate::reconcile::{self, Context};
+use crate::runtime::Runtime;
 use crate::runtime::{self, Selection, Source};
 use crate::shaping::{self, CatchAll};
 
@@ -87,6 +89,8 @@ pub struct Validated {
     pub selection: Selection,
     pub request: Request,
     pub per_ip: bool,
+    /// per_ip only: narrow the live client set to one inbound listener.
+    pub inbound: Option<String>,
 }
 
 fn given(v: &Option<String>) -> Option<&str> {
@@ -221,22 +225,6 @@ pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
     .into_iter()
     .filter_map(|(flag, v)| given(v).map(|v| (flag, v)))
     .collect();
-    match targets.len() {
-        0 => {
-            return usage(
-                "choose what to limit with --ip, --inbound, --outbound, --uuid or --connection"
-                    .into(),
-            )
-        }
-        1 => {}
-        _ => {
-            let flags: Vec<&str> = targets.iter().map(|t| t.0).collect();
-            return usage(format!(
-                "give exactly one target; got {}",
-                flags.join(" and ")
-            ));
-        }
-    }
     let aggregation = match given(&a.ip_aggregation).map(str::to_ascii_lowercase) {
         None => None,
         Some(g) if g == "shared" || g == "per_ip" => Some(g),
@@ -246,29 +234,45 @@ pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
             ))
         }
     };
-    let (flag, value) = targets[0];
-    let subject = match flag {
-        "--ip" => {
-            let is_all = value.eq_ignore_ascii_case("all");
-            if aggregation.is_some() && !is_all {
-                return usage("--ip-aggregation only applies to --ip all".into());
-            }
-            Some(
-                policy::parse_ip_subject(value, aggregation.as_deref() == Some("per_ip"))
-                    .map_err(UsageError)?,
+    let per_ip = aggregation.as_deref() == Some("per_ip");
+    // `--inbound TAG` narrows a per_ip set to one listener instead of being a target itself.
+    let narrowing = per_ip
+        && targets.len() == 2
+        && targets[0].0 == "--ip"
+        && targets[1].0 == "--inbound"
+        && targets[0].1.eq_ignore_ascii_case("all");
+    let inbound_filter = narrowing.then(|| targets[1].1.to_string());
+    match targets.len() {
+        0 => {
+            return usage(
+                "choose what to limit with --ip, --inbound, --outbound, --uuid or --connection"
+                    .into(),
             )
         }
-        "--inbound" | "--outbound" => {
-            if aggregation.is_some() {
-                return usage("--ip-aggregation only applies to --ip all".into());
-            }
-            None
-        }
+        1 => {}
+        2 if narrowing => {}
         _ => {
+            let flags: Vec<&str> = targets.iter().map(|t| t.0).collect();
             return usage(format!(
-                "{flag} limits are not available in this build yet; the ip, inbound and outbound families are"
-            ))
+                "give exactly one target; got {}",
+                flags.join(" and ")
+            ));
         }
+    }
+    let (flag, value) = targets[0];
+    if aggregation.is_some() && !(flag == "--ip" && value.eq_ignore_ascii_case("all")) {
+        return usage("--ip-aggregation only applies to --ip all".into());
+    }
+    let subject = match flag {
+        "--ip" => Some(policy::parse_ip_subject(value, per_ip).map_err(UsageError)?),
+        "--uuid" => Some(Subject::User {
+            uuid: value.to_string(),
+            ips: Default::default(),
+        }),
+        "--connection" => Some(Subject::Connection(
+            policy::parse_connection(value).map_err(UsageError)?,
+        )),
+        _ => None,
     };
 
     let Some(device) = given(&a.device) else {
@@ -294,7 +298,8 @@ pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
     }
     if a.unlimited && !matches!(subject, Some(Subject::Ip(_))) {
         return usage(
-            "--unlimited exempts one client address; it needs --ip ADDRESS, not --ip all".into(),
+            "--unlimited exempts one client address; it needs --ip ADDRESS, not another target"
+                .into(),
         );
     }
     let rate = given(&a.rate);
@@ -339,7 +344,8 @@ pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
             device: device.to_string(),
             want,
         },
-        per_ip: aggregation.as_deref() == Some("per_ip"),
+        per_ip,
+        inbound: inbound_filter,
     }))
 }
 
@@ -356,114 +362,181 @@ impl From<UsageError> for LimitError {
     }
 }
 
-/// Runs `limit` up to a report (which the caller renders).
-pub fn run(netns: Option<&str>, a: &LimitArgs, v: Validated) -> Result<LimitReport, LimitError> {
-    let runtime = runtime::select(&v.selection).map_err(|e| LimitError::Refused(e.to_string()))?;
-    let mut sock = RtSocket::open_in(netns).map_err(|e| LimitError::Refused(e.to_string()))?;
-    let device = match sock.link_by_name(&v.request.device) {
-        Ok(l) => l,
-        Err(NetlinkError::NoSuchDevice(_)) => {
-            return Err(UsageError(format!(
-                "no network device named {:?}{}",
-                v.request.device,
-                netns
-                    .map(|n| format!(" in network namespace {n}"))
-                    .unwrap_or_default()
-            ))
-            .into())
+/// What one `limit` run works with: the runtime, the device, the kernel socket, the lock and
+/// the owner annotations.
+pub struct Session {
+    pub runtime: Runtime,
+    pub device: Link,
+    pub execute: bool,
+    allow_missing_state: bool,
+    sock: RtSocket,
+    state_dir: StateDir,
+    netns_key: String,
+    catch_all: CatchAll,
+    _lock: Option<crate::ownership::Lock>,
+}
+
+impl Session {
+    /// Selects the runtime, finds the device, and (when executing) takes the lock that keeps
+    /// other runs out from observation to annotation.
+    pub fn open(
+        netns: Option<&str>,
+        selection: &Selection,
+        device: &str,
+        execute: bool,
+        allow_missing_state: bool,
+    ) -> Result<Self, LimitError> {
+        let runtime = runtime::select(selection).map_err(|e| LimitError::Refused(e.to_string()))?;
+        let mut sock = RtSocket::open_in(netns).map_err(|e| LimitError::Refused(e.to_string()))?;
+        let device = match sock.link_by_name(device) {
+            Ok(l) => l,
+            Err(NetlinkError::NoSuchDevice(_)) => {
+                return Err(UsageError(format!(
+                    "no network device named {device:?}{}",
+                    netns
+                        .map(|n| format!(" in network namespace {n}"))
+                        .unwrap_or_default()
+                ))
+                .into())
+            }
+            Err(e) => return Err(LimitError::Refused(e.to_string())),
+        };
+        let state_dir = StateDir::from_env();
+        let lock = if execute {
+            Some(state_dir.lock().map_err(LimitError::Refused)?)
+        } else {
+            None
+        };
+        let caps = Capabilities::probe();
+        Ok(Session {
+            runtime,
+            device,
+            execute,
+            allow_missing_state,
+            sock,
+            state_dir,
+            netns_key: netns.unwrap_or("").to_string(),
+            catch_all: CatchAll::choose(caps.has(Feature::Matchall)),
+            _lock: lock,
+        })
+    }
+
+    pub fn shaped_device(&self, direction: Direction) -> String {
+        match direction {
+            Direction::Download => self.device.name.clone(),
+            Direction::Upload => shaping::ifb_name(self.device.index),
         }
-        Err(e) => return Err(LimitError::Refused(e.to_string())),
-    };
-    let state_dir = StateDir::from_env();
-    // Executing runs hold the lock from observation to annotation, so no other run interleaves.
-    let _lock = if a.execute {
-        Some(state_dir.lock().map_err(LimitError::Refused)?)
-    } else {
-        None
-    };
-    let caps = Capabilities::probe();
-    let catch_all = CatchAll::choose(caps.has(Feature::Matchall));
-    let observation = observe(&mut sock, &device, v.request.direction);
-    let shaped_device = shaped_device_name(&v.request, &device);
-    let netns_key = netns.unwrap_or("").to_string();
-    let mut annotations = state_dir.load();
-    let subject_key = v.request.subject.key();
-    let annotation = annotations
-        .find(&netns_key, &shaped_device, &subject_key)
-        .cloned();
-    let owner = runtime.owner();
-    let ctx = Context {
-        request: v.request.clone(),
-        catch_all,
-        allow_missing_state: a.allow_missing_tc_state,
-        owned_by_other: annotation
-            .as_ref()
-            .filter(|x| x.owner != owner)
-            .map(|x| x.owner.clone()),
-        remembered_minor: annotation.as_ref().and_then(|x| x.class_minor),
-    };
-    let decision = reconcile::decide(&ctx, &observation);
-    let mut report = LimitReport::new(
-        a.execute,
-        &v,
-        &runtime,
-        &device,
-        &shaped_device,
-        &observation,
-        decision,
-    );
-    if !a.execute {
-        report.outcome = if report.decision.blocked.is_some() {
-            Outcome::Blocked
+    }
+
+    pub fn annotations(&self) -> crate::ownership::Annotations {
+        self.state_dir.load()
+    }
+
+    pub fn netns_key(&self) -> &str {
+        &self.netns_key
+    }
+
+    /// Observes, decides and (when executing) applies one request, then records its owner.
+    /// `set` names the expanded set (`per_ip`) the rule belongs to; `blocked` is a reason the
+    /// evidence gives not to execute, whatever the kernel says.
+    pub fn one(
+        &mut self,
+        v: &Validated,
+        set: Option<&str>,
+        blocked: Option<String>,
+    ) -> LimitReport {
+        let request = &v.request;
+        let observation = observe(&mut self.sock, &self.device, request.direction);
+        let shaped_device = self.shaped_device(request.direction);
+        let mut annotations = self.state_dir.load();
+        let subject_key = request.subject.key();
+        let annotation = annotations
+            .find(&self.netns_key, &shaped_device, &subject_key)
+            .cloned();
+        let owner = self.runtime.owner();
+        let ctx = Context {
+            request: request.clone(),
+            catch_all: self.catch_all,
+            allow_missing_state: self.allow_missing_state,
+            owned_by_other: annotation
+                .as_ref()
+                .filter(|x| x.owner != owner)
+                .map(|x| x.owner.clone()),
+            remembered_minor: annotation.as_ref().and_then(|x| x.class_minor),
+        };
+        let mut decision = reconcile::decide(&ctx, &observation);
+        if blocked.is_some() {
+            decision.blocked = blocked;
+        }
+        let mut report = LimitReport::new(
+            self.execute,
+            v,
+            &self.runtime,
+            &self.device,
+            &shaped_device,
+            &observation,
+            decision,
+        );
+        if !self.execute || report.decision.blocked.is_some() {
+            report.outcome = if report.decision.blocked.is_some() {
+                Outcome::Blocked
+            } else if report.decision.steps.is_empty() {
+                Outcome::NoChanges
+            } else {
+                Outcome::PlanReady
+            };
+            return report;
+        }
+        let execution = apply::execute(&mut self.sock, &report.decision.steps);
+        report.outcome = if execution.failed() {
+            Outcome::Failed
         } else if report.decision.steps.is_empty() {
             Outcome::NoChanges
         } else {
-            Outcome::PlanReady
+            Outcome::Executed
         };
-        return Ok(report);
-    }
-    if report.decision.blocked.is_some() {
-        report.outcome = Outcome::Blocked;
-        return Ok(report);
-    }
-    let execution = apply::execute(&mut sock, &report.decision.steps);
-    report.outcome = if execution.failed() {
-        Outcome::Failed
-    } else if report.decision.steps.is_empty() {
-        Outcome::NoChanges
-    } else {
-        Outcome::Executed
-    };
-    let succeeded = !execution.failed();
-    report.execution = Some(execution);
-    if succeeded {
-        let minor = report.decision.expected_class.map(|c| c.minor());
-        match v.request.want {
-            Want::Remove => annotations.remove(&netns_key, &shaped_device, &subject_key),
-            _ => annotations.upsert(Annotation {
-                netns: netns_key,
-                device: device.name.clone(),
-                direction: v.request.direction.name().into(),
-                subject: subject_key,
-                shaped_device,
-                class_minor: minor,
-                owner,
-                runtime: runtime.describe(),
-            }),
+        let succeeded = !execution.failed();
+        report.execution = Some(execution);
+        if succeeded {
+            let minor = report.decision.expected_class.map(|c| c.minor());
+            match request.want {
+                Want::Remove => annotations.remove(&self.netns_key, &shaped_device, &subject_key),
+                _ => annotations.upsert(Annotation {
+                    netns: self.netns_key.clone(),
+                    device: self.device.name.clone(),
+                    direction: request.direction.name().into(),
+                    subject: subject_key,
+                    shaped_device,
+                    class_minor: minor,
+                    owner,
+                    runtime: self.runtime.describe(),
+                    set: set.map(str::to_string),
+                }),
+            }
+            if let Err(e) = self.state_dir.save(&annotations) {
+                report.warnings.push(format!(
+                    "the kernel was changed, but the owner annotation could not be written: {e}"
+                ));
+            }
         }
-        if let Err(e) = state_dir.save(&annotations) {
-            report.warnings.push(format!(
-                "the kernel was changed, but the owner annotation could not be written: {e}"
-            ));
-        }
+        report
     }
-    Ok(report)
 }
 
-fn shaped_device_name(req: &Request, device: &Link) -> String {
-    match req.direction {
-        Direction::Download => device.name.clone(),
-        Direction::Upload => shaping::ifb_name(device.index),
+/// Runs `limit` up to a report (which the caller renders).
+pub fn run(netns: Option<&str>, a: &LimitArgs, v: Validated) -> Result<Report, LimitError> {
+    let mut session = Session::open(
+        netns,
+        &v.selection,
+        &v.request.device,
+        a.execute,
+        a.allow_missing_tc_state,
+    )?;
+    match &v.request.subject {
+        Subject::AllPerIp => Ok(Report::PerIp(live::per_ip(&mut session, &v))),
+        Subject::User { .. } => Ok(Report::One(live::user(&mut session, &v))),
+        Subject::Connection(_) => Ok(Report::One(live::connection(&mut session, &v))),
+        _ => Ok(Report::One(session.one(&v, None, None))),
     }
 }
 
@@ -506,15 +579,4 @@ pub fn observe(sock: &mut RtSocket, device: &Link, direction: Direction) -> Obse
         };
     }
     obs
-}
-
-impl LimitReport {
-    /// Exit code: 0 planned or done; 1 refused (blocked with --execute) or failed.
-    pub fn exit_code(&self) -> i32 {
-        match self.outcome {
-            Outcome::Failed => 1,
-            Outcome::Blocked if self.execute => 1,
-            _ => 0,
-        }
-    }
 }

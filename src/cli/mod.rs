@@ -2,9 +2,11 @@
 
 mod discover;
 mod limit;
+mod live;
 mod report;
 mod status;
 mod tagged;
+mod watch;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
@@ -47,6 +49,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Keep a per_ip set or a user's addresses in line with live evidence, until SIGINT or
+    /// SIGTERM (dry-run unless --execute).
+    Watch(Box<watch::WatchArgs>),
     /// Print the version.
     Version,
     /// Report which optional tc features this kernel has (reads only; changes nothing).
@@ -137,12 +142,14 @@ pub fn run(cli: Cli) -> i32 {
     match &cli.command {
         Command::Discover { format } => return discover::discover(*format),
         Command::Inspect(args) => return discover::inspect(args),
+        Command::Watch(args) => return watch::run(cli.netns.as_deref(), args),
         _ => {}
     }
     let result = match &cli.command {
         Command::Limit(_)
         | Command::Status { .. }
         | Command::Discover { .. }
+        | Command::Watch(_)
         | Command::Inspect(_) => Ok(()),
         Command::Version => {
             println!("raylimit {}", env!("CARGO_PKG_VERSION"));
@@ -183,12 +190,11 @@ fn run_limit(netns: Option<&str>, args: &limit::LimitArgs) -> i32 {
             }
             let code = report.exit_code();
             if code != 0 {
-                let why = report
-                    .decision
-                    .blocked
-                    .clone()
-                    .unwrap_or_else(|| "an operation failed; see the report".into());
-                eprintln!("raylimit: limit {}: {why}", report.outcome_name());
+                eprintln!(
+                    "raylimit: limit {}: {}",
+                    report.outcome().name(),
+                    report.why()
+                );
             }
             code
         }

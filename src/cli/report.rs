@@ -47,6 +47,28 @@ pub struct LimitReport {
     pub execution: Option<Execution>,
     pub outcome: Outcome,
     pub warnings: Vec<String>,
+    /// The live evidence the request was resolved with (uuid, connection, per_ip).
+    pub evidence: Option<EvidenceView>,
+}
+
+/// Evidence as a report shows it: labelled lines for text, a value for JSON.
+#[derive(Debug, Clone, Default)]
+pub struct EvidenceView {
+    pub lines: Vec<(String, String)>,
+    pub json: Value,
+}
+
+impl EvidenceView {
+    pub fn line(&mut self, label: &str, value: impl Into<String>) {
+        self.lines.push((label.to_string(), value.into()));
+    }
+
+    fn text(&self, w: &mut String) {
+        let _ = writeln!(w, "\nEvidence:");
+        for (label, value) in &self.lines {
+            let _ = writeln!(w, "{label}: {value}");
+        }
+    }
 }
 
 fn describe_root(obs: &Observation, shaped_device: &str) -> String {
@@ -86,11 +108,8 @@ impl LimitReport {
             execution: None,
             outcome: Outcome::PlanReady,
             warnings: Vec::new(),
+            evidence: None,
         }
-    }
-
-    pub fn outcome_name(&self) -> &'static str {
-        self.outcome.name()
     }
 
     fn operation(&self) -> &'static str {
@@ -175,12 +194,8 @@ impl LimitReport {
             );
         }
         let _ = writeln!(w, "\nRequested state:\n{}", self.requested());
-        if self.per_ip {
-            let _ = writeln!(w, "\nEvidence:");
-            let _ = writeln!(w, "Per-IP evidence provider: none");
-            let _ = writeln!(w, "Per-IP evidence state: unavailable");
-            let _ = writeln!(w, "Per-IP reconcile state: unavailable_evidence");
-            let _ = writeln!(w, "Visible client IPs: none");
+        if let Some(e) = &self.evidence {
+            e.text(w);
         }
         let _ = writeln!(w, "\nObservation:");
         let _ = writeln!(w, "Observed tc state: {}", d.observed_state);
@@ -283,7 +298,7 @@ impl LimitReport {
     pub fn json(&self) -> Value {
         let d = &self.decision;
         let r = &self.request;
-        let mut target = json!({"kind": "ip", "value": r.subject.value()});
+        let mut target = json!({"kind": r.subject.kind(), "value": r.subject.value()});
         if matches!(r.subject, Subject::AllShared | Subject::AllPerIp) {
             target["ip_aggregation"] = json!(if self.per_ip { "per_ip" } else { "shared" });
         }
@@ -343,14 +358,8 @@ impl LimitReport {
                 v["rollback"] = json!(e.rollback.iter().map(result_json).collect::<Vec<_>>());
             }
         }
-        if self.per_ip {
-            v["per_ip_expansion"] = json!({
-                "provider": "none",
-                "state": "unavailable",
-                "reconcile_state": "unavailable_evidence",
-                "client_ips": [],
-                "note": "no live client IP evidence source exists in this build yet",
-            });
+        if let Some(e) = &self.evidence {
+            v["evidence"] = e.json.clone();
         }
         if !self.warnings.is_empty() {
             v["warnings"] = json!(self.warnings);
@@ -358,7 +367,7 @@ impl LimitReport {
         v
     }
 
-    fn runtime_json(&self) -> Value {
+    pub fn runtime_json(&self) -> Value {
         let rt = &self.runtime;
         json!({
             "source": rt.source.name(),
@@ -383,4 +392,260 @@ fn result_json(r: &crate::apply::StepResult) -> Value {
         v["warning"] = json!(w);
     }
     v
+}
+
+/// `--ip all --ip-aggregation per_ip`: the live client set and one report per client IP.
+pub struct PerIpReport {
+    pub execute: bool,
+    pub request: crate::policy::Request,
+    pub runtime: Runtime,
+    pub evidence: EvidenceView,
+    /// Where the client set came from, and how trustworthy it is.
+    pub provider: &'static str,
+    pub state: &'static str,
+    pub reconcile_state: &'static str,
+    /// The client IPs the request expanded into.
+    pub ips: Vec<std::net::IpAddr>,
+    pub note: String,
+    pub targets: Vec<LimitReport>,
+    /// Client IPs left alone, and why.
+    pub skipped: Vec<(std::net::IpAddr, String)>,
+    /// Why nothing could be expanded, when nothing could.
+    pub blocked: Option<String>,
+}
+
+impl PerIpReport {
+    fn count(&self, kind: crate::reconcile::DecisionKind) -> usize {
+        self.targets
+            .iter()
+            .filter(|t| t.decision.kind == kind)
+            .count()
+    }
+
+    fn summary(&self) -> String {
+        use crate::reconcile::DecisionKind as K;
+        format!(
+            "{} no-op, {} apply, {} replace, {} remove",
+            self.count(K::NoOp),
+            self.count(K::Apply),
+            self.count(K::Replace),
+            self.count(K::Remove)
+        )
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        if self.blocked.is_some() || self.targets.iter().any(|t| t.outcome == Outcome::Blocked) {
+            return Outcome::Blocked;
+        }
+        if self.targets.iter().any(|t| t.outcome == Outcome::Failed) {
+            return Outcome::Failed;
+        }
+        if self.targets.iter().any(|t| t.outcome == Outcome::Executed) {
+            return Outcome::Executed;
+        }
+        if self.targets.iter().any(|t| t.outcome == Outcome::PlanReady) {
+            return Outcome::PlanReady;
+        }
+        Outcome::NoChanges
+    }
+
+    pub fn text(&self) -> String {
+        let mut s = String::new();
+        let w = &mut s;
+        let _ = writeln!(w, "Request:");
+        let _ = writeln!(
+            w,
+            "Mode: {}",
+            if self.execute { "execute" } else { "dry-run" }
+        );
+        let op = if self.request.want == Want::Remove {
+            "remove"
+        } else {
+            "limit"
+        };
+        let _ = writeln!(w, "Operation: {op}");
+        let _ = writeln!(w, "Runtime: {}", self.runtime.describe());
+        let _ = writeln!(w, "Owner: {}", self.runtime.owner());
+        let _ = writeln!(w, "Target: ip all");
+        let _ = writeln!(w, "IP aggregation: per_ip");
+        let _ = writeln!(w, "\nRequested state:\n{}", self.request.describe());
+        self.evidence.text(w);
+        let _ = writeln!(w, "\nPer-IP expansion:");
+        let _ = writeln!(w, "Per-IP evidence provider: {}", self.provider);
+        let _ = writeln!(w, "Per-IP evidence state: {}", self.state);
+        let _ = writeln!(w, "Per-IP reconcile state: {}", self.reconcile_state);
+        let _ = writeln!(w, "Visible client IPs: {}", self.ips.len());
+        for (i, ip) in self.ips.iter().enumerate() {
+            let _ = writeln!(w, "  {}. {ip}", i + 1);
+        }
+        let _ = writeln!(w, "Per-IP expansion note: {}", self.note);
+        for (ip, why) in &self.skipped {
+            let _ = writeln!(w, "Left alone: {ip}: {why}");
+        }
+        let _ = writeln!(w, "Decision summary: {}", self.summary());
+        if !self.targets.is_empty() {
+            let _ = writeln!(w, "Expanded targets:");
+        }
+        for (i, t) in self.targets.iter().enumerate() {
+            let d = &t.decision;
+            let _ = writeln!(w, "  {}. {}", i + 1, t.request.subject);
+            let _ = writeln!(w, "     Observed tc state: {}", d.observed_state);
+            let _ = writeln!(w, "     Reconcile decision: {}", d.kind.name());
+            let _ = writeln!(w, "     Decision reason: {}", d.reason);
+            if let Some(c) = d.expected_class.or(d.observed_class) {
+                let _ = writeln!(w, "     Class ID: {c}");
+            }
+            if let Some(b) = &d.blocked {
+                let _ = writeln!(w, "     Execution note: {b}");
+            }
+            if !d.steps.is_empty() {
+                let _ = writeln!(w, "     Planned operations:");
+                for (j, step) in d.steps.iter().enumerate() {
+                    let _ = writeln!(w, "       {}. {}", j + 1, step.command());
+                }
+            }
+            if let Some(e) = &t.execution {
+                for r in &e.results {
+                    let _ = writeln!(w, "       {}: {}", r.step, r.status.name());
+                    if let Some(err) = &r.error {
+                        let _ = writeln!(w, "         error: {err}");
+                    }
+                }
+            }
+            let _ = writeln!(w, "     Outcome: {}", t.outcome.name());
+        }
+        let _ = writeln!(w, "\nExecution:");
+        if let Some(b) = &self.blocked {
+            let _ = writeln!(w, "Execution note: {b}");
+        }
+        let outcome = self.outcome();
+        let _ = writeln!(
+            w,
+            "Outcome: {}",
+            match (outcome, self.execute) {
+                (Outcome::Blocked, false) => "blocked (execute would refuse)".to_string(),
+                (o, _) => o.name().to_string(),
+            }
+        );
+        let _ = writeln!(
+            w,
+            "{}",
+            match outcome {
+                Outcome::Executed | Outcome::Failed => format!(
+                    "{} of {} client IP(s) changed.",
+                    self.targets
+                        .iter()
+                        .filter(|t| t.outcome == Outcome::Executed)
+                        .count(),
+                    self.targets.len()
+                ),
+                Outcome::NoChanges => {
+                    "The kernel already matches the request; nothing was changed.".into()
+                }
+                _ => "No system changes were made.".into(),
+            }
+        );
+        s
+    }
+
+    pub fn json(&self) -> Value {
+        let targets: Vec<Value> = self.targets.iter().map(LimitReport::json).collect();
+        let mut v = json!({
+            "mode": if self.execute { "execute" } else { "dry-run" },
+            "operation": if self.request.want == Want::Remove { "remove" } else { "limit" },
+            "runtime": self.targets.first().map(|t| t.runtime_json()).unwrap_or_else(|| json!({
+                "source": self.runtime.source.name(),
+                "owner": self.runtime.owner(),
+                "identity": {"name": self.runtime.name},
+                "host_process": {"pid": self.runtime.pid()},
+            })),
+            "target": {"kind": "ip", "value": "all", "ip_aggregation": "per_ip"},
+            "scope": {"device": self.request.device, "direction": self.request.direction.name()},
+            "evidence": self.evidence.json,
+            "decision": {"kind": "per_ip", "reason": self.summary()},
+            "execution_blocked": self.outcome() == Outcome::Blocked,
+            "outcome": self.outcome().name(),
+            "per_ip_expansion": {
+                "provider": self.provider,
+                "state": self.state,
+                "reconcile_state": self.reconcile_state,
+                "client_ips": self.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(),
+                "note": self.note,
+                "left_alone": self.skipped.iter().map(|(ip, why)| json!({"ip": ip.to_string(), "reason": why})).collect::<Vec<_>>(),
+                "decision_summary": {
+                    "no_op": self.count(crate::reconcile::DecisionKind::NoOp),
+                    "apply": self.count(crate::reconcile::DecisionKind::Apply),
+                    "replace": self.count(crate::reconcile::DecisionKind::Replace),
+                    "remove": self.count(crate::reconcile::DecisionKind::Remove),
+                },
+                "targets": targets,
+            },
+            "results": self.targets.iter().flat_map(|t| t.json()["results"].as_array().cloned().unwrap_or_default()).collect::<Vec<_>>(),
+        });
+        if let Want::Limit(rate) = self.request.want {
+            v["rate_bytes_per_second"] = json!(rate);
+        }
+        if let Some(b) = &self.blocked {
+            v["execution_note"] = json!(b);
+        }
+        v
+    }
+}
+
+/// What `limit` reports: one decision, or a per_ip expansion of many.
+pub enum Report {
+    One(LimitReport),
+    PerIp(PerIpReport),
+}
+
+impl Report {
+    pub fn text(&self) -> String {
+        match self {
+            Report::One(r) => r.text(),
+            Report::PerIp(r) => r.text(),
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        match self {
+            Report::One(r) => r.json(),
+            Report::PerIp(r) => r.json(),
+        }
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            Report::One(r) => r.outcome,
+            Report::PerIp(r) => r.outcome(),
+        }
+    }
+
+    /// 0 planned or done; 1 refused (blocked with --execute) or failed.
+    pub fn exit_code(&self) -> i32 {
+        let execute = match self {
+            Report::One(r) => r.execute,
+            Report::PerIp(r) => r.execute,
+        };
+        match self.outcome() {
+            Outcome::Failed => 1,
+            Outcome::Blocked if execute => 1,
+            _ => 0,
+        }
+    }
+
+    /// The one line for stderr when the run did not succeed.
+    pub fn why(&self) -> String {
+        let blocked = match self {
+            Report::One(r) => r.decision.blocked.clone(),
+            Report::PerIp(r) => r.blocked.clone().or_else(|| {
+                r.targets.iter().find_map(|t| {
+                    t.decision
+                        .blocked
+                        .as_ref()
+                        .map(|b| format!("{}: {b}", t.request.subject))
+                })
+            }),
+        };
+        blocked.unwrap_or_else(|| "an operation failed; see the report".into())
+    }
 }

@@ -5,19 +5,25 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
+use crate::evidence;
 use crate::netlink::link::Link;
 use crate::netlink::tc::ClassKind;
 use crate::netlink::u32::End;
 use crate::netlink::{NetlinkError, RtSocket, TcHandle};
 use crate::ownership::StateDir;
 use crate::reconcile::observe::{classid_of, RootState, ShapedRoot};
+use crate::runtime::{self, Selection};
 use crate::shaping::{self, Band, IFB_PREFIX};
+use crate::xray::api::UserTraffic;
+use std::collections::BTreeMap;
 
 /// One managed rule as the kernel holds it.
 struct Rule {
     subject: String,
     /// A user's client addresses (one node each, one class).
     clients: Vec<String>,
+    /// A user's byte counters from the runtime's StatsService, or why there are none.
+    user_traffic: Option<String>,
     priority: u16,
     class: Option<TcHandle>,
     rate: Option<u64>,
@@ -112,6 +118,7 @@ pub fn run(
             rules.push(Rule {
                 subject,
                 clients,
+                user_traffic: None,
                 priority: entry.filter.priority,
                 class,
                 rate: class_entry.and_then(|c| match &c.class.kind {
@@ -145,6 +152,7 @@ pub fn run(
             rules,
         });
     }
+    add_user_traffic(&mut roots);
     Ok(if json_out {
         let v: Vec<Value> = roots.iter().map(root_json).collect();
         format!(
@@ -154,6 +162,65 @@ pub fn run(
     } else {
         text(&roots)
     })
+}
+
+/// A runtime's users (lower-case UUID, email) and their byte counters.
+type RuntimeUsers = (Vec<(String, String)>, Vec<UserTraffic>);
+
+/// For each uuid rule, the user's byte counters from the owning runtime's StatsService.
+fn add_user_traffic(roots: &mut [Root]) {
+    let wanted = roots
+        .iter()
+        .flat_map(|r| &r.rules)
+        .any(|r| r.subject.starts_with("uuid ") && r.owner.is_some());
+    if !wanted {
+        return;
+    }
+    let found = runtime::discover(&runtime::Options::from_env(&Selection::default()));
+    // One API call per runtime, however many of its users are limited.
+    let mut by_owner: BTreeMap<String, Result<RuntimeUsers, String>> = BTreeMap::new();
+    for rule in roots.iter_mut().flat_map(|r| r.rules.iter_mut()) {
+        let (Some(uuid), Some(owner)) = (rule.subject.strip_prefix("uuid "), &rule.owner) else {
+            continue;
+        };
+        let counters = by_owner.entry(owner.clone()).or_insert_with(|| {
+            let rt = found
+                .runtimes
+                .iter()
+                .find(|r| &r.owner() == owner)
+                .ok_or("its runtime is not running")?;
+            let cfg = rt.load_config()?;
+            let users = cfg
+                .merged
+                .inbounds
+                .iter()
+                .flat_map(|i| &i.users)
+                .map(|u| (u.id.to_ascii_lowercase(), u.email.clone()))
+                .collect();
+            Ok((
+                users,
+                evidence::user_traffic(rt, &cfg, &evidence::Options::default())?,
+            ))
+        });
+        rule.user_traffic = Some(match counters {
+            Err(e) => format!("unavailable: {e}"),
+            Ok((users, traffic)) => {
+                let email = users
+                    .iter()
+                    .find(|(id, email)| id == uuid || email == uuid)
+                    .map(|x| x.1.clone());
+                match traffic.iter().find(|t| Some(&t.email) == email.as_ref()) {
+                    Some(t) => format!(
+                        "{}: uplink {} bytes, downlink {} bytes",
+                        t.email,
+                        t.uplink.unwrap_or(0),
+                        t.downlink.unwrap_or(0)
+                    ),
+                    None => "no counter yet (it appears with the user's first connection)".into(),
+                }
+            }
+        });
+    }
 }
 
 /// The device a root belongs to: an IFB `rlifbN` shapes upload for device N.
@@ -205,6 +272,9 @@ fn text(roots: &[Root]) -> String {
             if !rule.clients.is_empty() {
                 let _ = writeln!(s, "    clients: {}", rule.clients.join(", "));
             }
+            if let Some(t) = &rule.user_traffic {
+                let _ = writeln!(s, "    user traffic (StatsService): {t}");
+            }
         }
         for c in &r.orphan_classes {
             let _ = writeln!(s, "  class {c} has no filter (orphan)");
@@ -226,6 +296,7 @@ fn root_json(r: &Root) -> Value {
         "rules": r.rules.iter().map(|x| json!({
             "subject": x.subject,
             "clients": x.clients,
+            "user_traffic": x.user_traffic,
             "priority": x.priority,
             "class_id": x.class.map(|c| c.to_string()),
             "unlimited": x.class.is_some_and(|c| c.minor() == 0),

@@ -521,12 +521,12 @@ fn text_and_json_reports_carry_every_section() {
         "--rate",
         "1000",
     ]);
-    assert_eq!(code, 0, "a blocked dry-run exits 0");
-    assert!(out.contains("Per-IP evidence state: unavailable"), "{out}");
-    assert!(
-        out.contains("Outcome: blocked (execute would refuse)"),
-        "{out}"
-    );
+    // The runtime has no client connected: nothing to expand, which is not an error.
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Per-IP evidence state: no_sessions"), "{out}");
+    assert!(out.contains("Session evidence state: no_sessions"), "{out}");
+    assert!(out.contains("Visible client IPs: 0"), "{out}");
+    assert!(out.contains("Outcome: no changes"), "{out}");
     let v = h.limit_json(&[
         "--ip",
         "all",
@@ -537,8 +537,9 @@ fn text_and_json_reports_carry_every_section() {
         "--rate",
         "1000",
     ]);
-    assert_eq!(v["per_ip_expansion"]["state"], "unavailable");
-    assert_eq!(v["execution_blocked"], true);
+    assert_eq!(v["per_ip_expansion"]["state"], "no_sessions");
+    assert_eq!(v["per_ip_expansion"]["client_ips"], serde_json::json!([]));
+    assert_eq!(v["execution_blocked"], false);
     let (code, _, err) = h.limit(&[
         "--ip",
         "all",
@@ -550,7 +551,7 @@ fn text_and_json_reports_carry_every_section() {
         "1000",
         "--execute",
     ]);
-    assert_eq!((code, err.lines().count()), (1, 1), "{err}");
+    assert_eq!((code, err.as_str()), (0, ""));
 }
 
 #[test]

@@ -34,12 +34,18 @@ struct Setup {
 
 impl Setup {
     fn new(tag: &str) -> Setup {
+        Setup::with_api_listen(tag, None)
+    }
+
+    /// `api_listen`: an `api.listen` address for the config (Xray serves it; v2ray 4.34 ignores
+    /// it and keeps its API on the `api-in` inbound).
+    fn with_api_listen(tag: &str, api_listen: Option<&str>) -> Setup {
         let pair = Pair::new(tag);
         pair.client
             .ip(&["addr", "add", "10.99.0.3/24", "dev", "veth-c"]);
         let dir = temp_dir(&format!("{tag}-srv"));
         let server_cfg = r#"{"log":{"loglevel":"warning","access":"DIR/access.log"},
- "api":{"tag":"api","services":["StatsService"]},
+ "api":{"tag":"api","services":["StatsService"]LISTEN},
  "stats":{},
  "policy":{"levels":{"0":{"statsUserUplink":true,"statsUserDownlink":true}}},
  "inbounds":[
@@ -50,6 +56,12 @@ impl Setup {
  "outbounds":[{"tag":"direct","protocol":"freedom","settings":{}}],
  "routing":{"rules":[{"type":"field","inboundTag":["api-in"],"outboundTag":"api"}]}}"#
             .replace("DIR", &dir.to_string_lossy())
+            .replace(
+                "LISTEN",
+                &api_listen
+                    .map(|l| format!(r#","listen":"{l}""#))
+                    .unwrap_or_default(),
+            )
             .replace("ALICE", ALICE)
             .replace("BOB", BOB);
         std::fs::write(dir.join("server.json"), server_cfg).unwrap();
@@ -757,5 +769,84 @@ fn watch_adds_a_new_client_and_drops_a_departed_one_after_the_grace_period() {
     assert!(rules[0]["owner"].as_str().unwrap().starts_with("host:"));
     let (code, out, err) = s.limit(&per_ip("download", &["--remove", "--execute"]));
     assert_eq!(code, 0, "{err}\n{out}");
+    bob.stop();
+}
+
+fn user<'a>(v: &'a Value, email: &str) -> &'a Value {
+    v["evidence"]["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["email"] == email)
+        .unwrap_or_else(|| panic!("no {email} in {v}"))
+}
+
+#[test]
+fn xray_online_ip_api_attributes_users_and_shared_addresses_are_left_out() {
+    // No real Xray binary is available here: the API is a fake with Xray's messages and service
+    // name (tests/common/fake_xray.rs) on the api.listen address the config names.
+    use common::fake_xray::FakeXray;
+    use std::collections::HashMap;
+    let listen = "127.0.0.1:10099";
+    let s = Setup::with_api_listen("xon", Some(listen));
+    let alice = s.flow(ALICE_PORT, b'H', 30);
+    let bob = s.flow(BOB_PORT, b'H', 30);
+    wait_for("both clients", 10, || per_ip_ips(&s).len() == 2);
+    let online = |bob_keys: &[&str]| -> HashMap<String, Vec<String>> {
+        HashMap::from([
+            (
+                "user>>>alice@example.com>>>online".to_string(),
+                // 10.9.9.9 has no live socket on this runtime: it must not count.
+                vec!["10.99.0.2".to_string(), "10.9.9.9".to_string()],
+            ),
+            (
+                "user>>>bob@example.com>>>online".to_string(),
+                bob_keys.iter().map(|k| k.to_string()).collect(),
+            ),
+        ])
+    };
+    {
+        let _api = FakeXray::start(
+            &s.pair.server,
+            listen.parse().unwrap(),
+            online(&["[::ffff:10.99.0.3]"]),
+        );
+        let v = s.limit_json(&uuid(ALICE, &["--rate", "300000"]));
+        let a = user(&v, "alice@example.com");
+        assert_eq!(a["source"], "xray_api", "{v}");
+        assert_eq!(strings(&a["ips"]), [ALICE_IP]);
+        assert_eq!(strings(&user(&v, "bob@example.com")["ips"]), [BOB_IP]);
+        assert_eq!(v["execution_blocked"], false, "{v}");
+        for c in v["evidence"]["connections"].as_array().unwrap() {
+            assert_eq!(c["user_source"], "xray_api", "{c}");
+        }
+        assert!(v["evidence"]["sources"]
+            .to_string()
+            .contains("GetStatsOnlineIpList"));
+    }
+    {
+        // Bob is now also seen on alice's address: it belongs to neither.
+        let _api = FakeXray::start(
+            &s.pair.server,
+            listen.parse().unwrap(),
+            online(&["10.99.0.3", "10.99.0.2"]),
+        );
+        let v = s.limit_json(&uuid(ALICE, &["--rate", "300000"]));
+        let a = user(&v, "alice@example.com");
+        assert_eq!(a["state"], "no_sessions");
+        assert_eq!(strings(&a["shared_ips"]), [ALICE_IP]);
+        assert_eq!(v["execution_blocked"], true);
+        assert!(v["execution_note"]
+            .as_str()
+            .unwrap()
+            .contains("shared with another live user"));
+        let b = user(&v, "bob@example.com");
+        assert_eq!(strings(&b["ips"]), [BOB_IP]);
+        assert_eq!(strings(&b["shared_ips"]), [ALICE_IP]);
+        let (code, _, err) = s.limit(&uuid(ALICE, &["--rate", "300000", "--execute"]));
+        assert_eq!(code, 1);
+        assert!(err.contains("shared with another live user"), "{err}");
+    }
+    alice.stop();
     bob.stop();
 }

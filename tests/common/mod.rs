@@ -2,6 +2,8 @@
 //! use iproute2; the product never does), and bounded TCP traffic between namespaces.
 #![allow(dead_code)]
 
+pub mod fake_xray;
+
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;

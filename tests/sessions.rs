@@ -846,6 +846,18 @@ fn xray_online_ip_api_attributes_users_and_shared_addresses_are_left_out() {
         let (code, _, err) = s.limit(&uuid(ALICE, &["--rate", "300000", "--execute"]));
         assert_eq!(code, 1);
         assert!(err.contains("shared with another live user"), "{err}");
+        // Evidence (sock_diag, the gRPC API, the access log) starts no process: with an empty
+        // PATH under strace, only raylimit itself is executed.
+        let pid = s.server.pid();
+        let ns = s.pair.server.name.clone();
+        let mut limit = vec!["--netns", &ns, "limit", "--pid", &pid];
+        limit.extend(uuid(BOB, &["--rate", "300000", "--execute"]));
+        for args in [limit, vec!["inspect", "--pid", &pid]] {
+            let execs = execve_trace(&args, Some(&s.state));
+            assert_eq!(execs.len(), 1, "{args:?}: {execs:?}");
+        }
+        let (code, out, err) = s.limit(&uuid(BOB, &["--remove", "--execute"]));
+        assert_eq!(code, 0, "{err}\n{out}");
     }
     alice.stop();
     bob.stop();

@@ -4,6 +4,7 @@ use clap::Args;
 
 use super::live;
 use super::report::{LimitReport, Outcome, Report};
+use super::tagged;
 use super::{Format, UsageError};
 use crate::apply;
 use crate::netlink::link::{check_name, Link, MAX_IFNAME_LEN};
@@ -272,6 +273,12 @@ pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
         "--connection" => Some(Subject::Connection(
             policy::parse_connection(value).map_err(UsageError)?,
         )),
+        // The listener comes from the runtime's config once the runtime is selected.
+        "--inbound" => Some(Subject::Inbound {
+            tag: value.to_string(),
+            address: None,
+            port: 0,
+        }),
         _ => None,
     };
 
@@ -464,6 +471,12 @@ impl Session {
                 .map(|x| x.owner.clone()),
             remembered_minor: annotation.as_ref().and_then(|x| x.class_minor),
         };
+        let shadowed = matches!(request.subject, Subject::Inbound { .. })
+            && request.want != Want::Remove
+            && observation
+                .shaped
+                .as_ref()
+                .is_some_and(|s| s.baseline.is_some());
         let mut decision = reconcile::decide(&ctx, &observation);
         if blocked.is_some() {
             decision.blocked = blocked;
@@ -477,6 +490,14 @@ impl Session {
             &observation,
             decision,
         );
+        if shadowed {
+            report.warnings.push(format!(
+                "{} has a device-wide --ip all baseline (band {}), which is evaluated first: traffic it matches never reaches the {} rule",
+                shaped_device,
+                shaping::BAND_IP_BASELINE,
+                request.subject.kind()
+            ));
+        }
         if !self.execute || report.decision.blocked.is_some() {
             report.outcome = if report.decision.blocked.is_some() {
                 Outcome::Blocked
@@ -536,6 +557,7 @@ pub fn run(netns: Option<&str>, a: &LimitArgs, v: Validated) -> Result<Report, L
         Subject::AllPerIp => Ok(Report::PerIp(live::per_ip(&mut session, &v))),
         Subject::User { .. } => Ok(Report::One(live::user(&mut session, &v))),
         Subject::Connection(_) => Ok(Report::One(live::connection(&mut session, &v))),
+        Subject::Inbound { .. } => Ok(Report::One(tagged::inbound(&mut session, &v))),
         _ => Ok(Report::One(session.one(&v, None, None))),
     }
 }

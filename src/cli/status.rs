@@ -93,12 +93,21 @@ pub fn run(
                 Band::Ip => subjects.push((format!("ip {}", n.matched), Vec::new(), &n.entry)),
             }
         }
-        for (class, (clients, entry)) in users {
-            let subject = class
-                .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
-                .map(|a| a.subject.clone())
-                .unwrap_or_else(|| "uuid (unknown)".into());
-            subjects.push((subject, clients, entry));
+        // So do an inbound's listener nodes ("clients" lists the listeners).
+        let mut inbounds: std::collections::BTreeMap<Option<TcHandle>, (Vec<String>, _)> =
+            Default::default();
+        for n in &shaped.listeners {
+            let e = inbounds.entry(n.classid).or_insert((Vec::new(), &n.entry));
+            e.0.push(n.matched.to_string());
+        }
+        for (kind, groups) in [("uuid", users), ("inbound", inbounds)] {
+            for (class, (clients, entry)) in groups {
+                let subject = class
+                    .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
+                    .map(|a| a.subject.clone())
+                    .unwrap_or_else(|| format!("{kind} (unknown)"));
+                subjects.push((subject, clients, entry));
+            }
         }
         if let Some(f) = &shaped.baseline {
             subjects.push(("ip all".to_string(), Vec::new(), f));

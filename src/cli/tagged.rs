@@ -7,9 +7,11 @@ use std::fmt::Write as _;
 
 use serde_json::{json, Value};
 
-use super::limit::{Family, LimitArgs, Tagged};
+use super::limit::{Family, LimitArgs, Session, Tagged, Validated};
+use super::report::{EvidenceView, LimitReport};
 use super::Format;
 use crate::netlink::{NetlinkError, RtSocket};
+use crate::policy::Subject;
 use crate::policy::{Direction, Want};
 use crate::runtime::{self, Runtime};
 use crate::shaping;
@@ -234,4 +236,44 @@ pub fn run(netns: Option<&str>, a: &LimitArgs, t: Tagged) -> i32 {
     } else {
         0
     }
+}
+
+/// `--inbound TAG`: the listener from the runtime's config, decided like any other subject.
+pub fn inbound(session: &mut Session, v: &Validated) -> LimitReport {
+    let Subject::Inbound { tag, .. } = &v.request.subject else {
+        unreachable!("called for --inbound only")
+    };
+    let listener = session
+        .runtime
+        .load_config()
+        .and_then(|cfg| verdict::inbound(&cfg, tag));
+    let mut view = EvidenceView::default();
+    let mut request = v.clone();
+    let blocked = match &listener {
+        Ok(l) => {
+            let l4: Vec<&str> = l.l4.iter().map(|p: &L4| p.name()).collect();
+            view.line("Selector", l.describe());
+            view.line("Transports", l4.join(", "));
+            for n in &l.notes {
+                view.line("Note", n);
+            }
+            view.json = json!({"concrete": true, "selector": l.describe(), "notes": l.notes,
+                               "address": l.address.map(|a| a.to_string()), "port": l.port});
+            request.request.subject = Subject::Inbound {
+                tag: tag.clone(),
+                address: l.address,
+                port: l.port,
+            };
+            None
+        }
+        Err(why) => {
+            view.line("Selector", format!("none: {why}"));
+            view.json = json!({"concrete": false, "blocked": why});
+            // A removal finds the rule by its annotated class; nothing else is needed.
+            (v.request.want != Want::Remove).then(|| why.clone())
+        }
+    };
+    let mut report = session.one(&request, None, blocked);
+    report.evidence = Some(view);
+    report
 }

@@ -51,7 +51,7 @@ pub struct U32Selector {
 }
 
 /// What the L3 header is, for offsets.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Family {
     V4,
     V6,

@@ -45,6 +45,12 @@ pub enum Subject {
     User { uuid: String, ips: BTreeSet<IpAddr> },
     /// One client connection: its address and port.
     Connection(SocketAddr),
+    /// One inbound: its listener's port, and address when concrete (from the config).
+    Inbound {
+        tag: String,
+        address: Option<IpAddr>,
+        port: u16,
+    },
 }
 
 impl Subject {
@@ -55,6 +61,7 @@ impl Subject {
             Subject::AllShared | Subject::AllPerIp => "all".into(),
             Subject::User { uuid, .. } => uuid.clone(),
             Subject::Connection(c) => c.to_string(),
+            Subject::Inbound { tag, .. } => tag.clone(),
         }
     }
 
@@ -64,6 +71,7 @@ impl Subject {
             Subject::Ip(_) | Subject::AllShared | Subject::AllPerIp => "ip",
             Subject::User { .. } => "uuid",
             Subject::Connection(_) => "connection",
+            Subject::Inbound { .. } => "inbound",
         }
     }
 

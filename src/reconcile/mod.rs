@@ -16,7 +16,7 @@ use crate::netlink::tc::{ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
 use crate::netlink::u32::{End, Family, U32Filter};
 use crate::netlink::{TcHandle, U32Handle};
 use crate::policy::{Direction, Request, Subject, Want};
-use crate::shaping::{self, Band, CatchAll, ClientMatch, ROOT_MAJOR};
+use crate::shaping::{self, Band, CatchAll, ClientMatch, ListenerMatch, ROOT_MAJOR};
 use observe::{classid_of, Observation, RootState, ShapedRoot};
 use plan::{Dev, Operation, Step, TcObject};
 
@@ -81,6 +81,10 @@ enum Rule {
         band: Band,
         matches: BTreeSet<ClientMatch>,
     },
+    /// Listener nodes of the inbound band (one per family a wildcard listener covers).
+    Listener {
+        matches: BTreeSet<ListenerMatch>,
+    },
     Baseline,
 }
 
@@ -89,6 +93,8 @@ enum Rule {
 struct Held {
     /// The subject's filters: what each matches (none for the baseline), and the filter.
     filters: Vec<(Option<ClientMatch>, Filter)>,
+    /// An inbound's listener nodes.
+    listeners: Vec<(ListenerMatch, Filter)>,
     /// The subject's leaf class, when it has one.
     class: Option<TcHandle>,
     /// Addresses the subject wants that another rule of its band already holds.
@@ -138,6 +144,21 @@ fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) -> Held {
             }
             h.class = h.class.or(remembered);
         }
+        // An inbound's nodes: those matching its listener now, and those still sending to its
+        // class (a listener whose port changed in the config).
+        Rule::Listener { matches } => {
+            h.class = shaped
+                .listeners
+                .iter()
+                .filter(|n| matches.contains(&n.matched))
+                .find_map(|n| leaf(n.classid))
+                .or(remembered);
+            for n in &shaped.listeners {
+                if matches.contains(&n.matched) || (h.class.is_some() && n.classid == h.class) {
+                    h.listeners.push((n.matched, n.entry.filter.clone()));
+                }
+            }
+        }
     }
     h
 }
@@ -174,6 +195,24 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
         Subject::User { ips, .. } => Rule::Nodes {
             band: Band::User,
             matches: ips.iter().map(|ip| ClientMatch::ip(*ip)).collect(),
+        },
+        Subject::Inbound { address, port, .. } => Rule::Listener {
+            matches: match address {
+                Some(a) => [ListenerMatch {
+                    family: shaping::family_of(*a),
+                    address: Some(*a),
+                    port: *port,
+                }]
+                .into(),
+                None => [Family::V4, Family::V6]
+                    .into_iter()
+                    .map(|family| ListenerMatch {
+                        family,
+                        address: None,
+                        port: *port,
+                    })
+                    .collect(),
+            },
         },
         Subject::AllShared => Rule::Baseline,
         Subject::AllPerIp => {
@@ -518,6 +557,15 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
             d.forms
                 .push(format!("baseline filter: {}", ctx.catch_all.reason()));
         }
+        Rule::Listener { matches } => plan_listeners(
+            matches,
+            &held,
+            shaped,
+            (&dev, ifindex, shaping::listener_end(req.direction)),
+            target_class,
+            &mut steps,
+            &mut changes,
+        ),
         Rule::Nodes { band, matches } => {
             plan_nodes(
                 ctx,
@@ -548,8 +596,9 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
         plan_redirect(ctx, obs, &mut steps, &mut changes, d);
     }
 
-    let had_rule = !held.filters.is_empty() || observed_class_entry.is_some();
-    d.matched = !held.filters.is_empty() && changes.is_empty() && steps.is_empty();
+    let held_any = !held.filters.is_empty() || !held.listeners.is_empty();
+    let had_rule = held_any || observed_class_entry.is_some();
+    d.matched = held_any && changes.is_empty() && steps.is_empty();
     d.kind = if steps.is_empty() {
         DecisionKind::NoOp
     } else if had_rule {
@@ -669,6 +718,121 @@ fn plan_nodes(
     }
 }
 
+/// An inbound's listener nodes: each wanted one kept, repaired or created (node ids free in the
+/// band's priority), nodes no longer wanted deleted, and a priority left empty deleted whole.
+fn plan_listeners(
+    matches: &BTreeSet<ListenerMatch>,
+    held: &Held,
+    shaped: Option<&ShapedRoot>,
+    (dev, ifindex, end): (&Dev, u32, End),
+    target_class: TcHandle,
+    steps: &mut Vec<Step>,
+    changes: &mut Vec<String>,
+) {
+    let mut used: BTreeSet<(u16, u32)> = shaped
+        .map(|s| {
+            s.listeners
+                .iter()
+                .map(|n| {
+                    (
+                        n.entry.filter.priority,
+                        U32Handle(n.entry.filter.handle).node(),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    for m in matches {
+        let prio = shaping::inbound_priority(m.family);
+        let node = match held.listeners.iter().find(|(hm, _)| hm == m) {
+            Some((_, f)) => U32Handle(f.handle).node(),
+            None => {
+                let taken: BTreeSet<u32> = used
+                    .iter()
+                    .filter(|(p, _)| *p == prio)
+                    .map(|x| x.1)
+                    .collect();
+                shaping::allocate_node(&format!("inbound {m}"), &taken).unwrap_or(1)
+            }
+        };
+        used.insert((prio, node));
+        let want = shaping::listener_node(ifindex, *m, end, node, target_class);
+        match held.listeners.iter().find(|(hm, _)| hm == m) {
+            Some((_, old)) if same_filter(old, &want) => {}
+            Some((_, old)) => {
+                let mut before = old.clone();
+                before.ifindex = ifindex;
+                let mut want = want;
+                want.handle = old.handle;
+                changes.push(format!(
+                    "the filter for listener {m} differed and is repaired"
+                ));
+                steps.push(
+                    Step::tc("replace-filter", Op::Replace, dev, want).undone_by(vec![Step::tc(
+                        "restore-filter",
+                        Op::Replace,
+                        dev,
+                        before,
+                    )]),
+                );
+            }
+            None => steps.push(Step::create("create-filter", dev, want)),
+        }
+    }
+    let mut removed = BTreeSet::new();
+    for (m, old) in held.listeners.iter().filter(|(m, _)| !matches.contains(m)) {
+        let mut before = old.clone();
+        before.ifindex = ifindex;
+        changes.push(format!("listener {m} is no longer the inbound's"));
+        removed.insert((old.priority, old.handle));
+        steps.push(Step::delete("delete-filter", dev, before));
+    }
+    if let Some(shaped) = shaped {
+        let wanted: BTreeSet<u16> = matches
+            .iter()
+            .map(|m| shaping::inbound_priority(m.family))
+            .collect();
+        for prio in emptied_listener_priorities(shaped, &removed, &wanted) {
+            steps.push(delete_priority(ifindex, prio, dev));
+        }
+    }
+}
+
+/// Inbound-band priorities left with no node once `removed` are gone.
+fn emptied_listener_priorities(
+    shaped: &ShapedRoot,
+    removed: &BTreeSet<(u16, u32)>,
+    kept: &BTreeSet<u16>,
+) -> Vec<u16> {
+    [Family::V4, Family::V6]
+        .into_iter()
+        .map(shaping::inbound_priority)
+        .filter(|prio| {
+            removed.iter().any(|(p, _)| p == prio)
+                && !kept.contains(prio)
+                && !shaped.listeners.iter().any(|n| {
+                    n.entry.filter.priority == *prio
+                        && !removed.contains(&(*prio, n.entry.filter.handle))
+                })
+        })
+        .collect()
+}
+
+/// Deleting what is left of a priority (the kernel's own root table of it).
+fn delete_priority(ifindex: u32, prio: u16, dev: &Dev) -> Step {
+    let protocol = if prio % 2 == 0 {
+        crate::netlink::tc::ETH_P_IP
+    } else {
+        crate::netlink::tc::ETH_P_IPV6
+    };
+    Step::tc(
+        "delete-priority",
+        Op::Delete,
+        dev,
+        whole_priority(ifindex, prio, protocol),
+    )
+}
+
 fn plan_redirect(
     ctx: &Context,
     obs: &Observation,
@@ -759,7 +923,7 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     let mut held = held(shaped, rule, ctx.remembered_minor);
     held.conflicts.clear();
     let class_minor = held.class.map(|c| c.minor());
-    if held.filters.is_empty() && class_minor.is_none() {
+    if held.filters.is_empty() && held.listeners.is_empty() && class_minor.is_none() {
         d.kind = DecisionKind::NoOp;
         d.reason = format!(
             "no rule for {} {} was observed on {}",
@@ -779,7 +943,7 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
         // The baseline is alone in its priority: the priority goes with it, kernel table too.
         let delete = match rule {
             Rule::Baseline => whole_priority(ifindex, before.priority, before.protocol),
-            Rule::Nodes { .. } => before.clone(),
+            Rule::Nodes { .. } | Rule::Listener { .. } => before.clone(),
         };
         steps.push(
             Step::tc("delete-filter", Op::Delete, &dev, delete).undone_by(vec![Step::tc(
@@ -790,11 +954,20 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
             )]),
         );
     }
+    for (_, f) in &held.listeners {
+        let mut before = f.clone();
+        before.ifindex = ifindex;
+        removed.insert((f.priority, f.handle));
+        steps.push(Step::delete("delete-filter", &dev, before));
+    }
     // The last node of a band takes the band's table and link with it.
     if let Rule::Nodes { band, .. } = rule {
         for family in emptied_bands(shaped, *band, &removed, &BTreeSet::new()) {
             steps.push(delete_band(ifindex, *band, family, end, &dev));
         }
+    }
+    for prio in emptied_listener_priorities(shaped, &removed, &BTreeSet::new()) {
+        steps.push(delete_priority(ifindex, prio, &dev));
     }
     if let Some(minor) = class_minor {
         let mut before = shaped.classes[&minor].class.clone();
@@ -803,7 +976,9 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     }
     // Shared scaffolding goes only when nothing managed is left on it.
     let classes_left = shaped.classes.len() - usize::from(class_minor.is_some());
-    let nodes_left = shaped.nodes.len() + usize::from(shaped.baseline.is_some()) - removed.len();
+    let nodes_left =
+        shaped.nodes.len() + shaped.listeners.len() + usize::from(shaped.baseline.is_some())
+            - removed.len();
     let empty = classes_left == 0 && nodes_left == 0 && shaped.unrecognised.is_empty();
     if empty {
         let root = shaping::root_qdisc(ifindex);
@@ -812,7 +987,7 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
             remove_upload_scaffolding(obs, &mut steps);
         }
     }
-    d.reason = match (held.filters.is_empty(), empty) {
+    d.reason = match (held.filters.is_empty() && held.listeners.is_empty(), empty) {
         (false, true) => {
             "the rule was observed; it was the last managed rule here, so the shared root goes too"
                 .into()

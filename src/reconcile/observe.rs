@@ -8,10 +8,11 @@ use crate::netlink::action::{Action, MirredMode};
 use crate::netlink::dump::DeviceTc;
 use crate::netlink::link::Link;
 use crate::netlink::tc::{ClassEntry, Filter, FilterEntry, FilterKind, QdiscEntry, QdiscKind};
-use crate::netlink::u32::End;
+use crate::netlink::u32::{End, Family};
 use crate::netlink::{TcHandle, U32Handle};
 use crate::shaping::{
-    self, Band, ClientMatch, BAND_CONNECTION, BAND_IP_BASELINE, PRIO_REDIRECT, ROOT_MAJOR,
+    self, Band, ClientMatch, ListenerMatch, BAND_CONNECTION, BAND_INBOUND, BAND_IP_BASELINE,
+    PRIO_REDIRECT, ROOT_MAJOR,
 };
 
 /// What sits on a device's egress root.
@@ -40,6 +41,14 @@ impl Node {
     }
 }
 
+/// One listener node of the inbound band.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListenerNode {
+    pub matched: ListenerMatch,
+    pub entry: FilterEntry,
+    pub classid: Option<TcHandle>,
+}
+
 /// A shaped root (a device's egress) read as raylimit's layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShapedRoot {
@@ -49,6 +58,8 @@ pub struct ShapedRoot {
     pub classes: BTreeMap<u16, ClassEntry>,
     /// Client nodes of every band.
     pub nodes: Vec<Node>,
+    /// Listener nodes of the inbound band.
+    pub listeners: Vec<ListenerNode>,
     /// Client band priorities whose address table exists.
     pub tables: BTreeSet<u16>,
     /// Client band priorities whose link node exists, with it.
@@ -66,6 +77,7 @@ impl ShapedRoot {
             root: RootState::Default(None),
             classes: BTreeMap::new(),
             nodes: Vec::new(),
+            listeners: Vec::new(),
             tables: BTreeSet::new(),
             links: BTreeMap::new(),
             baseline: None,
@@ -107,7 +119,7 @@ impl ShapedRoot {
         // The root table the kernel makes for every u32 priority is part of the layout.
         if let FilterKind::U32(u) = &f.filter.kind {
             if u.divisor.is_some() && U32Handle(f.filter.handle).table() >= U32Handle::ROOT_TABLE {
-                return (BAND_CONNECTION..=BAND_IP_BASELINE).contains(&prio);
+                return (BAND_CONNECTION..=BAND_INBOUND + 1).contains(&prio);
             }
         }
         if prio == BAND_IP_BASELINE {
@@ -116,6 +128,28 @@ impl ShapedRoot {
             }
             self.baseline = Some(f.clone());
             return true;
+        }
+        if let (Some(family), FilterKind::U32(u)) = (
+            [Family::V4, Family::V6]
+                .into_iter()
+                .find(|f| shaping::inbound_priority(*f) == prio),
+            &f.filter.kind,
+        ) {
+            let end = match end {
+                End::Source => End::Destination,
+                End::Destination => End::Source,
+            };
+            return match shaping::listener_match(u, family, end) {
+                Some(matched) => {
+                    self.listeners.push(ListenerNode {
+                        matched,
+                        entry: f.clone(),
+                        classid: u.classid,
+                    });
+                    true
+                }
+                None => false,
+            };
         }
         let Some((band, family)) = Band::of_priority(prio) else {
             return false;

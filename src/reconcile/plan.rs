@@ -283,7 +283,30 @@ fn render_u32(u: &U32Filter) -> String {
                 let side = if end == End::Source { "src" } else { "dst" };
                 let _ = write!(s, " match {word} {side} {}/{len}", m.ip);
                 if let Some(port) = m.port {
-                    let _ = write!(s, " match {word} {side}port {port} 0xffff");
+                    let _ = write!(s, " match {word} {}port {port} 0xffff", &side[..1]);
+                }
+            }
+            // A wildcard listener: the port alone.
+            None if sel.keys.len() == 1 => {
+                let port = [Family::V4, Family::V6].into_iter().find_map(|fam| {
+                    [End::Source, End::Destination].into_iter().find_map(|end| {
+                        shaping::listener_match(u, fam, end).map(|m| (fam, end, m.port))
+                    })
+                });
+                match port {
+                    Some((fam, end, port)) => {
+                        let word = if fam == Family::V4 { "ip" } else { "ip6" };
+                        let side = if end == End::Source { "s" } else { "d" };
+                        let _ = write!(s, " match {word} {side}port {port} 0xffff");
+                    }
+                    None => {
+                        let k = sel.keys[0];
+                        let _ = write!(
+                            s,
+                            " match u32 0x{:x} 0x{:x} at {}",
+                            k.value, k.mask, k.offset
+                        );
+                    }
                 }
             }
             None => {

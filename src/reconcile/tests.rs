@@ -401,3 +401,77 @@ fn a_connection_matches_address_and_port_and_wins_over_its_ip() {
         assert_eq!(left.shaped.as_ref().unwrap().nodes.len(), 1);
     }
 }
+
+#[test]
+fn an_inbound_is_one_class_with_a_listener_node_per_family() {
+    for direction in [Direction::Download, Direction::Upload] {
+        let mut k = FakeKernel::default();
+        let inbound = |address: Option<&str>, want| Context {
+            request: Request {
+                subject: Subject::Inbound {
+                    tag: "vmess-in".into(),
+                    address: address.map(|a| a.parse().unwrap()),
+                    port: 10086,
+                },
+                direction,
+                device: "eth0".into(),
+                want,
+            },
+            ..ctx("10.0.0.2", direction, want)
+        };
+        // A wildcard listener: port only, IPv4 and IPv6.
+        let first = run(&mut k, &inbound(None, Want::Limit(1000)));
+        assert_eq!(first.kind, DecisionKind::Apply);
+        let obs = k.observe(direction);
+        let s = obs.shaped.as_ref().unwrap();
+        assert_eq!(s.listeners.len(), 2, "{:?}", s.unrecognised);
+        assert!(s
+            .listeners
+            .iter()
+            .all(|n| n.classid == first.expected_class));
+        assert_eq!(
+            run(&mut k, &inbound(None, Want::Limit(1000))).kind,
+            DecisionKind::NoOp
+        );
+        // The config now names a concrete address: the IPv6 node goes, the IPv4 one is repaired.
+        let minor = first.expected_class.unwrap().minor();
+        let mut concrete = inbound(Some("10.0.0.1"), Want::Limit(1000));
+        concrete.remembered_minor = Some(minor);
+        let moved = run(&mut k, &concrete);
+        assert_eq!(moved.kind, DecisionKind::Replace, "{:?}", names(&moved));
+        assert!(
+            names(&moved).contains(&"delete-priority"),
+            "{:?}",
+            names(&moved)
+        );
+        let s2 = k.observe(direction);
+        let listeners = &s2.shaped.as_ref().unwrap().listeners;
+        assert_eq!(listeners.len(), 1);
+        assert_eq!(
+            listeners[0].matched.address,
+            Some("10.0.0.1".parse().unwrap())
+        );
+        // An IP rule sits in a lower (earlier) band, so it wins for that client.
+        run(&mut k, &ctx("10.0.0.2", direction, Want::Limit(500)));
+        let s3 = k.observe(direction);
+        let sh = s3.shaped.as_ref().unwrap();
+        assert!(
+            sh.ip_node("10.0.0.2".parse().unwrap())
+                .unwrap()
+                .entry
+                .filter
+                .priority
+                < sh.listeners[0].entry.filter.priority
+        );
+        run(&mut k, &ctx("10.0.0.2", direction, Want::Remove));
+        let gone = run(&mut k, &concrete_remove(concrete));
+        assert_eq!(gone.kind, DecisionKind::Remove);
+        assert!(k.device.qdiscs.is_empty() || direction == Direction::Upload);
+        assert!(k.ifb.is_none());
+    }
+}
+
+fn concrete_remove(mut c: Context) -> Context {
+    c.request.want = Want::Remove;
+    c
+}

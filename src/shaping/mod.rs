@@ -46,6 +46,8 @@ pub const BAND_CONNECTION: u16 = 100;
 pub const BAND_USER: u16 = 200;
 pub const BAND_IP_SPECIFIC: u16 = 300;
 pub const BAND_IP_BASELINE: u16 = 400;
+pub const BAND_INBOUND: u16 = 500;
+pub const BAND_OUTBOUND: u16 = 600;
 /// Buckets of a client-address table: one per value of the address's last byte.
 pub const ADDRESS_BUCKETS: u32 = 256;
 /// The node id of the one link node in a band's root table.
@@ -356,6 +358,102 @@ pub fn node_match(
     Some(ClientMatch { ip, port })
 }
 
+/// What an inbound rule matches: the listener's port, and its address when it is concrete. A
+/// wildcard listener is matched by port in both families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ListenerMatch {
+    pub family: Family,
+    pub address: Option<IpAddr>,
+    pub port: u16,
+}
+
+impl std::fmt::Display for ListenerMatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.address, self.family) {
+            (Some(a), _) => write!(f, "{}", std::net::SocketAddr::new(a, self.port)),
+            (None, Family::V4) => write!(f, "0.0.0.0:{}", self.port),
+            (None, Family::V6) => write!(f, "[::]:{}", self.port),
+        }
+    }
+}
+
+/// The priority of the inbound band for a family.
+pub fn inbound_priority(family: Family) -> u16 {
+    match family {
+        Family::V4 => BAND_INBOUND,
+        Family::V6 => BAND_INBOUND + 1,
+    }
+}
+
+/// Where the listener is in a packet: its source when leaving toward the client (download), its
+/// destination when arriving from the client (upload).
+pub fn listener_end(direction: Direction) -> End {
+    match direction {
+        Direction::Download => End::Source,
+        Direction::Upload => End::Destination,
+    }
+}
+
+/// A listener's node: in the band's own root table (node id explicit, table chosen by the
+/// kernel), to `classid`.
+pub fn listener_node(
+    ifindex: u32,
+    m: ListenerMatch,
+    end: End,
+    node: u32,
+    classid: TcHandle,
+) -> Filter {
+    let mut s = U32Selector::default();
+    match m.address {
+        Some(IpAddr::V4(a)) => {
+            s.ipv4(end, a, 32);
+        }
+        Some(IpAddr::V6(a)) => {
+            s.ipv6(end, a, 128);
+        }
+        None => {}
+    }
+    s.port(m.family, end, m.port);
+    Filter {
+        ifindex,
+        parent: root_handle(),
+        priority: inbound_priority(m.family),
+        protocol: ethertype(m.family),
+        handle: U32Handle::new(0, 0, node).0,
+        kind: FilterKind::U32(U32Filter::to_class(s, classid)),
+    }
+}
+
+/// What a node of the inbound band matches, if it has that shape.
+pub fn listener_match(filter: &U32Filter, family: Family, end: End) -> Option<ListenerMatch> {
+    let sel = filter.selector.as_ref()?;
+    let with_address = match (family, sel.keys.len()) {
+        (_, 1) => false,
+        (Family::V4, 2) | (Family::V6, 5) => true,
+        _ => return None,
+    };
+    if with_address {
+        let m = node_match(filter, family, end, true)?;
+        return Some(ListenerMatch {
+            family,
+            address: Some(m.ip),
+            port: m.port?,
+        });
+    }
+    let k = sel.keys[0];
+    let l4 = if family == Family::V4 { 20 } else { 40 };
+    let (mask, shift) = if end == End::Source {
+        (0xffff_0000, 16)
+    } else {
+        (0x0000_ffff, 0)
+    };
+    (k.offset == l4 && k.mask == mask && k.offmask == 0).then_some(ListenerMatch {
+        family,
+        address: None,
+        port: (k.value >> shift) as u16,
+    })
+}
+
 /// How an "every packet" match is built on this kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CatchAll {
@@ -544,6 +642,19 @@ mod tests {
                 End::Source
             };
             assert_eq!(node_match(u, family_of(ip), other, false), None);
+            for address in [Some(ip), None] {
+                let m = ListenerMatch {
+                    family: family_of(ip),
+                    address,
+                    port: 10086,
+                };
+                let f = listener_node(1, m, end, 3, TcHandle::new(ROOT_MAJOR, 0x100));
+                let FilterKind::U32(u) = &f.kind else {
+                    panic!()
+                };
+                assert_eq!(listener_match(u, family_of(ip), end), Some(m));
+                assert_eq!(listener_match(u, family_of(ip), other), None);
+            }
             assert_eq!(U32Handle(f.handle).bucket(), bucket_of(ip));
         }
     }

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_xray;
+pub mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};

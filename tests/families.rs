@@ -1,0 +1,311 @@
+//! The inbound and outbound families against a real runtime: clients in one namespace, Debian's
+//! `v2ray` in a second, a remote server in a third. Traffic flows client -> the runtime's inbound
+//! -> its marked outbound -> the remote, and back.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::proxy::*;
+use common::*;
+use serde_json::Value;
+
+const ALICE: &str = "11111111-1111-4111-8111-111111111111";
+const CLIENT_PORT: u16 = 15201;
+/// The outbound's `sockopt.mark`, inside raylimit's default mark range.
+const MARK: u32 = 0x0001_0000;
+
+/// client (10.98.0.2) -- veth -- server v2ray (10.98.0.1 | 10.97.0.1) -- veth -- remote (10.97.0.2)
+struct Chain {
+    client: Netns,
+    server: Netns,
+    _remote: Netns,
+    runtime: Launched,
+    _client_runtime: Launched,
+    target: Target,
+    state: StateDir,
+}
+
+fn veth(a: &Netns, a_dev: &str, a_ip: &str, b: &Netns, b_dev: &str, b_ip: &str) {
+    a.ip(&[
+        "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name,
+    ]);
+    a.ip(&["addr", "add", a_ip, "dev", a_dev]);
+    b.ip(&["addr", "add", b_ip, "dev", b_dev]);
+    a.ip(&["link", "set", a_dev, "up"]);
+    b.ip(&["link", "set", b_dev, "up"]);
+}
+
+impl Chain {
+    fn new(tag: &str) -> Chain {
+        let client = Netns::new(&format!("{tag}c"));
+        let server = Netns::new(&format!("{tag}s"));
+        let remote = Netns::new(&format!("{tag}r"));
+        veth(
+            &server,
+            "veth-s",
+            "10.98.0.1/24",
+            &client,
+            "veth-c",
+            "10.98.0.2/24",
+        );
+        veth(
+            &server,
+            "veth-o",
+            "10.97.0.1/24",
+            &remote,
+            "veth-r",
+            "10.97.0.2/24",
+        );
+        let dir = temp_dir(&format!("{tag}-chain"));
+        let server_cfg = r#"{"log":{"loglevel":"warning"},
+ "inbounds":[{"tag":"vmess-in","listen":"0.0.0.0","port":10086,"protocol":"vmess",
+   "settings":{"clients":[{"id":"ALICE","alterId":0,"email":"alice@example.com"}]}}],
+ "outbounds":[{"tag":"marked","protocol":"freedom","settings":{},
+   "streamSettings":{"sockopt":{"mark":MARK}}}]}"#
+            .replace("ALICE", ALICE)
+            .replace("MARK", &MARK.to_string());
+        let client_cfg = r#"{"log":{"loglevel":"warning"},
+ "inbounds":[{"tag":"fwd","listen":"127.0.0.1","port":15201,"protocol":"dokodemo-door",
+   "settings":{"address":"10.97.0.2","port":5201,"network":"tcp"}}],
+ "outbounds":[{"tag":"vm","protocol":"vmess","settings":{"vnext":[{"address":"10.98.0.1","port":10086,
+   "users":[{"id":"ALICE","alterId":0,"security":"aes-128-gcm"}]}]}}]}"#
+            .replace("ALICE", ALICE);
+        std::fs::write(dir.join("server.json"), server_cfg).unwrap();
+        std::fs::write(dir.join("client.json"), client_cfg).unwrap();
+        let v2ray = std::path::Path::new("/usr/bin/v2ray");
+        let client_path = dir.join("client.json").to_string_lossy().into_owned();
+        let server_path = dir.join("server.json").to_string_lossy().into_owned();
+        let client_runtime =
+            Launched::start(&client, v2ray, &["-config", &client_path], &dir, &[], None);
+        let runtime = Launched::start(
+            &server,
+            v2ray,
+            &["-config", &server_path],
+            &dir,
+            &[],
+            Some(dir.clone()),
+        );
+        let target = Target::start(&remote, "10.97.0.2:5201");
+        Chain {
+            client,
+            server,
+            _remote: remote,
+            runtime,
+            _client_runtime: client_runtime,
+            target,
+            state: StateDir::new(tag),
+        }
+    }
+
+    /// `raylimit --netns <server> limit --pid <runtime> ARGS`.
+    fn limit(&self, args: &[&str]) -> (i32, String, String) {
+        let pid = self.runtime.pid();
+        let mut full = vec!["--netns", &self.server.name, "limit", "--pid", &pid];
+        full.extend_from_slice(args);
+        raylimit_in(&self.state, &full)
+    }
+
+    fn limit_json(&self, args: &[&str]) -> Value {
+        let mut full = args.to_vec();
+        full.extend(["--format", "json"]);
+        let (code, out, err) = self.limit(&full);
+        assert_eq!(code, 0, "{args:?}: {err}\n{out}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    fn flow(&self, command: u8, secs: u64) -> Flow {
+        Flow::start(
+            &self.client,
+            CLIENT_PORT,
+            command,
+            secs,
+            self.target.received.clone(),
+        )
+    }
+}
+
+/// Measures a class's wire rate and the flow's goodput over the same window, after the limit
+/// has settled; asserts the wire rate within 10% and the goodput within 80–110%.
+fn assert_shaped(
+    ns: &Netns,
+    dev: &str,
+    class: &str,
+    flow: &Flow,
+    upload: bool,
+    rate: f64,
+    what: &str,
+) {
+    std::thread::sleep(Duration::from_millis(1500));
+    let before = class_bytes(ns, dev, class);
+    let start = Instant::now();
+    let goodput = flow.rate(upload, 4.0);
+    let wire = (class_bytes(ns, dev, class) - before) as f64 / start.elapsed().as_secs_f64();
+    assert_within_10_percent(&format!("{what}, on the wire"), wire, rate);
+    let ratio = goodput / rate;
+    eprintln!(
+        "{what}: goodput {goodput:.0} B/s ({:+.1}%)",
+        (ratio - 1.0) * 100.0
+    );
+    assert!(
+        (0.8..=1.1).contains(&ratio),
+        "{what}: goodput {goodput:.0} B/s"
+    );
+}
+
+fn inbound_args<'a>(direction: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "--inbound",
+        "vmess-in",
+        "--device",
+        "veth-s",
+        "--direction",
+        direction,
+    ];
+    v.extend_from_slice(rest);
+    v
+}
+
+#[test]
+fn inbound_limits_hold_in_both_directions_on_a_wildcard_listener() {
+    let c = Chain::new("inb");
+    let rate = 300_000.0;
+    for (direction, command) in [("download", b'S'), ("upload", b'R')] {
+        let plan = c.limit_json(&inbound_args(direction, &["--rate", "300000"]));
+        assert_eq!(plan["evidence"]["concrete"], true, "{plan}");
+        assert_eq!(plan["decision"]["kind"], "apply");
+        let steps = plan["plan"]["steps"].to_string();
+        let port = if direction == "download" {
+            "sport"
+        } else {
+            "dport"
+        };
+        // A wildcard listener: the port, in both families.
+        assert!(
+            steps.contains(&format!("match ip {port} 10086 0xffff")),
+            "{steps}"
+        );
+        assert!(
+            steps.contains(&format!("match ip6 {port} 10086 0xffff")),
+            "{steps}"
+        );
+
+        let flow = c.flow(command, 25);
+        let v = c.limit_json(&inbound_args(direction, &["--rate", "300000", "--execute"]));
+        assert_eq!(v["outcome"], "executed", "{v}");
+        let class = v["plan"]["class_id"].as_str().unwrap().to_string();
+        let shaped = v["scope"]["shaped_device"].as_str().unwrap().to_string();
+        assert_shaped(
+            &c.server,
+            &shaped,
+            &class,
+            &flow,
+            command == b'R',
+            rate,
+            &format!("inbound {direction}"),
+        );
+        let again = c.limit_json(&inbound_args(direction, &["--rate", "300000"]));
+        assert_eq!(again["decision"]["kind"], "no_op");
+        flow.stop();
+        let (_, status, _) = raylimit_in(&c.state, &["--netns", &c.server.name, "status"]);
+        assert!(status.contains("inbound vmess-in"), "{status}");
+        let gone = c.limit_json(&inbound_args(direction, &["--remove", "--execute"]));
+        assert_eq!(gone["decision"]["kind"], "remove");
+    }
+    assert!(!c
+        .server
+        .tc(&["qdisc", "show", "dev", "veth-s"])
+        .contains("htb"));
+    assert!(!c.server.ip(&["link", "show"]).contains("rlifb"));
+}
+
+#[test]
+fn an_ip_rule_wins_over_an_inbound_rule_and_a_baseline_is_warned_about() {
+    let c = Chain::new("prec");
+    let flow = c.flow(b'S', 25);
+    let inbound = c.limit_json(&inbound_args(
+        "download",
+        &["--rate", "600000", "--execute"],
+    ));
+    let ip = c.limit_json(&[
+        "--ip",
+        "10.98.0.2",
+        "--device",
+        "veth-s",
+        "--direction",
+        "download",
+        "--rate",
+        "200000",
+        "--execute",
+    ]);
+    let ip_class = ip["plan"]["class_id"].as_str().unwrap().to_string();
+    let inbound_class = inbound["plan"]["class_id"].as_str().unwrap().to_string();
+    // The same packets match both; the specific IP's band is evaluated first. (The inbound
+    // class's backlog from before drains first: up to a queue of 1000 packets.)
+    std::thread::sleep(Duration::from_secs(3));
+    let before = class_bytes(&c.server, "veth-s", &inbound_class);
+    assert_shaped(
+        &c.server,
+        "veth-s",
+        &ip_class,
+        &flow,
+        false,
+        200_000.0,
+        "ip over inbound",
+    );
+    let through_inbound = class_bytes(&c.server, "veth-s", &inbound_class) - before;
+    assert!(
+        through_inbound < 10_000,
+        "{through_inbound} bytes went through the inbound class"
+    );
+    flow.stop();
+
+    // A device-wide baseline is evaluated before the inbound band: the report says so.
+    c.limit_json(&[
+        "--ip",
+        "all",
+        "--device",
+        "veth-s",
+        "--direction",
+        "download",
+        "--rate",
+        "1000000",
+        "--execute",
+    ]);
+    let (code, out, _) = c.limit(&inbound_args("download", &["--rate", "500000"]));
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("Warning: veth-s has a device-wide --ip all baseline"),
+        "{out}"
+    );
+    for args in [
+        inbound_args("download", &["--remove", "--execute"]),
+        vec![
+            "--ip",
+            "10.98.0.2",
+            "--device",
+            "veth-s",
+            "--direction",
+            "download",
+            "--remove",
+            "--execute",
+        ],
+        vec![
+            "--ip",
+            "all",
+            "--device",
+            "veth-s",
+            "--direction",
+            "download",
+            "--remove",
+            "--execute",
+        ],
+    ] {
+        let (code, out, err) = c.limit(&args);
+        assert_eq!(code, 0, "{err}\n{out}");
+    }
+    assert!(!c
+        .server
+        .tc(&["qdisc", "show", "dev", "veth-s"])
+        .contains("htb"));
+}

@@ -113,6 +113,60 @@ impl RtSocket {
         Ok(results)
     }
 
+    /// Reserves `count` consecutive sequence numbers for messages the caller numbers itself (an
+    /// nfnetlink batch) and returns the first.
+    pub fn reserve_seqs(&mut self, count: u32) -> u32 {
+        if self.next_seq.checked_add(count).is_none() {
+            self.next_seq = 1;
+        }
+        let first = self.next_seq;
+        self.next_seq += count;
+        first
+    }
+
+    /// Sends `buffer` (messages already numbered, from [`RtSocket::reserve_seqs`]) in ONE
+    /// `sendmsg`, as an nfnetlink batch must be, and returns the answer to each of `acked` in
+    /// order. A refusal answering any other message of the buffer (the batch header, when the
+    /// kernel rejects the batch as a whole) ends the wait and is returned as the error, with
+    /// `operation` naming the batch.
+    pub fn transaction(
+        &mut self,
+        buffer: &[u8],
+        acked: &[u32],
+        operation: &str,
+    ) -> Result<Vec<Result<Ack, KernelError>>, NetlinkError> {
+        let own: Vec<u32> = split_messages(buffer)?.iter().map(|(h, _)| h.seq).collect();
+        if buffer.len() > SEND_CHUNK_BYTES {
+            // Netlink refuses a message larger than the send buffer (EMSGSIZE); root may raise it.
+            let _ = set_send_buffer(&self.socket, 2 * buffer.len() + 4096);
+        }
+        self.socket.send(buffer, 0)?;
+        let mut results: Vec<Option<Result<Ack, KernelError>>> = vec![None; acked.len()];
+        let mut pending = acked.len();
+        while pending > 0 {
+            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            for (header, payload) in split_messages(&self.buf[..n])? {
+                if header.msg_type != NLMSG_ERROR {
+                    continue;
+                }
+                if let Some(pos) = acked.iter().position(|&s| s == header.seq) {
+                    if results[pos].is_none() {
+                        results[pos] = Some(parse_ack(header.flags, payload)?);
+                        pending -= 1;
+                    }
+                } else if own.contains(&header.seq) {
+                    if let Err(error) = parse_ack(header.flags, payload)? {
+                        return Err(NetlinkError::Kernel {
+                            operation: operation.to_string(),
+                            error,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(results.into_iter().flatten().collect())
+    }
+
     fn take_seq(&mut self) -> u32 {
         let s = self.next_seq;
         self.next_seq = self.next_seq.wrapping_add(1).max(1);
@@ -206,6 +260,26 @@ impl RtSocket {
             }
         }
     }
+}
+
+fn set_send_buffer(socket: &Socket, bytes: usize) -> std::io::Result<()> {
+    let value = bytes.min(i32::MAX as usize) as libc::c_int;
+    for option in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
+        // SAFETY: a valid socket fd and a correctly sized int.
+        let rc = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                &value as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+    }
+    Err(std::io::Error::last_os_error())
 }
 
 fn set_receive_timeout(socket: &Socket, secs: u32) -> std::io::Result<()> {

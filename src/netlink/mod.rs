@@ -1,6 +1,6 @@
 //! All kernel I/O: the tc codec (one module per object kind), dumps and their decoding, links and
 //! IFB devices, capability probing, sockets in named network namespaces, and live TCP/UDP sockets
-//! over sock_diag.
+//! over sock_diag; with the `nftables` feature, raylimit's nftables table over nfnetlink.
 
 pub mod action;
 pub mod attr;
@@ -11,6 +11,8 @@ pub mod handle;
 pub mod htb;
 pub mod link;
 pub mod matchall;
+#[cfg(feature = "nftables")]
+pub mod nft;
 pub mod probe;
 pub mod sock_diag;
 pub mod socket;

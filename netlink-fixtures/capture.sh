@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Capture the netlink requests iproute2 sends for the tc/ip commands raylimit
 # re-implements, plus the kernel's answer and (on success) the kernel's dump
-# reply, and the sock_diag dump requests of ss, into
+# reply, the sock_diag dump requests of ss, and the nfnetlink batches nft sends
+# for raylimit's nftables table (with the kernel's answer to nft's listing), into
 # netlink-fixtures/<name>.fixture.  See README.md for the format.
 #
-# Usage (as root, from any directory):  bash netlink-fixtures/capture.sh
+# Usage (as root, from any directory):  bash netlink-fixtures/capture.sh [all|nft]
+#   all (default): every fixture;  nft: only the nft_* fixtures (the others stay as they are).
 #
 # Everything happens inside a private, throw-away network namespace that is
 # removed on exit.  IPv6 is disabled in it and no addresses are configured, so
@@ -17,7 +19,9 @@ if [[ $(id -u) -ne 0 ]]; then
     echo "capture.sh: must run as root" >&2
     exit 1
 fi
-for tool in ip tc strace python3; do
+MODE="${1:-all}"
+case $MODE in all|nft) ;; *) echo "capture.sh: unknown mode $MODE (all|nft)" >&2; exit 2 ;; esac
+for tool in ip tc strace python3 nft; do
     command -v "$tool" >/dev/null || { echo "capture.sh: $tool not found" >&2; exit 1; }
 done
 
@@ -221,7 +225,79 @@ def do_sockdiag(path, family):
     print("request: " + (req[:8] + bytes(8) + req[16:]).hex())
 
 
+NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END = 16, 17
+NFT_SUBSYS = 10 << 8
+
+
+def do_nftbatch(path):
+    """The one nfnetlink batch nft sent: its single nftables message as `request`, every message of
+    the batch (BEGIN .. END) as `batch` lines, and the kernel's answer to the request (nft asks for
+    no acknowledgement: no NLMSG_ERROR for its sequence number means success)."""
+    evs = [ev for ev in events(path) if not ev["peek"] and ev["data"]]
+    found = [(i, ev["fd"], split_nlmsgs(ev["data"])) for i, ev in enumerate(evs)
+             if ev["dir"] == "send" and hdr(split_nlmsgs(ev["data"])[0])[0] == NFNL_MSG_BATCH_BEGIN]
+    if len(found) != 1:
+        die("expected exactly 1 nfnetlink batch, found %d" % len(found))
+    i, fd, msgs = found[0]
+    if hdr(msgs[-1])[0] != NFNL_MSG_BATCH_END:
+        die("the batch does not end with NFNL_MSG_BATCH_END")
+    inner = [m for m in msgs[1:-1] if hdr(m)[0] & 0xff00 == NFT_SUBSYS]
+    if len(inner) != 1 or len(msgs) != 3:
+        die("expected exactly 1 nftables message in the batch, found %d" % len(msgs[1:-1]))
+    req = inner[0]
+    seq = hdr(req)[2]
+    code, text = 0, None
+    for ev in evs[i + 1:]:
+        if ev["fd"] != fd or ev["dir"] != "recv":
+            continue
+        for m in split_nlmsgs(ev["data"]):
+            if hdr(m)[0] == NLMSG_ERROR and hdr(m)[2] == seq:
+                code, text = parse_error(m)
+    if code == 0:
+        print("result: 0")
+    else:
+        print("result: " + errname(code) + (" " + text if text else ""))
+    print("request: " + req.hex())
+    for m in msgs:
+        print("batch: " + m.hex())
+
+
+def do_nftdump(path, get_type):
+    """The kernel's answer to nft's one request of nftables type `get_type` (GETTABLE, GETCHAIN,
+    GETRULE; a dump or, for the table, a plain get): its object messages, then the terminator.
+    nft numbers all its cache requests alike, so the answer is what the socket received between
+    this request and nft's next send on it."""
+    get_type = NFT_SUBSYS | int(get_type)
+    new_type = get_type - 1
+    evs = [ev for ev in events(path) if not ev["peek"] and ev["data"]]
+    found = [(i, ev["fd"]) for i, ev in enumerate(evs) if ev["dir"] == "send"
+             for m in split_nlmsgs(ev["data"]) if hdr(m)[0] == get_type]
+    if len(found) != 1:
+        die("expected exactly 1 request of type %#x, found %d" % (get_type, len(found)))
+    i, fd = found[0]
+    replies = []
+    for ev in evs[i + 1:]:
+        if ev["fd"] != fd:
+            continue
+        if ev["dir"] == "send":
+            break
+        replies += [m for m in split_nlmsgs(ev["data"])
+                    if hdr(m)[0] in (new_type, NLMSG_DONE, NLMSG_ERROR)]
+    if not replies or hdr(replies[-1])[0] not in (NLMSG_DONE, NLMSG_ERROR):
+        die("the reply to %#x does not end with NLMSG_DONE or an acknowledgement" % get_type)
+    if hdr(replies[-1])[0] == NLMSG_ERROR and parse_error(replies[-1])[0] != 0:
+        die("the request %#x was refused" % get_type)
+    for m in replies:
+        print("dump: " + m.hex())
+
+
 if __name__ == "__main__":
+    if sys.argv[1] == "nftbatch":
+        do_nftbatch(sys.argv[2])
+        sys.exit(0)
+    if sys.argv[1] == "nftdump":
+        do_nftdump(sys.argv[2], sys.argv[3])
+        sys.exit(0)
     if sys.argv[1] == "request":
         do_request(sys.argv[2], sys.argv[3])
     elif sys.argv[1] == "dump":
@@ -365,6 +441,53 @@ capture_sockdiag() {
     printf '%-28s %s\n' "$name" "$(grep '^result: ' <<<"$parsed" | cut -d' ' -f2-)"
 }
 
+# --------------------------------------------------------------------------
+# capture_nft NAME "NFT COMMAND" "LIST COMMAND or empty" GET_TYPE [note...]: the one nfnetlink batch
+# nft sends, the kernel's answer to it, and the kernel's answer to the listing's request of
+# nftables type GET_TYPE (1 GETTABLE, 4 GETCHAIN, 7 GETRULE). Prerequisites already in place.
+# --------------------------------------------------------------------------
+capture_nft() {
+    local name="$1" cmd="$2" dump="$3" get_type="$4"
+    shift 4
+    local file="$NEW_DIR/$name.fixture" log="$WORK/$name.req.log" dlog="$WORK/$name.dump.log"
+    local -a argv dargv
+    read -r -a argv <<<"$cmd"
+    local ifline
+    ifline="ifindex: veth0=$(ifindex_of veth0) veth1=$(ifindex_of veth1) ifb0=$(ifindex_of ifb0)"
+    local rc=0
+    nsx "${STRACE[@]}" -o "$log" "${argv[@]}" >"$WORK/$name.out" 2>"$WORK/$name.err" || rc=$?
+    local parsed
+    if ! parsed="$(python3 "$PARSER" nftbatch "$log")"; then
+        echo "capture.sh: $name: no usable batch captured (exit $rc):" >&2
+        cat "$WORK/$name.err" >&2
+        exit 1
+    fi
+    local result
+    result="$(grep '^result: ' <<<"$parsed")"
+    {
+        echo "command: $cmd"
+        echo "$result"
+        echo "$ifline"
+        grep -E '^(request|batch): ' <<<"$parsed"
+        if [[ $result == "result: 0" && -n $dump ]]; then
+            read -r -a dargv <<<"$dump"
+            nsx "${STRACE[@]}" -o "$dlog" "${dargv[@]}" >"$WORK/$name.dump.out" 2>&1 || {
+                echo "capture.sh: $name: list command failed" >&2
+                cat "$WORK/$name.dump.out" >&2
+                exit 1
+            }
+            echo "dump_command: $dump"
+            python3 "$PARSER" nftdump "$dlog" "$get_type"
+        fi
+        local n
+        for n in "$@"; do
+            echo "note: $n"
+        done
+    } >"$file"
+    COUNT=$((COUNT + 1))
+    printf '%-28s %s\n' "$name" "${result#result: }"
+}
+
 QSHOW0="tc -s qdisc show dev veth0"
 QSHOW1="tc -s qdisc show dev veth1"
 CSHOW="tc -s class show dev veth0"
@@ -377,6 +500,7 @@ NOTE_NOCONNMARK="this kernel lacks the connmark action (CONFIG_NET_ACT_CONNMARK 
 NOTE_NOMATCHALL="this kernel lacks the matchall classifier (CONFIG_NET_CLS_MATCHALL unset): request and refusal only, no dump"
 NOTE_NOFW="this kernel lacks the fw classifier (CONFIG_NET_CLS_FW unset): request and refusal only, no dump"
 
+if [[ $MODE == all ]]; then
 # ---- qdiscs ---------------------------------------------------------------
 reset_tc
 capture qdisc_htb tc "tc qdisc add dev veth0 root handle 1: htb default 30" "$QSHOW0"
@@ -457,9 +581,49 @@ reset_tc
 capture_sockdiag sock_diag_tcp4_established 2 "ss -tn state established"
 capture_sockdiag sock_diag_tcp6_established 10 "ss -tn state established"
 
+fi  # MODE == all
+
+# ---- nftables (nft) ---------------------------------------------------------
+# raylimit's table: two base chains and its two rule shapes. nft cannot write raylimit's userdata
+# TLV, so its rules carry a comment instead (the codec test compares with userdata removed).
+reset_nft()   { nsx nft delete table inet raylimit >/dev/null 2>&1 || true; }
+pre_table()   { q nft add table inet raylimit; }
+pre_chains()  {
+    q nft add chain inet raylimit classify "{ type filter hook postrouting priority mangle ; policy accept ; }"
+    q nft add chain inet raylimit save_mark "{ type filter hook output priority mangle ; policy accept ; }"
+}
+V0="$(ifindex_of veth0)"
+RULE_M2P="classify oif $V0 meta mark and 0x00ff0000 == 0x00010000 counter meta priority set 524c:0100 comment \"raylimit-fixture\""
+RULE_SAVE="save_mark meta mark and 0x00ff0000 == 0x00010000 counter ct mark set ct mark and 0xff00ffff or 0x00010000 comment \"raylimit-fixture\""
+LIST="nft list table inet raylimit"
+NOTE_COMMENT="nft cannot write raylimit's userdata TLV: this rule carries a comment (userdata type 0) instead"
+NOTE_NOACK="nft 1.0.6 asks for no acknowledgements (flags NLM_F_REQUEST only); raylimit adds NLM_F_ACK to every operation"
+
+reset_nft
+capture_nft nft_add_table "nft add table inet raylimit" "$LIST" 1 "$NOTE_NOACK"
+reset_nft; pre_table
+capture_nft nft_add_chain_classify "nft add chain inet raylimit classify { type filter hook postrouting priority mangle ; policy accept ; }" "$LIST" 4 "$NOTE_NOACK"
+reset_nft; pre_table
+capture_nft nft_add_chain_save_mark "nft add chain inet raylimit save_mark { type filter hook output priority mangle ; policy accept ; }" "$LIST" 4 "$NOTE_NOACK"
+reset_nft; pre_table; pre_chains
+capture_nft nft_add_rule_mark_to_priority "nft add rule inet raylimit $RULE_M2P" "$LIST" 7 "$NOTE_COMMENT" "$NOTE_NOACK"
+reset_nft; pre_table; pre_chains
+capture_nft nft_add_rule_save_mark "nft add rule inet raylimit $RULE_SAVE" "$LIST" 7 "$NOTE_COMMENT" "$NOTE_NOACK"
+reset_nft; pre_table; pre_chains; q nft add rule inet raylimit $RULE_M2P
+H="$(nsx nft -a list chain inet raylimit classify | sed -n 's/.*# handle \([0-9]*\)$/\1/p' | tail -1)"
+capture_nft nft_delete_rule "nft delete rule inet raylimit classify handle $H" "$LIST" 7 "$NOTE_NOACK"
+capture_nft nft_delete_rule_missing "nft delete rule inet raylimit classify handle 4242" "" 7 "the handle does not exist: the kernel's refusal"
+reset_nft; pre_table; pre_chains; q nft add rule inet raylimit $RULE_M2P
+capture_nft nft_delete_table "nft delete table inet raylimit" "" 1 "$NOTE_NOACK"
+reset_nft
+
 # --------------------------------------------------------------------------
 # All captured: replace the old fixture files atomically-ish.
 # --------------------------------------------------------------------------
-rm -f "$OUT_DIR"/*.fixture
+if [[ $MODE == all ]]; then
+    rm -f "$OUT_DIR"/*.fixture
+else
+    rm -f "$OUT_DIR"/nft_*.fixture
+fi
 cp "$NEW_DIR"/*.fixture "$OUT_DIR"/
 echo "capture.sh: wrote $COUNT fixtures to $OUT_DIR (kernel $(uname -r))"

@@ -18,10 +18,13 @@ use raylimit::netlink::{TcHandle, U32Handle};
 
 struct Fixture {
     name: String,
+    command: String,
     result: String,
     ifindex: BTreeMap<String, u32>,
     request: Vec<u8>,
     dump: Vec<Vec<u8>>,
+    /// nft fixtures: every message of the nfnetlink batch, BEGIN .. END.
+    batch: Vec<Vec<u8>>,
 }
 
 fn hex(s: &str) -> Vec<u8> {
@@ -39,14 +42,17 @@ fn load(name: &str) -> Fixture {
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
     let mut f = Fixture {
         name: name.into(),
+        command: String::new(),
         result: String::new(),
         ifindex: BTreeMap::new(),
         request: vec![],
         dump: vec![],
+        batch: vec![],
     };
     for line in text.lines() {
         let (key, value) = line.split_once(": ").unwrap_or((line, ""));
         match key {
+            "command" => f.command = value.to_string(),
             "result" => f.result = value.to_string(),
             "ifindex" => {
                 for pair in value.split_whitespace() {
@@ -56,6 +62,7 @@ fn load(name: &str) -> Fixture {
             }
             "request" => f.request = hex(value),
             "dump" => f.dump.push(hex(value)),
+            "batch" => f.batch.push(hex(value)),
             _ => {}
         }
     }
@@ -769,10 +776,255 @@ fn every_captured_dump_decodes() {
     let names = all_fixture_names();
     assert!(names.len() >= 39, "fixtures missing: {}", names.len());
     let mut messages = 0;
-    for name in names {
+    // The nft_* fixtures hold nfnetlink messages; `nft_codec` below decodes their dumps.
+    for name in names.into_iter().filter(|n| !n.starts_with("nft_")) {
         let f = load(&name);
         assert!(!f.request.is_empty(), "{name}: no request");
         messages += decoded_dump(&f).len();
     }
     assert!(messages > 50, "only {messages} dump messages");
+}
+
+// ---------- nftables (nft_* fixtures) ----------
+
+/// raylimit's batches against the ones nft 1.0.6 sent for the same objects, message by message.
+/// Both are built by libnftnl, so they agree byte for byte except for:
+/// - sequence numbers and port id (bytes 8..16 of every header), which vary per run;
+/// - `NLM_F_ACK` on every operation: raylimit asks the kernel to acknowledge each one so that a
+///   refusal names the operation; nft 1.0.6 asks for none and takes silence as success;
+/// - `NFTA_RULE_USERDATA`: raylimit's holds its owner/subject TLV, which nft cannot write; nft's
+///   holds the fixture's comment instead. It is removed on both sides before comparing (and each
+///   side's content is checked on its own).
+///
+/// The batch delimiters carry res_id = NFNL_SUBSYS_NFTABLES and no generation id on both sides,
+/// so they compare exactly.
+#[cfg(feature = "nftables")]
+mod nft_codec {
+    use super::*;
+    use raylimit::netlink::nft::{self, ManagedRule, NftOp, NftRule, NftState, Tag};
+    use raylimit::netlink::socket::Message;
+
+    const NLM_F_ACK: u16 = 0x4;
+    const NFT_MSG_NEWRULE: u16 = 0x0a06;
+    const NFTA_RULE_USERDATA: u16 = 7;
+
+    fn msg_type(m: &[u8]) -> u16 {
+        u16::from_ne_bytes([m[4], m[5]])
+    }
+
+    fn flags(m: &[u8]) -> u16 {
+        u16::from_ne_bytes([m[6], m[7]])
+    }
+
+    /// A NEWRULE message without its USERDATA attribute (length fixed up), and that attribute.
+    fn split_userdata(m: &[u8]) -> (Vec<u8>, Option<Vec<u8>>) {
+        if msg_type(m) != NFT_MSG_NEWRULE {
+            return (m.to_vec(), None);
+        }
+        let mut out = m[..20].to_vec();
+        let mut userdata = None;
+        let mut pos = 20;
+        while pos < m.len() {
+            let len = u16::from_ne_bytes([m[pos], m[pos + 1]]) as usize;
+            let kind = u16::from_ne_bytes([m[pos + 2], m[pos + 3]]) & 0x3fff;
+            let end = (pos + ((len + 3) & !3)).min(m.len());
+            if kind == NFTA_RULE_USERDATA {
+                userdata = Some(m[pos + 4..pos + len].to_vec());
+            } else {
+                out.extend_from_slice(&m[pos..end]);
+            }
+            pos = end;
+        }
+        let len = out.len() as u32;
+        out[0..4].copy_from_slice(&len.to_ne_bytes());
+        (out, userdata)
+    }
+
+    /// Compares our batch with nft's (see the module comment for what is set aside).
+    fn assert_batch(f: &Fixture, ops: &[NftOp]) -> Vec<Option<Vec<u8>>> {
+        let ours = nft::batch_messages(ops, 0);
+        assert_eq!(ours.len(), f.batch.len(), "{}: message count", f.name);
+        assert_eq!(ours.concat(), nft::batch(ops, 0), "{}: batch()", f.name);
+        let mut userdata = vec![];
+        for (i, (o, n)) in ours.iter().zip(&f.batch).enumerate() {
+            let delimiter = i == 0 || i == ours.len() - 1;
+            let expected_flags = if delimiter {
+                flags(n)
+            } else {
+                flags(n) | NLM_F_ACK
+            };
+            assert_eq!(flags(o), expected_flags, "{}: message {i} flags", f.name);
+            let (mut o, our_ud) = split_userdata(o);
+            let (n, nft_ud) = split_userdata(&masked(n));
+            o[6..8].copy_from_slice(&flags(&n).to_ne_bytes());
+            assert_eq!(
+                hexs(&masked(&o)),
+                hexs(&n),
+                "{}: message {i} differs from nft's",
+                f.name
+            );
+            assert_eq!(our_ud.is_some(), nft_ud.is_some(), "{}: userdata", f.name);
+            if let Some(ud) = nft_ud {
+                // nft's comment TLV: type 0 (NFTNL_UDATA_RULE_COMMENT), NUL-terminated text.
+                assert_eq!(&ud[..2], &[0, (ud.len() - 2) as u8], "{}", f.name);
+                assert_eq!(Tag::from_userdata(&ud), None);
+            }
+            userdata.push(our_ud);
+        }
+        assert_eq!(
+            f.request, f.batch[1],
+            "{}: request is the batch's message",
+            f.name
+        );
+        userdata
+    }
+
+    fn messages(dumps: &[&Fixture]) -> Vec<Message> {
+        dumps
+            .iter()
+            .flat_map(|f| &f.dump)
+            .map(|m| Message {
+                msg_type: msg_type(m),
+                payload: m[16..].to_vec(),
+            })
+            .collect()
+    }
+
+    fn tag() -> Tag {
+        Tag {
+            owner: "fixture".into(),
+            subject: "outbound:proxy".into(),
+        }
+    }
+
+    fn mark_to_priority(oif: u32) -> NftRule {
+        NftRule::MarkToPriority {
+            oif,
+            mask: 0x00ff_0000,
+            value: 0x0001_0000,
+            priority: 0x524c_0100,
+        }
+    }
+
+    const SAVE: NftRule = NftRule::SaveMark {
+        mask: 0x00ff_0000,
+        value: 0x0001_0000,
+    };
+
+    #[test]
+    fn table() {
+        let f = load("nft_add_table");
+        assert_eq!(f.result, "0");
+        assert_batch(&f, &[NftOp::AddTable]);
+        let state = nft::state_from_messages(&messages(&[&f]));
+        assert_eq!(
+            state,
+            NftState {
+                table: true,
+                ..Default::default()
+            }
+        );
+        assert_batch(&load("nft_delete_table"), &[NftOp::DeleteTable]);
+    }
+
+    #[test]
+    fn chains() {
+        let table = load("nft_add_table");
+        for (name, chain) in [
+            ("nft_add_chain_classify", nft::CHAIN_CLASSIFY),
+            ("nft_add_chain_save_mark", nft::CHAIN_SAVE),
+        ] {
+            let f = load(name);
+            assert_batch(&f, &[NftOp::AddChain(chain)]);
+            // The kernel's chain (with its handle, use count, hook) is raylimit's definition.
+            let state = nft::state_from_messages(&messages(&[&table, &f]));
+            assert_eq!(state.chains, [chain], "{name}");
+            assert!(state.foreign.is_empty(), "{name}: {:?}", state.foreign);
+        }
+    }
+
+    #[test]
+    fn rules() {
+        let table = load("nft_add_table");
+        let f = load("nft_add_rule_mark_to_priority");
+        let rule = mark_to_priority(f.ifindex["veth0"]);
+        let ud = assert_batch(
+            &f,
+            &[NftOp::AddRule {
+                rule: rule.clone(),
+                tag: tag(),
+            }],
+        );
+        assert_eq!(Tag::from_userdata(ud[1].as_ref().unwrap()), Some(tag()));
+        // The kernel's dump of nft's rule decodes to the same rule; its comment is no tag.
+        let state = nft::state_from_messages(&messages(&[&table, &f]));
+        assert_eq!(
+            state.rules,
+            [ManagedRule {
+                chain: nft::CHAIN_CLASSIFY.into(),
+                handle: 3,
+                rule,
+                tag: None,
+                packets: 0,
+                bytes: 0,
+            }]
+        );
+        assert!(state.foreign.is_empty(), "{:?}", state.foreign);
+
+        let f = load("nft_add_rule_save_mark");
+        assert_batch(
+            &f,
+            &[NftOp::AddRule {
+                rule: SAVE,
+                tag: tag(),
+            }],
+        );
+        let state = nft::state_from_messages(&messages(&[&table, &f]));
+        assert_eq!(state.rules.len(), 1, "{state:?}");
+        assert_eq!(state.rules[0].rule, SAVE);
+        assert_eq!(state.rules[0].chain, nft::CHAIN_SAVE);
+        assert!(state.foreign.is_empty(), "{:?}", state.foreign);
+    }
+
+    #[test]
+    fn rule_deletion() {
+        for name in ["nft_delete_rule", "nft_delete_rule_missing"] {
+            let f = load(name);
+            let handle: u64 = f.command.rsplit(' ').next().unwrap().parse().unwrap();
+            assert_batch(
+                &f,
+                &[NftOp::DeleteRule {
+                    chain: nft::CHAIN_CLASSIFY.into(),
+                    handle,
+                }],
+            );
+        }
+        assert_eq!(load("nft_delete_rule_missing").result, "ENOENT");
+    }
+
+    #[test]
+    fn a_rule_in_the_wrong_chain_or_of_another_shape_is_foreign() {
+        // nft's save_mark rule relabelled into classify: raylimit's shape, but not its place.
+        let table = load("nft_add_table");
+        let f = load("nft_add_rule_save_mark");
+        let mut msgs = messages(&[&table, &f]);
+        let rule = msgs
+            .iter_mut()
+            .find(|m| m.msg_type == NFT_MSG_NEWRULE)
+            .unwrap();
+        let at = rule
+            .payload
+            .windows(10)
+            .position(|w| w == b"save_mark\0")
+            .unwrap();
+        rule.payload[at..at + 9].copy_from_slice(b"classify\0");
+        let state = nft::state_from_messages(&msgs);
+        assert!(state.rules.is_empty(), "{state:?}");
+        assert_eq!(state.foreign.len(), 1, "{state:?}");
+        assert!(
+            state.foreign[0].starts_with("rule classify handle "),
+            "{:?}",
+            state.foreign
+        );
+    }
 }

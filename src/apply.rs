@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use crate::netlink::action::Action;
+use crate::netlink::nft::{self, NftOp};
 use crate::netlink::tc::FilterKind;
 use crate::netlink::{NetlinkError, RtSocket};
 use crate::reconcile::plan::{Dev, Operation, Step, TcObject};
@@ -191,6 +192,40 @@ fn run_operation(
             let ack = sock.request(message, &step.command())?;
             Ok(ack.warning)
         }
+        Operation::Nft { .. } | Operation::NftRemoveTagged { .. } => {
+            run_nft(&step.action)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Runs an nft step in the namespace at `netns`.
+fn run_nft(action: &Operation) -> Result<(), NetlinkError> {
+    match action {
+        Operation::Nft { netns, ops } => nft::apply(netns.as_deref(), ops),
+        Operation::NftRemoveTagged {
+            netns,
+            rule,
+            subject,
+        } => {
+            let state = nft::dump(netns.as_deref())?;
+            let ops: Vec<NftOp> = state
+                .rules
+                .iter()
+                .filter(|r| {
+                    &r.rule == rule && r.tag.as_ref().is_some_and(|t| &t.subject == subject)
+                })
+                .map(|r| NftOp::DeleteRule {
+                    chain: r.chain.clone(),
+                    handle: r.handle,
+                })
+                .collect();
+            if ops.is_empty() {
+                return Ok(());
+            }
+            nft::apply(netns.as_deref(), &ops)
+        }
+        _ => unreachable!("only nft operations"),
     }
 }
 

@@ -332,9 +332,22 @@ fn discover_and_inspect_real_runtimes() {
         .unwrap()
         .contains("has no socket mark"));
     assert_eq!(r["target"]["kind"], "outbound");
+    // Mark 0x10 is outside the default mask (0x0f000000): refused, naming both.
     let (code, _, err) = tagged_limit("--outbound", "direct", "upload", "1000", &["--execute"]);
     assert_eq!(code, 1);
-    assert!(err.contains("not in this build yet"), "{err}");
+    assert!(err.contains("outside the mark mask 0x0f000000"), "{err}");
+    let (code, out, err) = tagged_limit(
+        "--outbound",
+        "direct",
+        "upload",
+        "1000",
+        &["--mark-mask", "0xff"],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("meta mark & 0x000000ff == 0x00000010"),
+        "{out}"
+    );
 
     // A -config file removed after start: reported missing; what it defined is gone from the
     // readable config, what later files define stays concrete, and a mark's uniqueness can no

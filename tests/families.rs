@@ -12,8 +12,8 @@ use serde_json::Value;
 
 const ALICE: &str = "11111111-1111-4111-8111-111111111111";
 const CLIENT_PORT: u16 = 15201;
-/// The outbound's `sockopt.mark`, inside raylimit's default mark range.
-const MARK: u32 = 0x0001_0000;
+/// The outbound's `sockopt.mark`, inside raylimit's default mark mask (0x0f000000).
+const MARK: u32 = 0x0100_0000;
 
 /// client (10.98.0.2) -- veth -- server v2ray (10.98.0.1 | 10.97.0.1) -- veth -- remote (10.97.0.2)
 struct Chain {
@@ -112,6 +112,12 @@ impl Chain {
         let (code, out, err) = self.limit(&full);
         assert_eq!(code, 0, "{args:?}: {err}\n{out}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+    }
+
+    fn server_nft(&self, args: &[&str]) -> String {
+        let mut full = vec!["ip", "netns", "exec", &self.server.name, "nft"];
+        full.extend_from_slice(args);
+        run(&full)
     }
 
     fn flow(&self, command: u8, secs: u64) -> Flow {
@@ -307,5 +313,79 @@ fn an_ip_rule_wins_over_an_inbound_rule_and_a_baseline_is_warned_about() {
     assert!(!c
         .server
         .tc(&["qdisc", "show", "dev", "veth-s"])
+        .contains("htb"));
+}
+
+fn outbound_args<'a>(direction: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "--outbound",
+        "marked",
+        "--device",
+        "veth-o",
+        "--direction",
+        direction,
+    ];
+    v.extend_from_slice(rest);
+    v
+}
+
+#[test]
+fn outbound_upload_holds_by_socket_mark_and_download_is_blocked_naming_connmark() {
+    let c = Chain::new("outb");
+    let rate = 300_000.0;
+    let flow = c.flow(b'R', 25);
+    let plan = c.limit_json(&outbound_args("upload", &["--rate", "300000"]));
+    assert_eq!(plan["evidence"]["concrete"], true, "{plan}");
+    // Upload of the outbound leaves the remote-facing device: its own egress root, no IFB.
+    assert_eq!(plan["scope"]["shaped_device"], "veth-o");
+    let steps = plan["plan"]["steps"].to_string();
+    assert!(
+        steps.contains("meta mark & 0x0f000000 == 0x01000000"),
+        "{steps}"
+    );
+
+    let v = c.limit_json(&outbound_args("upload", &["--rate", "300000", "--execute"]));
+    assert_eq!(v["outcome"], "executed", "{v}");
+    let class = v["plan"]["class_id"].as_str().unwrap().to_string();
+    assert_shaped(
+        &c.server,
+        "veth-o",
+        &class,
+        &flow,
+        true,
+        rate,
+        "outbound upload",
+    );
+    assert_eq!(
+        c.limit_json(&outbound_args("upload", &["--rate", "300000"]))["decision"]["kind"],
+        "no_op"
+    );
+    // nft itself (the oracle) sees the rule, tagged, counting the outbound's packets.
+    let listed = c.server_nft(&["-j", "list", "table", "inet", "raylimit"]);
+    assert!(listed.contains("\"priority\""), "{listed}");
+    let (_, status, _) = raylimit_in(&c.state, &["--netns", &c.server.name, "status"]);
+    assert!(status.contains("nft table inet raylimit:"), "{status}");
+    assert!(status.contains("outbound marked owner host:"), "{status}");
+    assert!(!status.contains("orphan"), "{status}");
+    flow.stop();
+
+    // Download needs the connection's mark restored before the IFB; this kernel has no
+    // act_connmark, so it is refused, naming it.
+    let (code, out, _) = c.limit(&outbound_args("download", &["--rate", "300000"]));
+    assert_eq!(code, 0);
+    assert!(out.contains("act_connmark"), "{out}");
+    let (code, _, err) = c.limit(&outbound_args(
+        "download",
+        &["--rate", "300000", "--execute"],
+    ));
+    assert_eq!(code, 1);
+    assert!(err.contains("act_connmark"), "{err}");
+
+    let gone = c.limit_json(&outbound_args("upload", &["--remove", "--execute"]));
+    assert_eq!(gone["decision"]["kind"], "remove");
+    assert!(!c.server_nft(&["list", "tables"]).contains("raylimit"));
+    assert!(!c
+        .server
+        .tc(&["qdisc", "show", "dev", "veth-o"])
         .contains("htb"));
 }

@@ -211,6 +211,23 @@ fn every_invalid_request_is_one_line_exit_2_and_changes_nothing() {
             "shared or per_ip",
         ),
         (
+            base(&["--outbound", "o", "--mark-mask", "0", "--rate", "1"]),
+            "would read no mark bits",
+        ),
+        (
+            base(&["--outbound", "o", "--mark-mask", "0xzz", "--rate", "1"]),
+            "not a 32-bit mask",
+        ),
+        (
+            base(&["--ip", "10.0.0.1", "--mark-mask", "0xff", "--rate", "1"]),
+            "--mark-mask only applies to --outbound",
+        ),
+        (
+            base(&["--connection", "10.0.0.1", "--rate", "1"]),
+            "not a client IP:PORT",
+        ),
+        (base(&["--uuid", "u", "--unlimited"]), "needs --ip ADDRESS"),
+        (
             base(&[
                 "--ip",
                 "10.0.0.1",

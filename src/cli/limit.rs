@@ -9,6 +9,7 @@ use super::{Format, UsageError};
 use crate::apply;
 use crate::netlink::link::{check_name, Link, MAX_IFNAME_LEN};
 use crate::netlink::probe::{Capabilities, Feature};
+use crate::netlink::u32::End;
 use crate::netlink::{NetlinkError, RtSocket};
 use crate::ownership::{Annotation, StateDir};
 use crate::policy::{self, Direction, Request, Subject, Want};
@@ -40,6 +41,10 @@ pub struct LimitArgs {
     /// One client connection, as IP:PORT.
     #[arg(long, value_name = "IP:PORT")]
     pub connection: Option<String>,
+    /// The mark bits raylimit reads and writes for --outbound (default 0x0f000000); other
+    /// software's mark bits are left intact.
+    #[arg(long, value_name = "MASK")]
+    pub mark_mask: Option<String>,
     /// The network device whose traffic is shaped.
     #[arg(long, value_name = "DEV")]
     pub device: Option<String>,
@@ -171,42 +176,8 @@ pub fn parse_selection(
     })
 }
 
-/// A family whose subject is a tag of the runtime's config.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    Inbound,
-    Outbound,
-}
-
-impl Family {
-    pub fn name(self) -> &'static str {
-        match self {
-            Family::Inbound => "inbound",
-            Family::Outbound => "outbound",
-        }
-    }
-}
-
-/// A validated `limit --inbound TAG` or `--outbound TAG` request.
-#[derive(Debug, Clone)]
-pub struct Tagged {
-    pub selection: Selection,
-    pub family: Family,
-    pub tag: String,
-    pub direction: Direction,
-    pub device: String,
-    pub want: Want,
-}
-
-/// What the flags asked for.
-#[derive(Debug, Clone)]
-pub enum Checked {
-    Ip(Validated),
-    Tagged(Tagged),
-}
-
 /// Checks the flags in a fixed order; the first problem is the one reported.
-pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
+pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
     let usage = |m: String| Err(UsageError(m));
     let selection = parse_selection(
         &a.runtime.pid,
@@ -273,6 +244,15 @@ pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
         "--connection" => Some(Subject::Connection(
             policy::parse_connection(value).map_err(UsageError)?,
         )),
+        // The mark comes from the runtime's config once the runtime is selected.
+        "--outbound" => Some(Subject::Outbound {
+            tag: value.to_string(),
+            mark: 0,
+            mask: match given(&a.mark_mask) {
+                Some(m) => policy::parse_mark_mask(m).map_err(UsageError)?,
+                None => policy::DEFAULT_MARK_MASK,
+            },
+        }),
         // The listener comes from the runtime's config once the runtime is selected.
         "--inbound" => Some(Subject::Inbound {
             tag: value.to_string(),
@@ -329,21 +309,11 @@ pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
     if a.allow_missing_tc_state && !a.execute {
         return usage("--allow-missing-tc-state only matters with --execute".into());
     }
-    let Some(subject) = subject else {
-        return Ok(Checked::Tagged(Tagged {
-            selection,
-            family: if flag == "--inbound" {
-                Family::Inbound
-            } else {
-                Family::Outbound
-            },
-            tag: value.to_string(),
-            direction,
-            device: device.to_string(),
-            want,
-        }));
-    };
-    Ok(Checked::Ip(Validated {
+    let subject = subject.expect("every target flag gives a subject");
+    if a.mark_mask.is_some() && !matches!(subject, Subject::Outbound { .. }) {
+        return usage("--mark-mask only applies to --outbound".into());
+    }
+    Ok(Validated {
         selection,
         request: Request {
             subject,
@@ -353,7 +323,7 @@ pub fn validate(a: &LimitArgs) -> Result<Checked, UsageError> {
         },
         per_ip,
         inbound: inbound_filter,
-    }))
+    })
 }
 
 /// Why `limit` stopped before it could build a report.
@@ -380,6 +350,9 @@ pub struct Session {
     state_dir: StateDir,
     netns_key: String,
     catch_all: CatchAll,
+    has_connmark: bool,
+    /// `/run/netns/NAME` for `--netns`: where nft steps run.
+    netns_path: Option<String>,
     _lock: Option<crate::ownership::Lock>,
 }
 
@@ -424,14 +397,17 @@ impl Session {
             state_dir,
             netns_key: netns.unwrap_or("").to_string(),
             catch_all: CatchAll::choose(caps.has(Feature::Matchall)),
+            has_connmark: caps.has(Feature::Connmark),
+            netns_path: netns.map(|n| format!("/run/netns/{n}")),
             _lock: lock,
         })
     }
 
-    pub fn shaped_device(&self, direction: Direction) -> String {
-        match direction {
-            Direction::Download => self.device.name.clone(),
-            Direction::Upload => shaping::ifb_name(self.device.index),
+    pub fn shaped_device(&self, request: &Request) -> String {
+        if request.on_egress() {
+            self.device.name.clone()
+        } else {
+            shaping::ifb_name(self.device.index)
         }
     }
 
@@ -453,8 +429,13 @@ impl Session {
         blocked: Option<String>,
     ) -> LimitReport {
         let request = &v.request;
-        let observation = observe(&mut self.sock, &self.device, request.direction);
-        let shaped_device = self.shaped_device(request.direction);
+        let mut observation = observe(&mut self.sock, &self.device, request);
+        if matches!(request.subject, Subject::Outbound { .. }) {
+            observation.nft = Some(
+                crate::netlink::nft::dump(self.netns_path.as_deref()).map_err(|e| e.to_string()),
+            );
+        }
+        let shaped_device = self.shaped_device(request);
         let mut annotations = self.state_dir.load();
         let subject_key = request.subject.key();
         let annotation = annotations
@@ -470,6 +451,9 @@ impl Session {
                 .filter(|x| x.owner != owner)
                 .map(|x| x.owner.clone()),
             remembered_minor: annotation.as_ref().and_then(|x| x.class_minor),
+            owner: owner.clone(),
+            netns_path: self.netns_path.clone(),
+            has_connmark: self.has_connmark,
         };
         let shadowed = matches!(request.subject, Subject::Inbound { .. })
             && request.want != Want::Remove
@@ -558,25 +542,33 @@ pub fn run(netns: Option<&str>, a: &LimitArgs, v: Validated) -> Result<Report, L
         Subject::User { .. } => Ok(Report::One(live::user(&mut session, &v))),
         Subject::Connection(_) => Ok(Report::One(live::connection(&mut session, &v))),
         Subject::Inbound { .. } => Ok(Report::One(tagged::inbound(&mut session, &v))),
+        Subject::Outbound { .. } => Ok(Report::One(tagged::outbound(&mut session, &v))),
         _ => Ok(Report::One(session.one(&v, None, None))),
     }
 }
 
 /// Reads what the request is decided on: the shaped root, and for upload the IFB and the hook.
-pub fn observe(sock: &mut RtSocket, device: &Link, direction: Direction) -> Observation {
-    let end = shaping::client_end(direction);
+pub fn observe(sock: &mut RtSocket, device: &Link, request: &Request) -> Observation {
+    // Where client addresses sit on the root read: destination on egress, source on the IFB.
+    let egress = request.on_egress();
+    let end = if egress {
+        End::Destination
+    } else {
+        End::Source
+    };
     let mut obs = Observation {
         device: device.clone(),
         shaped: None,
         ifb: None,
         hook: None,
         error: None,
+        nft: None,
     };
     let result = (|| -> Result<(), NetlinkError> {
         let device_tc = sock.device_tc(device.index)?;
-        match direction {
-            Direction::Download => obs.shaped = Some(ShapedRoot::read(&device_tc, end)),
-            Direction::Upload => {
+        match egress {
+            true => obs.shaped = Some(ShapedRoot::read(&device_tc, end)),
+            false => {
                 obs.hook = Some(Hook::read(&device_tc));
                 match sock.link_by_name(&shaping::ifb_name(device.index)) {
                     Ok(ifb) => {
@@ -598,6 +590,7 @@ pub fn observe(sock: &mut RtSocket, device: &Link, direction: Direction) -> Obse
             ifb: None,
             hook: None,
             error: Some(e.to_string()),
+            nft: None,
         };
     }
     obs

@@ -61,7 +61,7 @@ fn ip_request(v: &Validated, ip: IpAddr) -> Validated {
 }
 
 pub fn per_ip(session: &mut Session, v: &Validated) -> PerIpReport {
-    let shaped = session.shaped_device(v.request.direction);
+    let shaped = session.shaped_device(&v.request);
     let owner = session.runtime.owner();
     let annotations = session.annotations();
     let netns_key = session.netns_key().to_string();

@@ -172,8 +172,7 @@ pub fn run(cli: Cli) -> i32 {
 
 fn run_limit(netns: Option<&str>, args: &limit::LimitArgs) -> i32 {
     let v = match limit::validate(args) {
-        Ok(limit::Checked::Ip(v)) => v,
-        Ok(limit::Checked::Tagged(t)) => return tagged::run(netns, args, t),
+        Ok(v) => v,
         Err(UsageError(m)) => {
             eprintln!("raylimit: {m}");
             return 2;

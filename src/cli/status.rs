@@ -7,6 +7,7 @@ use serde_json::{json, Value};
 
 use crate::evidence;
 use crate::netlink::link::Link;
+use crate::netlink::nft::{self, NftRule, NftState};
 use crate::netlink::tc::ClassKind;
 use crate::netlink::u32::End;
 use crate::netlink::{NetlinkError, RtSocket, TcHandle};
@@ -24,13 +25,46 @@ struct Rule {
     clients: Vec<String>,
     /// A user's byte counters from the runtime's StatsService, or why there are none.
     user_traffic: Option<String>,
-    priority: u16,
+    /// The tc filter priority; none for a rule classified by nft.
+    priority: Option<u16>,
     class: Option<TcHandle>,
     rate: Option<u64>,
     bytes: u64,
     packets: u64,
     drops: u32,
     owner: Option<String>,
+}
+
+impl Rule {
+    /// A rule with its class's rate and live counters (none for the root itself: the unlimited
+    /// exception has no leaf class).
+    fn new(
+        shaped: &ShapedRoot,
+        subject: String,
+        clients: Vec<String>,
+        priority: Option<u16>,
+        class: Option<TcHandle>,
+        owner: Option<String>,
+    ) -> Rule {
+        let class_entry = class
+            .filter(|c| c.minor() != 0)
+            .and_then(|c| shaped.classes.get(&c.minor()));
+        Rule {
+            subject,
+            clients,
+            user_traffic: None,
+            priority,
+            class,
+            rate: class_entry.and_then(|c| match &c.class.kind {
+                ClassKind::Htb(h) => Some(h.rate),
+                _ => None,
+            }),
+            bytes: class_entry.map(|c| c.stats.bytes).unwrap_or(0),
+            packets: class_entry.map(|c| c.stats.packets).unwrap_or(0),
+            drops: class_entry.map(|c| c.stats.drops).unwrap_or(0),
+            owner,
+        }
+    }
 }
 
 /// One managed root: a device's egress (download) or its IFB's (upload).
@@ -57,6 +91,7 @@ pub fn run(
         sock.link_by_name(d)?;
     }
     let links = sock.links()?;
+    let nft = nft::dump(netns.map(|n| format!("/run/netns/{n}")).as_deref());
     let annotations = StateDir::from_env().load();
     let netns_key = netns.unwrap_or("");
     let mut roots = Vec::new();
@@ -112,33 +147,47 @@ pub fn run(
         if let Some(f) = &shaped.baseline {
             subjects.push(("ip all".to_string(), Vec::new(), f));
         }
+        // Outbound rules classify in nft (meta priority), not in a tc filter.
+        for r in nft.iter().flat_map(|n| &n.rules) {
+            let NftRule::MarkToPriority { oif, priority, .. } = r.rule else {
+                continue;
+            };
+            if oif != link.index {
+                continue;
+            }
+            let class = TcHandle(priority);
+            referenced.insert(class.minor());
+            let subject = r
+                .tag
+                .as_ref()
+                .map(|t| t.subject.clone())
+                .unwrap_or_else(|| "outbound (unknown)".into());
+            let owner = r.tag.as_ref().map(|t| t.owner.clone());
+            rules.push(Rule::new(
+                &shaped,
+                subject,
+                Vec::new(),
+                None,
+                Some(class),
+                owner,
+            ));
+        }
         for (subject, clients, entry) in subjects {
             let class = classid_of(&entry.filter);
-            // Minor 0 is the root itself (the unlimited exception): it has no leaf class.
-            let class_entry = class
-                .filter(|c| c.minor() != 0)
-                .and_then(|c| shaped.classes.get(&c.minor()));
             if let Some(c) = class {
                 referenced.insert(c.minor());
             }
             let owner = annotations
                 .find(netns_key, &link.name, &subject)
                 .map(|a| a.owner.clone());
-            rules.push(Rule {
+            rules.push(Rule::new(
+                &shaped,
                 subject,
                 clients,
-                user_traffic: None,
-                priority: entry.filter.priority,
+                Some(entry.filter.priority),
                 class,
-                rate: class_entry.and_then(|c| match &c.class.kind {
-                    ClassKind::Htb(h) => Some(h.rate),
-                    _ => None,
-                }),
-                bytes: class_entry.map(|c| c.stats.bytes).unwrap_or(0),
-                packets: class_entry.map(|c| c.stats.packets).unwrap_or(0),
-                drops: class_entry.map(|c| c.stats.drops).unwrap_or(0),
                 owner,
-            });
+            ));
         }
         roots.push(Root {
             device: owner_device.to_string(),
@@ -166,11 +215,61 @@ pub fn run(
         let v: Vec<Value> = roots.iter().map(root_json).collect();
         format!(
             "{}\n",
-            serde_json::to_string_pretty(&json!({"roots": v})).unwrap_or_default()
+            serde_json::to_string_pretty(&json!({"roots": v, "nft": nft_json(&nft)}))
+                .unwrap_or_default()
         )
     } else {
-        text(&roots)
+        let mut out = text(&roots);
+        nft_text(&mut out, &nft);
+        out
     })
+}
+
+/// raylimit's nft table, rule by rule with its owner and counters.
+fn nft_text(s: &mut String, nft: &Result<NftState, NetlinkError>) {
+    match nft {
+        Err(e) => {
+            let _ = writeln!(s, "nft table inet {}: unreadable: {e}", nft::TABLE);
+        }
+        Ok(state) if !state.table => {}
+        Ok(state) => {
+            let _ = writeln!(s, "nft table inet {}:", nft::TABLE);
+            for r in &state.rules {
+                let _ = writeln!(
+                    s,
+                    "  {} handle {}: {}; {} packets, {} bytes; {}",
+                    r.chain,
+                    r.handle,
+                    r.rule.describe(),
+                    r.packets,
+                    r.bytes,
+                    r.tag
+                        .as_ref()
+                        .map(|t| format!("{} owner {}", t.subject, t.owner))
+                        .unwrap_or_else(|| "untagged".into())
+                );
+            }
+            for f in &state.foreign {
+                let _ = writeln!(s, "  not raylimit's: {f}");
+            }
+        }
+    }
+}
+
+fn nft_json(nft: &Result<NftState, NetlinkError>) -> Value {
+    match nft {
+        Err(e) => json!({"error": e.to_string()}),
+        Ok(state) => json!({
+            "table": state.table,
+            "rules": state.rules.iter().map(|r| json!({
+                "chain": r.chain, "handle": r.handle, "rule": r.rule.describe(),
+                "subject": r.tag.as_ref().map(|t| &t.subject),
+                "owner": r.tag.as_ref().map(|t| &t.owner),
+                "packets": r.packets, "bytes": r.bytes,
+            })).collect::<Vec<_>>(),
+            "foreign": state.foreign,
+        }),
+    }
 }
 
 /// A runtime's users (lower-case UUID, email) and their byte counters.
@@ -270,9 +369,11 @@ fn text(roots: &[Root]) -> String {
             };
             let _ = writeln!(
                 s,
-                "  {:<28} pref {:<4} {shape}; sent {} bytes, {} packets, {} dropped; owner {}",
+                "  {:<28} {:<9} {shape}; sent {} bytes, {} packets, {} dropped; owner {}",
                 rule.subject,
-                rule.priority,
+                rule.priority
+                    .map(|p| format!("pref {p}"))
+                    .unwrap_or_else(|| "nft mark".into()),
                 rule.bytes,
                 rule.packets,
                 rule.drops,

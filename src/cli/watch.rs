@@ -77,11 +77,7 @@ enum Target {
 
 pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
     let checked = (|| -> Result<(Validated, Target, Duration, Duration), UsageError> {
-        let limit::Checked::Ip(v) = limit::validate(&args.limit)? else {
-            return Err(UsageError(
-                "watch keeps --ip all --ip-aggregation per_ip or --uuid in line; inbound and outbound limits need no watching".into(),
-            ));
-        };
+        let v = limit::validate(&args.limit)?;
         if !matches!(v.request.want, Want::Limit(_)) {
             return Err(UsageError(
                 "watch keeps a --rate in place; use limit for --unlimited and --remove".into(),
@@ -199,7 +195,7 @@ impl Watch<'_> {
         }
         let now = Instant::now();
         let live = ev.client_ips(inbound);
-        let shaped = session.shaped_device(self.v.request.direction);
+        let shaped = session.shaped_device(&self.v.request);
         let owner = session.runtime.owner();
         let annotations = session.annotations();
         let managed: BTreeSet<IpAddr> = annotations

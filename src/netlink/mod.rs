@@ -13,6 +13,10 @@ pub mod link;
 pub mod matchall;
 #[cfg(feature = "nftables")]
 pub mod nft;
+#[cfg(not(feature = "nftables"))]
+#[path = "nft_absent.rs"]
+pub mod nft;
+pub mod nft_model;
 pub mod probe;
 pub mod sock_diag;
 pub mod socket;

@@ -45,6 +45,9 @@ pub enum Subject {
     User { uuid: String, ips: BTreeSet<IpAddr> },
     /// One client connection: its address and port.
     Connection(SocketAddr),
+    /// One outbound: the socket mark its connections carry, read under `mask` (from the config
+    /// and `--mark-mask`).
+    Outbound { tag: String, mark: u32, mask: u32 },
     /// One inbound: its listener's port, and address when concrete (from the config).
     Inbound {
         tag: String,
@@ -61,7 +64,7 @@ impl Subject {
             Subject::AllShared | Subject::AllPerIp => "all".into(),
             Subject::User { uuid, .. } => uuid.clone(),
             Subject::Connection(c) => c.to_string(),
-            Subject::Inbound { tag, .. } => tag.clone(),
+            Subject::Inbound { tag, .. } | Subject::Outbound { tag, .. } => tag.clone(),
         }
     }
 
@@ -72,6 +75,7 @@ impl Subject {
             Subject::User { .. } => "uuid",
             Subject::Connection(_) => "connection",
             Subject::Inbound { .. } => "inbound",
+            Subject::Outbound { .. } => "outbound",
         }
     }
 
@@ -85,6 +89,28 @@ impl Subject {
 impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.kind(), self.value())
+    }
+}
+
+/// The marks raylimit reads and writes unless told otherwise: bits 24–27, which Docker,
+/// kube-proxy (bits 14–15), Tailscale (16–23), wg-quick (0xca6c), Istio and Cilium's common
+/// modes leave alone. Calico's default mask (0xffff0000) covers them: pick another with
+/// `--mark-mask` there.
+pub const DEFAULT_MARK_MASK: u32 = 0x0f00_0000;
+
+/// Parses `--mark-mask`: hex (`0x0f000000`) or decimal, not zero.
+pub fn parse_mark_mask(value: &str) -> Result<u32, String> {
+    let v = value.trim();
+    let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => v.parse(),
+    };
+    match parsed {
+        Ok(0) => Err("--mark-mask 0 would read no mark bits at all".into()),
+        Ok(m) => Ok(m),
+        Err(_) => Err(format!(
+            "--mark-mask {v:?} is not a 32-bit mask like 0x0f000000"
+        )),
     }
 }
 
@@ -151,6 +177,16 @@ pub struct Request {
 }
 
 impl Request {
+    /// True when the rule shapes packets leaving the device (its egress root); false when it
+    /// shapes arriving packets on the IFB companion. Client-facing families shape download on
+    /// egress; the outbound family faces the remote, so its upload leaves the device.
+    pub fn on_egress(&self) -> bool {
+        match self.subject {
+            Subject::Outbound { .. } => self.direction == Direction::Upload,
+            _ => self.direction == Direction::Download,
+        }
+    }
+
     /// `Requested limit: download 1000000 bytes/s on eth0` and its kin, without the label.
     pub fn describe(&self) -> String {
         let dir = self.direction.name();

@@ -12,6 +12,7 @@ pub mod plan;
 use std::collections::BTreeSet;
 
 use crate::netlink::link::Link;
+use crate::netlink::nft::{ManagedRule, NftOp, NftRule, NftState, Tag, CHAIN_CLASSIFY};
 use crate::netlink::tc::{ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
 use crate::netlink::u32::{End, Family, U32Filter};
 use crate::netlink::{TcHandle, U32Handle};
@@ -50,6 +51,12 @@ pub struct Context {
     pub owned_by_other: Option<String>,
     /// A class minor the annotations remember for this subject (found even if its filter is gone).
     pub remembered_minor: Option<u16>,
+    /// The runtime's owner identity, written into the nft rules' userdata.
+    pub owner: String,
+    /// The namespace nft steps run in (`/run/netns/NAME`), none for the current one.
+    pub netns_path: Option<String>,
+    /// The kernel has `act_connmark` (outbound download restores the connection mark with it).
+    pub has_connmark: bool,
 }
 
 /// The outcome of comparing: what to do, why, and the plan.
@@ -84,6 +91,12 @@ enum Rule {
     /// Listener nodes of the inbound band (one per family a wildcard listener covers).
     Listener {
         matches: BTreeSet<ListenerMatch>,
+    },
+    /// An outbound's socket mark (under the mask), classified by nft before the packet reaches
+    /// the device's HTB root.
+    Mark {
+        value: u32,
+        mask: u32,
     },
     Baseline,
 }
@@ -144,6 +157,8 @@ fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) -> Held {
             }
             h.class = h.class.or(remembered);
         }
+        // An outbound's class is known from its nft rule (see `held_marks`) or the annotations.
+        Rule::Mark { .. } => h.class = remembered,
         // An inbound's nodes: those matching its listener now, and those still sending to its
         // class (a listener whose port changed in the config).
         Rule::Listener { matches } => {
@@ -161,6 +176,116 @@ fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) -> Held {
         }
     }
     h
+}
+
+/// The subject's mark rules in raylimit's nft table: tagged with its key, for this device.
+fn held_marks(obs: &Observation, key: &str) -> Vec<ManagedRule> {
+    let Some(Ok(state)) = &obs.nft else {
+        return Vec::new();
+    };
+    state
+        .rules
+        .iter()
+        .filter(|r| r.tag.as_ref().is_some_and(|t| t.subject == key))
+        .filter(
+            |r| matches!(r.rule, NftRule::MarkToPriority { oif, .. } if oif == obs.device.index),
+        )
+        .cloned()
+        .collect()
+}
+
+/// The class a mark rule sends to, if it is one of raylimit's leaves.
+fn mark_class(r: &ManagedRule) -> Option<TcHandle> {
+    match r.rule {
+        NftRule::MarkToPriority { priority, .. } => leaf(Some(TcHandle(priority))),
+        _ => None,
+    }
+}
+
+/// The nft steps of an outbound limit: table and chain when missing, then the rule (a changed
+/// rule is deleted and added again in the same atomic batch).
+fn plan_mark(
+    ctx: &Context,
+    obs: &Observation,
+    (value, mask): (u32, u32),
+    held: &[ManagedRule],
+    target_class: TcHandle,
+    steps: &mut Vec<Step>,
+    changes: &mut Vec<String>,
+) {
+    let want = NftRule::MarkToPriority {
+        oif: obs.device.index,
+        mask,
+        value,
+        priority: target_class.0,
+    };
+    if held.len() == 1 && held[0].rule == want {
+        return;
+    }
+    let state = match &obs.nft {
+        Some(Ok(s)) => s.clone(),
+        _ => NftState::default(),
+    };
+    let mut ops = Vec::new();
+    let mut undo = Vec::new();
+    if !state.table {
+        ops.push(NftOp::AddTable);
+    }
+    if !state.chains.iter().any(|c| c == CHAIN_CLASSIFY) {
+        ops.push(NftOp::AddChain(CHAIN_CLASSIFY));
+    }
+    for old in held {
+        changes.push(format!(
+            "the nft rule differed ({}) and is replaced",
+            old.rule.describe()
+        ));
+        ops.push(NftOp::DeleteRule {
+            chain: old.chain.clone(),
+            handle: old.handle,
+        });
+        if let Some(tag) = &old.tag {
+            undo.push(NftOp::AddRule {
+                rule: old.rule.clone(),
+                tag: tag.clone(),
+            });
+        }
+    }
+    let tag = Tag {
+        owner: ctx.owner.clone(),
+        subject: ctx.request.subject.key(),
+    };
+    ops.push(NftOp::AddRule {
+        rule: want.clone(),
+        tag: tag.clone(),
+    });
+    let netns = ctx.netns_path.clone();
+    let mut undo_steps = vec![Step::new(
+        "delete-nft-rule",
+        Operation::NftRemoveTagged {
+            netns: netns.clone(),
+            rule: want,
+            subject: tag.subject,
+        },
+    )];
+    if !undo.is_empty() {
+        undo_steps.push(Step::new(
+            "restore-nft-rules",
+            Operation::Nft {
+                netns: netns.clone(),
+                ops: undo,
+            },
+        ));
+    }
+    if !state.table {
+        undo_steps.push(Step::new(
+            "delete-nft-table",
+            Operation::Nft {
+                netns: netns.clone(),
+                ops: vec![NftOp::DeleteTable],
+            },
+        ));
+    }
+    steps.push(Step::new("nft-classify-mark", Operation::Nft { netns, ops }).undone_by(undo_steps));
 }
 
 /// Decides for one request.
@@ -214,6 +339,24 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
                     .collect(),
             },
         },
+        Subject::Outbound { mark, mask, .. } => {
+            if req.direction == Direction::Download && req.want != Want::Remove {
+                d.kind = DecisionKind::Apply;
+                d.reason = "outbound download is identified by the connection's mark, restored before the redirect to the IFB".into();
+                d.observed_state = "unavailable";
+                d.blocked = Some(if ctx.has_connmark {
+                    "outbound download (connmark restore before the IFB) is not in this build yet"
+                        .into()
+                } else {
+                    "outbound download needs the connmark action (act_connmark) to restore the connection's mark on arriving packets before they are redirected to the IFB, and this kernel has no act_connmark".into()
+                });
+                return d;
+            }
+            Rule::Mark {
+                value: mark & mask,
+                mask: *mask,
+            }
+        }
         Subject::AllShared => Rule::Baseline,
         Subject::AllPerIp => {
             // per_ip is expanded into one `ip` decision per live client before anything is decided.
@@ -284,9 +427,10 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
 }
 
 fn shaped_name(req: &Request, obs: &Observation) -> String {
-    match req.direction {
-        Direction::Download => req.device.clone(),
-        Direction::Upload => shaping::ifb_name(obs.device.index),
+    if req.on_egress() {
+        req.device.clone()
+    } else {
+        shaping::ifb_name(obs.device.index)
     }
 }
 
@@ -299,10 +443,10 @@ fn device_dev(link: &Link) -> Dev {
 
 /// The device whose egress root is shaped, and its Dev for steps.
 fn shaped_dev(req: &Request, obs: &Observation) -> Dev {
-    match (req.direction, &obs.ifb) {
-        (Direction::Download, _) => device_dev(&obs.device),
-        (Direction::Upload, Some(ifb)) => device_dev(ifb),
-        (Direction::Upload, None) => Dev::Ifb(shaping::ifb_name(obs.device.index)),
+    match (req.on_egress(), &obs.ifb) {
+        (true, _) => device_dev(&obs.device),
+        (false, Some(ifb)) => device_dev(ifb),
+        (false, None) => Dev::Ifb(shaping::ifb_name(obs.device.index)),
     }
 }
 
@@ -432,9 +576,17 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
             return;
         }
     }
-    let held = shaped
+    let mut held = shaped
         .map(|s| held(s, rule, ctx.remembered_minor))
         .unwrap_or_default();
+    let marks = held_marks(obs, &req.subject.key());
+    if let Rule::Mark { .. } = rule {
+        held.class = marks
+            .iter()
+            .find_map(mark_class)
+            .filter(|c| shaped.is_some_and(|s| s.classes.contains_key(&c.minor())))
+            .or(held.class);
+    }
     if !held.conflicts.is_empty() && d.blocked.is_none() {
         d.blocked = Some(format!(
             "another rule of the {} band on {} already classifies {}; remove that rule first",
@@ -445,7 +597,7 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
     }
 
     // Scaffolding for upload: the IFB companion, up.
-    if req.direction == Direction::Upload {
+    if !req.on_egress() {
         match &obs.ifb {
             None => {
                 let name = shaping::ifb_name(obs.device.index);
@@ -557,6 +709,22 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
             d.forms
                 .push(format!("baseline filter: {}", ctx.catch_all.reason()));
         }
+        Rule::Mark { value, mask } => {
+            plan_mark(
+                ctx,
+                obs,
+                (*value, *mask),
+                &marks,
+                target_class,
+                &mut steps,
+                &mut changes,
+            );
+            d.forms.push(format!(
+                "upload classification: nft `meta priority set` in table inet {} (this kernel has no cls_fw, and its u32 cannot read marks); HTB honours a packet's priority before its filters, so on {} the outbound rule wins over ip rules for the same packets",
+                crate::netlink::nft::TABLE,
+                obs.device.name
+            ));
+        }
         Rule::Listener { matches } => plan_listeners(
             matches,
             &held,
@@ -592,11 +760,11 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
     }
 
     // Upload: the hook on the device and the redirect into the IFB, last, once the tree exists.
-    if req.direction == Direction::Upload {
+    if !req.on_egress() {
         plan_redirect(ctx, obs, &mut steps, &mut changes, d);
     }
 
-    let held_any = !held.filters.is_empty() || !held.listeners.is_empty();
+    let held_any = !held.filters.is_empty() || !held.listeners.is_empty() || !marks.is_empty();
     let had_rule = held_any || observed_class_entry.is_some();
     d.matched = held_any && changes.is_empty() && steps.is_empty();
     d.kind = if steps.is_empty() {
@@ -922,8 +1090,20 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     // addresses it has now (another user may hold one of them).
     let mut held = held(shaped, rule, ctx.remembered_minor);
     held.conflicts.clear();
+    let marks = held_marks(obs, &req.subject.key());
+    if let Rule::Mark { .. } = rule {
+        held.class = marks
+            .iter()
+            .find_map(mark_class)
+            .filter(|c| shaped.classes.contains_key(&c.minor()))
+            .or(held.class);
+    }
     let class_minor = held.class.map(|c| c.minor());
-    if held.filters.is_empty() && held.listeners.is_empty() && class_minor.is_none() {
+    if held.filters.is_empty()
+        && held.listeners.is_empty()
+        && marks.is_empty()
+        && class_minor.is_none()
+    {
         d.kind = DecisionKind::NoOp;
         d.reason = format!(
             "no rule for {} {} was observed on {}",
@@ -935,6 +1115,54 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     }
     d.observed_class = held.class;
     let mut steps = Vec::new();
+    if !marks.is_empty() {
+        // The rule goes before its class; the table goes with the last rule in it.
+        let mut ops: Vec<NftOp> = marks
+            .iter()
+            .map(|r| NftOp::DeleteRule {
+                chain: r.chain.clone(),
+                handle: r.handle,
+            })
+            .collect();
+        let others = match &obs.nft {
+            Some(Ok(s)) => s.rules.len() - marks.len() + s.foreign.len(),
+            _ => 1,
+        };
+        if others == 0 {
+            ops.push(NftOp::DeleteTable);
+        }
+        let restore: Vec<NftOp> = marks
+            .iter()
+            .filter_map(|r| {
+                r.tag.clone().map(|tag| NftOp::AddRule {
+                    rule: r.rule.clone(),
+                    tag,
+                })
+            })
+            .collect();
+        let mut undo_ops = Vec::new();
+        if others == 0 {
+            undo_ops.push(NftOp::AddTable);
+            undo_ops.push(NftOp::AddChain(CHAIN_CLASSIFY));
+        }
+        undo_ops.extend(restore);
+        steps.push(
+            Step::new(
+                "delete-nft-rule",
+                Operation::Nft {
+                    netns: ctx.netns_path.clone(),
+                    ops,
+                },
+            )
+            .undone_by(vec![Step::new(
+                "restore-nft-rule",
+                Operation::Nft {
+                    netns: ctx.netns_path.clone(),
+                    ops: undo_ops,
+                },
+            )]),
+        );
+    }
     let mut removed = BTreeSet::new();
     for (_, f) in &held.filters {
         let mut before = f.clone();
@@ -943,7 +1171,7 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
         // The baseline is alone in its priority: the priority goes with it, kernel table too.
         let delete = match rule {
             Rule::Baseline => whole_priority(ifindex, before.priority, before.protocol),
-            Rule::Nodes { .. } | Rule::Listener { .. } => before.clone(),
+            Rule::Nodes { .. } | Rule::Listener { .. } | Rule::Mark { .. } => before.clone(),
         };
         steps.push(
             Step::tc("delete-filter", Op::Delete, &dev, delete).undone_by(vec![Step::tc(
@@ -983,11 +1211,14 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     if empty {
         let root = shaping::root_qdisc(ifindex);
         steps.push(Step::delete("delete-root-qdisc", &dev, root));
-        if req.direction == Direction::Upload {
+        if !req.on_egress() {
             remove_upload_scaffolding(obs, &mut steps);
         }
     }
-    d.reason = match (held.filters.is_empty() && held.listeners.is_empty(), empty) {
+    d.reason = match (
+        held.filters.is_empty() && held.listeners.is_empty() && marks.is_empty(),
+        empty,
+    ) {
         (false, true) => {
             "the rule was observed; it was the last managed rule here, so the shared root goes too"
                 .into()

@@ -317,4 +317,6 @@ pub struct Observation {
     pub hook: Option<Hook>,
     /// Why the tc state could not be read, when it could not (the rest is then empty).
     pub error: Option<String>,
+    /// raylimit's nft table, when the request needs it (or why it could not be read).
+    pub nft: Option<Result<crate::netlink::nft::NftState, String>>,
 }

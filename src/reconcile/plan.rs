@@ -5,6 +5,7 @@ use std::fmt::Write as _;
 
 use crate::netlink::action::Action;
 use crate::netlink::htb::bytes_for;
+use crate::netlink::nft::{NftOp, NftRule};
 use crate::netlink::tc::{Class, ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
 use crate::netlink::u32::{End, Family, U32Filter};
 use crate::netlink::{TcHandle, U32Handle};
@@ -63,6 +64,18 @@ pub enum Operation {
         object: TcObject,
         /// Where a redirect's mirred action points, resolved when the step runs.
         redirect_to: Option<Dev>,
+    },
+    /// Changes to raylimit's nft table, sent as one atomic batch in the namespace at `netns`.
+    Nft {
+        netns: Option<String>,
+        ops: Vec<NftOp>,
+    },
+    /// Deletes the rules equal to `rule` tagged with `subject`: the undo of adding one, whose
+    /// handle is known only once it exists.
+    NftRemoveTagged {
+        netns: Option<String>,
+        rule: NftRule,
+        subject: String,
     },
 }
 
@@ -139,6 +152,17 @@ impl Step {
                 object,
                 redirect_to,
             } => render_tc(*op, dev.name(), object, redirect_to.as_ref()),
+            Operation::Nft { ops, .. } => ops
+                .iter()
+                .map(NftOp::describe)
+                .collect::<Vec<_>>()
+                .join("; "),
+            Operation::NftRemoveTagged { rule, subject, .. } => format!(
+                "nft delete rule inet {} {} handle <{} of {subject}>",
+                crate::netlink::nft::TABLE,
+                rule.chain(),
+                rule.describe()
+            ),
         }
     }
 }

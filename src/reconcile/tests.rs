@@ -5,6 +5,7 @@ use super::observe::*;
 use super::plan::*;
 use super::*;
 use crate::netlink::dump::DeviceTc;
+use crate::netlink::nft::NftRule;
 use crate::netlink::stats::TcStats;
 use crate::netlink::tc::{ClassEntry, FilterEntry, QdiscEntry};
 
@@ -16,6 +17,8 @@ const IFB: u32 = 9;
 struct FakeKernel {
     device: DeviceTc,
     ifb: Option<DeviceTc>,
+    nft: crate::netlink::nft::NftState,
+    next_handle: u64,
 }
 
 impl FakeKernel {
@@ -29,6 +32,16 @@ impl FakeKernel {
     fn apply(&mut self, steps: &[Step]) {
         for s in steps {
             match &s.action {
+                Operation::Nft { ops, .. } => {
+                    for op in ops {
+                        self.nft_op(op);
+                    }
+                }
+                Operation::NftRemoveTagged { rule, subject, .. } => {
+                    self.nft.rules.retain(|r| {
+                        !(&r.rule == rule && r.tag.as_ref().is_some_and(|t| &t.subject == subject))
+                    });
+                }
                 Operation::CreateIfb(_) => {
                     self.ifb = Some(DeviceTc {
                         ifindex: IFB,
@@ -107,6 +120,41 @@ impl FakeKernel {
         }
     }
 
+    fn nft_op(&mut self, op: &crate::netlink::nft::NftOp) {
+        use crate::netlink::nft::{ManagedRule, NftOp};
+        match op {
+            NftOp::AddTable => self.nft.table = true,
+            NftOp::AddChain(c) => self.nft.chains.push(c.to_string()),
+            NftOp::AddRule { rule, tag } => {
+                assert!(self.nft.chains.iter().any(|c| c == rule.chain()));
+                self.next_handle += 1;
+                self.nft.rules.push(ManagedRule {
+                    chain: rule.chain().into(),
+                    handle: self.next_handle,
+                    rule: rule.clone(),
+                    tag: Some(tag.clone()),
+                    packets: 0,
+                    bytes: 0,
+                });
+            }
+            NftOp::DeleteRule { handle, .. } => self.nft.rules.retain(|r| r.handle != *handle),
+            NftOp::DeleteChain(c) => self.nft.chains.retain(|x| x != c),
+            NftOp::DeleteTable => self.nft = Default::default(),
+        }
+    }
+
+    /// What a request is decided on: its shaped root, and raylimit's nft table.
+    fn observe_for(&self, req: &Request) -> Observation {
+        let direction = if req.on_egress() {
+            Direction::Download
+        } else {
+            Direction::Upload
+        };
+        let mut obs = self.observe(direction);
+        obs.nft = Some(Ok(self.nft.clone()));
+        obs
+    }
+
     fn observe(&self, direction: Direction) -> Observation {
         let link = |index: u32, name: &str| Link {
             index,
@@ -124,6 +172,7 @@ impl FakeKernel {
                 ifb: None,
                 hook: None,
                 error: None,
+                nft: None,
             },
             Direction::Upload => Observation {
                 device: link(DEV, "eth0"),
@@ -134,6 +183,7 @@ impl FakeKernel {
                 ifb: self.ifb.as_ref().map(|_| link(IFB, "rlifb5")),
                 hook: Some(Hook::read(&self.device)),
                 error: None,
+                nft: None,
             },
         }
     }
@@ -151,11 +201,14 @@ fn ctx(subject: &str, direction: Direction, want: Want) -> Context {
         allow_missing_state: false,
         owned_by_other: None,
         remembered_minor: None,
+        owner: "host:test".into(),
+        netns_path: None,
+        has_connmark: false,
     }
 }
 
 fn run(k: &mut FakeKernel, c: &Context) -> Decision {
-    let d = decide(c, &k.observe(c.request.direction));
+    let d = decide(c, &k.observe_for(&c.request));
     assert!(d.blocked.is_none(), "{:?}", d.blocked);
     k.apply(&d.steps);
     d
@@ -283,6 +336,9 @@ fn user_ctx(uuid: &str, ips: &[&str], want: Want, remembered: Option<u16>) -> Co
         allow_missing_state: false,
         owned_by_other: None,
         remembered_minor: remembered,
+        owner: "host:test".into(),
+        netns_path: None,
+        has_connmark: false,
     }
 }
 
@@ -474,4 +530,69 @@ fn an_inbound_is_one_class_with_a_listener_node_per_family() {
 fn concrete_remove(mut c: Context) -> Context {
     c.request.want = Want::Remove;
     c
+}
+
+#[test]
+fn an_outbound_is_a_class_and_an_nft_rule_on_the_remote_facing_egress() {
+    let mut k = FakeKernel::default();
+    let out = |mark: u32, want| Context {
+        request: Request {
+            subject: Subject::Outbound {
+                tag: "proxy".into(),
+                mark,
+                mask: 0x0f00_0000,
+            },
+            direction: Direction::Upload,
+            device: "eth0".into(),
+            want,
+        },
+        ..ctx("10.0.0.2", Direction::Upload, want)
+    };
+    let first = run(&mut k, &out(0x0100_0000, Want::Limit(1000)));
+    assert_eq!(
+        names(&first),
+        ["create-root-qdisc", "create-class", "nft-classify-mark"]
+    );
+    // Upload of the outbound leaves the device: its egress root, no IFB.
+    assert!(k.ifb.is_none());
+    assert_eq!(k.device.classes.len(), 1);
+    let class = first.expected_class.unwrap();
+    assert_eq!(
+        k.nft.rules[0].rule,
+        NftRule::MarkToPriority {
+            oif: DEV,
+            mask: 0x0f00_0000,
+            value: 0x0100_0000,
+            priority: class.0
+        }
+    );
+    assert_eq!(
+        run(&mut k, &out(0x0100_0000, Want::Limit(1000))).kind,
+        DecisionKind::NoOp
+    );
+    assert_eq!(
+        names(&run(&mut k, &out(0x0100_0000, Want::Limit(2000)))),
+        ["change-class"]
+    );
+    // The config's mark changed: the rule is replaced in one batch.
+    let moved = run(&mut k, &out(0x0200_0000, Want::Limit(2000)));
+    assert_eq!(names(&moved), ["nft-classify-mark"]);
+    assert_eq!(k.nft.rules.len(), 1);
+    let gone = run(&mut k, &out(0, Want::Remove));
+    assert_eq!(names(&gone)[0], "delete-nft-rule");
+    assert!(!k.nft.table && k.device.qdiscs.is_empty());
+
+    // Download needs the connection mark restored before the IFB: blocked, naming what is missing.
+    let d = decide(
+        &Context {
+            request: Request {
+                direction: Direction::Download,
+                ..out(0x0100_0000, Want::Limit(1000)).request
+            },
+            ..out(0x0100_0000, Want::Limit(1000))
+        },
+        &k.observe_for(&out(0x0100_0000, Want::Limit(1000)).request),
+    );
+    assert!(d.blocked.unwrap().contains("act_connmark"));
+    assert!(d.steps.is_empty());
 }

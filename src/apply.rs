@@ -133,7 +133,15 @@ fn run(
 ) -> Result<Option<String>, String> {
     let outcome = run_operation(sock, devices, step);
     match outcome {
-        Err(e) if step.exists_ok && e.kernel().is_some_and(|k| k.errno == libc::EEXIST) => Ok(None),
+        // Already in the wanted state: created by someone before us, or deleted with its parent.
+        Err(e)
+            if step.exists_ok
+                && e.kernel().is_some_and(|k| {
+                    k.errno == libc::EEXIST || (k.errno == libc::ENOENT && step.deletes())
+                }) =>
+        {
+            Ok(None)
+        }
         other => other.map_err(|e| e.to_string()),
     }
 }

@@ -19,13 +19,7 @@ struct Host {
 
 impl Host {
     fn new(tag: &str) -> Self {
-        let ns = Netns::new(tag);
-        ns.ip(&[
-            "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
-        ]);
-        ns.ip(&["link", "set", "veth-a", "up"]);
-        ns.ip(&["link", "set", "veth-b", "up"]);
-        let runtime = V2ray::start(&ns);
+        let (ns, runtime) = veth_host(tag);
         Host {
             ns,
             runtime,

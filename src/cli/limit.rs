@@ -21,7 +21,7 @@ use crate::shaping::{self, CatchAll};
 
 /// Flags are read as text and validated here, so every mistake gets raylimit's own one-line
 /// message (and exit 2) in a fixed order.
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct LimitArgs {
     /// A client IP address, or `all` for every client.
     #[arg(long, value_name = "IP|all")]
@@ -73,7 +73,7 @@ pub struct LimitArgs {
 }
 
 /// The flags that select a runtime (limit and inspect).
-#[derive(Args, Debug)]
+#[derive(Args, Debug, Default)]
 pub struct RuntimeArgs {
     /// The runtime's process id.
     #[arg(long, value_name = "PID", allow_hyphen_values = true)]
@@ -537,13 +537,19 @@ pub fn run(netns: Option<&str>, a: &LimitArgs, v: Validated) -> Result<Report, L
         a.execute,
         a.allow_missing_tc_state,
     )?;
+    Ok(decide(&mut session, &v))
+}
+
+/// Resolves the request's subject the way its family needs (live evidence, the config, or
+/// nothing), then decides and, when the session executes, applies it.
+pub fn decide(session: &mut Session, v: &Validated) -> Report {
     match &v.request.subject {
-        Subject::AllPerIp => Ok(Report::PerIp(live::per_ip(&mut session, &v))),
-        Subject::User { .. } => Ok(Report::One(live::user(&mut session, &v))),
-        Subject::Connection(_) => Ok(Report::One(live::connection(&mut session, &v))),
-        Subject::Inbound { .. } => Ok(Report::One(tagged::inbound(&mut session, &v))),
-        Subject::Outbound { .. } => Ok(Report::One(tagged::outbound(&mut session, &v))),
-        _ => Ok(Report::One(session.one(&v, None, None))),
+        Subject::AllPerIp => Report::PerIp(live::per_ip(session, v)),
+        Subject::User { .. } => Report::One(live::user(session, v)),
+        Subject::Connection(_) => Report::One(live::connection(session, v)),
+        Subject::Inbound { .. } => Report::One(tagged::inbound(session, v)),
+        Subject::Outbound { .. } => Report::One(tagged::outbound(session, v)),
+        _ => Report::One(session.one(v, None, None)),
     }
 }
 

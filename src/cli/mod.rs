@@ -3,6 +3,7 @@
 mod discover;
 mod limit;
 mod live;
+mod policy_file;
 mod report;
 mod status;
 mod tagged;
@@ -49,6 +50,9 @@ pub enum Command {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
+    /// Reconcile a declarative set of limits for one runtime from a JSON or TOML file (dry-run
+    /// unless --execute; --prune removes the runtime's limits the file no longer lists).
+    Apply(Box<policy_file::ApplyArgs>),
     /// Keep a per_ip set or a user's addresses in line with live evidence, until SIGINT or
     /// SIGTERM (dry-run unless --execute).
     Watch(Box<watch::WatchArgs>),
@@ -68,8 +72,9 @@ pub enum Command {
     },
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
 pub enum Format {
+    #[default]
     Text,
     Json,
 }
@@ -143,6 +148,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Discover { format } => return discover::discover(*format),
         Command::Inspect(args) => return discover::inspect(args),
         Command::Watch(args) => return watch::run(cli.netns.as_deref(), args),
+        Command::Apply(args) => return policy_file::run(cli.netns.as_deref(), args),
         _ => {}
     }
     let result = match &cli.command {
@@ -150,6 +156,7 @@ pub fn run(cli: Cli) -> i32 {
         | Command::Status { .. }
         | Command::Discover { .. }
         | Command::Watch(_)
+        | Command::Apply(_)
         | Command::Inspect(_) => Ok(()),
         Command::Version => {
             println!("raylimit {}", env!("CARGO_PKG_VERSION"));

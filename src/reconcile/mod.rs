@@ -953,7 +953,7 @@ fn plan_listeners(
         before.ifindex = ifindex;
         changes.push(format!("listener {m} is no longer the inbound's"));
         removed.insert((old.priority, old.handle));
-        steps.push(Step::delete("delete-filter", dev, before));
+        steps.push(delete_listener(dev, before));
     }
     if let Some(shaped) = shaped {
         let wanted: BTreeSet<u16> = matches
@@ -987,18 +987,35 @@ fn emptied_listener_priorities(
 }
 
 /// Deleting what is left of a priority (the kernel's own root table of it).
+/// The kernel removes a priority whose own root table loses its last node, so the priority may
+/// already be gone: that counts as done.
 fn delete_priority(ifindex: u32, prio: u16, dev: &Dev) -> Step {
     let protocol = if prio % 2 == 0 {
         crate::netlink::tc::ETH_P_IP
     } else {
         crate::netlink::tc::ETH_P_IPV6
     };
-    Step::tc(
+    let mut step = Step::tc(
         "delete-priority",
         Op::Delete,
         dev,
         whole_priority(ifindex, prio, protocol),
-    )
+    );
+    step.exists_ok = true;
+    step
+}
+
+/// Deletes a listener node; undone by creating it again in whatever root table the priority
+/// has then (the kernel may have removed the old one with its last node).
+fn delete_listener(dev: &Dev, mut before: Filter) -> Step {
+    let node = U32Handle(before.handle).node();
+    let mut step = Step::delete("delete-filter", dev, before.clone());
+    before.handle = U32Handle::new(0, 0, node).0;
+    if let FilterKind::U32(u) = &mut before.kind {
+        u.hash = None;
+    }
+    step.undo = vec![Step::tc("restore-filter", Op::Create, dev, before)];
+    step
 }
 
 fn plan_redirect(
@@ -1186,7 +1203,7 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
         let mut before = f.clone();
         before.ifindex = ifindex;
         removed.insert((f.priority, f.handle));
-        steps.push(Step::delete("delete-filter", &dev, before));
+        steps.push(delete_listener(&dev, before));
     }
     // The last node of a band takes the band's table and link with it.
     if let Rule::Nodes { band, .. } = rule {

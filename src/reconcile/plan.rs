@@ -85,7 +85,8 @@ pub struct Step {
     pub name: String,
     pub action: Operation,
     pub undo: Vec<Step>,
-    /// Run without observed state: an object that already exists counts as done.
+    /// An object already in the wanted state counts as done: one that exists, for a create run
+    /// without observed state; one already gone, for a delete the kernel may have done itself.
     pub exists_ok: bool,
 }
 
@@ -138,6 +139,11 @@ impl Step {
             object.clone(),
         );
         Step::tc(name, Op::Delete, dev, object).undone_by(vec![undo])
+    }
+
+    /// True for a tc delete.
+    pub fn deletes(&self) -> bool {
+        matches!(self.action, Operation::Tc { op: Op::Delete, .. })
     }
 
     /// The command an operator would type for the same change.

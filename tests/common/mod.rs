@@ -86,6 +86,18 @@ impl Drop for Netns {
     }
 }
 
+/// A namespace with a veth pair `veth-a`/`veth-b` (both up) to shape on, and a real runtime.
+pub fn veth_host(tag: &str) -> (Netns, V2ray) {
+    let ns = Netns::new(tag);
+    ns.ip(&[
+        "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
+    ]);
+    ns.ip(&["link", "set", "veth-a", "up"]);
+    ns.ip(&["link", "set", "veth-b", "up"]);
+    let runtime = V2ray::start(&ns);
+    (ns, runtime)
+}
+
 /// Two namespaces joined by a veth pair: `server` has `veth-s` 10.99.0.1, `client` has `veth-c` 10.99.0.2
 /// (and fd00:99::1 / fd00:99::2).
 pub struct Pair {

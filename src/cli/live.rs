@@ -2,7 +2,7 @@
 //! `--uuid` and `--connection`. Each resolves its subject from live evidence, then decides like
 //! any other subject.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use serde_json::json;
@@ -10,7 +10,7 @@ use serde_json::json;
 use super::limit::{Session, Validated};
 use super::report::{EvidenceView, LimitReport, PerIpReport};
 use crate::evidence::{self, Evidence, State};
-use crate::policy::{Subject, Want};
+use crate::policy::{Request, Subject, Want};
 
 /// The set name per_ip rules are annotated with.
 pub const PER_IP: &str = "per_ip";
@@ -52,7 +52,7 @@ fn not_needed(why: &str) -> EvidenceView {
 }
 
 /// A live client address as a per_ip subject's request.
-fn ip_request(v: &Validated, ip: IpAddr) -> Validated {
+pub fn ip_request(v: &Validated, ip: IpAddr) -> Validated {
     let mut one = v.clone();
     one.request.subject = Subject::Ip(ip);
     one.per_ip = false;
@@ -60,15 +60,46 @@ fn ip_request(v: &Validated, ip: IpAddr) -> Validated {
     one
 }
 
+/// The runtime's per_ip set on the request's shaped device, and the addresses with an `--ip`
+/// rule of their own (which per_ip leaves alone), as the annotations know them.
+pub struct PerIpSet {
+    pub managed: BTreeSet<IpAddr>,
+    /// Addresses with their own rule, and its owner.
+    explicit: BTreeMap<IpAddr, String>,
+}
+
+impl PerIpSet {
+    pub fn read(session: &Session, request: &Request) -> Self {
+        let shaped = session.shaped_device(request);
+        let owner = session.runtime.owner();
+        let netns = session.netns_key();
+        let annotations = session.annotations();
+        let ip_of = |subject: &str| subject.strip_prefix("ip ")?.parse::<IpAddr>().ok();
+        PerIpSet {
+            managed: annotations
+                .in_set(netns, &shaped, &owner, PER_IP)
+                .filter_map(|a| ip_of(&a.subject))
+                .collect(),
+            explicit: annotations
+                .entries
+                .iter()
+                .filter(|a| a.netns == netns && a.shaped_device == shaped && a.set.is_none())
+                .filter_map(|a| Some((ip_of(&a.subject)?, a.owner.clone())))
+                .collect(),
+        }
+    }
+
+    /// The owner of the address's own `--ip` rule, if it has one.
+    pub fn explicit_owner(&self, ip: IpAddr) -> Option<&str> {
+        self.explicit.get(&ip).map(String::as_str)
+    }
+}
+
 pub fn per_ip(session: &mut Session, v: &Validated) -> PerIpReport {
     let shaped = session.shaped_device(&v.request);
     let owner = session.runtime.owner();
-    let annotations = session.annotations();
-    let netns_key = session.netns_key().to_string();
-    let managed: BTreeSet<IpAddr> = annotations
-        .in_set(&netns_key, &shaped, &owner, PER_IP)
-        .filter_map(|a| a.subject.strip_prefix("ip ")?.parse().ok())
-        .collect();
+    let set = PerIpSet::read(session, &v.request);
+    let managed = &set.managed;
     let mut report = PerIpReport {
         execute: session.execute,
         request: v.request.clone(),
@@ -103,7 +134,7 @@ pub fn per_ip(session: &mut Session, v: &Validated) -> PerIpReport {
                 ""
             }
         );
-        for ip in managed {
+        for ip in managed.iter().copied() {
             report
                 .targets
                 .push(session.one(&ip_request(v, ip), Some(PER_IP), None));
@@ -149,10 +180,7 @@ pub fn per_ip(session: &mut Session, v: &Validated) -> PerIpReport {
             .unwrap_or_default()
     );
     for ip in &live {
-        let own_rule = annotations
-            .find(&netns_key, &shaped, &format!("ip {ip}"))
-            .filter(|a| a.set.is_none() && a.owner == owner);
-        if own_rule.is_some() {
+        if set.explicit_owner(*ip) == Some(owner.as_str()) {
             report.skipped.push((
                 *ip,
                 "has its own --ip rule, which per_ip leaves as it is".into(),

@@ -195,37 +195,23 @@ impl Watch<'_> {
         }
         let now = Instant::now();
         let live = ev.client_ips(inbound);
-        let shaped = session.shaped_device(&self.v.request);
-        let owner = session.runtime.owner();
-        let annotations = session.annotations();
-        let managed: BTreeSet<IpAddr> = annotations
-            .in_set(session.netns_key(), &shaped, &owner, PER_IP)
-            .filter_map(|a| a.subject.strip_prefix("ip ")?.parse().ok())
-            .collect();
+        let set = live::PerIpSet::read(session, &self.v.request);
         for ip in &live {
             self.last_seen.insert(*ip, now);
         }
         for ip in &live {
-            let own_rule = annotations
-                .find(session.netns_key(), &shaped, &format!("ip {ip}"))
-                .is_some_and(|a| a.set.is_none());
-            if own_rule {
+            if set.explicit_owner(*ip).is_some() {
                 continue;
             }
-            let mut one = self.v.clone();
-            one.request.subject = Subject::Ip(*ip);
-            one.inbound = None;
-            one.per_ip = false;
-            let r = session.one(&one, Some(PER_IP), None);
+            let r = session.one(&live::ip_request(&self.v, *ip), Some(PER_IP), None);
             report(&format!("+ {ip}"), &r);
         }
-        for ip in managed.difference(&live) {
+        for ip in set.managed.difference(&live) {
             let seen = *self.last_seen.entry(*ip).or_insert(now);
             if now.duration_since(seen) < self.grace {
                 continue;
             }
-            let mut one = self.v.clone();
-            one.request.subject = Subject::Ip(*ip);
+            let mut one = live::ip_request(&self.v, *ip);
             one.request.want = Want::Remove;
             let r = session.one(&one, Some(PER_IP), None);
             report(&format!("- {ip} (gone {:?})", now.duration_since(seen)), &r);

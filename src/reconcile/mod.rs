@@ -194,6 +194,28 @@ fn held_marks(obs: &Observation, key: &str) -> Vec<ManagedRule> {
         .collect()
 }
 
+impl Held {
+    /// An outbound's mark rules in the nft table; its class is the one they name, when that
+    /// class exists on the root.
+    fn add_marks(
+        &mut self,
+        rule: &Rule,
+        obs: &Observation,
+        key: &str,
+        shaped: Option<&ShapedRoot>,
+    ) -> Vec<ManagedRule> {
+        let marks = held_marks(obs, key);
+        if let Rule::Mark { .. } = rule {
+            self.class = marks
+                .iter()
+                .find_map(mark_class)
+                .filter(|c| shaped.is_some_and(|s| s.classes.contains_key(&c.minor())))
+                .or(self.class);
+        }
+        marks
+    }
+}
+
 /// The class a mark rule sends to, if it is one of raylimit's leaves.
 fn mark_class(r: &ManagedRule) -> Option<TcHandle> {
     match r.rule {
@@ -530,6 +552,30 @@ fn emptied_bands(
         .collect()
 }
 
+/// Replaces an observed filter that differs from the wanted one in place (undone by putting the
+/// observed one back), and says what changed; `what` names the filter in that sentence.
+fn replace_filter(
+    dev: &Dev,
+    ifindex: u32,
+    old: &Filter,
+    want: Filter,
+    what: &str,
+) -> (Step, String) {
+    let mut before = old.clone();
+    before.ifindex = ifindex;
+    let change = match (classid_of(old), classid_of(&want)) {
+        (Some(a), Some(b)) if a != b => format!("the filter{what} now sends to {b} instead of {a}"),
+        _ => format!("the filter{what} differed from the requested one and is repaired"),
+    };
+    let step = Step::tc("replace-filter", Op::Replace, dev, want).undone_by(vec![Step::tc(
+        "restore-filter",
+        Op::Replace,
+        dev,
+        before,
+    )]);
+    (step, change)
+}
+
 fn same_filter(observed: &Filter, desired: &Filter) -> bool {
     let mut o = observed.clone();
     let mut d = desired.canonical();
@@ -579,14 +625,7 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
     let mut held = shaped
         .map(|s| held(s, rule, ctx.remembered_minor))
         .unwrap_or_default();
-    let marks = held_marks(obs, &req.subject.key());
-    if let Rule::Mark { .. } = rule {
-        held.class = marks
-            .iter()
-            .find_map(mark_class)
-            .filter(|c| shaped.is_some_and(|s| s.classes.contains_key(&c.minor())))
-            .or(held.class);
-    }
+    let marks = held.add_marks(rule, obs, &req.subject.key(), shaped);
     if !held.conflicts.is_empty() && d.blocked.is_none() {
         d.blocked = Some(format!(
             "another rule of the {} band on {} already classifies {}; remove that rule first",
@@ -685,21 +724,14 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
             match held.filters.first() {
                 Some((_, old)) if same_filter(old, &want) => {}
                 Some((_, old)) => {
-                    let mut before = old.clone();
-                    before.ifindex = ifindex;
-                    changes.push(match (classid_of(old), classid_of(&want)) {
-                        (Some(a), Some(b)) if a != b => {
-                            format!("the filter now sends to {b} instead of {a}")
-                        }
-                        _ => "the filter differed from the requested one and is repaired".into(),
-                    });
+                    let (replace, change) = replace_filter(&dev, ifindex, old, want.clone(), "");
+                    changes.push(change);
+                    // matchall and u32 forms cannot replace each other in place.
                     if std::mem::discriminant(&old.kind) == std::mem::discriminant(&want.kind) {
-                        steps.push(
-                            Step::tc("replace-filter", Op::Replace, &dev, want.clone()).undone_by(
-                                vec![Step::tc("restore-filter", Op::Replace, &dev, before)],
-                            ),
-                        );
+                        steps.push(replace);
                     } else {
+                        let mut before = old.clone();
+                        before.ifindex = ifindex;
                         steps.push(Step::delete("delete-filter", &dev, before));
                         steps.push(Step::create("create-filter", &dev, want));
                     }
@@ -843,22 +875,10 @@ fn plan_nodes(
         match held.filters.iter().find(|(hm, _)| *hm == Some(*m)) {
             Some((_, old)) if same_filter(old, &want) => {}
             Some((_, old)) => {
-                let mut before = old.clone();
-                before.ifindex = ifindex;
-                changes.push(match (classid_of(old), classid_of(&want)) {
-                    (Some(a), Some(b)) if a != b => {
-                        format!("the filter for {m} now sends to {b} instead of {a}")
-                    }
-                    _ => format!("the filter for {m} differed and is repaired"),
-                });
-                steps.push(
-                    Step::tc("replace-filter", Op::Replace, dev, want).undone_by(vec![Step::tc(
-                        "restore-filter",
-                        Op::Replace,
-                        dev,
-                        before,
-                    )]),
-                );
+                let (replace, change) =
+                    replace_filter(dev, ifindex, old, want, &format!(" for {m}"));
+                changes.push(change);
+                steps.push(replace);
             }
             None => {
                 if !held.filters.is_empty() {
@@ -928,21 +948,12 @@ fn plan_listeners(
         match held.listeners.iter().find(|(hm, _)| hm == m) {
             Some((_, old)) if same_filter(old, &want) => {}
             Some((_, old)) => {
-                let mut before = old.clone();
-                before.ifindex = ifindex;
                 let mut want = want;
                 want.handle = old.handle;
-                changes.push(format!(
-                    "the filter for listener {m} differed and is repaired"
-                ));
-                steps.push(
-                    Step::tc("replace-filter", Op::Replace, dev, want).undone_by(vec![Step::tc(
-                        "restore-filter",
-                        Op::Replace,
-                        dev,
-                        before,
-                    )]),
-                );
+                let (replace, change) =
+                    replace_filter(dev, ifindex, old, want, &format!(" for listener {m}"));
+                changes.push(change);
+                steps.push(replace);
             }
             None => steps.push(Step::create("create-filter", dev, want)),
         }
@@ -1107,14 +1118,7 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     // addresses it has now (another user may hold one of them).
     let mut held = held(shaped, rule, ctx.remembered_minor);
     held.conflicts.clear();
-    let marks = held_marks(obs, &req.subject.key());
-    if let Rule::Mark { .. } = rule {
-        held.class = marks
-            .iter()
-            .find_map(mark_class)
-            .filter(|c| shaped.classes.contains_key(&c.minor()))
-            .or(held.class);
-    }
+    let marks = held.add_marks(rule, obs, &req.subject.key(), Some(shaped));
     let class_minor = held.class.map(|c| c.minor());
     if held.filters.is_empty()
         && held.listeners.is_empty()

@@ -1,11 +1,11 @@
-//! Runs a plan against the kernel, one acknowledged step at a time. When a step fails, the steps
+//! Runs a plan against the kernel, every step acknowledged. When a step fails, the steps
 //! this run already did are undone in reverse order, so the kernel ends as it began.
 
 use std::collections::HashMap;
 
 use crate::netlink::action::Action;
 use crate::netlink::nft::{self, NftOp};
-use crate::netlink::tc::FilterKind;
+use crate::netlink::tc::{FilterKind, Op};
 use crate::netlink::{NetlinkError, RtSocket};
 use crate::reconcile::plan::{Dev, Operation, Step, TcObject};
 
@@ -60,36 +60,161 @@ impl Execution {
     }
 }
 
-/// Runs `steps` on `sock`.
+/// Runs `steps` on `sock`. Consecutive tc steps go to the kernel as one batch (many messages
+/// per `sendmsg`, every acknowledgement checked); a failure stops the run after the batch it
+/// was in, and everything done so far is undone, last first.
 pub fn execute(sock: &mut RtSocket, steps: &[Step]) -> Execution {
     let mut devices = HashMap::new();
     let mut exec = Execution::default();
     let mut undo_stack: Vec<(usize, Step)> = Vec::new();
-    for (i, step) in steps.iter().enumerate() {
-        match run(sock, &mut devices, step) {
-            Ok(warning) => {
-                exec.results.push(result(step, Status::Ok, None, warning));
-                undo_stack.extend(step.undo.iter().cloned().map(|u| (i, u)));
-            }
-            Err(e) => {
-                exec.results
-                    .push(result(step, Status::Failed, Some(e), None));
-                for later in &steps[i + 1..] {
-                    exec.results.push(result(later, Status::NotRun, None, None));
+    let mut next = 0;
+    while next < steps.len() {
+        let end = batch_end(steps, next);
+        let outcomes = run_batch(sock, &mut devices, &steps[next..end]);
+        let mut failed = false;
+        for (i, outcome) in (next..end).zip(outcomes) {
+            match outcome {
+                Ok(warning) => {
+                    exec.results
+                        .push(result(&steps[i], Status::Ok, None, warning));
+                    undo_stack.extend(steps[i].undo.iter().cloned().map(|u| (i, u)));
                 }
-                while let Some((done, undo)) = undo_stack.pop() {
-                    let outcome = run(sock, &mut devices, &undo);
-                    exec.results[done].status = Status::Undone;
-                    exec.rollback.push(match outcome {
-                        Ok(w) => result(&undo, Status::Ok, None, w),
-                        Err(e) => result(&undo, Status::Failed, Some(e), None),
-                    });
+                Err(e) => {
+                    failed = true;
+                    exec.results
+                        .push(result(&steps[i], Status::Failed, Some(e), None));
                 }
-                break;
             }
+        }
+        next = end;
+        if failed {
+            for later in &steps[next..] {
+                exec.results.push(result(later, Status::NotRun, None, None));
+            }
+            rollback(sock, &mut devices, undo_stack, &mut exec);
+            break;
         }
     }
     exec
+}
+
+/// Runs the undo steps, last first, each one whatever happened to the others, and marks the
+/// steps they undid.
+fn rollback(
+    sock: &mut RtSocket,
+    devices: &mut HashMap<String, u32>,
+    mut undo_stack: Vec<(usize, Step)>,
+    exec: &mut Execution,
+) {
+    undo_stack.reverse();
+    let mut next = 0;
+    while next < undo_stack.len() {
+        let end = batch_end_by(&undo_stack, next, |(_, s)| s);
+        let batch: Vec<Step> = undo_stack[next..end]
+            .iter()
+            .map(|(_, s)| s.clone())
+            .collect();
+        let outcomes = run_batch(sock, devices, &batch);
+        for ((done, undo), outcome) in undo_stack[next..end].iter().zip(outcomes) {
+            exec.results[*done].status = Status::Undone;
+            exec.rollback.push(match outcome {
+                Ok(w) => result(undo, Status::Ok, None, w),
+                Err(e) => result(undo, Status::Failed, Some(e), None),
+            });
+        }
+        next = end;
+    }
+}
+
+/// The end of the batch starting at `start`: the following tc steps up to and including one
+/// that makes a container (a qdisc or a u32 table), or the one other step. The kernel handles
+/// every message of a batch even after one fails, so nothing is sent into a container before
+/// its creation is acknowledged.
+fn batch_end(steps: &[Step], start: usize) -> usize {
+    batch_end_by(steps, start, |s| s)
+}
+
+fn batch_end_by<T>(items: &[T], start: usize, step: impl Fn(&T) -> &Step) -> usize {
+    let mut end = start;
+    while end < items.len() && is_tc(step(&items[end])) {
+        end += 1;
+        if makes_container(step(&items[end - 1])) {
+            break;
+        }
+    }
+    end.max(start + 1)
+}
+
+fn makes_container(step: &Step) -> bool {
+    match &step.action {
+        Operation::Tc {
+            op: Op::Create | Op::Replace,
+            object,
+            ..
+        } => match object {
+            TcObject::Qdisc(_) => true,
+            TcObject::Filter(f) => matches!(&f.kind, FilterKind::U32(u) if u.divisor.is_some()),
+            TcObject::Class(_) => false,
+        },
+        _ => false,
+    }
+}
+
+fn is_tc(step: &Step) -> bool {
+    matches!(step.action, Operation::Tc { .. })
+}
+
+/// Runs one batch: a run of tc steps as many messages per `sendmsg`, or one other step.
+fn run_batch(
+    sock: &mut RtSocket,
+    devices: &mut HashMap<String, u32>,
+    steps: &[Step],
+) -> Vec<Result<Option<String>, String>> {
+    if !steps.iter().all(is_tc) {
+        return steps.iter().map(|s| run(sock, devices, s)).collect();
+    }
+    let mut outcomes: Vec<Option<Result<Option<String>, String>>> = vec![None; steps.len()];
+    let mut messages = Vec::new();
+    let mut sent = Vec::new();
+    for (i, step) in steps.iter().enumerate() {
+        match tc_message(sock, devices, step) {
+            Ok(m) => {
+                messages.push(m);
+                sent.push(i);
+            }
+            Err(e) => outcomes[i] = Some(Err(e.to_string())),
+        }
+    }
+    match sock.batch(messages) {
+        Ok(acks) => {
+            for (i, ack) in sent.into_iter().zip(acks) {
+                outcomes[i] = Some(match ack {
+                    Ok(a) => Ok(a.warning),
+                    Err(k) if tolerated(&steps[i], k.errno) => Ok(None),
+                    Err(error) => Err(NetlinkError::Kernel {
+                        operation: steps[i].command(),
+                        error,
+                    }
+                    .to_string()),
+                });
+            }
+        }
+        Err(e) => {
+            for i in sent {
+                outcomes[i] = Some(Err(e.to_string()));
+            }
+        }
+    }
+    outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err("not sent".into())))
+        .collect()
+}
+
+/// An error that means the step's object is already as wanted: created by someone before us,
+/// or deleted with its parent.
+fn tolerated(step: &Step, errno: i32) -> bool {
+    step.exists_ok && (errno == libc::EEXIST || (errno == libc::ENOENT && step.deletes()))
 }
 
 fn result(
@@ -131,17 +256,8 @@ fn run(
     devices: &mut HashMap<String, u32>,
     step: &Step,
 ) -> Result<Option<String>, String> {
-    let outcome = run_operation(sock, devices, step);
-    match outcome {
-        // Already in the wanted state: created by someone before us, or deleted with its parent.
-        Err(e)
-            if step.exists_ok
-                && e.kernel().is_some_and(|k| {
-                    k.errno == libc::EEXIST || (k.errno == libc::ENOENT && step.deletes())
-                }) =>
-        {
-            Ok(None)
-        }
+    match run_operation(sock, devices, step) {
+        Err(e) if e.kernel().is_some_and(|k| tolerated(step, k.errno)) => Ok(None),
         other => other.map_err(|e| e.to_string()),
     }
 }
@@ -169,34 +285,8 @@ fn run_operation(
             devices.remove(dev.name());
             Ok(None)
         }
-        Operation::Tc {
-            op,
-            dev,
-            object,
-            redirect_to,
-        } => {
-            let ifindex = resolve(sock, devices, dev)?;
-            let target = match redirect_to {
-                Some(d) => Some(resolve(sock, devices, d)?),
-                None => None,
-            };
-            let message = match object.clone() {
-                TcObject::Qdisc(mut q) => {
-                    q.ifindex = ifindex;
-                    q.request(*op)
-                }
-                TcObject::Class(mut c) => {
-                    c.ifindex = ifindex;
-                    c.request(*op)
-                }
-                TcObject::Filter(mut f) => {
-                    f.ifindex = ifindex;
-                    if let Some(t) = target {
-                        point_redirects_at(&mut f.kind, t);
-                    }
-                    f.request(*op)
-                }
-            };
+        Operation::Tc { .. } => {
+            let message = tc_message(sock, devices, step)?;
             let ack = sock.request(message, &step.command())?;
             Ok(ack.warning)
         }
@@ -205,6 +295,45 @@ fn run_operation(
             Ok(None)
         }
     }
+}
+
+/// The netlink request of a tc step, its devices resolved.
+fn tc_message(
+    sock: &mut RtSocket,
+    devices: &mut HashMap<String, u32>,
+    step: &Step,
+) -> Result<Vec<u8>, NetlinkError> {
+    let Operation::Tc {
+        op,
+        dev,
+        object,
+        redirect_to,
+    } = &step.action
+    else {
+        unreachable!("only tc steps have a tc message")
+    };
+    let ifindex = resolve(sock, devices, dev)?;
+    let target = match redirect_to {
+        Some(d) => Some(resolve(sock, devices, d)?),
+        None => None,
+    };
+    Ok(match object.clone() {
+        TcObject::Qdisc(mut q) => {
+            q.ifindex = ifindex;
+            q.request(*op)
+        }
+        TcObject::Class(mut c) => {
+            c.ifindex = ifindex;
+            c.request(*op)
+        }
+        TcObject::Filter(mut f) => {
+            f.ifindex = ifindex;
+            if let Some(t) = target {
+                point_redirects_at(&mut f.kind, t);
+            }
+            f.request(*op)
+        }
+    })
 }
 
 /// Runs an nft step in the namespace at `netns`.

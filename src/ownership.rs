@@ -5,6 +5,7 @@
 //! The kernel stays the source of truth for what exists: without the file, managed objects are
 //! still recognised (by their root handle) and reported with an unknown owner.
 
+use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
@@ -66,28 +67,30 @@ impl Annotation {
             set: s("set"),
         })
     }
-
-    fn same_rule(&self, netns: &str, shaped_device: &str, subject: &str) -> bool {
-        self.netns == netns && self.shaped_device == shaped_device && self.subject == subject
-    }
 }
 
-/// All annotations.
+/// All annotations, by rule: (netns, shaped device, subject).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Annotations {
-    pub entries: Vec<Annotation>,
+    entries: BTreeMap<(String, String, String), Annotation>,
+}
+
+fn key(netns: &str, shaped_device: &str, subject: &str) -> (String, String, String) {
+    (netns.into(), shaped_device.into(), subject.into())
 }
 
 impl Annotations {
+    pub fn iter(&self) -> impl Iterator<Item = &Annotation> {
+        self.entries.values()
+    }
+
     pub fn find(&self, netns: &str, shaped_device: &str, subject: &str) -> Option<&Annotation> {
-        self.entries
-            .iter()
-            .find(|a| a.same_rule(netns, shaped_device, subject))
+        self.entries.get(&key(netns, shaped_device, subject))
     }
 
     /// The annotation of the rule whose class is `minor` on `shaped_device`.
     pub fn by_class(&self, netns: &str, shaped_device: &str, minor: u16) -> Option<&Annotation> {
-        self.entries.iter().find(|a| {
+        self.iter().find(|a| {
             a.netns == netns && a.shaped_device == shaped_device && a.class_minor == Some(minor)
         })
     }
@@ -100,7 +103,7 @@ impl Annotations {
         owner: &'a str,
         set: &'a str,
     ) -> impl Iterator<Item = &'a Annotation> + 'a {
-        self.entries.iter().filter(move |a| {
+        self.iter().filter(move |a| {
             a.netns == netns
                 && a.shaped_device == shaped_device
                 && a.owner == owner
@@ -109,17 +112,12 @@ impl Annotations {
     }
 
     pub fn upsert(&mut self, a: Annotation) {
-        self.remove(
-            &a.netns.clone(),
-            &a.shaped_device.clone(),
-            &a.subject.clone(),
-        );
-        self.entries.push(a);
+        self.entries
+            .insert(key(&a.netns, &a.shaped_device, &a.subject), a);
     }
 
     pub fn remove(&mut self, netns: &str, shaped_device: &str, subject: &str) {
-        self.entries
-            .retain(|a| !a.same_rule(netns, shaped_device, subject));
+        self.entries.remove(&key(netns, shaped_device, subject));
     }
 }
 
@@ -185,24 +183,24 @@ impl StateDir {
         let Ok(v) = serde_json::from_str::<Value>(&text) else {
             return Annotations::default();
         };
-        Annotations {
-            entries: v
-                .get("rules")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Annotation::from_json).collect())
-                .unwrap_or_default(),
+        let mut annotations = Annotations::default();
+        for a in v
+            .get("rules")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Annotation::from_json)
+        {
+            annotations.upsert(a);
         }
+        annotations
     }
 
     /// Writes the annotations atomically (a temporary file renamed over the old one).
     pub fn save(&self, annotations: &Annotations) -> Result<(), String> {
         fs::create_dir_all(&self.path)
             .map_err(|e| format!("cannot create {}: {e}", self.path.display()))?;
-        let rules: Vec<Value> = annotations
-            .entries
-            .iter()
-            .map(Annotation::to_json)
-            .collect();
+        let rules: Vec<Value> = annotations.iter().map(Annotation::to_json).collect();
         let text = serde_json::to_string_pretty(&json!({ "version": 1, "rules": rules }))
             .map_err(|e| e.to_string())?;
         let tmp = self

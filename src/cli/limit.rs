@@ -1,5 +1,7 @@
 //! `raylimit limit`: validate, select the runtime, observe, decide, execute, annotate, report.
 
+use std::collections::BTreeMap;
+
 use clap::Args;
 
 use super::live;
@@ -7,13 +9,15 @@ use super::report::{LimitReport, Outcome, Report};
 use super::tagged;
 use super::{Format, UsageError};
 use crate::apply;
+use crate::apply::Execution;
 use crate::netlink::link::{check_name, Link, MAX_IFNAME_LEN};
 use crate::netlink::probe::{Capabilities, Feature};
 use crate::netlink::u32::End;
 use crate::netlink::{NetlinkError, RtSocket};
-use crate::ownership::{Annotation, StateDir};
+use crate::ownership::{Annotation, Annotations, StateDir};
 use crate::policy::{self, Direction, Request, Subject, Want};
 use crate::reconcile::observe::{Hook, Observation, ShapedRoot};
+use crate::reconcile::plan::{Operation, Step};
 use crate::reconcile::{self, Context};
 use crate::runtime::Runtime;
 use crate::runtime::{self, Selection, Source};
@@ -339,8 +343,10 @@ impl From<UsageError> for LimitError {
     }
 }
 
-/// What one `limit` run works with: the runtime, the device, the kernel socket, the lock and
-/// the owner annotations.
+/// What one run works with: the runtime, the device, the kernel socket, the lock and the
+/// owner annotations. Requests are decided one by one against one observation per shaped side,
+/// kept current as each decision is made, and [`Session::commit`] then applies every change
+/// together: one dump per object kind and one batched execution, however many subjects.
 pub struct Session {
     pub runtime: Runtime,
     pub device: Link,
@@ -353,7 +359,26 @@ pub struct Session {
     has_connmark: bool,
     /// `/run/netns/NAME` for `--netns`: where nft steps run.
     netns_path: Option<String>,
+    /// The annotations as this run leaves them (saved at commit when it succeeds).
+    annotations: Annotations,
+    /// The observation of each shaped side (true: the device's egress), once read.
+    observed: BTreeMap<bool, Observation>,
+    /// Decisions whose steps wait for the commit.
+    pending: Vec<Pending>,
     _lock: Option<crate::ownership::Lock>,
+}
+
+/// A decided request waiting for the commit.
+struct Pending {
+    steps: Vec<Step>,
+}
+
+enum AnnotationChange {
+    Upsert(Annotation),
+    Remove {
+        shaped_device: String,
+        subject: String,
+    },
 }
 
 impl Session {
@@ -394,11 +419,14 @@ impl Session {
             execute,
             allow_missing_state,
             sock,
+            annotations: state_dir.load(),
             state_dir,
             netns_key: netns.unwrap_or("").to_string(),
             catch_all: CatchAll::choose(caps.has(Feature::Matchall)),
             has_connmark: caps.has(Feature::Connmark),
             netns_path: netns.map(|n| format!("/run/netns/{n}")),
+            observed: BTreeMap::new(),
+            pending: Vec::new(),
             _lock: lock,
         })
     }
@@ -411,17 +439,34 @@ impl Session {
         }
     }
 
-    pub fn annotations(&self) -> crate::ownership::Annotations {
-        self.state_dir.load()
+    /// The annotations as this run has them so far.
+    pub fn annotations(&self) -> &Annotations {
+        &self.annotations
     }
 
     pub fn netns_key(&self) -> &str {
         &self.netns_key
     }
 
-    /// Observes, decides and (when executing) applies one request, then records its owner.
-    /// `set` names the expanded set (`per_ip`) the rule belongs to; `blocked` is a reason the
-    /// evidence gives not to execute, whatever the kernel says.
+    /// The observation a request is decided on: read once per shaped side, then kept current.
+    fn observation(&mut self, request: &Request) -> &mut Observation {
+        let egress = request.on_egress();
+        let obs = self
+            .observed
+            .entry(egress)
+            .or_insert_with(|| observe(&mut self.sock, &self.device, request));
+        if matches!(request.subject, Subject::Outbound { .. }) && obs.nft.is_none() {
+            obs.nft = Some(
+                crate::netlink::nft::dump(self.netns_path.as_deref()).map_err(|e| e.to_string()),
+            );
+        }
+        obs
+    }
+
+    /// Decides one request against the current observation. Its steps count as done for the
+    /// requests decided after it; when executing, they run at [`Session::commit`]. `set` names
+    /// the expanded set (`per_ip`) the rule belongs to; `blocked` is a reason the evidence gives
+    /// not to execute, whatever the kernel says.
     pub fn one(
         &mut self,
         v: &Validated,
@@ -429,16 +474,10 @@ impl Session {
         blocked: Option<String>,
     ) -> LimitReport {
         let request = &v.request;
-        let mut observation = observe(&mut self.sock, &self.device, request);
-        if matches!(request.subject, Subject::Outbound { .. }) {
-            observation.nft = Some(
-                crate::netlink::nft::dump(self.netns_path.as_deref()).map_err(|e| e.to_string()),
-            );
-        }
         let shaped_device = self.shaped_device(request);
-        let mut annotations = self.state_dir.load();
         let subject_key = request.subject.key();
-        let annotation = annotations
+        let annotation = self
+            .annotations
             .find(&self.netns_key, &shaped_device, &subject_key)
             .cloned();
         let owner = self.runtime.owner();
@@ -455,23 +494,30 @@ impl Session {
             netns_path: self.netns_path.clone(),
             has_connmark: self.has_connmark,
         };
+        let observation = self.observation(request);
         let shadowed = matches!(request.subject, Subject::Inbound { .. })
             && request.want != Want::Remove
             && observation
                 .shaped
                 .as_ref()
                 .is_some_and(|s| s.baseline.is_some());
-        let mut decision = reconcile::decide(&ctx, &observation);
+        let mut decision = reconcile::decide(&ctx, observation);
         if blocked.is_some() {
             decision.blocked = blocked;
         }
+        if decision.blocked.is_none() {
+            for step in &decision.steps {
+                observation.absorb(step, request.on_egress());
+            }
+        }
+        let observation = &self.observed[&request.on_egress()];
         let mut report = LimitReport::new(
             self.execute,
             v,
             &self.runtime,
             &self.device,
             &shaped_device,
-            &observation,
+            observation,
             decision,
         );
         if shadowed {
@@ -482,50 +528,155 @@ impl Session {
                 request.subject.kind()
             ));
         }
-        if !self.execute || report.decision.blocked.is_some() {
-            report.outcome = if report.decision.blocked.is_some() {
-                Outcome::Blocked
-            } else if report.decision.steps.is_empty() {
-                Outcome::NoChanges
-            } else {
-                Outcome::PlanReady
-            };
-            return report;
-        }
-        let execution = apply::execute(&mut self.sock, &report.decision.steps);
-        report.outcome = if execution.failed() {
-            Outcome::Failed
+        report.outcome = if report.decision.blocked.is_some() {
+            Outcome::Blocked
         } else if report.decision.steps.is_empty() {
             Outcome::NoChanges
         } else {
-            Outcome::Executed
+            Outcome::PlanReady
         };
-        let succeeded = !execution.failed();
-        report.execution = Some(execution);
-        if succeeded {
-            let minor = report.decision.expected_class.map(|c| c.minor());
-            match request.want {
-                Want::Remove => annotations.remove(&self.netns_key, &shaped_device, &subject_key),
-                _ => annotations.upsert(Annotation {
-                    netns: self.netns_key.clone(),
-                    device: self.device.name.clone(),
-                    direction: request.direction.name().into(),
-                    subject: subject_key,
-                    shaped_device,
-                    class_minor: minor,
-                    owner,
-                    runtime: self.runtime.describe(),
-                    set: set.map(str::to_string),
-                }),
+        if report.decision.blocked.is_some() {
+            return report;
+        }
+        let change = match request.want {
+            Want::Remove => AnnotationChange::Remove {
+                shaped_device,
+                subject: subject_key,
+            },
+            _ => AnnotationChange::Upsert(Annotation {
+                netns: self.netns_key.clone(),
+                device: self.device.name.clone(),
+                direction: request.direction.name().into(),
+                subject: subject_key,
+                shaped_device,
+                class_minor: report.decision.expected_class.map(|c| c.minor()),
+                owner,
+                runtime: self.runtime.describe(),
+                set: set.map(str::to_string),
+            }),
+        };
+        self.record(&change);
+        if self.execute {
+            report.pending = Some(self.pending.len());
+            self.pending.push(Pending {
+                steps: report.decision.steps.clone(),
+            });
+        }
+        report
+    }
+
+    fn record(&mut self, change: &AnnotationChange) {
+        match change {
+            AnnotationChange::Upsert(a) => self.annotations.upsert(a.clone()),
+            AnnotationChange::Remove {
+                shaped_device,
+                subject,
+            } => self
+                .annotations
+                .remove(&self.netns_key, shaped_device, subject),
+        }
+    }
+
+    /// Applies every pending decision as one run: tc steps batched, the nft changes as one
+    /// transaction at the end, every acknowledgement checked; when any step fails, all of them
+    /// are undone and each report says so. Then the annotations are saved once, and the next
+    /// decision observes the kernel afresh.
+    pub fn commit<'a>(&mut self, reports: impl IntoIterator<Item = &'a mut LimitReport>) {
+        self.observed.clear();
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return;
+        }
+        let (steps, owners) = run_order(&pending);
+        let execution = apply::execute(&mut self.sock, &steps);
+        let failed = execution.failed();
+        // Each report gets the results of its own steps, in its own order.
+        let mut per: Vec<Execution> = vec![Execution::default(); pending.len()];
+        for (result, owned) in execution.results.iter().zip(&owners) {
+            for (ticket, _) in owned {
+                per[*ticket].results.push(result.clone());
             }
-            if let Err(e) = self.state_dir.save(&annotations) {
+        }
+        let save = if failed {
+            // A failed run changes nothing, so the annotations stay as they are on disk.
+            self.annotations = self.state_dir.load();
+            None
+        } else {
+            Some(self.state_dir.save(&self.annotations))
+        };
+        for report in reports {
+            let Some(ticket) = report.pending.take() else {
+                continue;
+            };
+            let mut mine = std::mem::take(&mut per[ticket]);
+            let own_failure = mine.failed();
+            if own_failure {
+                mine.rollback = execution.rollback.clone();
+            }
+            report.outcome = if failed {
+                Outcome::Failed
+            } else if report.decision.steps.is_empty() {
+                Outcome::NoChanges
+            } else {
+                Outcome::Executed
+            };
+            if failed && !own_failure {
+                report.warnings.push(
+                    "not applied: another change of this run failed, so the whole run was undone"
+                        .into(),
+                );
+            }
+            if let Some(Err(e)) = &save {
                 report.warnings.push(format!(
                     "the kernel was changed, but the owner annotation could not be written: {e}"
                 ));
             }
+            report.execution = Some(mine);
         }
-        report
     }
+}
+
+/// The run's steps in execution order, each with the (decision, step) places it stands for:
+/// every decision's tc and link steps in decision order, then all nft changes as one atomic
+/// transaction (a new rule's class exists by then; a removed rule's class may already be gone,
+/// which sends its packets to the filters for that instant, as if unlimited).
+fn run_order(pending: &[Pending]) -> (Vec<Step>, Vec<Vec<(usize, usize)>>) {
+    let mut steps = Vec::new();
+    let mut owners = Vec::new();
+    let mut nft_ops = Vec::new();
+    let mut nft_undo = Vec::new();
+    let mut nft_owners = Vec::new();
+    let mut netns = None;
+    for (ticket, p) in pending.iter().enumerate() {
+        for (i, step) in p.steps.iter().enumerate() {
+            match &step.action {
+                Operation::Nft { netns: n, ops } => {
+                    netns = n.clone();
+                    nft_ops.extend(ops.iter().cloned());
+                    nft_undo.extend(step.undo.iter().cloned());
+                    nft_owners.push((ticket, i));
+                }
+                _ => {
+                    steps.push(step.clone());
+                    owners.push(vec![(ticket, i)]);
+                }
+            }
+        }
+    }
+    if !nft_owners.is_empty() {
+        steps.push(
+            Step::new(
+                "nft-transaction",
+                Operation::Nft {
+                    netns,
+                    ops: nft_ops,
+                },
+            )
+            .undone_by(nft_undo),
+        );
+        owners.push(nft_owners);
+    }
+    (steps, owners)
 }
 
 /// Runs `limit` up to a report (which the caller renders).
@@ -537,7 +688,9 @@ pub fn run(netns: Option<&str>, a: &LimitArgs, v: Validated) -> Result<Report, L
         a.execute,
         a.allow_missing_tc_state,
     )?;
-    Ok(decide(&mut session, &v))
+    let mut report = decide(&mut session, &v);
+    session.commit(report.limits_mut());
+    Ok(report)
 }
 
 /// Resolves the request's subject the way its family needs (live evidence, the config, or

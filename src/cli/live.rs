@@ -81,7 +81,6 @@ impl PerIpSet {
                 .filter_map(|a| ip_of(&a.subject))
                 .collect(),
             explicit: annotations
-                .entries
                 .iter()
                 .filter(|a| a.netns == netns && a.shaped_device == shaped && a.set.is_none())
                 .filter_map(|a| Some((ip_of(&a.subject)?, a.owner.clone())))

@@ -1,6 +1,7 @@
 //! `raylimit apply --file POLICY`: a declarative set of limits for one runtime (JSON or TOML),
-//! validated whole before anything is decided, then reconciled limit by limit under one lock per
-//! device. `--prune` removes the runtime's managed limits that the file no longer lists. A dry-run
+//! validated whole before anything is decided, then, per device and under one lock, every
+//! limit is decided against one observation and the changes are applied together (batched
+//! netlink, one nft transaction; a failure undoes the device's whole change set). `--prune` removes the runtime's managed limits that the file no longer lists. A dry-run
 //! unless `--execute`; a second run of the same file is `no_op` throughout.
 //!
 //! ```toml
@@ -232,6 +233,7 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
                 return 1;
             }
         };
+        let (first_report, first_pruned) = (reports.len(), pruned.len());
         for v in validated.iter().filter(|v| &v.request.device == device) {
             let (_, _, key) = listed(v);
             reports.push((
@@ -243,7 +245,6 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             let owner = session.runtime.owner();
             let stale: Vec<(String, String, Option<String>)> = session
                 .annotations()
-                .entries
                 .iter()
                 .filter(|x| {
                     x.owner == owner && x.device == *device && x.netns == session.netns_key()
@@ -272,6 +273,13 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
                 }
             }
         }
+        // The device's whole change set goes to the kernel together.
+        session.commit(
+            reports[first_report..]
+                .iter_mut()
+                .chain(pruned[first_pruned..].iter_mut())
+                .flat_map(|(_, r)| r.limits_mut()),
+        );
     }
     render(a, &reports, &pruned)
 }

@@ -49,6 +49,8 @@ pub struct LimitReport {
     pub warnings: Vec<String>,
     /// The live evidence the request was resolved with (uuid, connection, per_ip).
     pub evidence: Option<EvidenceView>,
+    /// Set while the report's steps wait for the session's commit: its place in the run.
+    pub pending: Option<usize>,
 }
 
 /// Evidence as a report shows it: labelled lines for text, a value for JSON.
@@ -109,6 +111,7 @@ impl LimitReport {
             outcome: Outcome::PlanReady,
             warnings: Vec::new(),
             evidence: None,
+            pending: None,
         }
     }
 
@@ -599,6 +602,14 @@ pub enum Report {
 }
 
 impl Report {
+    /// The report's limit decisions: one, or one per expanded client.
+    pub fn limits_mut(&mut self) -> Box<dyn Iterator<Item = &mut LimitReport> + '_> {
+        match self {
+            Report::One(r) => Box::new(std::iter::once(r)),
+            Report::PerIp(r) => Box::new(r.targets.iter_mut()),
+        }
+    }
+
     pub fn text(&self) -> String {
         match self {
             Report::One(r) => r.text(),

@@ -199,13 +199,15 @@ impl Watch<'_> {
         for ip in &live {
             self.last_seen.insert(*ip, now);
         }
+        let mut added = Vec::new();
         for ip in &live {
             if set.explicit_owner(*ip).is_some() {
                 continue;
             }
             let r = session.one(&live::ip_request(&self.v, *ip), Some(PER_IP), None);
-            report(&format!("+ {ip}"), &r);
+            added.push((format!("+ {ip}"), r));
         }
+        let mut departed = Vec::new();
         for ip in set.managed.difference(&live) {
             let seen = *self.last_seen.entry(*ip).or_insert(now);
             if now.duration_since(seen) < self.grace {
@@ -214,7 +216,24 @@ impl Watch<'_> {
             let mut one = live::ip_request(&self.v, *ip);
             one.request.want = Want::Remove;
             let r = session.one(&one, Some(PER_IP), None);
-            report(&format!("- {ip} (gone {:?})", now.duration_since(seen)), &r);
+            departed.push((
+                *ip,
+                format!("- {ip} (gone {:?})", now.duration_since(seen)),
+                r,
+            ));
+        }
+        // The round's changes go to the kernel together.
+        session.commit(
+            added
+                .iter_mut()
+                .map(|(_, r)| r)
+                .chain(departed.iter_mut().map(|(_, _, r)| r)),
+        );
+        for (what, r) in &added {
+            report(what, r);
+        }
+        for (ip, what, r) in &departed {
+            report(what, r);
             if r.outcome != Outcome::Failed {
                 self.last_seen.remove(ip);
             }
@@ -256,7 +275,8 @@ impl Watch<'_> {
             one.request.want = Want::Remove;
         }
         one.request.subject = Subject::User { uuid: key, ips };
-        let r = session.one(&one, None, None);
+        let mut r = session.one(&one, None, None);
+        session.commit([&mut r]);
         report(&format!("{} {}", user.email, policy_ips(&one)), &r);
     }
 }

@@ -19,6 +19,9 @@ const NLMSGERR_ATTR_MSG: u16 = 1;
 
 /// Largest burst of requests put in one `sendmsg` before their acknowledgements are read.
 const SEND_CHUNK_BYTES: usize = 64 * 1024;
+/// Each message is answered by its own acknowledgement skb (about 1 KiB of receive buffer
+/// each), so a chunk is also bounded in messages to keep every answer within the buffer.
+const SEND_CHUNK_MESSAGES: usize = 256;
 const RECV_BUFFER_BYTES: usize = 1 << 20;
 const DUMP_RETRIES: usize = 5;
 /// The kernel answers in microseconds; a reply this late means something is wrong, not slow.
@@ -63,8 +66,11 @@ impl RtSocket {
         socket.bind_auto()?;
         socket.set_ext_ack(true)?;
         socket.set_cap_ack(true)?;
-        // A larger receive buffer keeps acknowledgements of big batches from being dropped.
-        let _ = socket.set_rx_buf_sz(RECV_BUFFER_BYTES);
+        // A larger receive buffer keeps acknowledgements of big batches from being dropped
+        // (root may go past net.core.rmem_max).
+        if set_buffer(&socket, libc::SO_RCVBUFFORCE, RECV_BUFFER_BYTES).is_err() {
+            let _ = socket.set_rx_buf_sz(RECV_BUFFER_BYTES);
+        }
         socket.connect(&SocketAddr::new(0, 0))?;
         set_receive_timeout(&socket, RECV_TIMEOUT_SECS)?;
         Ok(Self {
@@ -101,7 +107,9 @@ impl RtSocket {
                     "request shorter than a netlink header".into(),
                 ));
             }
-            if !chunk.is_empty() && chunk.len() + message.len() > SEND_CHUNK_BYTES {
+            let full =
+                chunk.len() + message.len() > SEND_CHUNK_BYTES || seqs.len() >= SEND_CHUNK_MESSAGES;
+            if !chunk.is_empty() && full {
                 self.flush(&mut chunk, &mut seqs, &mut results)?;
             }
             let seq = self.take_seq();
@@ -138,7 +146,10 @@ impl RtSocket {
         let own: Vec<u32> = split_messages(buffer)?.iter().map(|(h, _)| h.seq).collect();
         if buffer.len() > SEND_CHUNK_BYTES {
             // Netlink refuses a message larger than the send buffer (EMSGSIZE); root may raise it.
-            let _ = set_send_buffer(&self.socket, 2 * buffer.len() + 4096);
+            let bytes = 2 * buffer.len() + 4096;
+            if set_buffer(&self.socket, libc::SO_SNDBUFFORCE, bytes).is_err() {
+                let _ = set_buffer(&self.socket, libc::SO_SNDBUF, bytes);
+            }
         }
         self.socket.send(buffer, 0)?;
         let mut results: Vec<Option<Result<Ack, KernelError>>> = vec![None; acked.len()];
@@ -262,24 +273,24 @@ impl RtSocket {
     }
 }
 
-fn set_send_buffer(socket: &Socket, bytes: usize) -> std::io::Result<()> {
+/// Sets a socket buffer size option (SO_SNDBUF, SO_RCVBUFFORCE, ...).
+fn set_buffer(socket: &Socket, option: libc::c_int, bytes: usize) -> std::io::Result<()> {
     let value = bytes.min(i32::MAX as usize) as libc::c_int;
-    for option in [libc::SO_SNDBUFFORCE, libc::SO_SNDBUF] {
-        // SAFETY: a valid socket fd and a correctly sized int.
-        let rc = unsafe {
-            libc::setsockopt(
-                socket.as_raw_fd(),
-                libc::SOL_SOCKET,
-                option,
-                &value as *const libc::c_int as *const libc::c_void,
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc == 0 {
-            return Ok(());
-        }
+    // SAFETY: a valid socket fd and a correctly sized int.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            &value as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
-    Err(std::io::Error::last_os_error())
 }
 
 fn set_receive_timeout(socket: &Socket, secs: u32) -> std::io::Result<()> {

@@ -6,6 +6,7 @@
 //! step carries the steps that undo it, computed from what was observed, so a failed run can put
 //! the kernel back as it was.
 
+mod absorb;
 pub mod observe;
 pub mod plan;
 
@@ -467,8 +468,9 @@ fn device_dev(link: &Link) -> Dev {
 fn shaped_dev(req: &Request, obs: &Observation) -> Dev {
     match (req.on_egress(), &obs.ifb) {
         (true, _) => device_dev(&obs.device),
-        (false, Some(ifb)) => device_dev(ifb),
-        (false, None) => Dev::Ifb(shaping::ifb_name(obs.device.index)),
+        // An IFB this run creates (index 0 until then) is found by name when its step runs.
+        (false, Some(ifb)) if ifb.index != 0 => device_dev(ifb),
+        (false, _) => Dev::Ifb(shaping::ifb_name(obs.device.index)),
     }
 }
 
@@ -1038,8 +1040,8 @@ fn plan_redirect(
 ) {
     let device = device_dev(&obs.device);
     let ifb = match &obs.ifb {
-        Some(l) => device_dev(l),
-        None => Dev::Ifb(shaping::ifb_name(obs.device.index)),
+        Some(l) if l.index != 0 => device_dev(l),
+        _ => Dev::Ifb(shaping::ifb_name(obs.device.index)),
     };
     let hook = obs.hook.as_ref();
     let parent = hook

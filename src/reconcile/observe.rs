@@ -320,3 +320,44 @@ pub struct Observation {
     /// raylimit's nft table, when the request needs it (or why it could not be read).
     pub nft: Option<Result<crate::netlink::nft::NftState, String>>,
 }
+
+impl ShapedRoot {
+    /// An empty root on `ifindex`: what a device without raylimit's objects reads as.
+    pub fn empty(ifindex: u32, end: End) -> Self {
+        ShapedRoot::read(
+            &DeviceTc {
+                ifindex,
+                ..Default::default()
+            },
+            end,
+        )
+    }
+
+    /// Records a filter this run created or replaced, read exactly as a dump would read it.
+    pub fn absorb_filter(&mut self, f: &Filter, end: End) {
+        self.forget_filter(f.priority, f.handle);
+        let entry = FilterEntry {
+            filter: f.clone(),
+            chain: None,
+        };
+        if !self.recognise(&entry, end) {
+            self.unrecognised.push(entry);
+        }
+    }
+
+    /// Drops what is recorded at `priority` and `handle`; handle 0 is the whole priority.
+    pub fn forget_filter(&mut self, priority: u16, handle: u32) {
+        let gone = |f: &Filter| f.priority == priority && (handle == 0 || f.handle == handle);
+        self.nodes.retain(|n| !gone(&n.entry.filter));
+        self.listeners.retain(|n| !gone(&n.entry.filter));
+        self.unrecognised.retain(|e| !gone(&e.filter));
+        self.links
+            .retain(|p, e| !(*p == priority && gone(&e.filter)));
+        if handle == 0 || shaping::table_of_priority(priority).0 == handle {
+            self.tables.remove(&priority);
+        }
+        if self.baseline.as_ref().is_some_and(|b| gone(&b.filter)) {
+            self.baseline = None;
+        }
+    }
+}

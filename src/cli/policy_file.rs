@@ -22,6 +22,7 @@
 //! ```
 
 use std::collections::BTreeSet;
+use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -298,30 +299,14 @@ fn render(a: &ApplyArgs, reports: &[(String, Report)], pruned: &[(String, Report
         count(Outcome::Blocked),
         count(Outcome::Failed)
     );
-    match a.format {
-        Format::Json => {
-            let item = |(name, r): &(String, Report)| json!({"limit": name, "report": r.json()});
-            let v = json!({
-                "mode": if a.execute { "execute" } else { "dry-run" },
-                "operation": "apply",
-                "file": a.file.display().to_string(),
-                "limits": reports.iter().map(item).collect::<Vec<_>>(),
-                "pruned": pruned.iter().map(item).collect::<Vec<_>>(),
-                "summary": summary,
-            });
-            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
-        }
-        Format::Text => {
-            for (i, (name, r)) in reports.iter().enumerate() {
-                println!("=== {}/{}: {name}", i + 1, reports.len());
-                print!("{}", r.text());
-            }
-            for (name, r) in pruned {
-                println!("=== prune: {name}");
-                print!("{}", r.text());
-            }
-            println!("\nApply summary: {summary}");
-        }
+    // Written as it is rendered, one limit at a time: a policy may list thousands.
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let written = match a.format {
+        Format::Json => write_json(&mut out, a, reports, pruned, &summary),
+        Format::Text => write_text(&mut out, reports, pruned, &summary),
+    };
+    if let Err(e) = written.and_then(|_| out.flush()) {
+        eprintln!("raylimit: apply: cannot write the report: {e}");
     }
     if code != 0 {
         if let Some((name, r)) = all().find(|(_, r)| r.exit_code() != 0) {
@@ -329,4 +314,49 @@ fn render(a: &ApplyArgs, reports: &[(String, Report)], pruned: &[(String, Report
         }
     }
     code
+}
+
+/// The JSON report: the limits and pruned lists are written item by item, so memory does not
+/// grow with the size of the policy.
+fn write_json(
+    out: &mut impl Write,
+    a: &ApplyArgs,
+    reports: &[(String, Report)],
+    pruned: &[(String, Report)],
+    summary: &str,
+) -> std::io::Result<()> {
+    let text = |v: &Value| serde_json::to_string(v).unwrap_or_default();
+    write!(
+        out,
+        "{{\n\"mode\": {},\n\"operation\": \"apply\",\n\"file\": {}",
+        text(&json!(if a.execute { "execute" } else { "dry-run" })),
+        text(&json!(a.file.display().to_string()))
+    )?;
+    for (key, list) in [("limits", reports), ("pruned", pruned)] {
+        write!(out, ",\n\"{key}\": [")?;
+        for (i, (name, r)) in list.iter().enumerate() {
+            let sep = if i == 0 { "\n" } else { ",\n" };
+            let item = json!({"limit": name, "report": r.json()});
+            write!(out, "{sep}{}", text(&item))?;
+        }
+        write!(out, "\n]")?;
+    }
+    writeln!(out, ",\n\"summary\": {}\n}}", text(&json!(summary)))
+}
+
+fn write_text(
+    out: &mut impl Write,
+    reports: &[(String, Report)],
+    pruned: &[(String, Report)],
+    summary: &str,
+) -> std::io::Result<()> {
+    for (i, (name, r)) in reports.iter().enumerate() {
+        writeln!(out, "=== {}/{}: {name}", i + 1, reports.len())?;
+        write!(out, "{}", r.text())?;
+    }
+    for (name, r) in pruned {
+        writeln!(out, "=== prune: {name}")?;
+        write!(out, "{}", r.text())?;
+    }
+    writeln!(out, "\nApply summary: {summary}")
 }

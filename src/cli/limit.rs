@@ -1,6 +1,7 @@
 //! `raylimit limit`: validate, select the runtime, observe, decide, execute, annotate, report.
 
 use std::collections::BTreeMap;
+use std::rc::Rc;
 
 use clap::Args;
 
@@ -348,7 +349,7 @@ impl From<UsageError> for LimitError {
 /// kept current as each decision is made, and [`Session::commit`] then applies every change
 /// together: one dump per object kind and one batched execution, however many subjects.
 pub struct Session {
-    pub runtime: Runtime,
+    pub runtime: Rc<Runtime>,
     pub device: Link,
     pub execute: bool,
     allow_missing_state: bool,
@@ -414,7 +415,7 @@ impl Session {
         };
         let caps = Capabilities::probe();
         Ok(Session {
-            runtime,
+            runtime: Rc::new(runtime),
             device,
             execute,
             allow_missing_state,

@@ -2,6 +2,7 @@
 //! JSON (the original's top-level names, so scripts keep working).
 
 use std::fmt::Write as _;
+use std::rc::Rc;
 
 use serde_json::{json, Value};
 
@@ -39,7 +40,7 @@ pub struct LimitReport {
     pub execute: bool,
     pub request: crate::policy::Request,
     pub per_ip: bool,
-    pub runtime: Runtime,
+    pub runtime: Rc<Runtime>,
     pub device: Link,
     pub shaped_device: String,
     pub root: String,
@@ -92,7 +93,7 @@ impl LimitReport {
     pub fn new(
         execute: bool,
         v: &Validated,
-        runtime: &Runtime,
+        runtime: &Rc<Runtime>,
         device: &Link,
         shaped_device: &str,
         obs: &Observation,
@@ -401,7 +402,7 @@ fn result_json(r: &crate::apply::StepResult) -> Value {
 pub struct PerIpReport {
     pub execute: bool,
     pub request: crate::policy::Request,
-    pub runtime: Runtime,
+    pub runtime: Rc<Runtime>,
     pub evidence: EvidenceView,
     /// Where the client set came from, and how trustworthy it is.
     pub provider: &'static str,

@@ -755,3 +755,75 @@ pub fn observe(sock: &mut RtSocket, device: &Link, request: &Request) -> Observa
     }
     obs
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::nft::{NftOp, NftRule, Tag};
+
+    fn nft_step(subject: &str, undo: &str) -> Step {
+        let rule = NftRule::MarkToPriority {
+            oif: 2,
+            mask: 0x0f00_0000,
+            value: 0x0100_0000,
+            priority: 0x524c_0001,
+        };
+        let tag = Tag {
+            owner: "o".into(),
+            subject: subject.into(),
+        };
+        Step::new(
+            "nft-classify-mark",
+            Operation::Nft {
+                netns: None,
+                ops: vec![NftOp::AddRule { rule, tag }],
+            },
+        )
+        .undone_by(vec![Step::new(undo, Operation::SetUp(dev()))])
+    }
+
+    fn dev() -> crate::reconcile::plan::Dev {
+        crate::reconcile::plan::Dev::Index {
+            index: 2,
+            name: "eth0".into(),
+        }
+    }
+
+    fn link_step(name: &str) -> Step {
+        Step::new(name, Operation::SetUp(dev()))
+    }
+
+    #[test]
+    fn the_runs_nft_changes_are_one_transaction_after_every_tc_step() {
+        let pending = vec![
+            Pending {
+                steps: vec![link_step("a1"), nft_step("outbound a", "undo-a")],
+            },
+            Pending {
+                steps: vec![link_step("b1")],
+            },
+            Pending {
+                steps: vec![link_step("c1"), nft_step("outbound c", "undo-c")],
+            },
+        ];
+        let (steps, owners) = run_order(&pending);
+        let names: Vec<&str> = steps.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["a1", "b1", "c1", "nft-transaction"]);
+        assert_eq!(
+            owners,
+            [
+                vec![(0, 0)],
+                vec![(1, 0)],
+                vec![(2, 0)],
+                vec![(0, 1), (2, 1)]
+            ]
+        );
+        let Operation::Nft { ops, .. } = &steps[3].action else {
+            panic!("the last step is the nft transaction")
+        };
+        assert_eq!(ops.len(), 2);
+        // In decision order: a rollback runs them last first, as it would have run each one.
+        let undo: Vec<&str> = steps[3].undo.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(undo, ["undo-a", "undo-c"]);
+    }
+}

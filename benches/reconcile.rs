@@ -772,6 +772,8 @@ struct Row {
     /// A metric some run of which failed or timed out: reported as null.
     missing: BTreeSet<&'static str>,
     peak_rss: u64,
+    /// How many tc commands the baselines ran.
+    objects: usize,
 }
 
 impl Row {
@@ -806,8 +808,23 @@ struct Config {
     quick: bool,
     smoke: bool,
     timeout: Duration,
-    budget: Option<Duration>,
+    /// Quick mode: when the bench should be done.
+    deadline: Option<Instant>,
     bin: PathBuf,
+}
+
+impl Config {
+    /// Whether `secs` more fit before the deadline.
+    fn fits(&self, secs: f64) -> bool {
+        self.deadline
+            .is_none_or(|d| Instant::now() + Duration::from_secs_f64(secs.max(0.0)) <= d)
+    }
+
+    fn left(&self) -> f64 {
+        self.deadline.map_or(f64::INFINITY, |d| {
+            d.saturating_duration_since(Instant::now()).as_secs_f64()
+        })
+    }
 }
 
 fn env_num(name: &str) -> Option<u64> {
@@ -845,8 +862,9 @@ fn config() -> Result<Config, String> {
         quick,
         smoke,
         timeout: Duration::from_secs(env_num("RAYLIMIT_BENCH_TIMEOUT_S").unwrap_or(120)),
-        budget: quick
-            .then(|| Duration::from_secs(env_num("RAYLIMIT_BENCH_BUDGET_S").unwrap_or(170))),
+        deadline: quick.then(|| {
+            Instant::now() + Duration::from_secs(env_num("RAYLIMIT_BENCH_BUDGET_S").unwrap_or(170))
+        }),
         bin,
     })
 }
@@ -1082,28 +1100,29 @@ fn raylimit_view(host: &Host, n: usize, notes: &mut Vec<String>) -> Res<()> {
     Ok(())
 }
 
-fn baselines(
+/// The baselines' commands for N, as tc's words (made once, after the first raylimit run).
+fn prepare_baselines(
     host: &Host,
-    cfg: &Config,
     row: &mut Row,
     seen: &Seen,
     failures: &mut Vec<String>,
     notes: &mut Vec<String>,
-) -> Res<()> {
+) -> Res<Option<Vec<Vec<String>>>> {
     let n = row.n;
     let metrics = ["tc_batch_apply_s", "tc_spawn_apply_s"];
     let Some(dry) = &seen.dry else {
-        for m in metrics {
-            row.missing.insert(m);
-        }
         notes.push(format!(
             "N={n}: no dry-run finished, so no commands for the baselines"
         ));
-        return Ok(());
+        row.missing.extend(metrics);
+        return Ok(None);
     };
     let cmds = match baseline_commands(n, dry, seen.executed.as_deref(), notes) {
         Ok(c) => c,
-        Err(f) => return record(row, failures, notes, &metrics, f),
+        Err(f) => {
+            record(row, failures, notes, &metrics, f)?;
+            return Ok(None);
+        }
     };
     let mut fixed = 0;
     let words: Vec<Vec<String>> = cmds.iter().map(|c| tc_words(c, &mut fixed)).collect();
@@ -1114,8 +1133,24 @@ fn baselines(
     }
     let batch: String = words.iter().map(|w| w.join(" ") + "\n").collect();
     std::fs::write(host.path("batch.tc"), batch).map_err(|e| Failure::Broken(e.to_string()))?;
+    Ok(Some(words))
+}
 
-    for run in 0..cfg.runs {
+/// One run of both baselines (each skipped once it has failed at this N).
+#[allow(clippy::too_many_arguments)]
+fn baseline_run(
+    host: &Host,
+    cfg: &Config,
+    row: &mut Row,
+    seen: &Seen,
+    words: &[Vec<String>],
+    run: usize,
+    spawn_per_object: Option<f64>,
+    failures: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Res<()> {
+    let n = row.n;
+    if !row.missing.contains("tc_batch_apply_s") {
         match tc_batch(host, n, seen, cfg.timeout) {
             Ok((secs, built)) => {
                 row.push("tc_batch_apply_s", secs);
@@ -1134,36 +1169,53 @@ fn baselines(
                     }
                 }
             }
-            Err(f) => {
-                record(row, failures, notes, &metrics[..1], f)?;
-                break;
-            }
+            Err(f) => record(row, failures, notes, &["tc_batch_apply_s"], f)?,
         }
     }
-    let spawn_runs = if cfg.quick && n >= SPAWN_ONCE_FROM {
-        notes.push(format!(
-            "N={n}: one tc per object measured once (quick mode)"
-        ));
-        1
-    } else {
-        cfg.runs
-    };
-    for _ in 0..spawn_runs {
-        match tc_spawn(host, n, &words, seen, cfg.timeout) {
-            Ok(secs) => row.push("tc_spawn_apply_s", secs),
-            Err(f) => {
-                record(row, failures, notes, &metrics[1..], f)?;
-                break;
-            }
-        }
+    if row.missing.contains("tc_spawn_apply_s") {
+        return Ok(());
     }
-    host.reset()
+    if run > 0 && cfg.quick && n >= SPAWN_ONCE_FROM {
+        if run == 1 {
+            notes.push(format!(
+                "N={n}: one tc per object measured once (quick mode)"
+            ));
+        }
+        return Ok(());
+    }
+    let estimate = row
+        .samples
+        .get("tc_spawn_apply_s")
+        .and_then(|v| v.last().copied())
+        .or(spawn_per_object.map(|p| p * words.len() as f64))
+        .unwrap_or(0.0);
+    if !cfg.fits(estimate) {
+        if !row.samples.contains_key("tc_spawn_apply_s") {
+            row.missing.insert("tc_spawn_apply_s");
+            let why = if estimate > 0.0 {
+                format!("about {estimate:.0} s does not fit what is left of the quick budget")
+            } else {
+                "the quick budget is used up".to_string()
+            };
+            notes.push(format!("N={n}: one tc per object not measured: {why}"));
+        }
+        return Ok(());
+    }
+    match tc_spawn(host, n, words, seen, cfg.timeout) {
+        Ok(secs) => row.push("tc_spawn_apply_s", secs),
+        Err(f) => record(row, failures, notes, &["tc_spawn_apply_s"], f)?,
+    }
+    Ok(())
 }
 
+/// Every measurement at N: per run, raylimit's five runs, then tc -batch, then one tc per
+/// object. In quick mode a run that would not fit the budget is not started (the medians are
+/// then over fewer runs, and a note says so).
 fn bench_n(
     host: &Host,
     cfg: &Config,
     n: usize,
+    spawn_per_object: Option<f64>,
     failures: &mut Vec<String>,
     notes: &mut Vec<String>,
 ) -> Res<Row> {
@@ -1173,21 +1225,51 @@ fn bench_n(
         ..Row::default()
     };
     let mut seen = Seen::default();
+    let mut words: Option<Vec<Vec<String>>> = None;
+    let mut last_run = 0.0;
     for run in 0..cfg.runs {
-        eprintln!("bench: N={n} raylimit run {}/{}", run + 1, cfg.runs);
-        if let Err(f) = raylimit_runs(host, &mut row, run == 0, &mut seen) {
-            // The metrics this run did not reach are not measured at this N.
-            let reached: Vec<&'static str> = METRICS[..5]
-                .iter()
-                .copied()
-                .filter(|m| row.samples.get(m).map_or(0, Vec::len) <= run)
-                .collect();
-            record(&mut row, failures, notes, &reached, f)?;
+        if run > 0 && !cfg.fits(last_run) {
+            notes.push(format!(
+                "N={n}: {run} of {} runs (the next would not fit the quick budget)",
+                cfg.runs
+            ));
             break;
         }
+        let t = Instant::now();
+        // After a failed or killed raylimit run, the rest of raylimit's runs at N are skipped.
+        if !METRICS[..5].iter().any(|m| row.missing.contains(m)) {
+            eprintln!("bench: N={n} run {}/{}: raylimit", run + 1, cfg.runs);
+            if let Err(f) = raylimit_runs(host, &mut row, run == 0, &mut seen) {
+                // The metrics this run did not reach are not measured at this N.
+                let reached: Vec<&'static str> = METRICS[..5]
+                    .iter()
+                    .copied()
+                    .filter(|m| row.samples.get(m).map_or(0, Vec::len) <= run)
+                    .collect();
+                record(&mut row, failures, notes, &reached, f)?;
+            }
+        }
+        if run == 0 {
+            words = prepare_baselines(host, &mut row, &seen, failures, notes)?;
+        }
+        if let Some(w) = &words {
+            eprintln!("bench: N={n} run {}/{}: tc baselines", run + 1, cfg.runs);
+            baseline_run(
+                host,
+                cfg,
+                &mut row,
+                &seen,
+                w,
+                run,
+                spawn_per_object,
+                failures,
+                notes,
+            )?;
+        }
+        host.reset()?;
+        last_run = t.elapsed().as_secs_f64();
     }
-    eprintln!("bench: N={n} baselines");
-    baselines(host, cfg, &mut row, &seen, failures, notes)?;
+    row.objects = words.map_or(0, |w| w.len());
     Ok(row)
 }
 
@@ -1248,9 +1330,10 @@ fn ratios(rows: &[Row]) -> Vec<String> {
     out
 }
 
-/// In quick mode: whether N's projected time fits what is left of the budget, from the growth
-/// seen between the last two sizes (clamped between linear and quadratic).
-fn fits(spent: &[(usize, f64)], n: usize, left: f64) -> Result<(), String> {
+/// In quick mode: whether one run at N (all of raylimit's runs and both baselines) is projected
+/// to fit what is left of the budget, from the time per run at the last two sizes (growth
+/// exponent clamped between linear and quadratic).
+fn projection(spent: &[(usize, f64)], n: usize, cfg: &Config) -> Result<(), String> {
     let Some(&(pn, pt)) = spent.last() else {
         return Ok(());
     };
@@ -1262,9 +1345,10 @@ fn fits(spent: &[(usize, f64)], n: usize, left: f64) -> Result<(), String> {
         }
     };
     let projected = pt * (n as f64 / pn as f64).powf(exponent);
-    if projected > left {
+    if !cfg.fits(projected) {
         return Err(format!(
-            "N={n} skipped: projected {projected:.0} s (N={pn} took {pt:.0} s, growth exponent {exponent:.2}) does not fit the {left:.0} s left of the quick budget; run `RAYLIMIT_BENCH_N={n} make bench-quick` or `make bench`"
+            "N={n} skipped: one run is projected at {projected:.0} s (one run at N={pn} took {pt:.1} s, growth exponent {exponent:.2}), more than the {:.0} s left of the quick budget; run `RAYLIMIT_BENCH_N={n} make bench-quick` or `make bench`",
+            cfg.left()
         ));
     }
     Ok(())
@@ -1272,25 +1356,28 @@ fn fits(spent: &[(usize, f64)], n: usize, left: f64) -> Result<(), String> {
 
 fn run(cfg: &Config) -> Res<(Vec<Row>, Vec<String>, Vec<String>)> {
     let host = Host::new(cfg.bin.clone(), cfg.timeout)?;
-    let mut rows = Vec::new();
+    let mut rows: Vec<Row> = Vec::new();
     let mut failures = Vec::new();
     let mut notes = Vec::new();
-    let start = Instant::now();
+    // Time per run at each size done, for the quick budget.
     let mut spent: Vec<(usize, f64)> = Vec::new();
     for &n in &cfg.ns {
-        if let Some(budget) = cfg.budget {
-            let left = budget.as_secs_f64() - start.elapsed().as_secs_f64();
-            if let Err(m) = fits(&spent, n, left) {
-                eprintln!("bench: {m}");
-                notes.push(m);
-                continue;
-            }
+        if let Err(m) = projection(&spent, n, cfg) {
+            eprintln!("bench: {m}");
+            notes.push(m);
+            continue;
         }
+        // Seconds per spawned tc at the last size, to tell whether one such run fits.
+        let spawn_per_object = rows.last().and_then(|r| {
+            let s = r.get("tc_spawn_apply_s")?;
+            (r.objects > 0).then(|| s / r.objects as f64)
+        });
         let t = Instant::now();
-        let row = bench_n(&host, cfg, n, &mut failures, &mut notes)?;
+        let row = bench_n(&host, cfg, n, spawn_per_object, &mut failures, &mut notes)?;
         let took = t.elapsed().as_secs_f64();
+        let runs = row.samples.values().map(Vec::len).max().unwrap_or(1).max(1);
         eprintln!("bench: N={n} took {took:.1} s");
-        spent.push((n, took));
+        spent.push((n, took / runs as f64));
         rows.push(row);
     }
     Ok((rows, failures, notes))

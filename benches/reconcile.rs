@@ -35,9 +35,7 @@ use serde_json::{json, Value};
 const NS_PREFIX: &str = "rlb-";
 const DEVICE: &str = "bench0";
 const PEER: &str = "bench1";
-/// Where raylimit puts the HTB root (the plan names it; checked after each baseline).
-const ROOT_QDISC: &str = "qdisc htb 524c: root";
-/// One spawned `tc` per object at N = 10 000 in quick mode: measured once.
+/// One spawned `tc` per object at N ≥ 10 000 in quick mode: measured once.
 const SPAWN_ONCE_FROM: usize = 10_000;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -474,7 +472,11 @@ impl Host {
         }
         filters.sort();
         Ok(Objects {
-            root: qdisc.contains(ROOT_QDISC),
+            // raylimit's HTB root (its handle comes from the library, not from a guess).
+            root: qdisc.contains(&format!(
+                "qdisc htb {} root",
+                raylimit::shaping::root_handle()
+            )),
             classes,
             buffers,
             filters,
@@ -1055,7 +1057,15 @@ fn tc_spawn(
         }
         let mut cmd = Command::new("tc");
         cmd.args(["-n", &host.ns.0]).args(words);
-        let ran = run_timed(&mut cmd, Stdio::null(), &err, left, "one tc per object")?;
+        let ran = run_timed(&mut cmd, Stdio::null(), &err, left, "one tc per object").map_err(
+            |f| match f {
+                Failure::Timeout(_) => Failure::Timeout(format!(
+                    "one tc per object ran past {} s and was killed",
+                    timeout.as_secs()
+                )),
+                f => f,
+            },
+        )?;
         if ran.code != 0 {
             let stderr = std::fs::read_to_string(&err).unwrap_or_default();
             return broken(format!(
@@ -1247,6 +1257,13 @@ fn bench_n(
                     .filter(|m| row.samples.get(m).map_or(0, Vec::len) <= run)
                     .collect();
                 record(&mut row, failures, notes, &reached, f)?;
+                if run + 1 < cfg.runs && reached.len() < 5 {
+                    notes.push(format!(
+                        "N={n}: raylimit's later runs skipped, so {} come from {} run(s)",
+                        METRICS[..5 - reached.len()].join(", "),
+                        run + 1
+                    ));
+                }
             }
         }
         if run == 0 {

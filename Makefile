@@ -1,5 +1,5 @@
 # raylimit: every target runs as root on Debian 12 (network namespaces, tc, nftables).
-.PHONY: setup build demo test lint bench static static-check fixtures clean-netns
+.PHONY: setup build demo test lint bench bench-quick static static-check fixtures clean-netns
 
 MUSL := x86_64-unknown-linux-musl
 
@@ -39,9 +39,19 @@ static-check: static
 fixtures:
 	bash netlink-fixtures/capture.sh
 
-# Removes namespaces a killed test run may have left behind (tests remove their own).
+# Removes namespaces a killed test (rlt-) or bench (rlb-) run may have left behind (tests and
+# benches remove their own; a bench also removes those of a bench that is gone).
 clean-netns:
-	@for n in $$(ip netns list 2>/dev/null | awk '{print $$1}' | grep '^rlt-' || true); do ip netns del $$n; done
+	@for n in $$(ip netns list 2>/dev/null | awk '{print $$1}' | grep -E '^rl[tb]-' || true); do ip netns del $$n; done
 
+# Reconcile latency of `apply --file` at N = 1, 100, 1 000, 10 000 limits against tc -batch and
+# one tc per object (benches/reconcile.rs; RAYLIMIT_BENCH_N=1,100 picks sizes), 5 runs each,
+# then the codec. Writes target/bench-summary.json.
 bench:
+	cargo bench --bench reconcile
 	cargo bench --bench codec
+
+# The same with 3 runs per N, in under 3 minutes (an N whose projected time does not fit is
+# skipped and reported); CI runs it after the tests.
+bench-quick:
+	cargo bench --bench reconcile -- --quick

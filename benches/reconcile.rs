@@ -1,0 +1,1489 @@
+//! Reconcile latency: `raylimit apply --file` with N specific-IP download limits on one device,
+//! against iproute2 building the same objects (`tc -batch`, and one `tc` process per object as
+//! the original tool does). Everything happens in a private network namespace (`rlb-<pid>`) with a
+//! veth device and Debian's v2ray as the runtime; both are removed on exit, on a panic and on
+//! Ctrl-C, and leftovers of a killed run are removed by the next one (or `make clean-netns`).
+//!
+//!   make bench-quick    # cargo bench --bench reconcile -- --quick   (3 runs per N)
+//!   make bench          # 5 runs per N, then the codec bench
+//!
+//! Per N (medians over the runs, seconds): dry_run_s (plan against the empty device), apply_s
+//! (`--execute` from empty), noop_s (the same again: every limit no_op), change_one_s (one rate
+//! changed), remove_s (every limit `"remove": true`, back to an empty device), tc_batch_apply_s,
+//! tc_spawn_apply_s, and peak_rss_bytes (largest ru_maxrss of a raylimit child at that N).
+//! Every run's JSON report is checked (exit code, summary counts, decisions) and every baseline's
+//! result is compared with what raylimit built, so a broken run is never reported as a fast one.
+//! The table goes to stdout, the rows to `<repo>/target/bench-summary.json`.
+//!
+//! Environment: RAYLIMIT_BENCH_N (default 1,100,1000,10000), RAYLIMIT_BENCH_RUNS (3 quick, 5
+//! full), RAYLIMIT_BENCH_TIMEOUT_S (one run, default 120: killed and reported past it),
+//! RAYLIMIT_BENCH_BUDGET_S (quick only, default 170: an N whose projected time does not fit what
+//! is left is skipped and reported), RAYLIMIT_BENCH_BIN (the binary; default the one cargo built).
+//!
+//! Under `cargo test --all-targets` (no `--bench` argument) it is a smoke test: N = 1, one run,
+//! no summary file.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+const NS_PREFIX: &str = "rlb-";
+const DEVICE: &str = "bench0";
+const PEER: &str = "bench1";
+/// One spawned `tc` per object at N ≥ 10 000 in quick mode: measured once.
+const SPAWN_ONCE_FROM: usize = 10_000;
+
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+static ALARMED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGALRM {
+        ALARMED.store(true, Ordering::SeqCst);
+    } else {
+        INTERRUPTED.store(true, Ordering::SeqCst);
+    }
+}
+
+/// SIGINT/SIGTERM/SIGHUP set a flag (the guards then clean up); SIGALRM bounds one child's
+/// run. No SA_RESTART, so a blocked wait4 returns EINTR and the child can be killed.
+fn install_handlers() {
+    // SAFETY: the handler only stores to atomics; sigaction is given initialised structures.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as libc::sighandler_t;
+        sa.sa_flags = 0;
+        libc::sigemptyset(&mut sa.sa_mask);
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP, libc::SIGALRM] {
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn set_timer(d: Duration) {
+    let it = libc::itimerval {
+        it_interval: libc::timeval {
+            tv_sec: 0,
+            tv_usec: 0,
+        },
+        it_value: libc::timeval {
+            tv_sec: d.as_secs() as libc::time_t,
+            tv_usec: d.subsec_micros() as libc::suseconds_t,
+        },
+    };
+    // SAFETY: plain setitimer with a valid structure.
+    unsafe { libc::setitimer(libc::ITIMER_REAL, &it, std::ptr::null_mut()) };
+}
+
+/// Why a measurement is missing.
+#[derive(Debug)]
+enum Failure {
+    /// Ctrl-C or a termination signal: stop, clean up, exit.
+    Interrupted,
+    /// One run went past the timeout and was killed (reported, not fatal).
+    Timeout(String),
+    /// A run that failed or whose result is wrong (reported; the bench exits 1).
+    Broken(String),
+}
+
+type Res<T> = Result<T, Failure>;
+
+fn broken<T>(m: impl Into<String>) -> Res<T> {
+    Err(Failure::Broken(m.into()))
+}
+
+fn check_interrupt() -> Res<()> {
+    if INTERRUPTED.load(Ordering::SeqCst) {
+        return Err(Failure::Interrupted);
+    }
+    Ok(())
+}
+
+/// A short helper command (ip, tc show): its stdout, or the failure with its stderr.
+fn sh(args: &[&str]) -> Res<String> {
+    check_interrupt()?;
+    let mut cmd = Command::new(args[0]);
+    cmd.args(&args[1..]).stdin(Stdio::null());
+    die_with_bench(&mut cmd);
+    let out = cmd
+        .output()
+        .map_err(|e| Failure::Broken(format!("{args:?}: {e}")))?;
+    check_interrupt()?;
+    if !out.status.success() {
+        return broken(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// One finished child: exit code (negative: killed by that signal), wall time from spawn to
+/// reaping, and its own peak RSS.
+struct Ran {
+    code: i32,
+    secs: f64,
+    maxrss: u64,
+}
+
+/// Runs `cmd` to completion with stdout to `out` and stderr to `err`, reaping it with wait4 for
+/// its own rusage; killed past `timeout` (a Timeout) or on Ctrl-C (Interrupted).
+fn run_timed(cmd: &mut Command, out: Stdio, err: &Path, timeout: Duration, what: &str) -> Res<Ran> {
+    check_interrupt()?;
+    let err = File::create(err).map_err(|e| Failure::Broken(format!("{what}: {e}")))?;
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    die_with_bench(cmd);
+    ALARMED.store(false, Ordering::SeqCst);
+    let start = Instant::now();
+    let child = cmd
+        .spawn()
+        .map_err(|e| Failure::Broken(format!("{what}: cannot start: {e}")))?;
+    let pid = child.id() as libc::pid_t;
+    set_timer(timeout.max(Duration::from_millis(1)));
+    let mut status: libc::c_int = 0;
+    // SAFETY: zeroed rusage is a valid value; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let mut killed: Option<Failure> = None;
+    loop {
+        // SAFETY: waits for our own unreaped child; until it is reaped its pid cannot be reused,
+        // so the kill below can only reach it.
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            break;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EINTR) {
+            set_timer(Duration::ZERO);
+            return broken(format!("{what}: wait4: {e}"));
+        }
+        if killed.is_none() {
+            if INTERRUPTED.load(Ordering::SeqCst) {
+                killed = Some(Failure::Interrupted);
+            } else if ALARMED.swap(false, Ordering::SeqCst) {
+                killed = Some(Failure::Timeout(format!(
+                    "{what} ran past {} s and was killed",
+                    timeout.as_secs()
+                )));
+            }
+            if killed.is_some() {
+                // SAFETY: see above.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    set_timer(Duration::ZERO);
+    drop(child);
+    if let Some(f) = killed {
+        return Err(f);
+    }
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -libc::WTERMSIG(status)
+    };
+    Ok(Ran {
+        code,
+        secs,
+        maxrss: ru.ru_maxrss.max(0) as u64 * 1024,
+    })
+}
+
+/// A child that outlives a SIGKILLed bench would go on changing the namespace (or keep the
+/// runtime alive): the kernel kills it when the bench dies.
+fn die_with_bench(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A directory for policies, outputs and the state file; removed on drop.
+struct WorkDir(PathBuf);
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The bench's network namespace; on drop, whatever still runs in it is killed (only ever
+/// processes this bench started) and the namespace is deleted.
+struct Netns(String);
+
+impl Netns {
+    fn pids(name: &str) -> Vec<libc::pid_t> {
+        let out = Command::new("ip")
+            .args(["netns", "pids", name])
+            .stderr(Stdio::null())
+            .output();
+        out.map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+    }
+
+    fn remove(name: &str) {
+        for pid in Self::pids(name) {
+            // SAFETY: plain kill of a process inside the bench's own namespace.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", name])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        Netns::remove(&self.0);
+    }
+}
+
+/// Debian's v2ray in the namespace, killed and reaped on drop.
+struct Runtime {
+    child: std::process::Child,
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether the bench that named something `rlb-<pid>` still runs (a live, not zombie,
+/// reconcile process with that pid).
+fn owner_alive(name: &str) -> bool {
+    let owner = name.strip_prefix(NS_PREFIX).unwrap_or("");
+    owner.parse::<u32>().is_ok_and(|pid| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let zombie = stat
+            .rsplit_once(") ")
+            .map(|(_, rest)| rest.starts_with('Z'));
+        stat.contains("(reconcile") && zombie == Some(false)
+    })
+}
+
+/// Namespaces and directories of earlier bench runs whose process is gone (SIGKILLed, say).
+fn remove_leftovers() {
+    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
+        for line in String::from_utf8_lossy(&out.stdout).lines() {
+            let name = line.split_whitespace().next().unwrap_or("");
+            if name.starts_with(NS_PREFIX) && !owner_alive(name) {
+                eprintln!("bench: removing leftover namespace {name}");
+                Netns::remove(name);
+            }
+        }
+    }
+    for entry in std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let ours = name
+            .strip_prefix(NS_PREFIX)
+            .is_some_and(|p| p.parse::<u32>().is_ok());
+        if ours && !owner_alive(&name) {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+}
+
+/// The namespace, its device, the runtime and a private state directory. Fields drop in order:
+/// the runtime first, then the namespace, then the files.
+struct Host {
+    runtime: Runtime,
+    ns: Netns,
+    dir: WorkDir,
+    bin: PathBuf,
+    timeout: Duration,
+}
+
+impl Host {
+    fn new(bin: PathBuf, timeout: Duration) -> Res<Host> {
+        let name = format!("{NS_PREFIX}{}", std::process::id());
+        let dir = WorkDir(std::env::temp_dir().join(&name));
+        let _ = std::fs::remove_dir_all(&dir.0);
+        std::fs::create_dir_all(dir.0.join("state"))
+            .map_err(|e| Failure::Broken(format!("{}: {e}", dir.0.display())))?;
+        sh(&["ip", "netns", "add", &name])?;
+        let ns = Netns(name.clone());
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
+        sh(&[
+            "ip", "-n", &name, "link", "add", DEVICE, "type", "veth", "peer", "name", PEER,
+        ])?;
+        sh(&["ip", "-n", &name, "link", "set", DEVICE, "up"])?;
+        sh(&["ip", "-n", &name, "link", "set", PEER, "up"])?;
+        let config = dir.0.join("v2ray.json");
+        std::fs::write(
+            &config,
+            r#"{"log":{"loglevel":"warning"},
+                "inbounds":[{"tag":"socks-in","listen":"127.0.0.1","port":10808,"protocol":"socks","settings":{"udp":false}}],
+                "outbounds":[{"tag":"direct","protocol":"freedom"}]}"#,
+        )
+        .map_err(|e| Failure::Broken(format!("{}: {e}", config.display())))?;
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &name, "/usr/bin/v2ray", "-config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        die_with_bench(&mut cmd);
+        let child = cmd
+            .spawn()
+            .map_err(|e| Failure::Broken(format!("v2ray (scripts/setup.sh installs it): {e}")))?;
+        let mut runtime = Runtime { child };
+        // Up once `ip netns exec` has exec'd it and it is still running.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            check_interrupt()?;
+            if let Ok(Some(st)) = runtime.child.try_wait() {
+                return broken(format!("v2ray exited at start: {st}"));
+            }
+            let comm = std::fs::read_to_string(format!("/proc/{}/comm", runtime.child.id()))
+                .unwrap_or_default();
+            if comm.trim() == "v2ray" {
+                break;
+            }
+            if Instant::now() > deadline {
+                return broken("v2ray did not start within 10 s");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Host {
+            runtime,
+            ns,
+            dir,
+            bin,
+            timeout,
+        })
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.0.join(name)
+    }
+
+    fn tc(&self, args: &[&str]) -> Res<String> {
+        let mut full = vec!["tc", "-n", &self.ns.0];
+        full.extend_from_slice(args);
+        sh(&full)
+    }
+
+    /// Deletes the device's root qdisc (and with it every class and filter) and forgets the
+    /// annotations, so the next run starts from an empty device.
+    fn reset(&self) -> Res<()> {
+        if self
+            .tc(&["qdisc", "show", "dev", DEVICE])?
+            .contains("qdisc htb")
+        {
+            self.tc(&["qdisc", "del", "dev", DEVICE, "root"])?;
+        }
+        let state = self.path("state");
+        let _ = std::fs::remove_dir_all(&state);
+        std::fs::create_dir_all(&state).map_err(|e| Failure::Broken(e.to_string()))?;
+        self.expect_empty("reset")
+    }
+
+    fn expect_empty(&self, after: &str) -> Res<()> {
+        let q = self.tc(&["qdisc", "show", "dev", DEVICE])?;
+        if q.contains("qdisc htb") {
+            return broken(format!("{after}: {DEVICE} still has {}", q.trim()));
+        }
+        Ok(())
+    }
+
+    /// `raylimit --netns NS apply --file POLICY --format json [--execute]`: the run and its report
+    /// (exit code 0 required).
+    fn raylimit(&self, policy: &str, execute: bool, what: &str) -> Res<(Ran, Value)> {
+        let out_path = self.path(&format!("{what}.out.json"));
+        let err_path = self.path(&format!("{what}.err"));
+        let out = File::create(&out_path).map_err(|e| Failure::Broken(e.to_string()))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--netns", &self.ns.0, "apply", "--file"])
+            .arg(self.path(policy))
+            .args(["--format", "json"])
+            .env("RAYLIMIT_STATE_DIR", self.path("state"));
+        if execute {
+            cmd.arg("--execute");
+        }
+        let ran = run_timed(&mut cmd, Stdio::from(out), &err_path, self.timeout, what)?;
+        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+        if ran.code != 0 {
+            return broken(format!(
+                "{what}: exit {}: {}",
+                ran.code,
+                first_lines(&stderr)
+            ));
+        }
+        let body = std::fs::read(&out_path).map_err(|e| Failure::Broken(e.to_string()))?;
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| Failure::Broken(format!("{what}: the report is not JSON: {e}")))?;
+        Ok((ran, v))
+    }
+
+    /// What the kernel holds on the device, in tc's words: the classes (buffer ticks apart, kept
+    /// separately) and the filters, each sorted, so two ways of building them compare equal.
+    fn objects(&self) -> Res<Objects> {
+        let qdisc = self.tc(&["qdisc", "show", "dev", DEVICE])?;
+        let mut classes = Vec::new();
+        let mut buffers = BTreeMap::new();
+        for line in self
+            .tc(&["-d", "-raw", "class", "show", "dev", DEVICE])?
+            .lines()
+        {
+            let (shape, ticks) = match line.find(" buffer [") {
+                Some(i) => (&line[..i], &line[i..]),
+                None => (line, ""),
+            };
+            let id = line.split_whitespace().nth(2).unwrap_or("").to_string();
+            buffers.insert(id, ticks.trim().to_string());
+            classes.push(shape.trim().to_string());
+        }
+        classes.sort();
+        let mut filters: Vec<String> = Vec::new();
+        for line in self
+            .tc(&["-d", "-raw", "filter", "show", "dev", DEVICE])?
+            .lines()
+        {
+            match filters.last_mut() {
+                Some(last) if !line.starts_with("filter ") => {
+                    last.push('\n');
+                    last.push_str(line.trim_end());
+                }
+                _ => filters.push(line.trim_end().to_string()),
+            }
+        }
+        filters.sort();
+        Ok(Objects {
+            // raylimit's HTB root (its handle comes from the library, not from a guess).
+            root: qdisc.contains(&format!(
+                "qdisc htb {} root",
+                raylimit::shaping::root_handle()
+            )),
+            classes,
+            buffers,
+            filters,
+        })
+    }
+}
+
+struct Objects {
+    root: bool,
+    classes: Vec<String>,
+    buffers: BTreeMap<String, String>,
+    filters: Vec<String>,
+}
+
+impl Objects {
+    /// Every shaped subject has one class and one filter that sends to it.
+    fn count_ok(&self, n: usize) -> bool {
+        self.root
+            && self.classes.len() == n
+            && self.filters.iter().filter(|f| f.contains("flowid")).count() == n
+    }
+
+    /// How `self` (built by tc) differs from `reference` (built by raylimit): None when the
+    /// same, else a short description. Buffer ticks are compared apart (see `buffer_diffs`).
+    fn differs(&self, reference: &Objects) -> Option<String> {
+        if self.root != reference.root {
+            return Some("the HTB root differs".into());
+        }
+        if self.classes != reference.classes {
+            let first = self
+                .classes
+                .iter()
+                .zip(&reference.classes)
+                .find(|(a, b)| a != b)
+                .map(|(a, b)| format!(": tc built `{a}`, raylimit `{b}`"))
+                .unwrap_or_default();
+            return Some(format!(
+                "{} classes against raylimit's {}{first}",
+                self.classes.len(),
+                reference.classes.len()
+            ));
+        }
+        if self.filters != reference.filters {
+            let first = self
+                .filters
+                .iter()
+                .find(|f| !reference.filters.contains(f))
+                .map(|f| format!(": tc built `{}`", f.replace('\n', " ")))
+                .unwrap_or_default();
+            return Some(format!(
+                "{} filters against raylimit's {}{first}",
+                self.filters.len(),
+                reference.filters.len()
+            ));
+        }
+        None
+    }
+
+    fn buffer_diffs(&self, reference: &Objects) -> usize {
+        self.buffers
+            .iter()
+            .filter(|(id, t)| reference.buffers.get(*id) != Some(*t))
+            .count()
+    }
+}
+
+fn first_lines(s: &str) -> String {
+    s.lines().take(3).collect::<Vec<_>>().join(" | ")
+}
+
+/// The counts of an apply report's summary line, in its order: limits, pruned, no changes,
+/// planned, executed, blocked, failed.
+fn counts(v: &Value) -> Option<[u64; 7]> {
+    let s = v["summary"].as_str()?;
+    let nums: Vec<u64> = s
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|t| !t.is_empty())
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    nums.try_into().ok()
+}
+
+fn decisions(v: &Value) -> Vec<String> {
+    v["limits"]
+        .as_array()
+        .map(|l| {
+            l.iter()
+                .map(|x| {
+                    x["report"]["decision"]["kind"]
+                        .as_str()
+                        .unwrap_or("?")
+                        .to_string()
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Checks a report's summary (N limits, nothing pruned, blocked or failed, and the given counts
+/// of no changes, planned and executed) and that exactly planned + executed decisions are not
+/// no_op, each of them `kind`.
+fn validate(
+    v: &Value,
+    what: &str,
+    n: usize,
+    [no_changes, planned, executed]: [usize; 3],
+    kind: &str,
+) -> Res<()> {
+    let n = n as u64;
+    let want = [
+        n,
+        0,
+        no_changes as u64,
+        planned as u64,
+        executed as u64,
+        0,
+        0,
+    ];
+    let got = counts(v);
+    if got != Some(want) {
+        return broken(format!(
+            "{what}: summary {:?}, expected {n} limit(s), 0 pruned: {no_changes} no changes, \
+             {planned} planned, {executed} executed, 0 blocked, 0 failed",
+            v["summary"]
+        ));
+    }
+    let kinds = decisions(v);
+    let other = kinds.iter().filter(|k| *k != "no_op").count();
+    let wrong = kinds
+        .iter()
+        .filter(|k| *k != "no_op" && *k != kind)
+        .collect::<BTreeSet<_>>();
+    if kinds.len() as u64 != n || other != planned + executed || !wrong.is_empty() {
+        return broken(format!(
+            "{what}: decisions {} not no_op (expected {}), unexpected kinds {wrong:?}",
+            other,
+            planned + executed
+        ));
+    }
+    Ok(())
+}
+
+fn plan_commands(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in v["limits"].as_array().into_iter().flatten() {
+        for s in l["report"]["plan"]["steps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            if let Some(c) = s["command"].as_str() {
+                out.push(c.to_string());
+            }
+        }
+    }
+    out
+}
+
+fn executed_commands(v: &Value) -> Vec<String> {
+    let mut out = Vec::new();
+    for l in v["limits"].as_array().into_iter().flatten() {
+        for r in l["report"]["results"].as_array().into_iter().flatten() {
+            if r["status"] == "ok" {
+                if let Some(c) = r["command"].as_str() {
+                    out.push(c.to_string());
+                }
+            }
+        }
+    }
+    out
+}
+
+/// The kernel object a `tc ... add` command creates, for spotting two different commands
+/// for one object.
+fn object_key(cmd: &str) -> String {
+    let words: Vec<&str> = cmd.split_whitespace().collect();
+    let after = |w: &str| {
+        words
+            .iter()
+            .position(|x| *x == w)
+            .and_then(|i| words.get(i + 1))
+            .copied()
+            .unwrap_or("")
+    };
+    match words.get(1).copied() {
+        Some("class") => format!("class {}", after("classid")),
+        Some("filter") => format!(
+            "filter {} {} {} {}",
+            after("parent"),
+            after("protocol"),
+            after("pref"),
+            after("handle")
+        ),
+        _ => format!("qdisc {}", words.get(5).copied().unwrap_or("")),
+    }
+}
+
+/// tc's arguments for one rendered command: `tc ` dropped, and the one rendering problem found
+/// so far worked around: a u32 node in the default table is rendered `handle :N`, which tc
+/// reads as bucket N (the kernel then picks node 800); tc's words for node N are `handle ::N`.
+fn tc_words(cmd: &str, fixed: &mut usize) -> Vec<String> {
+    let mut words: Vec<String> = cmd
+        .strip_prefix("tc ")
+        .unwrap_or(cmd)
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+    for i in 1..words.len() {
+        let w = &words[i];
+        if words[i - 1] == "handle" && w.starts_with(':') && w.matches(':').count() == 1 {
+            words[i] = format!(":{w}");
+            *fixed += 1;
+        }
+    }
+    words
+}
+
+/// The commands for the baselines: the dry-run plan, duplicates (the shared root and tables,
+/// planned once per limit) dropped. When the plan names one object with two different
+/// commands (two limits decided alone against the same empty device can be given one handle),
+/// the objects raylimit really created are used instead: the commands of the `--execute` run.
+fn baseline_commands(
+    n: usize,
+    dry: &[String],
+    executed: Option<&[String]>,
+    notes: &mut Vec<String>,
+) -> Res<Vec<String>> {
+    let mut seen = BTreeSet::new();
+    let plan: Vec<String> = dry
+        .iter()
+        .filter(|c| seen.insert(c.as_str()))
+        .cloned()
+        .collect();
+    if let Some(c) = plan.iter().find(|c| !c.starts_with("tc ")) {
+        return broken(format!("N={n}: the plan has a step tc cannot run: `{c}`"));
+    }
+    let mut by_object: BTreeMap<String, Vec<&String>> = BTreeMap::new();
+    for c in &plan {
+        by_object.entry(object_key(c)).or_default().push(c);
+    }
+    let conflicts: Vec<_> = by_object.iter().filter(|(_, v)| v.len() > 1).collect();
+    if conflicts.is_empty() {
+        return Ok(plan);
+    }
+    let (key, cmds) = conflicts[0];
+    let note = format!(
+        "the dry-run plan names {} object(s) twice with different commands (first: {key}: `{}` and `{}`), so tc cannot build it as planned",
+        conflicts.len(),
+        cmds[0],
+        cmds[1]
+    );
+    match executed {
+        Some(e) => {
+            notes.push(format!(
+                "N={n}: {note}; the baselines use the {} commands of the --execute run instead",
+                e.len()
+            ));
+            Ok(e.to_vec())
+        }
+        // The --execute run did not finish (reported with its own cause).
+        None => Err(Failure::Timeout(format!(
+            "{note}, and no --execute run finished to take the commands from"
+        ))),
+    }
+}
+
+fn median(v: &[f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mut s = v.to_vec();
+    s.sort_by(|a, b| a.total_cmp(b));
+    let m = s.len() / 2;
+    Some(if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    })
+}
+
+const METRICS: [&str; 7] = [
+    "dry_run_s",
+    "apply_s",
+    "noop_s",
+    "change_one_s",
+    "remove_s",
+    "tc_batch_apply_s",
+    "tc_spawn_apply_s",
+];
+
+#[derive(Default)]
+struct Row {
+    n: usize,
+    samples: BTreeMap<&'static str, Vec<f64>>,
+    /// A metric some run of which failed or timed out: reported as null.
+    missing: BTreeSet<&'static str>,
+    peak_rss: u64,
+    /// How many tc commands the baselines ran.
+    objects: usize,
+}
+
+impl Row {
+    fn get(&self, m: &str) -> Option<f64> {
+        if self.missing.contains(m) {
+            return None;
+        }
+        median(self.samples.get(m).map(Vec::as_slice).unwrap_or(&[]))
+    }
+
+    fn push(&mut self, m: &'static str, secs: f64) {
+        self.samples.entry(m).or_default().push(secs);
+    }
+
+    fn json(&self) -> Value {
+        let mut v = json!({"n": self.n});
+        for m in METRICS {
+            v[m] = json!(self.get(m));
+        }
+        v["peak_rss_bytes"] = if self.peak_rss > 0 {
+            json!(self.peak_rss)
+        } else {
+            Value::Null
+        };
+        v
+    }
+}
+
+struct Config {
+    ns: Vec<usize>,
+    runs: usize,
+    quick: bool,
+    smoke: bool,
+    timeout: Duration,
+    /// Quick mode: when the bench should be done.
+    deadline: Option<Instant>,
+    bin: PathBuf,
+}
+
+impl Config {
+    /// Whether `secs` more fit before the deadline.
+    fn fits(&self, secs: f64) -> bool {
+        self.deadline
+            .is_none_or(|d| Instant::now() + Duration::from_secs_f64(secs.max(0.0)) <= d)
+    }
+
+    fn left(&self) -> f64 {
+        self.deadline.map_or(f64::INFINITY, |d| {
+            d.saturating_duration_since(Instant::now()).as_secs_f64()
+        })
+    }
+}
+
+fn env_num(name: &str) -> Option<u64> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+fn config() -> Result<Config, String> {
+    let args: Vec<String> = std::env::args().collect();
+    let smoke = !args.iter().any(|a| a == "--bench");
+    let quick = args.iter().any(|a| a == "--quick");
+    let ns = match std::env::var("RAYLIMIT_BENCH_N") {
+        Ok(v) if !smoke => v
+            .split(',')
+            .map(|x| x.trim().replace('_', "").parse::<usize>())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("RAYLIMIT_BENCH_N={v:?}: {e}"))?,
+        _ if smoke => vec![1],
+        _ => vec![1, 100, 1000, 10_000],
+    };
+    if ns.is_empty() || ns.contains(&0) {
+        return Err("RAYLIMIT_BENCH_N lists sizes of at least 1".into());
+    }
+    let runs = match (smoke, env_num("RAYLIMIT_BENCH_RUNS")) {
+        (true, _) => 1,
+        (false, Some(r)) if r > 0 => r as usize,
+        _ if quick => 3,
+        _ => 5,
+    };
+    let bin = std::env::var_os("RAYLIMIT_BENCH_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_raylimit")));
+    Ok(Config {
+        ns,
+        runs,
+        quick,
+        smoke,
+        timeout: Duration::from_secs(env_num("RAYLIMIT_BENCH_TIMEOUT_S").unwrap_or(120)),
+        deadline: quick.then(|| {
+            Instant::now() + Duration::from_secs(env_num("RAYLIMIT_BENCH_BUDGET_S").unwrap_or(170))
+        }),
+        bin,
+    })
+}
+
+fn ip_of(i: usize) -> std::net::Ipv4Addr {
+    std::net::Ipv4Addr::from(0x0a40_0000u32 + i as u32)
+}
+
+/// Writes the three policies for N: the limits, the same with one rate changed, and removal.
+fn write_policies(host: &Host, n: usize) -> Res<()> {
+    let pid = host.runtime.child.id();
+    let limit = |i: usize, rate: u64| json!({"ip": ip_of(i + 1).to_string(), "device": DEVICE, "direction": "download", "rate": rate});
+    let rate = |i: usize| 125_000 + i as u64;
+    let changed = n / 2;
+    let write = |name: &str, limits: Vec<Value>| {
+        let body = json!({"runtime": {"pid": pid}, "limits": limits});
+        std::fs::write(host.path(name), body.to_string())
+            .map_err(|e| Failure::Broken(format!("{name}: {e}")))
+    };
+    write("apply.json", (0..n).map(|i| limit(i, rate(i))).collect())?;
+    write(
+        "change.json",
+        (0..n)
+            .map(|i| limit(i, rate(i) + if i == changed { 1000 } else { 0 }))
+            .collect(),
+    )?;
+    write(
+        "remove.json",
+        (0..n)
+            .map(|i| json!({"ip": ip_of(i + 1).to_string(), "device": DEVICE, "direction": "download", "remove": true}))
+            .collect(),
+    )
+}
+
+/// What one N's raylimit runs leave for the baselines.
+#[derive(Default)]
+struct Seen {
+    dry: Option<Vec<String>>,
+    executed: Option<Vec<String>>,
+    reference: Option<Objects>,
+}
+
+/// Records a failure of `metric` (and of the metrics after it in the run, which cannot be
+/// measured then); Interrupted is passed on.
+fn record(
+    row: &mut Row,
+    failures: &mut Vec<String>,
+    notes: &mut Vec<String>,
+    metrics: &[&'static str],
+    f: Failure,
+) -> Res<()> {
+    for m in metrics {
+        row.missing.insert(m);
+    }
+    match f {
+        Failure::Interrupted => return Err(Failure::Interrupted),
+        Failure::Timeout(m) => notes.push(format!(
+            "N={}: {m}; {} not measured",
+            row.n,
+            metrics.join(", ")
+        )),
+        Failure::Broken(m) => failures.push(format!("N={}: {m}", row.n)),
+    }
+    Ok(())
+}
+
+/// One raylimit run sequence: dry-run, apply, no-op, change one, remove.
+fn raylimit_runs(host: &Host, row: &mut Row, first: bool, seen: &mut Seen) -> Res<()> {
+    let n = row.n;
+    host.reset()?;
+    let (ran, dry) = host.raylimit("apply.json", false, "dry-run")?;
+    validate(&dry, &format!("dry-run N={n}"), n, [0, n, 0], "apply")?;
+    host.expect_empty("dry-run")?;
+    row.peak_rss = row.peak_rss.max(ran.maxrss);
+    row.push("dry_run_s", ran.secs);
+    if first {
+        seen.dry = Some(plan_commands(&dry));
+    }
+    drop(dry);
+
+    let (ran, applied) = host.raylimit("apply.json", true, "apply")?;
+    validate(&applied, &format!("apply N={n}"), n, [0, 0, n], "apply")?;
+    row.peak_rss = row.peak_rss.max(ran.maxrss);
+    row.push("apply_s", ran.secs);
+    let objects = host.objects()?;
+    if !objects.count_ok(n) {
+        return broken(format!(
+            "apply N={n}: the device holds {} classes and {} filters to classes, not {n}",
+            objects.classes.len(),
+            objects
+                .filters
+                .iter()
+                .filter(|f| f.contains("flowid"))
+                .count()
+        ));
+    }
+    if first {
+        seen.executed = Some(executed_commands(&applied));
+        seen.reference = Some(objects);
+    }
+    drop(applied);
+
+    let (ran, again) = host.raylimit("apply.json", true, "no-op")?;
+    validate(&again, &format!("no-op N={n}"), n, [n, 0, 0], "no_op")?;
+    row.peak_rss = row.peak_rss.max(ran.maxrss);
+    row.push("noop_s", ran.secs);
+
+    let (ran, changed) = host.raylimit("change.json", true, "change-one")?;
+    validate(
+        &changed,
+        &format!("change-one N={n}"),
+        n,
+        [n - 1, 0, 1],
+        "replace",
+    )?;
+    row.peak_rss = row.peak_rss.max(ran.maxrss);
+    row.push("change_one_s", ran.secs);
+
+    let (ran, removed) = host.raylimit("remove.json", true, "remove")?;
+    validate(&removed, &format!("remove N={n}"), n, [0, 0, n], "remove")?;
+    host.expect_empty(&format!("remove N={n}"))?;
+    row.peak_rss = row.peak_rss.max(ran.maxrss);
+    row.push("remove_s", ran.secs);
+    Ok(())
+}
+
+/// Checks what a baseline built against raylimit's own objects (or, without them, the counts).
+fn check_built(host: &Host, n: usize, what: &str, seen: &Seen) -> Res<Objects> {
+    let built = host.objects()?;
+    match &seen.reference {
+        Some(r) => {
+            if let Some(d) = built.differs(r) {
+                return broken(format!("{what} N={n}: not the objects raylimit built: {d}"));
+            }
+        }
+        None if !built.count_ok(n) => {
+            return broken(format!(
+                "{what} N={n}: {} classes and {} filters to classes, not {n}",
+                built.classes.len(),
+                built
+                    .filters
+                    .iter()
+                    .filter(|f| f.contains("flowid"))
+                    .count()
+            ))
+        }
+        None => {}
+    }
+    Ok(built)
+}
+
+fn tc_batch(host: &Host, n: usize, seen: &Seen, timeout: Duration) -> Res<(f64, Objects)> {
+    host.reset()?;
+    let mut cmd = Command::new("tc");
+    cmd.args(["-n", &host.ns.0, "-batch"])
+        .arg(host.path("batch.tc"));
+    let err = host.path("batch.err");
+    let ran = run_timed(&mut cmd, Stdio::null(), &err, timeout, "tc -batch")?;
+    if ran.code != 0 {
+        let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+        return broken(format!(
+            "tc -batch N={n}: exit {}: tc rejected a rendered command: {}",
+            ran.code,
+            first_lines(&stderr)
+        ));
+    }
+    let built = check_built(host, n, "tc -batch", seen)?;
+    Ok((ran.secs, built))
+}
+
+fn tc_spawn(
+    host: &Host,
+    n: usize,
+    cmds: &[Vec<String>],
+    seen: &Seen,
+    timeout: Duration,
+) -> Res<f64> {
+    host.reset()?;
+    let err = host.path("spawn.err");
+    let start = Instant::now();
+    for words in cmds {
+        let left = timeout.saturating_sub(start.elapsed());
+        if left.is_zero() {
+            return Err(Failure::Timeout(format!(
+                "one tc per object ran past {} s",
+                timeout.as_secs()
+            )));
+        }
+        let mut cmd = Command::new("tc");
+        cmd.args(["-n", &host.ns.0]).args(words);
+        let ran = run_timed(&mut cmd, Stdio::null(), &err, left, "one tc per object").map_err(
+            |f| match f {
+                Failure::Timeout(_) => Failure::Timeout(format!(
+                    "one tc per object ran past {} s and was killed",
+                    timeout.as_secs()
+                )),
+                f => f,
+            },
+        )?;
+        if ran.code != 0 {
+            let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+            return broken(format!(
+                "tc N={n}: `tc {}` failed: {}",
+                words.join(" "),
+                first_lines(&stderr)
+            ));
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    check_built(host, n, "one tc per object", seen)?;
+    Ok(secs)
+}
+
+/// raylimit's own view of what tc built: its dry-run of the same policy, by decision.
+fn raylimit_view(host: &Host, n: usize, notes: &mut Vec<String>) -> Res<()> {
+    let (_, v) = host.raylimit("apply.json", false, "view")?;
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for k in decisions(&v) {
+        *by.entry(k).or_default() += 1;
+    }
+    let no_op = by.get("no_op").copied().unwrap_or(0);
+    if no_op != n {
+        let reason = v["limits"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|l| &l["report"]["decision"])
+            .find(|d| d["kind"] != "no_op")
+            .map(|d| {
+                format!(
+                    "{}: {}",
+                    d["kind"].as_str().unwrap_or("?"),
+                    d["reason"].as_str().unwrap_or("?")
+                )
+            })
+            .unwrap_or_default();
+        notes.push(format!(
+            "N={n}: raylimit's dry-run on the objects tc -batch built decides {by:?} (e.g. {reason})"
+        ));
+    }
+    Ok(())
+}
+
+/// The baselines' commands for N, as tc's words (made once, after the first raylimit run).
+fn prepare_baselines(
+    host: &Host,
+    row: &mut Row,
+    seen: &Seen,
+    failures: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Res<Option<Vec<Vec<String>>>> {
+    let n = row.n;
+    let metrics = ["tc_batch_apply_s", "tc_spawn_apply_s"];
+    let Some(dry) = &seen.dry else {
+        notes.push(format!(
+            "N={n}: no dry-run finished, so no commands for the baselines"
+        ));
+        row.missing.extend(metrics);
+        return Ok(None);
+    };
+    let cmds = match baseline_commands(n, dry, seen.executed.as_deref(), notes) {
+        Ok(c) => c,
+        Err(f) => {
+            record(row, failures, notes, &metrics, f)?;
+            return Ok(None);
+        }
+    };
+    let mut fixed = 0;
+    let words: Vec<Vec<String>> = cmds.iter().map(|c| tc_words(c, &mut fixed)).collect();
+    if fixed > 0 {
+        notes.push(format!(
+            "N={n}: {fixed} rendered u32 handle(s) `handle :N` were given to tc as `handle ::N` (see tc_words)"
+        ));
+    }
+    let batch: String = words.iter().map(|w| w.join(" ") + "\n").collect();
+    std::fs::write(host.path("batch.tc"), batch).map_err(|e| Failure::Broken(e.to_string()))?;
+    Ok(Some(words))
+}
+
+/// One run of both baselines (each skipped once it has failed at this N).
+#[allow(clippy::too_many_arguments)]
+fn baseline_run(
+    host: &Host,
+    cfg: &Config,
+    row: &mut Row,
+    seen: &Seen,
+    words: &[Vec<String>],
+    run: usize,
+    spawn_per_object: Option<f64>,
+    failures: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Res<()> {
+    let n = row.n;
+    if !row.missing.contains("tc_batch_apply_s") {
+        match tc_batch(host, n, seen, cfg.timeout) {
+            Ok((secs, built)) => {
+                row.push("tc_batch_apply_s", secs);
+                if run == 0 {
+                    if let Some(r) = &seen.reference {
+                        let d = built.buffer_diffs(r);
+                        if d > 0 {
+                            notes.push(format!(
+                                "N={n}: {d} of {n} classes tc built from the rendered `burst`/`cburst` differ from raylimit's in buffer ticks only"
+                            ));
+                        }
+                    }
+                    // As long as a no-op run (O(N²) for now): in quick mode up to N = 100.
+                    if !cfg.smoke && (!cfg.quick || n <= 100) {
+                        raylimit_view(host, n, notes)?;
+                    }
+                }
+            }
+            Err(f) => record(row, failures, notes, &["tc_batch_apply_s"], f)?,
+        }
+    }
+    if row.missing.contains("tc_spawn_apply_s") {
+        return Ok(());
+    }
+    if run > 0 && cfg.quick && n >= SPAWN_ONCE_FROM {
+        if run == 1 {
+            notes.push(format!(
+                "N={n}: one tc per object measured once (quick mode)"
+            ));
+        }
+        return Ok(());
+    }
+    let estimate = row
+        .samples
+        .get("tc_spawn_apply_s")
+        .and_then(|v| v.last().copied())
+        .or(spawn_per_object.map(|p| p * words.len() as f64))
+        .unwrap_or(0.0);
+    if !cfg.fits(estimate) {
+        if !row.samples.contains_key("tc_spawn_apply_s") {
+            row.missing.insert("tc_spawn_apply_s");
+            let why = if estimate > 0.0 {
+                format!("about {estimate:.0} s does not fit what is left of the quick budget")
+            } else {
+                "the quick budget is used up".to_string()
+            };
+            notes.push(format!("N={n}: one tc per object not measured: {why}"));
+        }
+        return Ok(());
+    }
+    match tc_spawn(host, n, words, seen, cfg.timeout) {
+        Ok(secs) => row.push("tc_spawn_apply_s", secs),
+        Err(f) => record(row, failures, notes, &["tc_spawn_apply_s"], f)?,
+    }
+    Ok(())
+}
+
+/// Every measurement at N: per run, raylimit's five runs, then tc -batch, then one tc per
+/// object. In quick mode a run that would not fit the budget is not started (the medians are
+/// then over fewer runs, and a note says so).
+fn bench_n(
+    host: &Host,
+    cfg: &Config,
+    n: usize,
+    spawn_per_object: Option<f64>,
+    failures: &mut Vec<String>,
+    notes: &mut Vec<String>,
+) -> Res<Row> {
+    write_policies(host, n)?;
+    let mut row = Row {
+        n,
+        ..Row::default()
+    };
+    let mut seen = Seen::default();
+    let mut words: Option<Vec<Vec<String>>> = None;
+    let mut last_run = 0.0;
+    for run in 0..cfg.runs {
+        if run > 0 && !cfg.fits(last_run) {
+            notes.push(format!(
+                "N={n}: {run} of {} runs (the next would not fit the quick budget)",
+                cfg.runs
+            ));
+            break;
+        }
+        let t = Instant::now();
+        // After a failed or killed raylimit run, the rest of raylimit's runs at N are skipped.
+        if !METRICS[..5].iter().any(|m| row.missing.contains(m)) {
+            eprintln!("bench: N={n} run {}/{}: raylimit", run + 1, cfg.runs);
+            if let Err(f) = raylimit_runs(host, &mut row, run == 0, &mut seen) {
+                // The metrics this run did not reach are not measured at this N.
+                let reached: Vec<&'static str> = METRICS[..5]
+                    .iter()
+                    .copied()
+                    .filter(|m| row.samples.get(m).map_or(0, Vec::len) <= run)
+                    .collect();
+                record(&mut row, failures, notes, &reached, f)?;
+                if run + 1 < cfg.runs && reached.len() < 5 {
+                    notes.push(format!(
+                        "N={n}: raylimit's later runs skipped, so {} come from {} run(s)",
+                        METRICS[..5 - reached.len()].join(", "),
+                        run + 1
+                    ));
+                }
+            }
+        }
+        if run == 0 {
+            words = prepare_baselines(host, &mut row, &seen, failures, notes)?;
+        }
+        if let Some(w) = &words {
+            eprintln!("bench: N={n} run {}/{}: tc baselines", run + 1, cfg.runs);
+            baseline_run(
+                host,
+                cfg,
+                &mut row,
+                &seen,
+                w,
+                run,
+                spawn_per_object,
+                failures,
+                notes,
+            )?;
+        }
+        host.reset()?;
+        last_run = t.elapsed().as_secs_f64();
+    }
+    row.objects = words.map_or(0, |w| w.len());
+    Ok(row)
+}
+
+fn fmt_s(v: Option<f64>) -> String {
+    match v {
+        Some(s) if s < 10.0 => format!("{s:.4}"),
+        Some(s) => format!("{s:.2}"),
+        None => "—".into(),
+    }
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut s = String::from(
+        "| N | dry-run | apply | no-op | change one | remove | tc -batch | tc per object | peak RSS |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for r in rows {
+        let rss = if r.peak_rss > 0 {
+            format!("{:.1} MiB", r.peak_rss as f64 / 1048576.0)
+        } else {
+            "—".into()
+        };
+        s += &format!("| {} |", r.n);
+        for m in METRICS {
+            s += &format!(" {} |", fmt_s(r.get(m)));
+        }
+        s += &format!(" {rss} |\n");
+    }
+    s
+}
+
+fn ratios(rows: &[Row]) -> Vec<String> {
+    let mut out = Vec::new();
+    let at = |n: usize| rows.iter().find(|r| r.n == n);
+    let ratio = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}×", a / b),
+        _ => "n/a".into(),
+    };
+    if let Some(r) = at(1000) {
+        out.push(format!(
+            "N=1000: apply / tc -batch = {}, apply / one tc per object = {}, no-op / tc -batch = {}",
+            ratio(r.get("apply_s"), r.get("tc_batch_apply_s")),
+            ratio(r.get("apply_s"), r.get("tc_spawn_apply_s")),
+            ratio(r.get("noop_s"), r.get("tc_batch_apply_s")),
+        ));
+    }
+    for r in rows {
+        if let Some(p) = rows.iter().find(|p| p.n * 10 == r.n) {
+            out.push(format!(
+                "growth N={} over N={}: dry-run {}, no-op {} (linear ≈ 10×, quadratic ≈ 100×)",
+                r.n,
+                p.n,
+                ratio(r.get("dry_run_s"), p.get("dry_run_s")),
+                ratio(r.get("noop_s"), p.get("noop_s")),
+            ));
+        }
+    }
+    out
+}
+
+/// In quick mode: whether one run at N (all of raylimit's runs and both baselines) is projected
+/// to fit what is left of the budget, from the time per run at the last two sizes (growth
+/// exponent clamped between linear and quadratic).
+fn projection(spent: &[(usize, f64)], n: usize, cfg: &Config) -> Result<(), String> {
+    let Some(&(pn, pt)) = spent.last() else {
+        return Ok(());
+    };
+    let exponent = match spent.len() {
+        1 => 1.0,
+        k => {
+            let (qn, qt) = spent[k - 2];
+            ((pt / qt).ln() / (pn as f64 / qn as f64).ln()).clamp(1.0, 2.0)
+        }
+    };
+    let projected = pt * (n as f64 / pn as f64).powf(exponent);
+    if !cfg.fits(projected) {
+        return Err(format!(
+            "N={n} skipped: one run is projected at {projected:.0} s (one run at N={pn} took {pt:.1} s, growth exponent {exponent:.2}), more than the {:.0} s left of the quick budget; run `RAYLIMIT_BENCH_N={n} make bench-quick` or `make bench`",
+            cfg.left()
+        ));
+    }
+    Ok(())
+}
+
+fn run(cfg: &Config) -> Res<(Vec<Row>, Vec<String>, Vec<String>)> {
+    let host = Host::new(cfg.bin.clone(), cfg.timeout)?;
+    let mut rows: Vec<Row> = Vec::new();
+    let mut failures = Vec::new();
+    let mut notes = Vec::new();
+    // Time per run at each size done, for the quick budget.
+    let mut spent: Vec<(usize, f64)> = Vec::new();
+    for &n in &cfg.ns {
+        if let Err(m) = projection(&spent, n, cfg) {
+            eprintln!("bench: {m}");
+            notes.push(m);
+            continue;
+        }
+        // Seconds per spawned tc at the last size, to tell whether one such run fits.
+        let spawn_per_object = rows.last().and_then(|r| {
+            let s = r.get("tc_spawn_apply_s")?;
+            (r.objects > 0).then(|| s / r.objects as f64)
+        });
+        let t = Instant::now();
+        let row = bench_n(&host, cfg, n, spawn_per_object, &mut failures, &mut notes)?;
+        let took = t.elapsed().as_secs_f64();
+        let runs = row.samples.values().map(Vec::len).max().unwrap_or(1).max(1);
+        eprintln!("bench: N={n} took {took:.1} s");
+        spent.push((n, took / runs as f64));
+        rows.push(row);
+    }
+    Ok((rows, failures, notes))
+}
+
+fn main() {
+    let cfg = match config() {
+        Ok(c) => c,
+        Err(m) => {
+            eprintln!("bench: {m}");
+            std::process::exit(2);
+        }
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("bench: reconcile needs root (network namespaces, tc); run it as root");
+        std::process::exit(1);
+    }
+    install_handlers();
+    remove_leftovers();
+    let wall = Instant::now();
+    let mode = if cfg.smoke {
+        "smoke (cargo test)"
+    } else if cfg.quick {
+        "quick"
+    } else {
+        "full"
+    };
+    eprintln!(
+        "bench: reconcile, {mode}: N = {:?}, {} run(s) each, timeout {} s per run, binary {}",
+        cfg.ns,
+        cfg.runs,
+        cfg.timeout.as_secs(),
+        cfg.bin.display()
+    );
+    let (rows, failures, notes) = match run(&cfg) {
+        Ok(r) => r,
+        Err(Failure::Interrupted) => {
+            eprintln!("bench: interrupted; namespace and runtime removed");
+            std::process::exit(130);
+        }
+        Err(Failure::Timeout(m)) | Err(Failure::Broken(m)) => {
+            eprintln!("bench: {m}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "\nreconcile bench ({mode}, {} run(s) per N, medians, seconds; {:.0} s in all)\n",
+        cfg.runs,
+        wall.elapsed().as_secs_f64()
+    );
+    print!("{}", table(&rows));
+    let ratio_lines = ratios(&rows);
+    if !ratio_lines.is_empty() {
+        println!();
+    }
+    for r in &ratio_lines {
+        println!("{r}");
+    }
+    if !notes.is_empty() {
+        println!("\nnotes:");
+        for n in &notes {
+            println!("- {n}");
+        }
+    }
+    if !cfg.smoke {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-summary.json");
+        let body = json!({
+            "rows": rows.iter().map(Row::json).collect::<Vec<_>>(),
+            "mode": mode,
+            "runs": cfg.runs,
+            "notes": notes,
+            "failures": failures,
+        });
+        let written = std::fs::create_dir_all(path.parent().expect("has a parent"))
+            .and_then(|_| std::fs::write(&path, serde_json::to_string_pretty(&body).unwrap()));
+        match written {
+            Ok(()) => println!("\nwrote {}", path.display()),
+            Err(e) => {
+                eprintln!("bench: {}: {e}", path.display());
+                std::process::exit(1);
+            }
+        }
+    }
+    if !failures.is_empty() {
+        eprintln!("\nbench: broken runs (not reported as numbers):");
+        for f in &failures {
+            eprintln!("- {f}");
+        }
+        std::process::exit(1);
+    }
+}

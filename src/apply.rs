@@ -181,27 +181,18 @@ fn run_operation(
                 Some(d) => Some(resolve(sock, devices, d)?),
                 None => None,
             };
-            let message = match object.clone() {
-                TcObject::Qdisc(mut q) => {
-                    q.ifindex = ifindex;
-                    q.request(*op)
+            let mut object = object.clone();
+            if let TcObject::Filter(f) = &mut object {
+                f.ifindex = ifindex;
+                if let Some(t) = target {
+                    point_redirects_at(&mut f.kind, t);
                 }
-                TcObject::Class(mut c) => {
-                    c.ifindex = ifindex;
-                    c.request(*op)
+                if *op == Op::Delete {
+                    find_root_table(sock, f)?;
                 }
-                TcObject::Filter(mut f) => {
-                    f.ifindex = ifindex;
-                    if let Some(t) = target {
-                        point_redirects_at(&mut f.kind, t);
-                    }
-                    if *op == Op::Delete {
-                        find_root_table(sock, &mut f)?;
-                    }
-                    f.request(*op)
-                }
-            };
-            let ack = if is_table_delete(*op, object) {
+            }
+            let message = tc_request(*op, &object, ifindex);
+            let ack = if is_table_delete(*op, &object) {
                 request_until_unlinked(sock, message, &step.command())?
             } else {
                 sock.request(message, &step.command())?
@@ -242,6 +233,24 @@ fn run_nft(action: &Operation) -> Result<(), NetlinkError> {
             nft::apply(netns.as_deref(), &ops)
         }
         _ => unreachable!("only nft operations"),
+    }
+}
+
+/// The netlink request of a tc step's object on the device `ifindex`.
+pub fn tc_request(op: Op, object: &TcObject, ifindex: u32) -> Vec<u8> {
+    match object.clone() {
+        TcObject::Qdisc(mut q) => {
+            q.ifindex = ifindex;
+            q.request(op)
+        }
+        TcObject::Class(mut c) => {
+            c.ifindex = ifindex;
+            c.request(op)
+        }
+        TcObject::Filter(mut f) => {
+            f.ifindex = ifindex;
+            f.request(op)
+        }
     }
 }
 

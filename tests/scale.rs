@@ -11,11 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::plans::*;
 use common::*;
-use raylimit::netlink::tc::ClassEntry;
 use raylimit::netlink::RtSocket;
-use raylimit::policy::{Direction, Subject, Want};
-use raylimit::reconcile::observe::{Observation, ShapedRoot};
-use raylimit::reconcile::plan::{Operation, Step, TcObject};
 use raylimit::reconcile::{decide, Context, DecisionKind};
 use raylimit::shaping;
 
@@ -57,31 +53,7 @@ const SAMPLES: [&str; 11] = [
 const UNLIMITED: &str = "10.100.200.9";
 
 fn limit(ip: IpAddr) -> Context {
-    context(
-        Subject::Ip(ip),
-        Direction::Download,
-        Want::Limit(RATE),
-        "veth-s",
-    )
-}
-
-/// Keeps the observation in line with a step sent in a batch.
-fn track(shaped: &mut ShapedRoot, step: &Step) {
-    let Operation::Tc { object, .. } = &step.action else {
-        panic!("download plans are tc only: {}", step.command());
-    };
-    match object {
-        TcObject::Class(c) => {
-            let entry = ClassEntry {
-                class: c.canonical(),
-                stats: Default::default(),
-                htb: None,
-            };
-            shaped.classes.insert(c.handle.minor(), entry);
-        }
-        TcObject::Filter(f) => shaped.absorb_filter(f, shaping::client_end(Direction::Download)),
-        TcObject::Qdisc(q) => panic!("the root exists already: {q:?}"),
-    }
+    ip_limit(ip, RATE, "veth-s")
 }
 
 /// The class counters (bytes) of a device, by minor.
@@ -114,21 +86,10 @@ fn wire_bytes(ip: IpAddr) -> u64 {
     (14 + ip_header + 8 + PAYLOAD) as u64
 }
 
-fn pair() -> (Netns, Netns) {
-    let server = Netns::new("scales");
-    let client = Netns::new("scalec");
-    server.ip(&[
-        "link",
-        "add",
-        "veth-s",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "veth-c",
-        "netns",
-        &client.name,
-    ]);
+/// The server shapes `veth-s`; the client namespace holds the sampled addresses.
+fn pair() -> Pair {
+    let pair = Pair::new("scale");
+    let (server, client) = (&pair.server, &pair.client);
     server.ip(&["addr", "add", "10.100.255.254/16", "dev", "veth-s"]);
     server.ip(&[
         "-6",
@@ -140,24 +101,27 @@ fn pair() -> (Netns, Netns) {
         "nodad",
     ]);
     for a in SAMPLES.iter().chain([&UNLIMITED]) {
-        let prefix = if a.contains(':') { "64" } else { "16" };
-        let mut args = vec!["addr", "add"];
-        let addr = format!("{a}/{prefix}");
-        args.extend([addr.as_str(), "dev", "veth-c"]);
-        if a.contains(':') {
-            args.push("nodad");
-        }
-        client.ip(&args);
+        match a.contains(':') {
+            true => client.ip(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{a}/64"),
+                "dev",
+                "veth-c",
+                "nodad",
+            ]),
+            false => client.ip(&["addr", "add", &format!("{a}/16"), "dev", "veth-c"]),
+        };
     }
-    server.ip(&["link", "set", "veth-s", "up"]);
-    client.ip(&["link", "set", "veth-c", "up"]);
-    (server, client)
+    pair
 }
 
 #[test]
 fn ten_thousand_limits_read_back_as_decided_and_classify_each_client_alone() {
     let started = Instant::now();
-    let (server, _client) = pair();
+    let pair = pair();
+    let server = &pair.server;
     let mut sock = server.socket();
     let device = sock.link_by_name("veth-s").unwrap();
     let clients: Vec<IpAddr> = (0..V4_CLIENTS)
@@ -168,32 +132,7 @@ fn ten_thousand_limits_read_back_as_decided_and_classify_each_client_alone() {
         assert!(clients.contains(&s.parse().unwrap()), "{s} is not limited");
     }
 
-    // The first client of each family through the ordinary path: root and both bands exist.
-    decide_and_run(&mut sock, &device, &limit(clients[0]));
-    decide_and_run(&mut sock, &device, &limit(v6_client(0)));
-    let mut obs: Observation = observe(&mut sock, &device, &limit(clients[0]).request);
-    let mut messages = Vec::new();
-    for ip in clients
-        .iter()
-        .filter(|ip| **ip != clients[0] && **ip != v6_client(0))
-    {
-        let d = decide(&limit(*ip), &obs);
-        assert_eq!(d.kind, DecisionKind::Apply, "{ip}: {:?}", d.blocked);
-        let shaped = obs.shaped.as_mut().unwrap();
-        for step in &d.steps {
-            messages.push(tc_message(step, device.index).0);
-            track(shaped, step);
-        }
-    }
-    let sent = messages.len();
-    let acks = sock.batch(messages).unwrap();
-    let refused: Vec<_> = acks.iter().filter_map(|a| a.as_ref().err()).collect();
-    assert!(
-        refused.is_empty(),
-        "{} of {sent} refused: {:?}",
-        refused.len(),
-        refused.first()
-    );
+    let (obs, sent) = limit_all(&mut sock, &device, &clients, RATE);
     eprintln!(
         "{} limits: {sent} messages built and sent in {:.1?}",
         clients.len(),
@@ -237,12 +176,12 @@ fn ten_thousand_limits_read_back_as_decided_and_classify_each_client_alone() {
     let mut targets: Vec<IpAddr> = SAMPLES.iter().map(|s| s.parse().unwrap()).collect();
     targets.push(UNLIMITED.parse().unwrap());
     for ip in &targets {
-        send_udp(&server, *ip, 1); // resolves the neighbour before counting
+        send_udp(server, *ip, 1); // resolves the neighbour before counting
     }
     std::thread::sleep(Duration::from_millis(300));
     let before = class_bytes(&mut sock, device.index);
     for ip in &targets {
-        send_udp(&server, *ip, PACKETS);
+        send_udp(server, *ip, PACKETS);
     }
     let mut expected = before.clone();
     for ip in &targets[..SAMPLES.len()] {

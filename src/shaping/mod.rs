@@ -291,26 +291,18 @@ fn band_filter(
 
 /// The first-level table of a band.
 pub fn band_table(ifindex: u32, band: Band, family: Family) -> Filter {
-    let table = first_level_table(band, family);
-    band_filter(
-        ifindex,
-        band,
-        family,
-        table,
-        U32Filter::table(ADDRESS_BUCKETS),
-    )
+    address_table(ifindex, band, family, first_level_table(band, family))
 }
 
 /// The second-level table behind first-level bucket `byte`.
 pub fn bucket_table(ifindex: u32, band: Band, family: Family, byte: u32) -> Filter {
     let table = second_level_table(band, family, byte);
-    band_filter(
-        ifindex,
-        band,
-        family,
-        table,
-        U32Filter::table(ADDRESS_BUCKETS),
-    )
+    address_table(ifindex, band, family, table)
+}
+
+fn address_table(ifindex: u32, band: Band, family: Family, table: U32Handle) -> Filter {
+    let u = U32Filter::table(ADDRESS_BUCKETS);
+    band_filter(ifindex, band, family, table, u)
 }
 
 /// Offset of the 32-bit word holding the last two bytes of the client address.

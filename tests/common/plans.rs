@@ -1,14 +1,16 @@
 //! Deciding and running plans through the library, without the CLI: requests, observations
 //! read from a namespace, and steps sent as batches of netlink messages.
 
+use std::net::IpAddr;
+
+pub use raylimit::cli::observe;
 use raylimit::netlink::link::Link;
-use raylimit::netlink::tc::Op;
-use raylimit::netlink::u32::End;
-use raylimit::netlink::{NetlinkError, RtSocket};
+use raylimit::netlink::tc::ClassEntry;
+use raylimit::netlink::RtSocket;
 use raylimit::policy::{Direction, Request, Subject, Want};
-use raylimit::reconcile::observe::{Hook, Observation, ShapedRoot};
+use raylimit::reconcile::observe::{Observation, ShapedRoot};
 use raylimit::reconcile::plan::{Operation, Step, TcObject};
-use raylimit::reconcile::{decide, Context, Decision};
+use raylimit::reconcile::{decide, Context, Decision, DecisionKind};
 use raylimit::shaping::{self, CatchAll};
 
 /// A request on `device` with the defaults the CLI would use on this kernel (no matchall).
@@ -28,40 +30,6 @@ pub fn context(subject: Subject, direction: Direction, want: Want, device: &str)
         netns_path: None,
         has_connmark: false,
     }
-}
-
-/// Where client addresses sit on the root a request shapes.
-pub fn end_of(request: &Request) -> End {
-    shaping::client_end(request.direction)
-}
-
-/// What the request is decided on, read from the kernel: the shaped root, and for upload the
-/// IFB companion and the device's ingress hook.
-pub fn observe(sock: &mut RtSocket, device: &Link, request: &Request) -> Observation {
-    let device_tc = sock.device_tc(device.index).expect("device tc state");
-    let mut obs = Observation {
-        device: device.clone(),
-        shaped: None,
-        ifb: None,
-        hook: None,
-        error: None,
-        nft: None,
-    };
-    if request.on_egress() {
-        obs.shaped = Some(ShapedRoot::read(&device_tc, end_of(request)));
-        return obs;
-    }
-    obs.hook = Some(Hook::read(&device_tc));
-    match sock.link_by_name(&shaping::ifb_name(device.index)) {
-        Ok(ifb) => {
-            let ifb_tc = sock.device_tc(ifb.index).expect("IFB tc state");
-            obs.shaped = Some(ShapedRoot::read(&ifb_tc, end_of(request)));
-            obs.ifb = Some(ifb);
-        }
-        Err(NetlinkError::NoSuchDevice(_)) => {}
-        Err(e) => panic!("{e}"),
-    }
-    obs
 }
 
 /// Decides `ctx` against the kernel's current state and runs the plan; panics when it is
@@ -85,24 +53,74 @@ pub fn decide_and_run(sock: &mut RtSocket, device: &Link, ctx: &Context) -> Deci
     d
 }
 
-/// The netlink request of a tc step on the device `ifindex`, and whether it deletes.
-pub fn tc_message(step: &Step, ifindex: u32) -> (Vec<u8>, bool) {
+/// The netlink request of a tc step on the device `ifindex`.
+pub fn tc_message(step: &Step, ifindex: u32) -> Vec<u8> {
     let Operation::Tc { op, object, .. } = &step.action else {
         panic!("not a tc step: {}", step.command());
     };
-    let message = match object.clone() {
-        TcObject::Qdisc(mut q) => {
-            q.ifindex = ifindex;
-            q.request(*op)
-        }
-        TcObject::Class(mut c) => {
-            c.ifindex = ifindex;
-            c.request(*op)
-        }
-        TcObject::Filter(mut f) => {
-            f.ifindex = ifindex;
-            f.request(*op)
-        }
+    raylimit::apply::tc_request(*op, object, ifindex)
+}
+
+/// A download limit for one address.
+pub fn ip_limit(ip: IpAddr, rate: u64, device: &str) -> Context {
+    let want = Want::Limit(rate);
+    context(Subject::Ip(ip), Direction::Download, want, device)
+}
+
+/// Keeps an observation in line with a tc step sent in a batch (a class or a filter).
+pub fn track(shaped: &mut ShapedRoot, step: &Step) {
+    let Operation::Tc { object, .. } = &step.action else {
+        panic!("not a tc step: {}", step.command());
     };
-    (message, *op == Op::Delete)
+    match object {
+        TcObject::Class(c) => {
+            let entry = ClassEntry {
+                class: c.canonical(),
+                stats: Default::default(),
+                htb: None,
+            };
+            shaped.classes.insert(c.handle.minor(), entry);
+        }
+        TcObject::Filter(f) => shaped.absorb_filter(f, shaping::client_end(Direction::Download)),
+        TcObject::Qdisc(q) => panic!("the root exists already: {q:?}"),
+    }
+}
+
+/// Limits the download of every address in `ips` on `device` at `rate`: the first of each
+/// family through the ordinary path (it makes the root and the band), the others decided against
+/// one observation kept current with [`track`] and sent as netlink batches. Returns that
+/// observation and how many messages were sent.
+pub fn limit_all(
+    sock: &mut RtSocket,
+    device: &Link,
+    ips: &[IpAddr],
+    rate: u64,
+) -> (Observation, usize) {
+    let first_v4 = ips.iter().find(|ip| ip.is_ipv4());
+    let first_v6 = ips.iter().find(|ip| ip.is_ipv6());
+    let firsts: Vec<IpAddr> = first_v4.into_iter().chain(first_v6).copied().collect();
+    for ip in &firsts {
+        decide_and_run(sock, device, &ip_limit(*ip, rate, &device.name));
+    }
+    let mut obs = observe(sock, device, &ip_limit(ips[0], rate, &device.name).request);
+    let mut messages = Vec::new();
+    for ip in ips.iter().filter(|ip| !firsts.contains(ip)) {
+        let d = decide(&ip_limit(*ip, rate, &device.name), &obs);
+        assert_eq!(d.kind, DecisionKind::Apply, "{ip}: {:?}", d.blocked);
+        let shaped = obs.shaped.as_mut().expect("a managed root");
+        for step in &d.steps {
+            messages.push(tc_message(step, device.index));
+            track(shaped, step);
+        }
+    }
+    let sent = messages.len();
+    let acks = sock.batch(messages).expect("batch sent");
+    let refused: Vec<_> = acks.iter().filter_map(|a| a.as_ref().err()).collect();
+    assert!(
+        refused.is_empty(),
+        "{} of {sent} refused: {:?}",
+        refused.len(),
+        refused.first()
+    );
+    (obs, sent)
 }

@@ -282,18 +282,25 @@ impl ShapedRoot {
         }
         // The root link sits in the kernel's root table (table 0 when absorbed before that
         // table was seen).
+        // Links count only in exactly the shape raylimit makes: one hashing on another byte or
+        // offset would send packets to buckets where their nodes are not.
         let in_root = handle.table() == 0 || handle.table() >= U32Handle::ROOT_TABLE;
         if in_root && u.link == Some(first) {
-            self.links.insert(prio, f.clone());
-            return true;
+            let want = shaping::band_link(self.ifindex, band, family, end);
+            let ours = super::same_filter(&f.filter, &want);
+            if ours {
+                self.links.insert(prio, f.clone());
+            }
+            return ours;
         }
         if handle.table() == first.table() {
             let byte = handle.bucket();
-            if u.link == Some(shaping::second_level_table(band, family, byte)) {
+            let want = shaping::bucket_link(self.ifindex, band, family, end, byte);
+            let ours = super::same_filter(&f.filter, &want);
+            if ours {
                 self.bucket_links.insert((prio, byte), f.clone());
-                return true;
             }
-            return false;
+            return ours;
         }
         // A client node counts only in the bucket its own address hashes to: anywhere else
         // packets would never reach it.

@@ -1015,3 +1015,22 @@ fn absorbing_a_plan_and_forgetting_its_deletes_tracks_the_kernel() {
         assert_eq!(tracked, read, "after {}", c.request.subject);
     }
 }
+
+#[test]
+fn a_link_hashing_on_another_byte_is_not_raylimits() {
+    let mut k = FakeKernel::default();
+    run(&mut k, &ip_limit("10.0.5.2"));
+    let end = shaping::client_end(Direction::Download);
+    for f in &mut k.device.filters {
+        if let FilterKind::U32(u) = &mut f.filter.kind {
+            if let Some(sel) = u.selector.as_mut().filter(|s| s.hmask == 0xff) {
+                sel.hmask = 0xff00;
+            }
+        }
+    }
+    let s = ShapedRoot::read(&k.device, end);
+    assert!(s.bucket_links.is_empty());
+    assert_eq!(s.foreign_in_bands().len(), 1);
+    let d = decide(&ip_limit("10.0.5.2"), &k.observe(Direction::Download));
+    assert!(d.blocked.unwrap().contains("did not make"));
+}

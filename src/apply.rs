@@ -5,8 +5,8 @@ use std::collections::HashMap;
 
 use crate::netlink::action::Action;
 use crate::netlink::nft::{self, NftOp};
-use crate::netlink::tc::{FilterKind, Op};
-use crate::netlink::{NetlinkError, RtSocket};
+use crate::netlink::tc::{self, Filter, FilterKind, Op, TcEntry};
+use crate::netlink::{NetlinkError, RtSocket, U32Handle};
 use crate::reconcile::plan::{Dev, Operation, Step, TcObject};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,7 +77,8 @@ pub fn execute(sock: &mut RtSocket, steps: &[Step]) -> Execution {
                 Ok(warning) => {
                     exec.results
                         .push(result(&steps[i], Status::Ok, None, warning));
-                    undo_stack.extend(steps[i].undo.iter().cloned().map(|u| (i, u)));
+                    // A step's undo steps run in the order written, after those of later steps.
+                    undo_stack.extend(steps[i].undo.iter().rev().cloned().map(|u| (i, u)));
                 }
                 Err(e) => {
                     failed = true;
@@ -160,8 +161,10 @@ fn makes_container(step: &Step) -> bool {
     }
 }
 
+/// A tc step that can share a batch: all but a table delete, which runs alone so it can wait
+/// out the kernel's hold on it (see `request_until_unlinked`).
 fn is_tc(step: &Step) -> bool {
-    matches!(step.action, Operation::Tc { .. })
+    matches!(&step.action, Operation::Tc { op, object, .. } if !is_table_delete(*op, object))
 }
 
 /// Runs one batch: a run of tc steps as many messages per `sendmsg`, or one other step.
@@ -285,9 +288,13 @@ fn run_operation(
             devices.remove(dev.name());
             Ok(None)
         }
-        Operation::Tc { .. } => {
+        Operation::Tc { op, object, .. } => {
             let message = tc_message(sock, devices, step)?;
-            let ack = sock.request(message, &step.command())?;
+            let ack = if is_table_delete(*op, object) {
+                request_until_unlinked(sock, message, &step.command())?
+            } else {
+                sock.request(message, &step.command())?
+            };
             Ok(ack.warning)
         }
         Operation::Nft { .. } | Operation::NftRemoveTagged { .. } => {
@@ -297,7 +304,8 @@ fn run_operation(
     }
 }
 
-/// The netlink request of a tc step, its devices resolved.
+/// The netlink request of a tc step, its devices resolved (and, deleting a node made without a
+/// table, the table the kernel gave it).
 fn tc_message(
     sock: &mut RtSocket,
     devices: &mut HashMap<String, u32>,
@@ -317,23 +325,17 @@ fn tc_message(
         Some(d) => Some(resolve(sock, devices, d)?),
         None => None,
     };
-    Ok(match object.clone() {
-        TcObject::Qdisc(mut q) => {
-            q.ifindex = ifindex;
-            q.request(*op)
+    let mut object = object.clone();
+    if let TcObject::Filter(f) = &mut object {
+        f.ifindex = ifindex;
+        if let Some(t) = target {
+            point_redirects_at(&mut f.kind, t);
         }
-        TcObject::Class(mut c) => {
-            c.ifindex = ifindex;
-            c.request(*op)
+        if *op == Op::Delete {
+            find_root_table(sock, f)?;
         }
-        TcObject::Filter(mut f) => {
-            f.ifindex = ifindex;
-            if let Some(t) = target {
-                point_redirects_at(&mut f.kind, t);
-            }
-            f.request(*op)
-        }
-    })
+    }
+    Ok(tc_request(*op, &object, ifindex))
 }
 
 /// Runs an nft step in the namespace at `netns`.
@@ -364,6 +366,80 @@ fn run_nft(action: &Operation) -> Result<(), NetlinkError> {
         }
         _ => unreachable!("only nft operations"),
     }
+}
+
+/// The netlink request of a tc step's object on the device `ifindex`.
+pub fn tc_request(op: Op, object: &TcObject, ifindex: u32) -> Vec<u8> {
+    match object.clone() {
+        TcObject::Qdisc(mut q) => {
+            q.ifindex = ifindex;
+            q.request(op)
+        }
+        TcObject::Class(mut c) => {
+            c.ifindex = ifindex;
+            c.request(op)
+        }
+        TcObject::Filter(mut f) => {
+            f.ifindex = ifindex;
+            f.request(op)
+        }
+    }
+}
+
+/// How long a u32 table delete waits for the kernel to let go of a link just deleted.
+const UNLINK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn is_table_delete(op: Op, object: &TcObject) -> bool {
+    let TcObject::Filter(f) = object else {
+        return false;
+    };
+    let table = matches!(f.kind, FilterKind::U32(_)) && U32Handle(f.handle).is_table();
+    op == Op::Delete && f.handle != 0 && table
+}
+
+/// Sends a u32 table delete, retrying while the kernel calls the table in use: a deleted link
+/// node drops its hold on the table it pointed at only after an RCU grace period, so the delete
+/// that follows it in a plan can briefly be refused (EBUSY).
+fn request_until_unlinked(
+    sock: &mut RtSocket,
+    message: Vec<u8>,
+    operation: &str,
+) -> Result<crate::netlink::socket::Ack, NetlinkError> {
+    let deadline = std::time::Instant::now() + UNLINK_WAIT;
+    loop {
+        match sock.request(message.clone(), operation) {
+            Err(e)
+                if e.kernel().is_some_and(|k| k.errno == libc::EBUSY)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// A u32 node created without a table (a band's root link, a listener, a u32 catch-all) went
+/// into the root table the kernel gave its priority, and is deleted by its full handle: when
+/// the step does not know that table (undoing a create), it is looked up.
+fn find_root_table(sock: &mut RtSocket, f: &mut Filter) -> Result<(), NetlinkError> {
+    let h = U32Handle(f.handle);
+    if !matches!(f.kind, FilterKind::U32(_)) || h.table() != 0 || h.node() == 0 {
+        return Ok(());
+    }
+    let request = tc::dump_request(tc::RTM_GETTFILTER, f.ifindex, f.parent);
+    for m in sock.dump(&request, "dump filters")? {
+        let Ok(TcEntry::Filter(e)) = tc::decode(m.msg_type, &m.payload) else {
+            continue;
+        };
+        let table = U32Handle(e.filter.handle).table();
+        let is_table = matches!(&e.filter.kind, FilterKind::U32(u) if u.divisor.is_some());
+        if e.filter.priority == f.priority && is_table && table >= U32Handle::ROOT_TABLE {
+            f.handle = U32Handle::new(table, 0, h.node()).0;
+            break;
+        }
+    }
+    Ok(())
 }
 
 fn point_redirects_at(kind: &mut FilterKind, ifindex: u32) {

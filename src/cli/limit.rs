@@ -654,7 +654,8 @@ fn run_order(pending: &[Pending]) -> (Vec<Step>, Vec<Vec<(usize, usize)>>) {
                 Operation::Nft { netns: n, ops } => {
                     netns = n.clone();
                     nft_ops.extend(ops.iter().cloned());
-                    nft_undo.extend(step.undo.iter().cloned());
+                    // A later decision's undo runs before an earlier one's.
+                    nft_undo.splice(0..0, step.undo.iter().cloned());
                     nft_owners.push((ticket, i));
                 }
                 _ => {
@@ -822,8 +823,8 @@ mod tests {
             panic!("the last step is the nft transaction")
         };
         assert_eq!(ops.len(), 2);
-        // In decision order: a rollback runs them last first, as it would have run each one.
+        // The later decision's undo first, as each decision's own step would have been undone.
         let undo: Vec<&str> = steps[3].undo.iter().map(|s| s.name.as_str()).collect();
-        assert_eq!(undo, ["undo-a", "undo-c"]);
+        assert_eq!(undo, ["undo-c", "undo-a"]);
     }
 }

@@ -9,6 +9,8 @@ mod status;
 mod tagged;
 mod watch;
 
+pub use limit::observe;
+
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 

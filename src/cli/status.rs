@@ -116,7 +116,7 @@ pub fn run(
         let mut users: std::collections::BTreeMap<Option<TcHandle>, (Vec<String>, _)> =
             Default::default();
         let mut subjects = Vec::new();
-        for n in &shaped.nodes {
+        for n in shaped.nodes() {
             match n.band {
                 Band::User => {
                     let e = users.entry(n.classid).or_insert((Vec::new(), &n.entry));

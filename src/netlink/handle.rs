@@ -89,19 +89,20 @@ impl U32Handle {
     }
 }
 
-/// As tc prints it: `800::801` for a node, `12c:2` for a bucket, `12c:` for a table.
+/// As tc prints it: `800::801` for a node, `12c:2` for a bucket, `12c:` for a table; a node with
+/// no table yet (the kernel picks the priority's root table) is `::1`, which tc reads back as
+/// node 1 (its own `:1` would be bucket 1).
 impl fmt::Display for U32Handle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.table() != 0 {
-            write!(f, "{:x}:", self.table())?;
+            write!(f, "{:x}", self.table())?;
         }
-        if self.bucket() != 0 || self.node() != 0 {
-            if self.bucket() != 0 {
-                write!(f, "{:x}", self.bucket())?;
-            }
-            if self.node() != 0 {
-                write!(f, ":{:x}", self.node())?;
-            }
+        f.write_str(":")?;
+        if self.bucket() != 0 {
+            write!(f, "{:x}", self.bucket())?;
+        }
+        if self.node() != 0 {
+            write!(f, ":{:x}", self.node())?;
         }
         Ok(())
     }
@@ -122,6 +123,8 @@ mod tests {
         assert_eq!(h.to_string(), "800::801");
         assert_eq!(U32Handle::new(0x12c, 2, 0).to_string(), "12c:2");
         assert_eq!(U32Handle::new(0x12c, 0, 0).to_string(), "12c:");
+        assert_eq!(U32Handle::new(0, 0, 1).to_string(), "::1");
+        assert_eq!(U32Handle::new(5, 3, 1).to_string(), "5:3:1");
         assert_eq!(TcHandle::new(0x524c, 0).to_string(), "524c:");
         assert_eq!(U32Handle::new(2, 5, 1).0, 0x0020_5001);
         assert_eq!(

@@ -38,6 +38,12 @@ pub fn bytes_for(rate: u64, ticks: u32) -> u64 {
     ((ticks as u128 * NSEC_PER_TICK as u128 * rate as u128) / 1_000_000_000) as u64
 }
 
+/// [`bytes_for`] rounded up: the burst to give `tc`, which turns it back into ticks at its own
+/// microsecond resolution, so that it lands within a microsecond of `ticks`.
+pub fn burst_for_tc(rate: u64, ticks: u32) -> u64 {
+    (ticks as u128 * NSEC_PER_TICK as u128 * rate as u128).div_ceil(1_000_000_000) as u64
+}
+
 /// HTB qdisc options.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HtbQdisc {

@@ -7,6 +7,7 @@
 //! the kernel back as it was.
 
 mod absorb;
+mod bands;
 pub mod observe;
 pub mod plan;
 
@@ -19,7 +20,7 @@ use crate::netlink::u32::{End, Family, U32Filter};
 use crate::netlink::{TcHandle, U32Handle};
 use crate::policy::{Direction, Request, Subject, Want};
 use crate::shaping::{self, Band, CatchAll, ClientMatch, ListenerMatch, ROOT_MAJOR};
-use observe::{classid_of, Observation, RootState, ShapedRoot};
+use observe::{classid_of, Node, Observation, RootState, ShapedRoot};
 use plan::{Dev, Operation, Step, TcObject};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -136,17 +137,21 @@ fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) -> Held {
         }
         Rule::Nodes { band, matches } if *band == Band::User => {
             h.class = remembered;
-            for n in shaped.nodes.iter().filter(|n| n.band == *band) {
-                let ours = h.class.is_some() && n.classid == h.class;
-                if ours {
+            if let Some(class) = h.class {
+                for n in shaped.nodes_to(*band, class) {
                     h.filters.push((Some(n.matched), n.entry.filter.clone()));
-                } else if matches.contains(&n.matched) {
-                    h.conflicts.push(format!(
-                        "{} (sent to {})",
-                        n.matched,
-                        n.classid.map(|c| c.to_string()).unwrap_or("nothing".into())
-                    ));
                 }
+            }
+            let ours = |n: &&Node| h.class.is_some() && n.classid == h.class;
+            for m in matches {
+                let Some(n) = shaped.node_for(*band, *m).filter(|n| !ours(n)) else {
+                    continue;
+                };
+                h.conflicts.push(format!(
+                    "{} (sent to {})",
+                    n.matched,
+                    n.classid.map(|c| c.to_string()).unwrap_or("nothing".into())
+                ));
             }
         }
         Rule::Nodes { band, matches } => {
@@ -481,79 +486,6 @@ fn dev_index(dev: &Dev) -> u32 {
     }
 }
 
-/// The node a client match wants on `ifindex`, keeping the node id it already has, else a free
-/// stable one in its bucket (`planned` holds ids this plan has already taken).
-fn node_filter(
-    ctx: &Context,
-    band: Band,
-    m: ClientMatch,
-    ifindex: u32,
-    shaped: Option<&ShapedRoot>,
-    planned: &BTreeSet<(u16, u32, u32)>,
-    classid: TcHandle,
-) -> Filter {
-    let end = shaping::client_end(ctx.request.direction);
-    let prio = band.priority(shaping::family_of(m.ip));
-    let bucket = shaping::bucket_of(m.ip);
-    let node = shaped
-        .and_then(|s| s.node_for(band, m).map(|n| n.handle().node()))
-        .or_else(|| {
-            let mut used = shaped
-                .map(|s| s.nodes_in_bucket(prio, bucket))
-                .unwrap_or_default();
-            used.extend(
-                planned
-                    .iter()
-                    .filter(|(p, b, _)| *p == prio && *b == bucket)
-                    .map(|x| x.2),
-            );
-            shaping::allocate_node(&format!("{} {m}", ctx.request.subject.key()), &used)
-        })
-        .unwrap_or(1);
-    shaping::client_node(ifindex, band, m, end, node, classid)
-}
-
-/// The steps that delete a band's whole priority, undone by restoring its table and link.
-fn delete_band(ifindex: u32, band: Band, family: Family, end: End, dev: &Dev) -> Step {
-    let table = shaping::band_table(ifindex, band, family);
-    Step::tc(
-        "delete-address-band",
-        Op::Delete,
-        dev,
-        whole_priority(ifindex, table.priority, table.protocol),
-    )
-    .undone_by(vec![
-        Step::tc("restore-address-table", Op::Create, dev, table),
-        Step::tc(
-            "restore-address-link",
-            Op::Create,
-            dev,
-            shaping::band_link(ifindex, band, family, end),
-        ),
-    ])
-}
-
-/// Priorities of a band left with no node once `removed` (filter handles) are gone.
-fn emptied_bands(
-    shaped: &ShapedRoot,
-    band: Band,
-    removed: &BTreeSet<(u16, u32)>,
-    kept: &BTreeSet<u16>,
-) -> Vec<Family> {
-    [Family::V4, Family::V6]
-        .into_iter()
-        .filter(|f| {
-            let prio = band.priority(*f);
-            removed.iter().any(|(p, _)| *p == prio)
-                && !kept.contains(&prio)
-                && !shaped.nodes.iter().any(|n| {
-                    n.entry.filter.priority == prio
-                        && !removed.contains(&(prio, n.entry.filter.handle))
-                })
-        })
-        .collect()
-}
-
 /// Replaces an observed filter that differs from the wanted one in place (undone by putting the
 /// observed one back), and says what changed; `what` names the filter in that sentence.
 fn replace_filter(
@@ -673,12 +605,9 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
         Want::Limit(rate) => {
             let minor = match observed_class_entry {
                 Some(c) => Some(c.class.handle.minor()),
-                None => {
-                    let used: BTreeSet<u16> = shaped
-                        .map(|s| s.classes.keys().copied().collect())
-                        .unwrap_or_default();
-                    shaping::allocate_minor(&req.subject.key(), &used)
-                }
+                None => shaping::allocate_minor(&req.subject.key(), |m| {
+                    shaped.is_some_and(|s| s.classes.contains_key(&m))
+                }),
             };
             let Some(minor) = minor else {
                 d.blocked = Some(format!(
@@ -769,7 +698,7 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
             &mut changes,
         ),
         Rule::Nodes { band, matches } => {
-            plan_nodes(
+            bands::plan_nodes(
                 ctx,
                 *band,
                 matches,
@@ -819,95 +748,6 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
     d.steps = steps;
 }
 
-/// The nodes of a client-band rule: band scaffolding, then each wanted client's node (kept,
-/// repaired or created), then nodes of clients that are no longer wanted (a user's departed
-/// addresses), and a band left empty by that.
-#[allow(clippy::too_many_arguments)]
-fn plan_nodes(
-    ctx: &Context,
-    band: Band,
-    matches: &BTreeSet<ClientMatch>,
-    held: &Held,
-    shaped: Option<&ShapedRoot>,
-    (dev, ifindex, end): (&Dev, u32, End),
-    target_class: TcHandle,
-    steps: &mut Vec<Step>,
-    changes: &mut Vec<String>,
-) {
-    let families: BTreeSet<u16> = matches
-        .iter()
-        .map(|m| band.priority(shaping::family_of(m.ip)))
-        .collect();
-    for family in [Family::V4, Family::V6] {
-        let prio = band.priority(family);
-        if !families.contains(&prio) {
-            continue;
-        }
-        let has_table = shaped.is_some_and(|s| s.tables.contains(&prio));
-        let has_link = shaped.is_some_and(|s| s.links.contains_key(&prio));
-        let table = shaping::band_table(ifindex, band, family);
-        let protocol = table.protocol;
-        if !has_table {
-            // A new band: undoing it removes the whole priority (table, link, nodes).
-            steps.push(
-                Step::tc("create-address-table", Op::Create, dev, table).undone_by(vec![Step::tc(
-                    "delete-address-band",
-                    Op::Delete,
-                    dev,
-                    whole_priority(ifindex, prio, protocol),
-                )]),
-            );
-        }
-        if !has_link {
-            let link = shaping::band_link(ifindex, band, family, end);
-            steps.push(Step::tc("create-address-link", Op::Create, dev, link));
-            if has_table {
-                changes.push(format!(
-                    "the link into address table {} was missing",
-                    shaping::table_of_priority(prio)
-                ));
-            }
-        }
-    }
-    let mut planned = BTreeSet::new();
-    for m in matches {
-        let want = node_filter(ctx, band, *m, ifindex, shaped, &planned, target_class);
-        let h = U32Handle(want.handle);
-        planned.insert((want.priority, h.bucket(), h.node()));
-        match held.filters.iter().find(|(hm, _)| *hm == Some(*m)) {
-            Some((_, old)) if same_filter(old, &want) => {}
-            Some((_, old)) => {
-                let (replace, change) =
-                    replace_filter(dev, ifindex, old, want, &format!(" for {m}"));
-                changes.push(change);
-                steps.push(replace);
-            }
-            None => {
-                if !held.filters.is_empty() {
-                    changes.push(format!("client {m} joins the rule"));
-                }
-                steps.push(Step::create("create-filter", dev, want));
-            }
-        }
-    }
-    let mut removed = BTreeSet::new();
-    for (hm, old) in &held.filters {
-        let Some(m) = hm.filter(|m| !matches.contains(m)) else {
-            continue;
-        };
-        let mut before = old.clone();
-        before.ifindex = ifindex;
-        changes.push(format!("client {m} has left the rule"));
-        removed.insert((old.priority, old.handle));
-        steps.push(Step::delete("delete-filter", dev, before));
-    }
-    if let Some(shaped) = shaped {
-        for family in emptied_bands(shaped, band, &removed, &families) {
-            steps.push(delete_band(ifindex, band, family, end, dev));
-        }
-    }
-}
-
 /// An inbound's listener nodes: each wanted one kept, repaired or created (node ids free in the
 /// band's priority), nodes no longer wanted deleted, and a priority left empty deleted whole.
 fn plan_listeners(
@@ -936,14 +776,8 @@ fn plan_listeners(
         let prio = shaping::inbound_priority(m.family);
         let node = match held.listeners.iter().find(|(hm, _)| hm == m) {
             Some((_, f)) => U32Handle(f.handle).node(),
-            None => {
-                let taken: BTreeSet<u32> = used
-                    .iter()
-                    .filter(|(p, _)| *p == prio)
-                    .map(|x| x.1)
-                    .collect();
-                shaping::allocate_node(&format!("inbound {m}"), &taken).unwrap_or(1)
-            }
+            None => shaping::allocate_node(&format!("inbound {m}"), |n| used.contains(&(prio, n)))
+                .unwrap_or(1),
         };
         used.insert((prio, node));
         let want = shaping::listener_node(ifindex, *m, end, node, target_class);
@@ -966,7 +800,7 @@ fn plan_listeners(
         before.ifindex = ifindex;
         changes.push(format!("listener {m} is no longer the inbound's"));
         removed.insert((old.priority, old.handle));
-        steps.push(delete_listener(dev, before));
+        steps.push(delete_in_root_table("delete-filter", dev, before));
     }
     if let Some(shaped) = shaped {
         let wanted: BTreeSet<u16> = matches
@@ -1018,11 +852,12 @@ fn delete_priority(ifindex: u32, prio: u16, dev: &Dev) -> Step {
     step
 }
 
-/// Deletes a listener node; undone by creating it again in whatever root table the priority
-/// has then (the kernel may have removed the old one with its last node).
-fn delete_listener(dev: &Dev, mut before: Filter) -> Step {
+/// Deletes a node of a priority's root table (a listener node, a band's root link); undone by
+/// creating it again in whatever root table the priority has then (the kernel may have removed
+/// the old one with its last node).
+fn delete_in_root_table(name: &str, dev: &Dev, mut before: Filter) -> Step {
     let node = U32Handle(before.handle).node();
-    let mut step = Step::delete("delete-filter", dev, before.clone());
+    let mut step = Step::delete(name, dev, before.clone());
     before.handle = U32Handle::new(0, 0, node).0;
     if let FilterKind::U32(u) = &mut before.kind {
         u.hash = None;
@@ -1106,7 +941,6 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     let req = &ctx.request;
     let dev = shaped_dev(req, obs);
     let ifindex = dev_index(&dev);
-    let end = shaping::client_end(req.direction);
     d.kind = DecisionKind::Remove;
     let Some(shaped) = obs.shaped.as_ref().filter(|s| s.is_managed()) else {
         d.kind = DecisionKind::NoOp;
@@ -1209,13 +1043,13 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
         let mut before = f.clone();
         before.ifindex = ifindex;
         removed.insert((f.priority, f.handle));
-        steps.push(delete_listener(&dev, before));
+        steps.push(delete_in_root_table("delete-filter", &dev, before));
     }
-    // The last node of a band takes the band's table and link with it.
+    // The last node of a bucket or a band takes their tables and links with it.
     if let Rule::Nodes { band, .. } = rule {
-        for family in emptied_bands(shaped, *band, &removed, &BTreeSet::new()) {
-            steps.push(delete_band(ifindex, *band, family, end, &dev));
-        }
+        let emptied =
+            bands::delete_emptied(shaped, *band, &removed, &BTreeSet::new(), (&dev, ifindex));
+        steps.extend(emptied);
     }
     for prio in emptied_listener_priorities(shaped, &removed, &BTreeSet::new()) {
         steps.push(delete_priority(ifindex, prio, &dev));
@@ -1228,7 +1062,7 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     // Shared scaffolding goes only when nothing managed is left on it.
     let classes_left = shaped.classes.len() - usize::from(class_minor.is_some());
     let nodes_left =
-        shaped.nodes.len() + shaped.listeners.len() + usize::from(shaped.baseline.is_some())
+        shaped.node_count() + shaped.listeners.len() + usize::from(shaped.baseline.is_some())
             - removed.len();
     let empty = classes_left == 0 && nodes_left == 0 && shaped.unrecognised.is_empty();
     if empty {

@@ -49,7 +49,14 @@ pub struct ListenerNode {
     pub classid: Option<TcHandle>,
 }
 
+/// Where a filter sits on a shaped root: its priority and handle.
+pub type FilterKey = (u16, u32);
+
 /// A shaped root (a device's egress) read as raylimit's layout.
+///
+/// Client nodes are kept in ordered maps with indexes by what they match and by class, so every
+/// lookup a decision makes costs O(log N) (or the few nodes of one bucket), and deciding for
+/// thousands of subjects against one observation stays fast.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ShapedRoot {
     pub ifindex: u32,
@@ -57,13 +64,23 @@ pub struct ShapedRoot {
     /// Leaf classes under the managed root, by minor.
     pub classes: BTreeMap<u16, ClassEntry>,
     /// Client nodes of every band.
-    pub nodes: Vec<Node>,
+    nodes: BTreeMap<FilterKey, Node>,
+    /// The same nodes by (band, what they match).
+    by_match: BTreeSet<(Band, ClientMatch, FilterKey)>,
+    /// The same nodes by (band, the class they send to).
+    by_class: BTreeSet<(Band, Option<TcHandle>, FilterKey)>,
     /// Listener nodes of the inbound band.
     pub listeners: Vec<ListenerNode>,
-    /// Client band priorities whose address table exists.
+    /// The root table the kernel made for each u32 priority of raylimit's bands.
+    pub root_tables: BTreeMap<u16, u32>,
+    /// Client band priorities whose first-level table exists.
     pub tables: BTreeSet<u16>,
-    /// Client band priorities whose link node exists, with it.
+    /// Client band priorities whose root link (into the first-level table) exists, with it.
     pub links: BTreeMap<u16, FilterEntry>,
+    /// Second-level tables that exist: (priority, first-level bucket).
+    pub bucket_tables: BTreeSet<(u16, u32)>,
+    /// The first-level link node into each second-level table: (priority, bucket) -> it.
+    pub bucket_links: BTreeMap<(u16, u32), FilterEntry>,
     pub baseline: Option<FilterEntry>,
     /// Filters under the managed root that are not raylimit's layout.
     pub unrecognised: Vec<FilterEntry>,
@@ -76,10 +93,15 @@ impl ShapedRoot {
             ifindex: tc.ifindex,
             root: RootState::Default(None),
             classes: BTreeMap::new(),
-            nodes: Vec::new(),
+            nodes: BTreeMap::new(),
+            by_match: BTreeSet::new(),
+            by_class: BTreeSet::new(),
             listeners: Vec::new(),
+            root_tables: BTreeMap::new(),
             tables: BTreeSet::new(),
             links: BTreeMap::new(),
+            bucket_tables: BTreeSet::new(),
+            bucket_links: BTreeMap::new(),
             baseline: None,
             unrecognised: Vec::new(),
         };
@@ -114,12 +136,95 @@ impl ShapedRoot {
         s
     }
 
+    /// Records a filter this run created or replaced under the managed root, classified as
+    /// `read` would classify the kernel's dump of it, in place of whatever was recorded at its
+    /// priority and handle. A node created without a table (a root link) lands in the priority's
+    /// root table; when that table has not been seen yet its id is unknown and the node keeps
+    /// table 0 until the next read.
+    pub fn absorb_filter(&mut self, f: &Filter, end: End) {
+        let mut filter = f.clone();
+        filter.ifindex = self.ifindex;
+        let handle = U32Handle(filter.handle);
+        if let (FilterKind::U32(u), Some(root)) =
+            (&mut filter.kind, self.root_tables.get(&filter.priority))
+        {
+            if handle.table() == 0 && !handle.is_table() {
+                filter.handle = U32Handle::new(*root, 0, handle.node()).0;
+                u.hash = Some(U32Handle::new(*root, 0, 0));
+            }
+        }
+        let entry = FilterEntry {
+            filter: filter.canonical(),
+            chain: Some(0),
+        };
+        let key = (entry.filter.priority, entry.filter.handle);
+        self.forget_span(key.0, key.1..=key.1);
+        if !self.recognise(&entry, end) {
+            self.unrecognised.push(entry);
+        }
+    }
+
+    /// Drops what is recorded at `priority` and `handle`, the way the kernel deletes it: handle 0
+    /// is the whole priority (its tables, links and nodes), a table's handle is the table with
+    /// every node in it, any other handle one node.
+    pub fn forget_filter(&mut self, priority: u16, handle: u32) {
+        let h = U32Handle(handle);
+        let span = match (handle, h.is_table()) {
+            (0, _) => 0..=u32::MAX,
+            (_, true) => {
+                let first = U32Handle::new(h.table(), 0, 0).0;
+                first..=first | 0x000f_ffff
+            }
+            (_, false) => handle..=handle,
+        };
+        self.forget_span(priority, span);
+    }
+
+    /// Drops everything at `priority` whose handle lies in `span`.
+    fn forget_span(&mut self, priority: u16, span: std::ops::RangeInclusive<u32>) {
+        let keys: Vec<FilterKey> = self
+            .nodes
+            .range((priority, *span.start())..=(priority, *span.end()))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            self.remove_node(k);
+        }
+        let at = |e: &FilterEntry| e.filter.priority == priority && span.contains(&e.filter.handle);
+        let table_in = |t: U32Handle| span.contains(&t.0);
+        if let Some((band, family)) = Band::of_priority(priority) {
+            if table_in(shaping::first_level_table(band, family)) {
+                self.tables.remove(&priority);
+            }
+            self.bucket_tables.retain(|(p, b)| {
+                *p != priority || !table_in(shaping::second_level_table(band, family, *b))
+            });
+        }
+        if let Some(root) = self.root_tables.get(&priority) {
+            if table_in(U32Handle::new(*root, 0, 0)) {
+                self.root_tables.remove(&priority);
+            }
+        }
+        self.links.retain(|_, e| !at(e));
+        self.bucket_links.retain(|_, e| !at(e));
+        self.listeners.retain(|n| !at(&n.entry));
+        self.unrecognised.retain(|e| !at(e));
+        if self.baseline.as_ref().is_some_and(at) {
+            self.baseline = None;
+        }
+    }
+
     fn recognise(&mut self, f: &FilterEntry, end: End) -> bool {
         let prio = f.filter.priority;
+        let handle = U32Handle(f.filter.handle);
         // The root table the kernel makes for every u32 priority is part of the layout.
         if let FilterKind::U32(u) = &f.filter.kind {
-            if u.divisor.is_some() && U32Handle(f.filter.handle).table() >= U32Handle::ROOT_TABLE {
-                return (BAND_CONNECTION..=BAND_INBOUND + 1).contains(&prio);
+            if u.divisor.is_some() && handle.table() >= U32Handle::ROOT_TABLE {
+                if !(BAND_CONNECTION..=BAND_INBOUND + 1).contains(&prio) {
+                    return false;
+                }
+                self.root_tables.insert(prio, handle.table());
+                return true;
             }
         }
         if prio == BAND_IP_BASELINE {
@@ -157,41 +262,97 @@ impl ShapedRoot {
         let FilterKind::U32(u) = &f.filter.kind else {
             return false;
         };
-        let handle = U32Handle(f.filter.handle);
-        let table = shaping::table_of_priority(prio);
+        let first = shaping::first_level_table(band, family);
         if u.divisor.is_some() {
-            if handle == table {
-                self.tables.insert(prio);
+            if u.divisor != Some(shaping::ADDRESS_BUCKETS) {
+                return false;
             }
-            return handle == table;
-        }
-        if handle.table() == table.table() {
-            if let Some(matched) = shaping::node_match(u, family, end, band.has_port()) {
-                self.nodes.push(Node {
-                    band,
-                    matched,
-                    entry: f.clone(),
-                    classid: u.classid,
-                });
+            if handle == first {
+                self.tables.insert(prio);
                 return true;
             }
+            let second = shaping::second_level_of(handle.table()).filter(|(b, fam, byte)| {
+                (*b, *fam) == (band, family)
+                    && handle == shaping::second_level_table(band, family, *byte)
+            });
+            if let Some((_, _, byte)) = second {
+                self.bucket_tables.insert((prio, byte));
+            }
+            return second.is_some();
+        }
+        // The root link sits in the kernel's root table (table 0 when absorbed before that
+        // table was seen).
+        // Links count only in exactly the shape raylimit makes: one hashing on another byte or
+        // offset would send packets to buckets where their nodes are not.
+        let in_root = handle.table() == 0 || handle.table() >= U32Handle::ROOT_TABLE;
+        if in_root && u.link == Some(first) {
+            let want = shaping::band_link(self.ifindex, band, family, end);
+            let ours = super::same_filter(&f.filter, &want);
+            if ours {
+                self.links.insert(prio, f.clone());
+            }
+            return ours;
+        }
+        if handle.table() == first.table() {
+            let byte = handle.bucket();
+            let want = shaping::bucket_link(self.ifindex, band, family, end, byte);
+            let ours = super::same_filter(&f.filter, &want);
+            if ours {
+                self.bucket_links.insert((prio, byte), f.clone());
+            }
+            return ours;
+        }
+        // A client node counts only in the bucket its own address hashes to: anywhere else
+        // packets would never reach it.
+        let Some(matched) = shaping::node_match(u, family, end, band.has_port()) else {
+            return false;
+        };
+        if handle.table_and_bucket() != shaping::client_place(band, matched.ip) {
             return false;
         }
-        if u.link == Some(table) {
-            self.links.insert(prio, f.clone());
-            return true;
+        self.insert_node(Node {
+            band,
+            matched,
+            entry: f.clone(),
+            classid: u.classid,
+        });
+        true
+    }
+
+    fn insert_node(&mut self, node: Node) {
+        let key = (node.entry.filter.priority, node.entry.filter.handle);
+        self.remove_node(key);
+        self.by_match.insert((node.band, node.matched, key));
+        self.by_class.insert((node.band, node.classid, key));
+        self.nodes.insert(key, node);
+    }
+
+    fn remove_node(&mut self, key: FilterKey) {
+        if let Some(n) = self.nodes.remove(&key) {
+            self.by_match.remove(&(n.band, n.matched, key));
+            self.by_class.remove(&(n.band, n.classid, key));
         }
-        false
     }
 
     pub fn is_managed(&self) -> bool {
         matches!(self.root, RootState::Managed(_))
     }
 
+    /// Client nodes of every band, by priority and handle.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
     pub fn node_for(&self, band: Band, matched: ClientMatch) -> Option<&Node> {
-        self.nodes
-            .iter()
-            .find(|n| n.band == band && n.matched == matched)
+        let (lo, hi) = ((0, 0), (u16::MAX, u32::MAX));
+        self.by_match
+            .range((band, matched, lo)..=(band, matched, hi))
+            .next()
+            .and_then(|(_, _, k)| self.nodes.get(k))
     }
 
     /// The specific-IP node of an address.
@@ -199,13 +360,32 @@ impl ShapedRoot {
         self.node_for(Band::Ip, ClientMatch::ip(ip))
     }
 
-    /// Node ids in use in one bucket of a band's table.
-    pub fn nodes_in_bucket(&self, prio: u16, bucket: u32) -> BTreeSet<u32> {
+    /// The nodes of a band that send to `classid` (a user's addresses).
+    pub fn nodes_to(&self, band: Band, classid: TcHandle) -> impl Iterator<Item = &Node> {
+        let (lo, hi) = ((0, 0), (u16::MAX, u32::MAX));
+        self.by_class
+            .range((band, Some(classid), lo)..=(band, Some(classid), hi))
+            .filter_map(|(_, _, k)| self.nodes.get(k))
+    }
+
+    /// Node ids in use in one bucket (`place`: table and bucket) of a band's priority.
+    pub fn nodes_in_bucket(&self, prio: u16, place: U32Handle) -> impl Iterator<Item = u32> + '_ {
+        let first = place.table_and_bucket().0;
         self.nodes
-            .iter()
-            .filter(|n| n.entry.filter.priority == prio && n.handle().bucket() == bucket)
-            .map(|n| n.handle().node())
-            .collect()
+            .range((prio, first)..=(prio, first | 0xfff))
+            .map(|((_, h), _)| U32Handle(*h).node())
+    }
+
+    /// True when a client node other than those in `removed` is left at `prio`, within `table`
+    /// when given. Stops at the first survivor, so it costs O(log N + removed).
+    pub fn nodes_left(&self, prio: u16, table: Option<u32>, removed: &BTreeSet<FilterKey>) -> bool {
+        let (lo, hi) = match table {
+            Some(t) => (t << 20, (t << 20) | 0x000f_ffff),
+            None => (0, u32::MAX),
+        };
+        self.nodes
+            .range((prio, lo)..=(prio, hi))
+            .any(|(k, _)| !removed.contains(k))
     }
 
     /// Unrecognised filters inside raylimit's own priority bands: they make the state not
@@ -331,33 +511,5 @@ impl ShapedRoot {
             },
             end,
         )
-    }
-
-    /// Records a filter this run created or replaced, read exactly as a dump would read it.
-    pub fn absorb_filter(&mut self, f: &Filter, end: End) {
-        self.forget_filter(f.priority, f.handle);
-        let entry = FilterEntry {
-            filter: f.clone(),
-            chain: None,
-        };
-        if !self.recognise(&entry, end) {
-            self.unrecognised.push(entry);
-        }
-    }
-
-    /// Drops what is recorded at `priority` and `handle`; handle 0 is the whole priority.
-    pub fn forget_filter(&mut self, priority: u16, handle: u32) {
-        let gone = |f: &Filter| f.priority == priority && (handle == 0 || f.handle == handle);
-        self.nodes.retain(|n| !gone(&n.entry.filter));
-        self.listeners.retain(|n| !gone(&n.entry.filter));
-        self.unrecognised.retain(|e| !gone(&e.filter));
-        self.links
-            .retain(|p, e| !(*p == priority && gone(&e.filter)));
-        if handle == 0 || shaping::table_of_priority(priority).0 == handle {
-            self.tables.remove(&priority);
-        }
-        if self.baseline.as_ref().is_some_and(|b| gone(&b.filter)) {
-            self.baseline = None;
-        }
     }
 }

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use crate::netlink::action::Action;
-use crate::netlink::htb::bytes_for;
+use crate::netlink::htb::{burst_for_tc, HtbQdisc};
 use crate::netlink::nft::{NftOp, NftRule};
 use crate::netlink::tc::{Class, ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
 use crate::netlink::u32::{End, Family, U32Filter};
@@ -180,10 +180,16 @@ fn render_tc(op: Op, dev: &str, object: &TcObject, redirect_to: Option<&Dev>) ->
             let (place, kind) = match &q.kind {
                 QdiscKind::Clsact => (String::new(), "clsact".to_string()),
                 QdiscKind::Ingress => (String::new(), "ingress".to_string()),
-                QdiscKind::Htb(h) => (
-                    format!("root handle {} ", q.handle),
-                    format!("htb default {:x}", h.default_class),
-                ),
+                QdiscKind::Htb(h) => {
+                    let mut kind = format!("htb default {:x}", h.default_class);
+                    if h.r2q != HtbQdisc::default().r2q {
+                        let _ = write!(kind, " r2q {}", h.r2q);
+                    }
+                    if let Some(qlen) = h.direct_qlen {
+                        let _ = write!(kind, " direct_qlen {qlen}");
+                    }
+                    (format!("root handle {} ", q.handle), kind)
+                }
                 QdiscKind::Other { kind, .. } => {
                     (format!("root handle {} ", q.handle), kind.clone())
                 }
@@ -212,8 +218,8 @@ fn render_tc(op: Op, dev: &str, object: &TcObject, redirect_to: Option<&Dev>) ->
                     " htb rate {}bps ceil {}bps burst {}b cburst {}b quantum {}",
                     h.rate,
                     h.ceil,
-                    bytes_for(h.rate, h.buffer),
-                    bytes_for(h.ceil, h.cbuffer),
+                    burst_for_tc(h.rate, h.buffer),
+                    burst_for_tc(h.ceil, h.cbuffer),
                     h.quantum
                 );
             }

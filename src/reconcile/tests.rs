@@ -12,13 +12,18 @@ use crate::netlink::tc::{ClassEntry, FilterEntry, QdiscEntry};
 const DEV: u32 = 5;
 const IFB: u32 = 9;
 
-/// Applies steps the way the kernel would, for the objects raylimit makes.
+/// Applies steps the way the kernel would, for the objects raylimit makes, and refuses what the
+/// kernel refuses (a node in a missing table, a linked table's delete, a duplicate).
 #[derive(Default)]
 struct FakeKernel {
     device: DeviceTc,
     ifb: Option<DeviceTc>,
+    /// u32 tables of deleted priorities the kernel keeps (invisible) while another u32 priority
+    /// shares the qdisc: (ifindex, table id).
+    orphans: BTreeSet<(u32, u32)>,
     nft: crate::netlink::nft::NftState,
     next_handle: u64,
+    next_root_table: u32,
 }
 
 impl FakeKernel {
@@ -72,6 +77,7 @@ impl FakeKernel {
                                 if q.handle == shaping::root_handle() {
                                     tc.classes.clear();
                                     tc.filters.retain(|f| f.filter.parent != q.handle);
+                                    self.orphans.retain(|(i, _)| *i != ifindex);
                                 }
                             } else {
                                 tc.qdiscs.push(QdiscEntry {
@@ -94,30 +100,174 @@ impl FakeKernel {
                         }
                         TcObject::Filter(mut f) => {
                             f.ifindex = ifindex;
-                            if *op == Op::Delete && f.handle == 0 {
-                                tc.filters.retain(|e| e.filter.priority != f.priority);
-                                continue;
-                            }
-                            // A node given without a table lands in the priority's root table.
-                            let mut h = U32Handle(f.handle);
-                            if matches!(f.kind, FilterKind::U32(_)) && h.table() == 0 {
-                                h = U32Handle::new(0x800, 0, h.node());
-                                f.handle = h.0;
-                            }
-                            tc.filters.retain(|e| {
-                                !(e.filter.priority == f.priority && e.filter.handle == f.handle)
-                            });
-                            if *op != Op::Delete {
-                                tc.filters.push(FilterEntry {
-                                    filter: f.canonical(),
-                                    chain: Some(0),
-                                });
-                            }
+                            self.filter_op(dev, *op, f, s.exists_ok);
                         }
                     }
                 }
             }
         }
+    }
+
+    /// A tc filter operation, with u32's rules for tables, links and root tables.
+    fn filter_op(&mut self, dev: &Dev, op: Op, mut f: Filter, exists_ok: bool) {
+        let ifindex = f.ifindex;
+        let root_id = self.next_root_table;
+        let tc = self.tc_mut(dev);
+        let at =
+            |e: &FilterEntry, prio: u16, h: u32| e.filter.priority == prio && e.filter.handle == h;
+        let is_table =
+            |e: &FilterEntry| matches!(&e.filter.kind, FilterKind::U32(u) if u.divisor.is_some());
+        let u32_prios = |tc: &DeviceTc| -> BTreeSet<u16> {
+            tc.filters
+                .iter()
+                .filter(|e| matches!(e.filter.kind, FilterKind::U32(_)))
+                .map(|e| e.filter.priority)
+                .collect()
+        };
+        if op == Op::Delete && f.handle == 0 {
+            let found = tc.filters.iter().any(|e| e.filter.priority == f.priority);
+            assert!(found || exists_ok, "ENOENT: priority {}", f.priority);
+            // The priority's own tables stay behind while another u32 priority remains.
+            let others = u32_prios(tc).len() > 1;
+            let left: Vec<u32> = tc
+                .filters
+                .iter()
+                .filter(|e| e.filter.priority == f.priority && is_table(e))
+                .map(|e| U32Handle(e.filter.handle).table())
+                .filter(|t| *t < U32Handle::ROOT_TABLE)
+                .collect();
+            tc.filters.retain(|e| e.filter.priority != f.priority);
+            if others {
+                self.orphans.extend(left.into_iter().map(|t| (ifindex, t)));
+            } else {
+                self.orphans.retain(|(i, _)| *i != ifindex);
+            }
+            return;
+        }
+        let FilterKind::U32(u) = &f.kind else {
+            tc.filters.retain(|e| !at(e, f.priority, f.handle));
+            if op != Op::Delete {
+                tc.filters.push(FilterEntry {
+                    filter: f,
+                    chain: Some(0),
+                });
+            }
+            return;
+        };
+        let mut h = U32Handle(f.handle);
+        // A node given without a table lands in the priority's root table, made with the priority.
+        let root = tc
+            .filters
+            .iter()
+            .find(|e| {
+                e.filter.priority == f.priority
+                    && is_table(e)
+                    && U32Handle(e.filter.handle).table() >= U32Handle::ROOT_TABLE
+            })
+            .map(|e| U32Handle(e.filter.handle).table());
+        if h.table() == 0 && !h.is_table() {
+            let Some(root) = root else {
+                assert!(
+                    op != Op::Delete || exists_ok,
+                    "ENOENT: no priority {}",
+                    f.priority
+                );
+                if op == Op::Delete {
+                    return;
+                }
+                // Created below, with the priority.
+                h = U32Handle::new(0x800 + root_id, 0, h.node());
+                f.handle = h.0;
+                return self.create_with_root(dev, f, root_id);
+            };
+            h = U32Handle::new(root, 0, h.node());
+            f.handle = h.0;
+        }
+        let tables: BTreeSet<u32> = tc
+            .filters
+            .iter()
+            .filter(|e| is_table(e))
+            .map(|e| U32Handle(e.filter.handle).table())
+            .collect();
+        let exists = tc.filters.iter().any(|e| at(e, f.priority, h.0));
+        match op {
+            Op::Delete => {
+                assert!(exists || exists_ok, "ENOENT: {}", f);
+                if h.is_table() {
+                    let linked = tc
+                        .filters
+                        .iter()
+                        .any(|e| matches!(&e.filter.kind, FilterKind::U32(n) if n.link == Some(h)));
+                    assert!(!linked, "EBUSY: table {h} is linked to");
+                    tc.filters.retain(|e| {
+                        U32Handle(e.filter.handle).table() != h.table()
+                            || e.filter.priority != f.priority
+                    });
+                } else {
+                    tc.filters.retain(|e| !at(e, f.priority, h.0));
+                }
+                // The kernel drops the only u32 priority of a qdisc with its last node.
+                let prios = u32_prios(tc);
+                let knodes = tc
+                    .filters
+                    .iter()
+                    .any(|e| !is_table(e) && matches!(e.filter.kind, FilterKind::U32(_)));
+                if prios.len() == 1 && !knodes {
+                    tc.filters
+                        .retain(|e| !matches!(e.filter.kind, FilterKind::U32(_)));
+                    self.orphans.retain(|(i, _)| *i != ifindex);
+                }
+            }
+            _ => {
+                if h.is_table() {
+                    assert!(
+                        !self.orphans.contains(&(ifindex, h.table())),
+                        "EEXIST: orphaned table {h}"
+                    );
+                    assert!(
+                        !tables.contains(&h.table()) || exists_ok,
+                        "EEXIST: table {h}"
+                    );
+                } else {
+                    assert!(tables.contains(&h.table()), "EINVAL: no table for {}", f);
+                    if let Some(l) = u.link {
+                        assert!(tables.contains(&l.table()), "EINVAL: link to missing {l}");
+                    }
+                    assert!(op != Op::Create || !exists || exists_ok, "EEXIST: {}", f);
+                }
+                if op == Op::Create && exists {
+                    return;
+                }
+                if root.is_none() {
+                    return self.create_with_root(dev, f, root_id);
+                }
+                let tc = self.tc_mut(dev);
+                tc.filters.retain(|e| !at(e, f.priority, h.0));
+                tc.filters.push(FilterEntry {
+                    filter: f.canonical(),
+                    chain: Some(0),
+                });
+            }
+        }
+    }
+
+    /// Creates the first filter of a u32 priority, with the root table the kernel gives it.
+    fn create_with_root(&mut self, dev: &Dev, f: Filter, root_id: u32) {
+        self.next_root_table += 1;
+        let root = Filter {
+            handle: U32Handle::new(0x800 + root_id, 0, 0).0,
+            kind: FilterKind::U32(U32Filter::table(1)),
+            ..f.clone()
+        };
+        let tc = self.tc_mut(dev);
+        tc.filters.push(FilterEntry {
+            filter: root,
+            chain: Some(0),
+        });
+        tc.filters.push(FilterEntry {
+            filter: f.canonical(),
+            chain: Some(0),
+        });
     }
 
     fn nft_op(&mut self, op: &crate::netlink::nft::NftOp) {
@@ -260,17 +410,17 @@ fn baseline_and_specific_rules_coexist_and_remove_independently() {
     let obs = k.observe(dl);
     let shaped = obs.shaped.as_ref().unwrap();
     assert!(shaped.baseline.is_some());
-    assert_eq!(shaped.nodes.len(), 2);
+    assert_eq!(shaped.node_count(), 2);
     let unlimited = shaped.ip_node("10.0.0.2".parse().unwrap()).unwrap();
     assert_eq!(unlimited.classid, Some(shaping::root_handle()));
 
     let d = run(&mut k, &ctx("10.0.0.2", dl, Want::Remove));
     assert!(!names(&d).contains(&"delete-root-qdisc"));
-    assert!(names(&d).contains(&"delete-address-band"));
+    assert!(names(&d).contains(&"delete-priority"));
     let after = k.observe(dl);
     let s = after.shaped.as_ref().unwrap();
     assert!(s.baseline.is_some());
-    assert_eq!(s.nodes.len(), 1);
+    assert_eq!(s.node_count(), 1);
     assert_eq!(
         decide(&ctx("all", dl, Want::Limit(500_000)), &after).kind,
         DecisionKind::NoOp
@@ -353,10 +503,9 @@ fn a_user_is_one_class_with_a_node_per_address_that_follows_its_clients() {
     let minor = first.expected_class.unwrap().minor();
     let obs = k.observe(Direction::Download);
     let s = obs.shaped.as_ref().unwrap();
-    assert_eq!(s.nodes.len(), 2);
+    assert_eq!(s.node_count(), 2);
     assert!(s
-        .nodes
-        .iter()
+        .nodes()
         .all(|n| n.band == Band::User && n.classid == first.expected_class));
     assert_eq!(k.device.classes.len(), 1);
 
@@ -385,7 +534,15 @@ fn a_user_is_one_class_with_a_node_per_address_that_follows_its_clients() {
     assert_eq!(moved.kind, DecisionKind::Replace);
     assert_eq!(
         names(&moved),
-        ["create-filter", "delete-filter", "delete-address-band"]
+        [
+            "create-filter",
+            "delete-filter",
+            "delete-bucket-link",
+            "delete-bucket-table",
+            "delete-address-link",
+            "delete-address-table",
+            "delete-priority"
+        ]
     );
     assert!(
         moved.reason.contains("fd00::2 has left"),
@@ -436,7 +593,7 @@ fn a_connection_matches_address_and_port_and_wins_over_its_ip() {
         assert_eq!(c.kind, DecisionKind::Apply);
         let obs = k.observe(direction);
         let s = obs.shaped.as_ref().unwrap();
-        let node = s.nodes.iter().find(|n| n.band == Band::Connection).unwrap();
+        let node = s.nodes().find(|n| n.band == Band::Connection).unwrap();
         assert_eq!(node.matched.port, Some(40000));
         assert!(
             node.entry.filter.priority
@@ -451,10 +608,10 @@ fn a_connection_matches_address_and_port_and_wins_over_its_ip() {
             DecisionKind::NoOp
         );
         let gone = run(&mut k, &conn(Want::Remove));
-        assert!(names(&gone).contains(&"delete-address-band"));
+        assert!(names(&gone).contains(&"delete-priority"));
         assert!(!names(&gone).contains(&"delete-root-qdisc"));
         let left = k.observe(direction);
-        assert_eq!(left.shaped.as_ref().unwrap().nodes.len(), 1);
+        assert_eq!(left.shaped.as_ref().unwrap().node_count(), 1);
     }
 }
 
@@ -595,4 +752,285 @@ fn an_outbound_is_a_class_and_an_nft_rule_on_the_remote_facing_egress() {
     );
     assert!(d.blocked.unwrap().contains("act_connmark"));
     assert!(d.steps.is_empty());
+}
+
+fn ip_limit(ip: &str) -> Context {
+    ctx(ip, Direction::Download, Want::Limit(1000))
+}
+
+fn ip_remove(ip: &str) -> Context {
+    ctx(ip, Direction::Download, Want::Remove)
+}
+
+#[test]
+fn a_client_in_a_new_first_level_bucket_brings_its_table_and_link() {
+    let mut k = FakeKernel::default();
+    let first = run(&mut k, &ip_limit("10.0.5.2"));
+    assert_eq!(
+        names(&first),
+        [
+            "create-root-qdisc",
+            "create-class",
+            "create-address-table",
+            "create-address-link",
+            "create-bucket-table",
+            "create-bucket-link",
+            "create-filter"
+        ]
+    );
+    // The same first-level bucket (second-to-last byte 5): only its class and node.
+    let same = run(&mut k, &ip_limit("10.0.5.3"));
+    assert_eq!(names(&same), ["create-class", "create-filter"]);
+    // The same last byte in another first-level bucket: a table and link of its own.
+    let other = run(&mut k, &ip_limit("10.0.6.2"));
+    assert_eq!(
+        names(&other),
+        [
+            "create-class",
+            "create-bucket-table",
+            "create-bucket-link",
+            "create-filter"
+        ]
+    );
+    let obs = k.observe(Direction::Download);
+    let s = obs.shaped.as_ref().unwrap();
+    assert!(s.unrecognised.is_empty(), "{:?}", s.unrecognised);
+    let prio = Band::Ip.priority(Family::V4);
+    assert_eq!(
+        s.bucket_tables,
+        [(prio, 5), (prio, 6)].into_iter().collect::<BTreeSet<_>>()
+    );
+    let handle = |ip: &str| s.ip_node(ip.parse().unwrap()).unwrap().handle();
+    assert_eq!(
+        handle("10.0.5.2").table_and_bucket(),
+        U32Handle::new(0x505, 2, 0)
+    );
+    assert_eq!(
+        handle("10.0.5.3").table_and_bucket(),
+        U32Handle::new(0x505, 3, 0)
+    );
+    assert_eq!(
+        handle("10.0.6.2").table_and_bucket(),
+        U32Handle::new(0x506, 2, 0)
+    );
+    for ip in ["10.0.5.2", "10.0.5.3", "10.0.6.2"] {
+        assert_eq!(run(&mut k, &ip_limit(ip)).kind, DecisionKind::NoOp);
+    }
+}
+
+#[test]
+fn the_last_client_of_a_bucket_takes_its_link_and_table_and_the_last_of_a_band_the_band() {
+    let mut k = FakeKernel::default();
+    for ip in ["10.0.5.2", "10.0.5.3", "10.0.6.2"] {
+        run(&mut k, &ip_limit(ip));
+    }
+    let alone = run(&mut k, &ip_remove("10.0.6.2"));
+    assert_eq!(
+        names(&alone),
+        [
+            "delete-filter",
+            "delete-bucket-link",
+            "delete-bucket-table",
+            "delete-class"
+        ]
+    );
+    let shared = run(&mut k, &ip_remove("10.0.5.3"));
+    assert_eq!(names(&shared), ["delete-filter", "delete-class"]);
+    let last = run(&mut k, &ip_remove("10.0.5.2"));
+    assert_eq!(
+        names(&last),
+        [
+            "delete-filter",
+            "delete-bucket-link",
+            "delete-bucket-table",
+            "delete-address-link",
+            "delete-address-table",
+            "delete-priority",
+            "delete-class",
+            "delete-root-qdisc"
+        ]
+    );
+    assert!(k.device.qdiscs.is_empty() && k.device.filters.is_empty());
+}
+
+#[test]
+fn a_band_removed_beside_another_leaves_no_table_behind_and_comes_back() {
+    // The kernel keeps a deleted u32 priority's tables while another u32 priority shares the
+    // qdisc (FakeKernel refuses to create them again): the band's tables are deleted one by one.
+    let mut k = FakeKernel::default();
+    let conn = Context {
+        request: Request {
+            subject: Subject::Connection("10.0.0.2:40000".parse().unwrap()),
+            ..ip_limit("10.0.0.2").request
+        },
+        ..ip_limit("10.0.0.2")
+    };
+    run(&mut k, &conn);
+    for _ in 0..2 {
+        run(&mut k, &ip_limit("10.0.7.9"));
+        run(&mut k, &ip_limit("fd00::1:709"));
+        let v6 = run(&mut k, &ip_remove("fd00::1:709"));
+        assert!(names(&v6).contains(&"delete-address-table"));
+        run(&mut k, &ip_remove("10.0.7.9"));
+        assert!(k.orphans.is_empty(), "{:?}", k.orphans);
+        let obs = k.observe(Direction::Download);
+        let s = obs.shaped.as_ref().unwrap();
+        assert_eq!(s.node_count(), 1);
+        assert!(s
+            .bucket_tables
+            .iter()
+            .all(|(p, _)| *p == shaping::BAND_CONNECTION));
+    }
+}
+
+#[test]
+fn a_user_spread_over_buckets_keeps_a_bucket_another_of_its_addresses_takes() {
+    let mut k = FakeKernel::default();
+    let first = run(
+        &mut k,
+        &user_ctx("u1", &["10.0.1.2", "10.0.2.2"], Want::Limit(1000), None),
+    );
+    let minor = first.expected_class.map(|c| c.minor());
+    // 10.0.2.2 leaves and 10.0.2.3 arrives in the same first-level bucket: no table changes.
+    let moved = run(
+        &mut k,
+        &user_ctx("u1", &["10.0.1.2", "10.0.2.3"], Want::Limit(1000), minor),
+    );
+    assert_eq!(names(&moved), ["create-filter", "delete-filter"]);
+    let removed = run(&mut k, &user_ctx("u1", &[], Want::Remove, minor));
+    assert!(names(&removed).contains(&"delete-root-qdisc"));
+    assert!(k.device.filters.is_empty());
+}
+
+/// Every filter a kernel holds, as `absorb_filter` would be given them.
+fn managed_filters(tc: &DeviceTc) -> Vec<Filter> {
+    tc.filters
+        .iter()
+        .filter(|e| e.filter.handle != 0 && e.filter.parent == shaping::root_handle())
+        .map(|e| e.filter.clone())
+        .collect()
+}
+
+fn busy_kernel() -> FakeKernel {
+    let mut k = FakeKernel::default();
+    let dl = Direction::Download;
+    run(&mut k, &ctx("all", dl, Want::Limit(500_000)));
+    for ip in ["10.0.5.2", "10.0.5.3", "10.0.6.2", "fd00::1:502"] {
+        run(&mut k, &ip_limit(ip));
+    }
+    run(&mut k, &ctx("10.0.9.9", dl, Want::Unlimited));
+    run(
+        &mut k,
+        &user_ctx("u1", &["10.0.1.2", "fd00::7"], Want::Limit(1000), None),
+    );
+    let conn = Context {
+        request: Request {
+            subject: Subject::Connection("10.0.0.2:40000".parse().unwrap()),
+            ..ip_limit("10.0.0.2").request
+        },
+        ..ip_limit("10.0.0.2")
+    };
+    run(&mut k, &conn);
+    let inbound = Context {
+        request: Request {
+            subject: Subject::Inbound {
+                tag: "in".into(),
+                address: None,
+                port: 10086,
+            },
+            ..ip_limit("10.0.0.2").request
+        },
+        ..ip_limit("10.0.0.2")
+    };
+    run(&mut k, &inbound);
+    k
+}
+
+#[test]
+fn absorbing_the_dumped_filters_gives_what_read_gives() {
+    let k = busy_kernel();
+    let end = shaping::client_end(Direction::Download);
+    let read = ShapedRoot::read(&k.device, end);
+    assert!(read.unrecognised.is_empty(), "{:?}", read.unrecognised);
+    assert_eq!(read.node_count(), 8);
+    let mut bare = k.device.clone();
+    bare.filters.clear();
+    let mut absorbed = ShapedRoot::read(&bare, end);
+    for f in managed_filters(&k.device) {
+        absorbed.absorb_filter(&f, end);
+    }
+    assert_eq!(absorbed, read);
+    // Absorbing a filter again replaces it; a foreign one is kept as unrecognised.
+    for f in managed_filters(&k.device) {
+        absorbed.absorb_filter(&f, end);
+    }
+    assert_eq!(absorbed, read);
+    let mut foreign = managed_filters(&k.device)
+        .into_iter()
+        .find(|f| classid_of(f).is_some())
+        .unwrap();
+    foreign.priority = 350;
+    absorbed.absorb_filter(&foreign, end);
+    assert_eq!(absorbed.foreign_in_bands().len(), 1);
+    absorbed.forget_filter(350, foreign.handle);
+    assert_eq!(absorbed, read);
+}
+
+#[test]
+fn absorbing_a_plan_and_forgetting_its_deletes_tracks_the_kernel() {
+    let mut k = busy_kernel();
+    let end = shaping::client_end(Direction::Download);
+    let mut tracked = ShapedRoot::read(&k.device, end);
+    // Limits in known and new buckets, a change, removals that empty a bucket and a band.
+    for c in [
+        ip_limit("10.0.5.4"),
+        ip_limit("10.0.8.1"),
+        ip_limit("fd00::2:1"),
+        ctx("10.0.5.2", Direction::Download, Want::Unlimited),
+        ip_remove("10.0.6.2"),
+        ip_remove("fd00::1:502"),
+        ip_remove("fd00::2:1"),
+        user_ctx("u1", &[], Want::Remove, None),
+    ] {
+        let mut obs = k.observe(Direction::Download);
+        obs.shaped = Some(tracked.clone());
+        let d = decide(&c, &obs);
+        assert!(d.blocked.is_none(), "{:?}", d.blocked);
+        k.apply(&d.steps);
+        for step in &d.steps {
+            if let Operation::Tc {
+                op,
+                object: TcObject::Filter(f),
+                ..
+            } = &step.action
+            {
+                match op {
+                    Op::Delete => tracked.forget_filter(f.priority, f.handle),
+                    _ => tracked.absorb_filter(f, end),
+                }
+            }
+        }
+        let read = ShapedRoot::read(&k.device, end);
+        tracked.classes = read.classes.clone();
+        assert_eq!(tracked, read, "after {}", c.request.subject);
+    }
+}
+
+#[test]
+fn a_link_hashing_on_another_byte_is_not_raylimits() {
+    let mut k = FakeKernel::default();
+    run(&mut k, &ip_limit("10.0.5.2"));
+    let end = shaping::client_end(Direction::Download);
+    for f in &mut k.device.filters {
+        if let FilterKind::U32(u) = &mut f.filter.kind {
+            if let Some(sel) = u.selector.as_mut().filter(|s| s.hmask == 0xff) {
+                sel.hmask = 0xff00;
+            }
+        }
+    }
+    let s = ShapedRoot::read(&k.device, end);
+    assert!(s.bucket_links.is_empty());
+    assert_eq!(s.foreign_in_bands().len(), 1);
+    let d = decide(&ip_limit("10.0.5.2"), &k.observe(Direction::Download));
+    assert!(d.blocked.unwrap().contains("did not make"));
 }

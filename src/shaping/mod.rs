@@ -7,14 +7,20 @@
 //! ```text
 //! qdisc htb 524c: root default 0            (unclassified traffic passes unshaped)
 //!   class 524c:<minor> rate=ceil=R           one per limited subject
-//!   pref 300 protocol ip   u32 table 12c: (256 buckets, keyed on the address's last byte)
-//!                          link node: every IPv4 packet -> 12c:<last byte of address>
-//!                          nodes 12c:<bucket>:<id>: one per client address -> its class
-//!   pref 301 protocol ipv6 the same for IPv6, table 12d:
+//!   pref 300 protocol ip   u32, two-level hashed on the client address:
+//!                          table 5: (256 buckets), keyed on the address's second-to-last byte
+//!                          root link: every IPv4 packet -> 5:<second-to-last byte>
+//!                          per occupied bucket B: table 5BB: (256 buckets, id 0x500 + B),
+//!                            keyed on the last byte, and the link 5:B:1 -> 5BB:<last byte>
+//!                          nodes 5BB:<last byte>:<id>: one per client address -> its class
+//!   pref 301 protocol ipv6 the same for IPv6 (bytes 14 and 15), tables 6: and 6BB:
 //!   pref 100/101, 200/201  the connection and uuid bands: the same hashed tables; a connection's
 //!                          node also matches the client port, a user's nodes share one class
 //!   pref 400 protocol all  the `--ip all` baseline: matchall (or a u32 catch-all) -> its class
 //! ```
+//!
+//! Two levels keep the work per packet flat: a packet walks one link per level and then the
+//! few nodes of its own (second-to-last, last byte) bucket, however many clients are limited.
 //!
 //! Priorities come in bands in the precedence order of DESIGN.md §3 (lower runs first, first
 //! match wins): connection 100, uuid 200, specific ip 300, baseline 400, inbound 500, outbound
@@ -22,7 +28,6 @@
 //! baseline, and the unlimited exception is a specific-IP node whose class is the root itself
 //! (`524c:0`), which HTB sends through its direct queue.
 
-use std::collections::BTreeSet;
 use std::net::IpAddr;
 
 use crate::netlink::action::Action;
@@ -48,10 +53,13 @@ pub const BAND_IP_SPECIFIC: u16 = 300;
 pub const BAND_IP_BASELINE: u16 = 400;
 pub const BAND_INBOUND: u16 = 500;
 pub const BAND_OUTBOUND: u16 = 600;
-/// Buckets of a client-address table: one per value of the address's last byte.
+/// Buckets of a client-address table: one per value of an address byte.
 pub const ADDRESS_BUCKETS: u32 = 256;
-/// The node id of the one link node in a band's root table.
+/// The node id of a link node: the one in a band's root table, and the one in each occupied
+/// bucket of its first-level table.
 const LINK_NODE: u32 = 1;
+/// Second-level table ids start here (first-level ones are 1..=6, below).
+const SECOND_LEVEL_BASE: u32 = 0x100;
 /// Class minors raylimit allocates from (below: reserved; above: room for the kernel's own).
 const MINOR_FIRST: u16 = 0x0100;
 const MINOR_LAST: u16 = 0xfeff;
@@ -131,6 +139,12 @@ impl Band {
     pub fn has_port(self) -> bool {
         self == Band::Connection
     }
+
+    /// 0..=5, one per band and family: numbers the band's u32 tables.
+    fn slot(self, family: Family) -> u32 {
+        let band = Band::ALL.iter().position(|b| *b == self).unwrap_or(0) as u32;
+        2 * band + u32::from(family == Family::V6)
+    }
 }
 
 /// What one node of a client band matches: the client address, and for a connection its port.
@@ -167,10 +181,50 @@ fn ethertype(family: Family) -> u16 {
     }
 }
 
-/// The u32 table of a band is numbered after its priority, below the ids the kernel allocates
-/// itself (0x800 and up), so its handle is known before it exists.
-pub fn table_of_priority(priority: u16) -> U32Handle {
-    U32Handle::new(priority as u32, 0, 0)
+/// u32 table ids are 12 bits, shared by every u32 priority on the qdisc, and the kernel numbers
+/// each priority's own root table from 0x800 up. raylimit's tables stay below 0x800, so their
+/// handles are known before they exist and never collide: a band's first-level table is
+/// 1 + slot (0x001..=0x006).
+pub fn first_level_table(band: Band, family: Family) -> U32Handle {
+    U32Handle::new(1 + band.slot(family), 0, 0)
+}
+
+/// The second-level table behind first-level bucket `byte`: 0x100 + 256 * slot + byte
+/// (0x100..=0x6ff).
+pub fn second_level_table(band: Band, family: Family, byte: u32) -> U32Handle {
+    U32Handle::new(
+        SECOND_LEVEL_BASE + ADDRESS_BUCKETS * band.slot(family) + (byte & 0xff),
+        0,
+        0,
+    )
+}
+
+/// The band, family and first-level bucket a second-level table id stands for.
+pub fn second_level_of(table: u32) -> Option<(Band, Family, u32)> {
+    let slot = table.checked_sub(SECOND_LEVEL_BASE)? / ADDRESS_BUCKETS;
+    Band::ALL.into_iter().find_map(|b| {
+        [Family::V4, Family::V6]
+            .into_iter()
+            .find(|f| b.slot(*f) == slot)
+            .map(|f| (b, f, table % ADDRESS_BUCKETS))
+    })
+}
+
+/// The two bytes a client address is hashed on: the second-to-last (first level) and the last
+/// (second level).
+pub fn hash_bytes(ip: IpAddr) -> (u32, u32) {
+    let (a, b) = match ip {
+        IpAddr::V4(a) => (a.octets()[2], a.octets()[3]),
+        IpAddr::V6(a) => (a.octets()[14], a.octets()[15]),
+    };
+    (a as u32, b as u32)
+}
+
+/// Where a client's nodes live in a band: its second-level table and bucket.
+pub fn client_place(band: Band, ip: IpAddr) -> U32Handle {
+    let (first, last) = hash_bytes(ip);
+    let table = second_level_table(band, family_of(ip), first).table();
+    U32Handle::new(table, last, 0)
 }
 
 /// Packets HTB's direct queue holds: unclassified and unlimited traffic goes there unshaped, and
@@ -218,20 +272,40 @@ pub fn same_shaping(a: &HtbClass, b: &HtbClass) -> bool {
         == (b.rate, b.ceil, b.buffer, b.cbuffer, b.quantum)
 }
 
-/// The client-address table of a band.
-pub fn band_table(ifindex: u32, band: Band, family: Family) -> Filter {
-    let priority = band.priority(family);
+fn band_filter(
+    ifindex: u32,
+    band: Band,
+    family: Family,
+    handle: U32Handle,
+    u: U32Filter,
+) -> Filter {
     Filter {
         ifindex,
         parent: root_handle(),
-        priority,
+        priority: band.priority(family),
         protocol: ethertype(family),
-        handle: table_of_priority(priority).0,
-        kind: FilterKind::U32(U32Filter::table(ADDRESS_BUCKETS)),
+        handle: handle.0,
+        kind: FilterKind::U32(u),
     }
 }
 
-/// Offset of the 32-bit word holding the last byte of the client address.
+/// The first-level table of a band.
+pub fn band_table(ifindex: u32, band: Band, family: Family) -> Filter {
+    address_table(ifindex, band, family, first_level_table(band, family))
+}
+
+/// The second-level table behind first-level bucket `byte`.
+pub fn bucket_table(ifindex: u32, band: Band, family: Family, byte: u32) -> Filter {
+    let table = second_level_table(band, family, byte);
+    address_table(ifindex, band, family, table)
+}
+
+fn address_table(ifindex: u32, band: Band, family: Family, table: U32Handle) -> Filter {
+    let u = U32Filter::table(ADDRESS_BUCKETS);
+    band_filter(ifindex, band, family, table, u)
+}
+
+/// Offset of the 32-bit word holding the last two bytes of the client address.
 fn last_address_word(family: Family, end: End) -> i16 {
     match (family, end) {
         (Family::V4, End::Source) => 12,
@@ -241,35 +315,48 @@ fn last_address_word(family: Family, end: End) -> i16 {
     }
 }
 
-/// The node in the band's root table that sends every packet of the family to the bucket of its
-/// client address's last byte. Created with node id 1 in whatever root table the kernel gave the
-/// band; its full handle is known only from a dump.
-pub fn band_link(ifindex: u32, band: Band, family: Family, end: End) -> Filter {
-    let priority = band.priority(family);
+/// A node every packet of its bucket matches, sending it on into `link`, hashed on the byte of
+/// the address word that `hmask` selects (network order: 0x0000ff00 is the second-to-last byte,
+/// 0x000000ff the last; the kernel shifts the masked value down to a bucket number).
+fn link_node(
+    ifindex: u32,
+    band: Band,
+    family: Family,
+    end: End,
+    handle: U32Handle,
+    link: U32Handle,
+    hmask: u32,
+) -> Filter {
     let mut selector = U32Selector::default();
     selector.catch_all();
-    selector.hmask = 0xff;
+    selector.hmask = hmask;
     selector.hoff = last_address_word(family, end);
-    Filter {
-        ifindex,
-        parent: root_handle(),
-        priority,
-        protocol: ethertype(family),
-        handle: U32Handle::new(0, 0, LINK_NODE).0,
-        kind: FilterKind::U32(U32Filter {
-            link: Some(table_of_priority(priority)),
-            selector: Some(selector),
-            ..Default::default()
-        }),
-    }
+    let hash = (handle.table() != 0).then(|| handle.table_and_bucket());
+    let u = U32Filter {
+        link: Some(link),
+        hash,
+        selector: Some(selector),
+        ..Default::default()
+    };
+    band_filter(ifindex, band, family, handle, u)
 }
 
-/// The bucket a client address lands in: its last byte.
-pub fn bucket_of(ip: IpAddr) -> u32 {
-    match ip {
-        IpAddr::V4(a) => a.octets()[3] as u32,
-        IpAddr::V6(a) => a.octets()[15] as u32,
-    }
+/// The node in the band's root table that sends every packet of the family into the first-level
+/// table, at the bucket of its client address's second-to-last byte. Created with node id 1 in
+/// whatever root table the kernel gave the band; its full handle is known only from a dump.
+pub fn band_link(ifindex: u32, band: Band, family: Family, end: End) -> Filter {
+    let handle = U32Handle::new(0, 0, LINK_NODE);
+    let link = first_level_table(band, family);
+    link_node(ifindex, band, family, end, handle, link, 0x0000_ff00)
+}
+
+/// The node in first-level bucket `byte` that sends its packets into that bucket's second-level
+/// table, at the bucket of the address's last byte.
+pub fn bucket_link(ifindex: u32, band: Band, family: Family, end: End, byte: u32) -> Filter {
+    let table = first_level_table(band, family).table();
+    let handle = U32Handle::new(table, byte, LINK_NODE);
+    let link = second_level_table(band, family, byte);
+    link_node(ifindex, band, family, end, handle, link, 0x0000_00ff)
 }
 
 /// The selector matching one client (address, and port when given) at `end`.
@@ -285,8 +372,8 @@ pub fn client_selector(m: ClientMatch, end: End) -> U32Selector {
     s
 }
 
-/// One client's node in a band: in its bucket, with an explicit node id, to `classid` (a leaf,
-/// or the root itself for the unlimited exception).
+/// One client's node in a band: in its second-level bucket, with an explicit node id, to
+/// `classid` (a leaf, or the root itself for the unlimited exception).
 pub fn client_node(
     ifindex: u32,
     band: Band,
@@ -295,20 +382,11 @@ pub fn client_node(
     node: u32,
     classid: TcHandle,
 ) -> Filter {
-    let family = family_of(m.ip);
-    let priority = band.priority(family);
-    let table = table_of_priority(priority).table();
-    let handle = U32Handle::new(table, bucket_of(m.ip), node);
+    let place = client_place(band, m.ip);
+    let handle = U32Handle::new(place.table(), place.bucket(), node);
     let mut u = U32Filter::to_class(client_selector(m, end), classid);
-    u.hash = Some(handle.table_and_bucket());
-    Filter {
-        ifindex,
-        parent: root_handle(),
-        priority,
-        protocol: ethertype(family),
-        handle: handle.0,
-        kind: FilterKind::U32(u),
-    }
+    u.hash = Some(place);
+    band_filter(ifindex, band, family_of(m.ip), handle, u)
 }
 
 /// What a node of a client band matches, if it has that shape: exactly the address keys, plus
@@ -541,21 +619,22 @@ pub fn redirect(ifindex: u32, hook: TcHandle, ifb_ifindex: u32, form: CatchAll) 
 }
 
 /// A class minor for `key`, stable across runs: a hash of the key, probing upward past minors
-/// already in use. Two subjects can never share one, whatever the hash does.
-pub fn allocate_minor(key: &str, used: &BTreeSet<u16>) -> Option<u16> {
+/// `used` says are taken. Two subjects can never share one, whatever the hash does. `used` is a
+/// test, not a set, so a caller with thousands of classes does not copy them for each subject.
+pub fn allocate_minor(key: &str, used: impl Fn(u16) -> bool) -> Option<u16> {
     let span = (MINOR_LAST - MINOR_FIRST) as u32 + 1;
     let start = fnv1a(key) % span;
     (0..span)
         .map(|i| MINOR_FIRST + ((start + i) % span) as u16)
-        .find(|m| !used.contains(m))
+        .find(|m| !used(*m))
 }
 
 /// A node id inside a bucket for `key`, the same way.
-pub fn allocate_node(key: &str, used: &BTreeSet<u32>) -> Option<u32> {
+pub fn allocate_node(key: &str, used: impl Fn(u32) -> bool) -> Option<u32> {
     let start = fnv1a(key) % NODE_LAST;
     (0..NODE_LAST)
         .map(|i| 1 + (start + i) % NODE_LAST)
-        .find(|n| !used.contains(n))
+        .find(|n| !used(*n))
 }
 
 fn fnv1a(key: &str) -> u32 {
@@ -568,6 +647,7 @@ fn fnv1a(key: &str) -> u32 {
 mod tests {
     use super::*;
     use crate::netlink::htb::bytes_for;
+    use std::collections::BTreeSet;
 
     #[test]
     fn bursts_scale_with_the_rate() {
@@ -583,14 +663,39 @@ mod tests {
     #[test]
     fn minors_are_stable_and_never_collide() {
         let mut used = BTreeSet::new();
-        let a = allocate_minor("ip 10.0.0.1", &used).unwrap();
-        assert_eq!(allocate_minor("ip 10.0.0.1", &used), Some(a));
+        let a = allocate_minor("ip 10.0.0.1", |m| used.contains(&m)).unwrap();
+        assert_eq!(
+            allocate_minor("ip 10.0.0.1", |m| used.contains(&m)),
+            Some(a)
+        );
         used.insert(a);
-        let b = allocate_minor("ip 10.0.0.1", &used).unwrap();
+        let b = allocate_minor("ip 10.0.0.1", |m| used.contains(&m)).unwrap();
         assert_ne!(a, b);
         assert!((MINOR_FIRST..=MINOR_LAST).contains(&b));
-        let all: BTreeSet<u16> = (MINOR_FIRST..=MINOR_LAST).collect();
-        assert_eq!(allocate_minor("x", &all), None);
+        assert_eq!(allocate_minor("x", |_| true), None);
+    }
+
+    #[test]
+    fn table_ids_are_distinct_below_the_kernels_own_and_name_their_bucket() {
+        let mut seen = BTreeSet::new();
+        for band in Band::ALL {
+            for family in [Family::V4, Family::V6] {
+                assert!(seen.insert(first_level_table(band, family).table()));
+                for byte in 0..ADDRESS_BUCKETS {
+                    let t = second_level_table(band, family, byte).table();
+                    assert!(seen.insert(t), "{t:x} twice");
+                    assert_eq!(second_level_of(t), Some((band, family, byte)));
+                }
+            }
+        }
+        assert!(seen.iter().all(|t| *t != 0 && *t < U32Handle::ROOT_TABLE));
+        assert_eq!(second_level_of(1), None);
+        assert_eq!(second_level_of(0x700), None);
+        // 10.100.7.2: first-level bucket 7, second-level bucket 2, in the IPv4 ip band (slot 4).
+        let ip: IpAddr = "10.100.7.2".parse().unwrap();
+        assert_eq!(client_place(Band::Ip, ip), U32Handle::new(0x507, 2, 0));
+        let ip6: IpAddr = "fd00::1:a07".parse().unwrap();
+        assert_eq!(client_place(Band::User, ip6), U32Handle::new(0x40a, 7, 0));
     }
 
     #[test]
@@ -655,7 +760,7 @@ mod tests {
                 assert_eq!(listener_match(u, family_of(ip), end), Some(m));
                 assert_eq!(listener_match(u, family_of(ip), other), None);
             }
-            assert_eq!(U32Handle(f.handle).bucket(), bucket_of(ip));
+            assert_eq!(U32Handle(f.handle).bucket(), hash_bytes(ip).1);
         }
     }
 }

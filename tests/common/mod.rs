@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod fake_xray;
+pub mod plans;
 pub mod proxy;
 
 use std::io::{Read, Write};

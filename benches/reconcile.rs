@@ -674,24 +674,25 @@ fn object_key(cmd: &str) -> String {
     }
 }
 
-/// tc's arguments for one rendered command: `tc ` dropped, and the one rendering problem found
-/// so far worked around: a u32 node in the default table is rendered `handle :N`, which tc
-/// reads as bucket N (the kernel then picks node 800); tc's words for node N are `handle ::N`.
-fn tc_words(cmd: &str, fixed: &mut usize) -> Vec<String> {
-    let mut words: Vec<String> = cmd
-        .strip_prefix("tc ")
+/// tc's arguments for one rendered command: `tc ` dropped.
+fn tc_words(cmd: &str) -> Vec<String> {
+    cmd.strip_prefix("tc ")
         .unwrap_or(cmd)
         .split_whitespace()
         .map(str::to_string)
-        .collect();
-    for i in 1..words.len() {
-        let w = &words[i];
-        if words[i - 1] == "handle" && w.starts_with(':') && w.matches(':').count() == 1 {
-            words[i] = format!(":{w}");
-            *fixed += 1;
-        }
-    }
-    words
+        .collect()
+}
+
+/// The plan's commands in the order raylimit sends them (the root, every class, then the
+/// filters), which is also the best order for tc: the kernel walks every filter of the qdisc
+/// for each new class, so classes made before the filters cost N, not N².
+fn kernel_friendly(mut plan: Vec<String>) -> Vec<String> {
+    plan.sort_by_key(|c| match c.split_whitespace().nth(1) {
+        Some("qdisc") => 0,
+        Some("class") => 1,
+        _ => 2,
+    });
+    plan
 }
 
 /// The commands for the baselines: the dry-run plan, duplicates (the shared root and tables,
@@ -719,7 +720,7 @@ fn baseline_commands(
     }
     let conflicts: Vec<_> = by_object.iter().filter(|(_, v)| v.len() > 1).collect();
     if conflicts.is_empty() {
-        return Ok(plan);
+        return Ok(kernel_friendly(plan));
     }
     let (key, cmds) = conflicts[0];
     let note = format!(
@@ -1134,13 +1135,7 @@ fn prepare_baselines(
             return Ok(None);
         }
     };
-    let mut fixed = 0;
-    let words: Vec<Vec<String>> = cmds.iter().map(|c| tc_words(c, &mut fixed)).collect();
-    if fixed > 0 {
-        notes.push(format!(
-            "N={n}: {fixed} rendered u32 handle(s) `handle :N` were given to tc as `handle ::N` (see tc_words)"
-        ));
-    }
+    let words: Vec<Vec<String>> = cmds.iter().map(|c| tc_words(c)).collect();
     let batch: String = words.iter().map(|w| w.join(" ") + "\n").collect();
     std::fs::write(host.path("batch.tc"), batch).map_err(|e| Failure::Broken(e.to_string()))?;
     Ok(Some(words))

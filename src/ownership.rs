@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
 
 pub const DEFAULT_STATE_DIR: &str = "/run/raylimit";
 const STATE_FILE: &str = "owners.json";
@@ -20,7 +20,7 @@ const LOCK_FILE: &str = "lock";
 const LOCK_WAIT: Duration = Duration::from_secs(30);
 
 /// One managed rule and its owner.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Annotation {
     /// The network namespace (`--netns`), empty for the current one.
     pub netns: String,
@@ -32,41 +32,23 @@ pub struct Annotation {
     /// The device whose root holds the rule (the device, or its IFB).
     pub shaped_device: String,
     /// The leaf class, when the rule has one (the unlimited exception has none).
+    #[serde(default)]
     pub class_minor: Option<u16>,
     pub owner: String,
     /// How the runtime was described when the rule was made (for reports only).
+    #[serde(default)]
     pub runtime: String,
     /// The expanded set the rule belongs to (`per_ip`), when it was not asked for by itself.
+    #[serde(default)]
     pub set: Option<String>,
 }
 
-impl Annotation {
-    fn to_json(&self) -> Value {
-        json!({
-            "netns": self.netns, "device": self.device, "direction": self.direction,
-            "subject": self.subject, "shaped_device": self.shaped_device,
-            "class_minor": self.class_minor, "owner": self.owner, "runtime": self.runtime,
-            "set": self.set,
-        })
-    }
-
-    fn from_json(v: &Value) -> Option<Self> {
-        let s = |k: &str| v.get(k).and_then(Value::as_str).map(str::to_string);
-        Some(Annotation {
-            netns: s("netns")?,
-            device: s("device")?,
-            direction: s("direction")?,
-            subject: s("subject")?,
-            shaped_device: s("shaped_device")?,
-            class_minor: v
-                .get("class_minor")
-                .and_then(Value::as_u64)
-                .and_then(|m| u16::try_from(m).ok()),
-            owner: s("owner")?,
-            runtime: s("runtime").unwrap_or_default(),
-            set: s("set"),
-        })
-    }
+/// The state file: read and written typed (a generic JSON value costs as much as the kernel
+/// dump itself once thousands of rules are managed).
+#[derive(Serialize, Deserialize)]
+struct StateFile<T> {
+    version: u32,
+    rules: T,
 }
 
 /// All annotations, by rule: (netns, shaped device, subject).
@@ -180,17 +162,11 @@ impl StateDir {
         let Ok(text) = fs::read_to_string(self.path.join(STATE_FILE)) else {
             return Annotations::default();
         };
-        let Ok(v) = serde_json::from_str::<Value>(&text) else {
+        let Ok(file) = serde_json::from_str::<StateFile<Vec<Annotation>>>(&text) else {
             return Annotations::default();
         };
         let mut annotations = Annotations::default();
-        for a in v
-            .get("rules")
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .filter_map(Annotation::from_json)
-        {
+        for a in file.rules {
             annotations.upsert(a);
         }
         annotations
@@ -200,9 +176,10 @@ impl StateDir {
     pub fn save(&self, annotations: &Annotations) -> Result<(), String> {
         fs::create_dir_all(&self.path)
             .map_err(|e| format!("cannot create {}: {e}", self.path.display()))?;
-        let rules: Vec<Value> = annotations.iter().map(Annotation::to_json).collect();
-        let text = serde_json::to_string_pretty(&json!({ "version": 1, "rules": rules }))
-            .map_err(|e| e.to_string())?;
+        let rules: Vec<&Annotation> = annotations.iter().collect();
+        // Compact: with thousands of rules, every run reads it whole.
+        let text =
+            serde_json::to_string(&StateFile { version: 1, rules }).map_err(|e| e.to_string())?;
         let tmp = self
             .path
             .join(format!("{STATE_FILE}.{}", std::process::id()));

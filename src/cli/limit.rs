@@ -10,7 +10,7 @@ use super::report::{LimitReport, Outcome, Report};
 use super::tagged;
 use super::{Format, UsageError};
 use crate::apply;
-use crate::apply::Execution;
+use crate::apply::{Execution, StepResult};
 use crate::netlink::link::{check_name, Link, MAX_IFNAME_LEN};
 use crate::netlink::probe::{Capabilities, Feature};
 use crate::netlink::u32::End;
@@ -18,7 +18,7 @@ use crate::netlink::{NetlinkError, RtSocket};
 use crate::ownership::{Annotation, Annotations, StateDir};
 use crate::policy::{self, Direction, Request, Subject, Want};
 use crate::reconcile::observe::{Hook, Observation, ShapedRoot};
-use crate::reconcile::plan::{Operation, Step};
+use crate::reconcile::plan::{kernel_order, Operation, Step};
 use crate::reconcile::{self, Context};
 use crate::runtime::Runtime;
 use crate::runtime::{self, Selection, Source};
@@ -362,6 +362,8 @@ pub struct Session {
     netns_path: Option<String>,
     /// The annotations as this run leaves them (saved at commit when it succeeds).
     annotations: Annotations,
+    /// This run changed the annotations (a run of no_op decisions writes nothing).
+    annotations_changed: bool,
     /// The observation of each shaped side (true: the device's egress), once read.
     observed: BTreeMap<bool, Observation>,
     /// Decisions whose steps wait for the commit.
@@ -421,6 +423,7 @@ impl Session {
             allow_missing_state,
             sock,
             annotations: state_dir.load(),
+            annotations_changed: false,
             state_dir,
             netns_key: netns.unwrap_or("").to_string(),
             catch_all: CatchAll::choose(caps.has(Feature::Matchall)),
@@ -568,13 +571,29 @@ impl Session {
 
     fn record(&mut self, change: &AnnotationChange) {
         match change {
-            AnnotationChange::Upsert(a) => self.annotations.upsert(a.clone()),
+            AnnotationChange::Upsert(a) => {
+                let known = self
+                    .annotations
+                    .find(&a.netns, &a.shaped_device, &a.subject);
+                if known != Some(a) {
+                    self.annotations.upsert(a.clone());
+                    self.annotations_changed = true;
+                }
+            }
             AnnotationChange::Remove {
                 shaped_device,
                 subject,
-            } => self
-                .annotations
-                .remove(&self.netns_key, shaped_device, subject),
+            } => {
+                if self
+                    .annotations
+                    .find(&self.netns_key, shaped_device, subject)
+                    .is_some()
+                {
+                    self.annotations
+                        .remove(&self.netns_key, shaped_device, subject);
+                    self.annotations_changed = true;
+                }
+            }
         }
     }
 
@@ -591,20 +610,33 @@ impl Session {
         let (steps, owners) = run_order(&pending);
         let execution = apply::execute(&mut self.sock, &steps);
         let failed = execution.failed();
-        // Each report gets the results of its own steps, in its own order.
-        let mut per: Vec<Execution> = vec![Execution::default(); pending.len()];
+        // Each report gets the results of its own steps, in its plan's order.
+        let mut placed: Vec<Vec<(usize, StepResult)>> = vec![Vec::new(); pending.len()];
         for (result, owned) in execution.results.iter().zip(&owners) {
-            for (ticket, _) in owned {
-                per[*ticket].results.push(result.clone());
+            for (ticket, i) in owned {
+                placed[*ticket].push((*i, result.clone()));
             }
         }
+        let mut per: Vec<Execution> = placed
+            .into_iter()
+            .map(|mut results| {
+                results.sort_by_key(|(i, _)| *i);
+                Execution {
+                    results: results.into_iter().map(|(_, r)| r).collect(),
+                    rollback: Vec::new(),
+                }
+            })
+            .collect();
         let save = if failed {
             // A failed run changes nothing, so the annotations stay as they are on disk.
             self.annotations = self.state_dir.load();
             None
-        } else {
+        } else if self.annotations_changed {
             Some(self.state_dir.save(&self.annotations))
+        } else {
+            None
         };
+        self.annotations_changed = false;
         for report in reports {
             let Some(ticket) = report.pending.take() else {
                 continue;
@@ -638,7 +670,8 @@ impl Session {
 }
 
 /// The run's steps in execution order, each with the (decision, step) places it stands for:
-/// every decision's tc and link steps in decision order, then all nft changes as one atomic
+/// every decision's tc and link steps in decision order (classes moved as [`kernel_order`]
+/// says), then all nft changes as one atomic
 /// transaction (a new rule's class exists by then; a removed rule's class may already be gone,
 /// which sends its packets to the filters for that instant, as if unlimited).
 fn run_order(pending: &[Pending]) -> (Vec<Step>, Vec<Vec<(usize, usize)>>) {
@@ -648,21 +681,32 @@ fn run_order(pending: &[Pending]) -> (Vec<Step>, Vec<Vec<(usize, usize)>>) {
     let mut nft_undo = Vec::new();
     let mut nft_owners = Vec::new();
     let mut netns = None;
-    for (ticket, p) in pending.iter().enumerate() {
-        for (i, step) in p.steps.iter().enumerate() {
-            match &step.action {
-                Operation::Nft { netns: n, ops } => {
-                    netns = n.clone();
-                    nft_ops.extend(ops.iter().cloned());
-                    // A later decision's undo runs before an earlier one's.
-                    nft_undo.splice(0..0, step.undo.iter().cloned());
-                    nft_owners.push((ticket, i));
-                }
-                _ => {
-                    steps.push(step.clone());
-                    owners.push(vec![(ticket, i)]);
-                }
-            }
+    let all: Vec<(usize, usize, &Step)> = pending
+        .iter()
+        .enumerate()
+        .flat_map(|(ticket, p)| p.steps.iter().enumerate().map(move |(i, s)| (ticket, i, s)))
+        .collect();
+    let tc_steps: Vec<Step> = all
+        .iter()
+        .filter(|(_, _, s)| !matches!(s.action, Operation::Nft { .. }))
+        .map(|(_, _, s)| (*s).clone())
+        .collect();
+    let places: Vec<(usize, usize)> = all
+        .iter()
+        .filter(|(_, _, s)| !matches!(s.action, Operation::Nft { .. }))
+        .map(|(t, i, _)| (*t, *i))
+        .collect();
+    for i in kernel_order(&tc_steps) {
+        steps.push(tc_steps[i].clone());
+        owners.push(vec![places[i]]);
+    }
+    for (ticket, i, step) in &all {
+        if let Operation::Nft { netns: n, ops } = &step.action {
+            netns = n.clone();
+            nft_ops.extend(ops.iter().cloned());
+            // A later decision's undo runs before an earlier one's.
+            nft_undo.splice(0..0, step.undo.iter().cloned());
+            nft_owners.push((*ticket, *i));
         }
     }
     if !nft_owners.is_empty() {

@@ -332,11 +332,15 @@ fn write_json(
         text(&json!(if a.execute { "execute" } else { "dry-run" })),
         text(&json!(a.file.display().to_string()))
     )?;
+    // One runtime for the whole file: given once, not in every limit's report.
+    if let Some((_, r)) = reports.first() {
+        write!(out, ",\n\"runtime\": {}", text(&r.runtime_json()))?;
+    }
     for (key, list) in [("limits", reports), ("pruned", pruned)] {
         write!(out, ",\n\"{key}\": [")?;
         for (i, (name, r)) in list.iter().enumerate() {
             let sep = if i == 0 { "\n" } else { ",\n" };
-            let item = json!({"limit": name, "report": r.json()});
+            let item = json!({"limit": name, "report": r.json_without_runtime()});
             write!(out, "{sep}{}", text(&item))?;
         }
         write!(out, "\n]")?;

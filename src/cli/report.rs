@@ -300,6 +300,13 @@ impl LimitReport {
     }
 
     pub fn json(&self) -> Value {
+        let mut v = self.json_body();
+        v["runtime"] = self.runtime_json();
+        v
+    }
+
+    /// The report without its runtime block (a run of many reports gives it once).
+    pub fn json_body(&self) -> Value {
         let d = &self.decision;
         let r = &self.request;
         let mut target = json!({"kind": r.subject.kind(), "value": r.subject.value()});
@@ -309,7 +316,6 @@ impl LimitReport {
         let mut v = json!({
             "mode": self.mode(),
             "operation": self.operation(),
-            "runtime": self.runtime_json(),
             "target": target,
             "scope": {
                 "device": r.device,
@@ -341,12 +347,13 @@ impl LimitReport {
         if let Some(b) = &d.blocked {
             v["execution_note"] = json!(b);
         }
+        let commands: Vec<String> = d.steps.iter().map(|s| s.command()).collect();
         if !d.steps.is_empty() {
             v["plan"] = json!({
                 "action": d.kind.name(),
                 "class_id": d.expected_class.or(d.observed_class).map(|c| c.to_string()),
                 "forms": d.forms,
-                "steps": d.steps.iter().map(|s| json!({"name": s.name, "command": s.command()})).collect::<Vec<_>>(),
+                "steps": d.steps.iter().zip(&commands).map(|(s, c)| json!({"name": s.name, "command": c})).collect::<Vec<_>>(),
             });
         }
         v["results"] = match &self.execution {
@@ -354,7 +361,8 @@ impl LimitReport {
             None => json!(d
                 .steps
                 .iter()
-                .map(|s| json!({"step": s.name, "command": s.command(), "skipped": true}))
+                .zip(&commands)
+                .map(|(s, c)| json!({"step": s.name, "command": c, "skipped": true}))
                 .collect::<Vec<_>>()),
         };
         if let Some(e) = &self.execution {
@@ -582,10 +590,13 @@ impl PerIpReport {
                     "replace": self.count(crate::reconcile::DecisionKind::Replace),
                     "remove": self.count(crate::reconcile::DecisionKind::Remove),
                 },
-                "targets": targets,
             },
-            "results": self.targets.iter().flat_map(|t| t.json()["results"].as_array().cloned().unwrap_or_default()).collect::<Vec<_>>(),
         });
+        v["results"] = json!(targets
+            .iter()
+            .flat_map(|t| t["results"].as_array().cloned().unwrap_or_default())
+            .collect::<Vec<_>>());
+        v["per_ip_expansion"]["targets"] = json!(targets);
         if let Want::Limit(rate) = self.request.want {
             v["rate_bytes_per_second"] = json!(rate);
         }
@@ -622,6 +633,28 @@ impl Report {
         match self {
             Report::One(r) => r.json(),
             Report::PerIp(r) => r.json(),
+        }
+    }
+
+    /// The report without its runtime block, for a run that gives it once for all reports.
+    pub fn json_without_runtime(&self) -> Value {
+        match self {
+            Report::One(r) => r.json_body(),
+            Report::PerIp(r) => {
+                let mut v = r.json();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("runtime");
+                }
+                v
+            }
+        }
+    }
+
+    /// The runtime block of the report.
+    pub fn runtime_json(&self) -> Value {
+        match self {
+            Report::One(r) => r.runtime_json(),
+            Report::PerIp(r) => r.json()["runtime"].clone(),
         }
     }
 

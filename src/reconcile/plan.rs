@@ -361,3 +361,111 @@ fn render_u32(u: &U32Filter) -> String {
     }
     s
 }
+
+/// The order in which a run's steps go to the kernel, as indexes into `steps`.
+///
+/// The kernel binds a new HTB class to the filters already naming it, and unbinds a deleted
+/// one, by walking every filter of the qdisc (`tc_bind_tclass`), so a class made or deleted
+/// beside N filters costs N. Within each stretch between container changes (qdiscs, links, nft),
+/// class creates and changes therefore go first and class deletes last. That keeps every
+/// dependency (a filter after the class it sends to, a class delete after the filters that sent
+/// to it; a class made again after it was deleted starts a new stretch) and makes a run of N
+/// limits cost N in the kernel, not N².
+pub fn kernel_order(steps: &[Step]) -> Vec<usize> {
+    #[derive(Default)]
+    struct Stretch {
+        classes: Vec<usize>,
+        others: Vec<usize>,
+        deleted: Vec<usize>,
+        deleted_keys: std::collections::HashSet<(String, u32)>,
+    }
+    impl Stretch {
+        fn close(&mut self, order: &mut Vec<usize>) {
+            order.append(&mut self.classes);
+            order.append(&mut self.others);
+            order.append(&mut self.deleted);
+            self.deleted_keys.clear();
+        }
+    }
+    let mut order = Vec::with_capacity(steps.len());
+    let mut stretch = Stretch::default();
+    for (i, step) in steps.iter().enumerate() {
+        match &step.action {
+            Operation::Tc {
+                op,
+                dev,
+                object: TcObject::Class(c),
+                ..
+            } => {
+                let key = (dev.name().to_string(), c.handle.0);
+                if *op == Op::Delete {
+                    stretch.deleted_keys.insert(key);
+                    stretch.deleted.push(i);
+                } else {
+                    if stretch.deleted_keys.contains(&key) {
+                        stretch.close(&mut order);
+                    }
+                    stretch.classes.push(i);
+                }
+            }
+            Operation::Tc {
+                object: TcObject::Filter(_),
+                ..
+            } => stretch.others.push(i),
+            _ => {
+                stretch.close(&mut order);
+                order.push(i);
+            }
+        }
+    }
+    stretch.close(&mut order);
+    order
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::netlink::u32::U32Filter;
+
+    fn dev() -> Dev {
+        Dev::Index {
+            index: 2,
+            name: "eth0".into(),
+        }
+    }
+
+    fn class(op: Op, minor: u16) -> Step {
+        Step::tc("class", op, &dev(), shaping::class(2, minor, 1000))
+    }
+
+    fn filter(op: Op, node: u32) -> Step {
+        let f = Filter {
+            ifindex: 2,
+            parent: shaping::root_handle(),
+            priority: 300,
+            protocol: crate::netlink::tc::ETH_P_IP,
+            handle: U32Handle::new(1, 0, node).0,
+            kind: FilterKind::U32(U32Filter::default()),
+        };
+        Step::tc("filter", op, &dev(), f)
+    }
+
+    #[test]
+    fn classes_go_first_and_class_deletes_last_within_each_stretch() {
+        let root = Step::tc("root", Op::Create, &dev(), shaping::root_qdisc(2));
+        let steps = vec![
+            root.clone(),                                                 // 0: a barrier
+            class(Op::Create, 1),                                         // 1
+            filter(Op::Create, 1),                                        // 2
+            class(Op::Create, 2),                                         // 3
+            filter(Op::Create, 2),                                        // 4
+            filter(Op::Delete, 3),                                        // 5
+            class(Op::Delete, 3),                                         // 6
+            class(Op::Change, 1),                                         // 7
+            class(Op::Create, 3), // 8: made again after its delete: a new stretch
+            filter(Op::Create, 3), // 9
+            Step::tc("root", Op::Delete, &dev(), shaping::root_qdisc(2)), // 10
+        ];
+        assert_eq!(kernel_order(&steps), [0, 1, 3, 7, 2, 4, 5, 6, 8, 9, 10]);
+    }
+}

@@ -1,6 +1,7 @@
 //! Runs a plan against the kernel, every step acknowledged. When a step fails, the steps
 //! this run already did are undone in reverse order, so the kernel ends as it began.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 
 use crate::netlink::action::Action;
@@ -63,27 +64,29 @@ impl Execution {
 /// Runs `steps` on `sock`. Consecutive tc steps go to the kernel as one batch (many messages
 /// per `sendmsg`, every acknowledgement checked); a failure stops the run after the batch it
 /// was in, and everything done so far is undone, last first.
-pub fn execute(sock: &mut RtSocket, steps: &[Step]) -> Execution {
+pub fn execute<S: Borrow<Step>>(sock: &mut RtSocket, steps: &[S]) -> Execution {
+    let steps: Vec<&Step> = steps.iter().map(Borrow::borrow).collect();
     let mut devices = HashMap::new();
     let mut exec = Execution::default();
-    let mut undo_stack: Vec<(usize, Step)> = Vec::new();
+    // The undo steps of what is done: (the step, its undo step).
+    let mut undo_stack: Vec<(usize, &Step)> = Vec::new();
     let mut next = 0;
     while next < steps.len() {
-        let end = batch_end(steps, next);
+        let end = batch_end(&steps, next);
         let outcomes = run_batch(sock, &mut devices, &steps[next..end]);
         let mut failed = false;
         for (i, outcome) in (next..end).zip(outcomes) {
             match outcome {
                 Ok(warning) => {
                     exec.results
-                        .push(result(&steps[i], Status::Ok, None, warning));
+                        .push(result(steps[i], Status::Ok, None, warning));
                     // A step's undo steps run in the order written, after those of later steps.
-                    undo_stack.extend(steps[i].undo.iter().rev().cloned().map(|u| (i, u)));
+                    undo_stack.extend(steps[i].undo.iter().rev().map(|u| (i, u)));
                 }
                 Err(e) => {
                     failed = true;
                     exec.results
-                        .push(result(&steps[i], Status::Failed, Some(e), None));
+                        .push(result(steps[i], Status::Failed, Some(e), None));
                 }
             }
         }
@@ -92,35 +95,32 @@ pub fn execute(sock: &mut RtSocket, steps: &[Step]) -> Execution {
             for later in &steps[next..] {
                 exec.results.push(result(later, Status::NotRun, None, None));
             }
-            rollback(sock, &mut devices, undo_stack, &mut exec);
+            undo_stack.reverse();
+            rollback(sock, &mut devices, &undo_stack, &mut exec);
             break;
         }
     }
     exec
 }
 
-/// Runs the undo steps, last first, each one whatever happened to the others, and marks the
-/// steps they undid.
+/// Runs the undo steps in the order given, each one whatever happened to the others, and marks
+/// the steps they undid.
 fn rollback(
     sock: &mut RtSocket,
     devices: &mut HashMap<String, u32>,
-    mut undo_stack: Vec<(usize, Step)>,
+    undo: &[(usize, &Step)],
     exec: &mut Execution,
 ) {
-    undo_stack.reverse();
+    let steps: Vec<&Step> = undo.iter().map(|(_, s)| *s).collect();
     let mut next = 0;
-    while next < undo_stack.len() {
-        let end = batch_end_by(&undo_stack, next, |(_, s)| s);
-        let batch: Vec<Step> = undo_stack[next..end]
-            .iter()
-            .map(|(_, s)| s.clone())
-            .collect();
-        let outcomes = run_batch(sock, devices, &batch);
-        for ((done, undo), outcome) in undo_stack[next..end].iter().zip(outcomes) {
+    while next < steps.len() {
+        let end = batch_end(&steps, next);
+        let outcomes = run_batch(sock, devices, &steps[next..end]);
+        for ((done, step), outcome) in undo[next..end].iter().zip(outcomes) {
             exec.results[*done].status = Status::Undone;
             exec.rollback.push(match outcome {
-                Ok(w) => result(undo, Status::Ok, None, w),
-                Err(e) => result(undo, Status::Failed, Some(e), None),
+                Ok(w) => result(step, Status::Ok, None, w),
+                Err(e) => result(step, Status::Failed, Some(e), None),
             });
         }
         next = end;
@@ -131,15 +131,11 @@ fn rollback(
 /// that makes a container (a qdisc or a u32 table), or the one other step. The kernel handles
 /// every message of a batch even after one fails, so nothing is sent into a container before
 /// its creation is acknowledged.
-fn batch_end(steps: &[Step], start: usize) -> usize {
-    batch_end_by(steps, start, |s| s)
-}
-
-fn batch_end_by<T>(items: &[T], start: usize, step: impl Fn(&T) -> &Step) -> usize {
+fn batch_end(steps: &[&Step], start: usize) -> usize {
     let mut end = start;
-    while end < items.len() && is_tc(step(&items[end])) {
+    while end < steps.len() && is_tc(steps[end]) {
         end += 1;
-        if makes_container(step(&items[end - 1])) {
+        if makes_container(steps[end - 1]) {
             break;
         }
     }
@@ -171,9 +167,9 @@ fn is_tc(step: &Step) -> bool {
 fn run_batch(
     sock: &mut RtSocket,
     devices: &mut HashMap<String, u32>,
-    steps: &[Step],
+    steps: &[&Step],
 ) -> Vec<Result<Option<String>, String>> {
-    if !steps.iter().all(is_tc) {
+    if !steps.iter().all(|s| is_tc(s)) {
         return steps.iter().map(|s| run(sock, devices, s)).collect();
     }
     let mut outcomes: Vec<Option<Result<Option<String>, String>>> = vec![None; steps.len()];

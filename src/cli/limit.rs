@@ -1,5 +1,6 @@
 //! `raylimit limit`: validate, select the runtime, observe, decide, execute, annotate, report.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
@@ -356,8 +357,8 @@ pub struct Session {
     sock: RtSocket,
     state_dir: StateDir,
     netns_key: String,
-    catch_all: CatchAll,
-    has_connmark: bool,
+    /// What the kernel offers (matchall, act_connmark), probed when a request first needs it.
+    capabilities: Option<Capabilities>,
     /// `/run/netns/NAME` for `--netns`: where nft steps run.
     netns_path: Option<String>,
     /// The annotations as this run leaves them (saved at commit when it succeeds).
@@ -415,7 +416,6 @@ impl Session {
         } else {
             None
         };
-        let caps = Capabilities::probe();
         Ok(Session {
             runtime: Rc::new(runtime),
             device,
@@ -426,8 +426,7 @@ impl Session {
             annotations_changed: false,
             state_dir,
             netns_key: netns.unwrap_or("").to_string(),
-            catch_all: CatchAll::choose(caps.has(Feature::Matchall)),
-            has_connmark: caps.has(Feature::Connmark),
+            capabilities: None,
             netns_path: netns.map(|n| format!("/run/netns/{n}")),
             observed: BTreeMap::new(),
             pending: Vec::new(),
@@ -485,9 +484,25 @@ impl Session {
             .find(&self.netns_key, &shaped_device, &subject_key)
             .cloned();
         let owner = self.runtime.owner();
+        // Only a catch-all (the baseline, the upload redirect) or an outbound download depends
+        // on optional kernel features; a specific client's rule does not, and skips the probe.
+        let needs_features = !request.on_egress()
+            || matches!(
+                request.subject,
+                Subject::AllShared | Subject::Outbound { .. }
+            );
+        let (catch_all, has_connmark) = if needs_features {
+            let caps = self.capabilities.get_or_insert_with(Capabilities::probe);
+            (
+                CatchAll::choose(caps.has(Feature::Matchall)),
+                caps.has(Feature::Connmark),
+            )
+        } else {
+            (CatchAll::choose(false), false)
+        };
         let ctx = Context {
             request: request.clone(),
-            catch_all: self.catch_all,
+            catch_all,
             allow_missing_state: self.allow_missing_state,
             owned_by_other: annotation
                 .as_ref()
@@ -496,7 +511,7 @@ impl Session {
             remembered_minor: annotation.as_ref().and_then(|x| x.class_minor),
             owner: owner.clone(),
             netns_path: self.netns_path.clone(),
-            has_connmark: self.has_connmark,
+            has_connmark,
         };
         let observation = self.observation(request);
         let shadowed = matches!(request.subject, Subject::Inbound { .. })
@@ -562,8 +577,9 @@ impl Session {
         self.record(&change);
         if self.execute {
             report.pending = Some(self.pending.len());
+            // The steps wait in the session and come back to the report at the commit.
             self.pending.push(Pending {
-                steps: report.decision.steps.clone(),
+                steps: std::mem::take(&mut report.decision.steps),
             });
         }
         report
@@ -609,6 +625,8 @@ impl Session {
         }
         let (steps, owners) = run_order(&pending);
         let execution = apply::execute(&mut self.sock, &steps);
+        drop(steps);
+        let mut pending = pending;
         let failed = execution.failed();
         // Each report gets the results of its own steps, in its plan's order.
         let mut placed: Vec<Vec<(usize, StepResult)>> = vec![Vec::new(); pending.len()];
@@ -641,6 +659,7 @@ impl Session {
             let Some(ticket) = report.pending.take() else {
                 continue;
             };
+            report.decision.steps = std::mem::take(&mut pending[ticket].steps);
             let mut mine = std::mem::take(&mut per[ticket]);
             let own_failure = mine.failed();
             if own_failure {
@@ -674,33 +693,26 @@ impl Session {
 /// says), then all nft changes as one atomic
 /// transaction (a new rule's class exists by then; a removed rule's class may already be gone,
 /// which sends its packets to the filters for that instant, as if unlimited).
-fn run_order(pending: &[Pending]) -> (Vec<Step>, Vec<Vec<(usize, usize)>>) {
-    let mut steps = Vec::new();
-    let mut owners = Vec::new();
-    let mut nft_ops = Vec::new();
-    let mut nft_undo = Vec::new();
-    let mut nft_owners = Vec::new();
-    let mut netns = None;
+fn run_order(pending: &[Pending]) -> (Vec<Cow<'_, Step>>, Vec<Vec<(usize, usize)>>) {
+    let is_nft = |s: &Step| matches!(s.action, Operation::Nft { .. });
     let all: Vec<(usize, usize, &Step)> = pending
         .iter()
         .enumerate()
         .flat_map(|(ticket, p)| p.steps.iter().enumerate().map(move |(i, s)| (ticket, i, s)))
         .collect();
-    let tc_steps: Vec<Step> = all
-        .iter()
-        .filter(|(_, _, s)| !matches!(s.action, Operation::Nft { .. }))
-        .map(|(_, _, s)| (*s).clone())
-        .collect();
-    let places: Vec<(usize, usize)> = all
-        .iter()
-        .filter(|(_, _, s)| !matches!(s.action, Operation::Nft { .. }))
-        .map(|(t, i, _)| (*t, *i))
-        .collect();
+    let tc: Vec<&(usize, usize, &Step)> = all.iter().filter(|(_, _, s)| !is_nft(s)).collect();
+    let tc_steps: Vec<&Step> = tc.iter().map(|(_, _, s)| *s).collect();
+    let mut steps: Vec<Cow<Step>> = Vec::with_capacity(all.len());
+    let mut owners = Vec::with_capacity(all.len());
     for i in kernel_order(&tc_steps) {
-        steps.push(tc_steps[i].clone());
-        owners.push(vec![places[i]]);
+        steps.push(Cow::Borrowed(tc_steps[i]));
+        owners.push(vec![(tc[i].0, tc[i].1)]);
     }
-    for (ticket, i, step) in &all {
+    let mut nft_ops = Vec::new();
+    let mut nft_undo = Vec::new();
+    let mut nft_owners = Vec::new();
+    let mut netns = None;
+    for (ticket, i, step) in all.iter().filter(|(_, _, s)| is_nft(s)) {
         if let Operation::Nft { netns: n, ops } = &step.action {
             netns = n.clone();
             nft_ops.extend(ops.iter().cloned());
@@ -710,7 +722,7 @@ fn run_order(pending: &[Pending]) -> (Vec<Step>, Vec<Vec<(usize, usize)>>) {
         }
     }
     if !nft_owners.is_empty() {
-        steps.push(
+        steps.push(Cow::Owned(
             Step::new(
                 "nft-transaction",
                 Operation::Nft {
@@ -719,7 +731,7 @@ fn run_order(pending: &[Pending]) -> (Vec<Step>, Vec<Vec<(usize, usize)>>) {
                 },
             )
             .undone_by(nft_undo),
-        );
+        ));
         owners.push(nft_owners);
     }
     (steps, owners)

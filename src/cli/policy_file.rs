@@ -341,7 +341,8 @@ fn write_json(
         for (i, (name, r)) in list.iter().enumerate() {
             let sep = if i == 0 { "\n" } else { ",\n" };
             let item = json!({"limit": name, "report": r.json_without_runtime()});
-            write!(out, "{sep}{}", text(&item))?;
+            out.write_all(sep.as_bytes())?;
+            serde_json::to_writer(&mut *out, &item)?;
         }
         write!(out, "\n]")?;
     }

@@ -371,7 +371,7 @@ fn render_u32(u: &U32Filter) -> String {
 /// dependency (a filter after the class it sends to, a class delete after the filters that sent
 /// to it; a class made again after it was deleted starts a new stretch) and makes a run of N
 /// limits cost N in the kernel, not N².
-pub fn kernel_order(steps: &[Step]) -> Vec<usize> {
+pub fn kernel_order<S: std::borrow::Borrow<Step>>(steps: &[S]) -> Vec<usize> {
     #[derive(Default)]
     struct Stretch {
         classes: Vec<usize>,
@@ -390,7 +390,7 @@ pub fn kernel_order(steps: &[Step]) -> Vec<usize> {
     let mut order = Vec::with_capacity(steps.len());
     let mut stretch = Stretch::default();
     for (i, step) in steps.iter().enumerate() {
-        match &step.action {
+        match &step.borrow().action {
             Operation::Tc {
                 op,
                 dev,

@@ -683,18 +683,6 @@ fn tc_words(cmd: &str) -> Vec<String> {
         .collect()
 }
 
-/// The plan's commands in the order raylimit sends them (the root, every class, then the
-/// filters), which is also the best order for tc: the kernel walks every filter of the qdisc
-/// for each new class, so classes made before the filters cost N, not N².
-fn kernel_friendly(mut plan: Vec<String>) -> Vec<String> {
-    plan.sort_by_key(|c| match c.split_whitespace().nth(1) {
-        Some("qdisc") => 0,
-        Some("class") => 1,
-        _ => 2,
-    });
-    plan
-}
-
 /// The commands for the baselines: the dry-run plan, duplicates (the shared root and tables,
 /// planned once per limit) dropped. When the plan names one object with two different
 /// commands (two limits decided alone against the same empty device can be given one handle),
@@ -720,7 +708,7 @@ fn baseline_commands(
     }
     let conflicts: Vec<_> = by_object.iter().filter(|(_, v)| v.len() > 1).collect();
     if conflicts.is_empty() {
-        return Ok(kernel_friendly(plan));
+        return Ok(plan);
     }
     let (key, cmds) = conflicts[0];
     let note = format!(

@@ -189,7 +189,7 @@ fn run_batch(
             for (i, ack) in sent.into_iter().zip(acks) {
                 outcomes[i] = Some(match ack {
                     Ok(a) => Ok(a.warning),
-                    Err(k) if tolerated(&steps[i], k.errno) => Ok(None),
+                    Err(k) if tolerated(steps[i], k.errno) => Ok(None),
                     Err(error) => Err(NetlinkError::Kernel {
                         operation: steps[i].command(),
                         error,

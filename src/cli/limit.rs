@@ -19,7 +19,7 @@ use crate::netlink::{NetlinkError, RtSocket};
 use crate::ownership::{Annotation, Annotations, StateDir};
 use crate::policy::{self, Direction, Request, Subject, Want};
 use crate::reconcile::observe::{Hook, Observation, ShapedRoot};
-use crate::reconcile::plan::{kernel_order, Operation, Step};
+use crate::reconcile::plan::{Operation, Step};
 use crate::reconcile::{self, Context};
 use crate::runtime::Runtime;
 use crate::runtime::{self, Selection, Source};
@@ -372,6 +372,9 @@ pub struct Session {
     _lock: Option<crate::ownership::Lock>,
 }
 
+/// The (decision, step) places one executed step stands for.
+type Owners = Vec<(usize, usize)>;
+
 /// A decided request waiting for the commit.
 struct Pending {
     steps: Vec<Step>,
@@ -689,24 +692,21 @@ impl Session {
 }
 
 /// The run's steps in execution order, each with the (decision, step) places it stands for:
-/// every decision's tc and link steps in decision order (classes moved as [`kernel_order`]
-/// says), then all nft changes as one atomic
+/// every decision's tc and link steps in decision order, then all nft changes as one atomic
 /// transaction (a new rule's class exists by then; a removed rule's class may already be gone,
 /// which sends its packets to the filters for that instant, as if unlimited).
-fn run_order(pending: &[Pending]) -> (Vec<Cow<'_, Step>>, Vec<Vec<(usize, usize)>>) {
+fn run_order(pending: &[Pending]) -> (Vec<Cow<'_, Step>>, Vec<Owners>) {
     let is_nft = |s: &Step| matches!(s.action, Operation::Nft { .. });
     let all: Vec<(usize, usize, &Step)> = pending
         .iter()
         .enumerate()
         .flat_map(|(ticket, p)| p.steps.iter().enumerate().map(move |(i, s)| (ticket, i, s)))
         .collect();
-    let tc: Vec<&(usize, usize, &Step)> = all.iter().filter(|(_, _, s)| !is_nft(s)).collect();
-    let tc_steps: Vec<&Step> = tc.iter().map(|(_, _, s)| *s).collect();
     let mut steps: Vec<Cow<Step>> = Vec::with_capacity(all.len());
     let mut owners = Vec::with_capacity(all.len());
-    for i in kernel_order(&tc_steps) {
-        steps.push(Cow::Borrowed(tc_steps[i]));
-        owners.push(vec![(tc[i].0, tc[i].1)]);
+    for (ticket, i, step) in all.iter().filter(|(_, _, s)| !is_nft(s)) {
+        steps.push(Cow::Borrowed(*step));
+        owners.push(vec![(*ticket, *i)]);
     }
     let mut nft_ops = Vec::new();
     let mut nft_undo = Vec::new();

@@ -1,5 +1,5 @@
 # raylimit: every target runs as root on Debian 12 (network namespaces, tc, nftables).
-.PHONY: setup build demo test lint bench bench-quick static static-check fixtures clean-netns
+.PHONY: setup build demo test lint bench bench-quick static static-check fixtures clean-netns test-stock-kernel
 
 MUSL := x86_64-unknown-linux-musl
 
@@ -55,3 +55,9 @@ bench:
 # skipped and reported); CI runs it after the tests.
 bench-quick:
 	cargo bench --bench reconcile -- --quick
+
+# Debian's stock kernel (linux-image-amd64) under qemu: the optional tc features this machine's
+# kernel lacks (matchall, fw, gact, connmark), probed and used by the static binary inside the VM
+# (scripts/stock-kernel.sh, tests/stock-kernel/init.sh). One pass/FAIL line per check.
+test-stock-kernel: static
+	bash scripts/stock-kernel.sh

@@ -1026,8 +1026,12 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
         before.ifindex = ifindex;
         removed.insert((f.priority, f.handle));
         // The baseline is alone in its priority: the priority goes with it, kernel table too.
+        // The delete names the observed kind (matchall or u32): the kernel refuses another.
         let delete = match rule {
-            Rule::Baseline => whole_priority(ifindex, before.priority, before.protocol),
+            Rule::Baseline => Filter {
+                handle: 0,
+                ..before.clone()
+            },
             Rule::Nodes { .. } | Rule::Listener { .. } | Rule::Mark { .. } => before.clone(),
         };
         steps.push(

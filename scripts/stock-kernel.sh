@@ -64,5 +64,5 @@ echo "booting $PKG ($VER) under qemu"
 timeout 600 qemu-system-x86_64 -machine accel=tcg -m 768 -smp 1 -nographic -no-reboot \
     -kernel "$OUT/kernel/boot/vmlinuz-$VER" -initrd "$OUT/initrd.gz" \
     -append "console=ttyS0 panic=-1 quiet loglevel=3" | tr -d '\r' | tee "$OUT/console.log" |
-    grep -E '^(pass|FAIL|stock-kernel:)' || true
+    grep -E '^(pass|FAIL|stock-kernel:|    measured)' || true
 grep -q '^stock-kernel: 0 failed' "$OUT/console.log"

@@ -16,6 +16,7 @@ check() { # name feature command...
     shift 2
     if "$@" >/tmp/out 2>&1; then
         echo "pass $name ($feature)"
+        grep '^measured' /tmp/out | sed 's/^/    /'
     else
         echo "FAIL $name ($feature)"
         tail -15 /tmp/out | sed 's/^/    /'
@@ -45,7 +46,28 @@ removes_both() {
         raylimit show --device lo > /tmp/show &&
         cat /tmp/show && ! grep -Eq 'htb|matchall|mirred' /tmp/show
 }
+# Real traffic through the matchall baseline: 2.5 MB over loopback HTTP at 500 000 bytes/s must
+# take 5 s within 10 % (loopback's own egress carries it, so the baseline on lo shapes it).
+mkdir -p /www && dd if=/dev/zero of=/www/blob bs=100000 count=25 2>/dev/null
+httpd -p 127.0.0.1:8080 -h /www
+uptime_cs() { awk '{ printf "%d", $1 * 100 }' /proc/uptime; }
+fetch_cs() { # centiseconds to fetch the blob
+    t0=$(uptime_cs)
+    wget -q -O /dev/null http://127.0.0.1:8080/blob || return 1
+    echo $(($(uptime_cs) - t0))
+}
+unshaped_is_fast() { cs=$(fetch_cs) && echo "measured: $cs cs unshaped" && [ "$cs" -lt 250 ]; }
+shaped_holds_the_rate() {
+    baseline --direction download --rate 500000 --execute >/dev/null || return 1
+    cs=$(fetch_cs) || return 1
+    echo "measured: $cs cs for 2500000 bytes at 500000 bytes/s (500 expected)"
+    baseline --direction download --remove --execute >/dev/null
+    [ "$cs" -ge 450 ] && [ "$cs" -le 550 ]
+}
+
 check "baseline plan picks matchall" matchall plans_matchall
+check "unshaped loopback transfer is fast" control unshaped_is_fast
+check "matchall baseline holds 500 kB/s within 10 %" matchall shaped_holds_the_rate
 check "matchall baseline built" matchall builds_baseline
 check "matchall upload redirect built" "matchall, mirred" builds_redirect
 check "both removed, scaffolding too" matchall removes_both

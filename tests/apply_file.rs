@@ -154,23 +154,9 @@ fn many(n: usize, rate: &str, extra: &str) -> String {
 fn sends(h: &Host, name: &str, body: &str) -> usize {
     let path = h.dir.join(name);
     std::fs::write(&path, body.replace("PID", &h.runtime.pid())).unwrap();
-    let log = h.dir.join("strace.log");
-    let status = std::process::Command::new("/usr/bin/strace")
-        .args(["-f", "-qq", "-e", "trace=sendto,sendmsg", "-o"])
-        .arg(&log)
-        .arg(env!("CARGO_BIN_EXE_raylimit"))
-        .args(["--netns", &h.ns.name, "apply", "--execute", "--file"])
-        .arg(&path)
-        .env("RAYLIMIT_STATE_DIR", &h.state.0)
-        .stdout(std::process::Stdio::null())
-        .status()
-        .expect("strace is installed by scripts/setup.sh");
-    assert!(status.success());
-    let trace = std::fs::read_to_string(&log).unwrap();
-    trace
-        .lines()
-        .filter(|l| l.contains("sendto(") || l.contains("sendmsg("))
-        .count()
+    let path = path.to_string_lossy().into_owned();
+    let args = ["--netns", &h.ns.name, "apply", "--execute", "--file", &path];
+    syscall_trace(&args, Some(&h.state), &["sendto", "sendmsg"]).len()
 }
 
 #[test]

@@ -427,6 +427,18 @@ pub struct PerIpReport {
 }
 
 impl PerIpReport {
+    fn runtime_json(&self) -> Value {
+        match self.targets.first() {
+            Some(t) => t.runtime_json(),
+            None => json!({
+                "source": self.runtime.source.name(),
+                "owner": self.runtime.owner(),
+                "identity": {"name": self.runtime.name},
+                "host_process": {"pid": self.runtime.pid()},
+            }),
+        }
+    }
+
     fn count(&self, kind: crate::reconcile::DecisionKind) -> usize {
         self.targets
             .iter()
@@ -565,12 +577,7 @@ impl PerIpReport {
         let mut v = json!({
             "mode": if self.execute { "execute" } else { "dry-run" },
             "operation": if self.request.want == Want::Remove { "remove" } else { "limit" },
-            "runtime": self.targets.first().map(|t| t.runtime_json()).unwrap_or_else(|| json!({
-                "source": self.runtime.source.name(),
-                "owner": self.runtime.owner(),
-                "identity": {"name": self.runtime.name},
-                "host_process": {"pid": self.runtime.pid()},
-            })),
+            "runtime": self.runtime_json(),
             "target": {"kind": "ip", "value": "all", "ip_aggregation": "per_ip"},
             "scope": {"device": self.request.device, "direction": self.request.direction.name()},
             "evidence": self.evidence.json,
@@ -654,7 +661,7 @@ impl Report {
     pub fn runtime_json(&self) -> Value {
         match self {
             Report::One(r) => r.runtime_json(),
-            Report::PerIp(r) => r.json()["runtime"].clone(),
+            Report::PerIp(r) => r.runtime_json(),
         }
     }
 

@@ -102,19 +102,6 @@ impl Observation {
     }
 }
 
-impl Hook {
-    /// A device without an ingress hook.
-    fn none() -> Self {
-        Hook {
-            parent: None,
-            clsact: false,
-            redirect: None,
-            conflicting: None,
-            others: 0,
-        }
-    }
-}
-
 impl ShapedRoot {
     fn absorb(&mut self, op: Op, object: &TcObject, end: End) {
         match (op, object) {

@@ -423,14 +423,19 @@ pub struct Hook {
 }
 
 impl Hook {
-    pub fn read(tc: &DeviceTc) -> Self {
-        let mut h = Hook {
+    /// A device without an ingress hook.
+    pub fn none() -> Self {
+        Hook {
             parent: None,
             clsact: false,
             redirect: None,
             conflicting: None,
             others: 0,
-        };
+        }
+    }
+
+    pub fn read(tc: &DeviceTc) -> Self {
+        let mut h = Hook::none();
         for q in &tc.qdiscs {
             match q.qdisc.kind {
                 QdiscKind::Clsact => {

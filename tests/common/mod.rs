@@ -359,19 +359,32 @@ pub fn raylimit_in(state: &StateDir, args: &[&str]) -> (i32, String, String) {
 /// but for an empty PATH and `RAYLIMIT_STATE_DIR` (when given); asserts it succeeded and returns
 /// the execve lines of the trace.
 pub fn execve_trace(args: &[&str], state: Option<&StateDir>) -> Vec<String> {
+    syscall_trace(args, state, &["execve"])
+}
+
+/// Runs the real binary with `args` under `strace -f`, tracing `syscalls`, with an empty
+/// environment but for an empty PATH and `RAYLIMIT_STATE_DIR` (when given); asserts it succeeded
+/// and returns the trace lines of those calls.
+pub fn syscall_trace(args: &[&str], state: Option<&StateDir>, syscalls: &[&str]) -> Vec<String> {
     let log = std::env::temp_dir().join(format!(
-        "raylimit-execve-{}-{}.log",
+        "raylimit-strace-{}-{}.log",
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::SeqCst)
     ));
     let mut cmd = Command::new("/usr/bin/strace");
-    cmd.args(["-f", "-qq", "-e", "trace=execve", "-o"])
-        .arg(&log)
-        .arg(env!("CARGO_BIN_EXE_raylimit"))
-        .args(args)
-        .env_clear()
-        .env("PATH", "")
-        .stdout(std::process::Stdio::null());
+    cmd.args([
+        "-f",
+        "-qq",
+        "-e",
+        &format!("trace={}", syscalls.join(",")),
+        "-o",
+    ])
+    .arg(&log)
+    .arg(env!("CARGO_BIN_EXE_raylimit"))
+    .args(args)
+    .env_clear()
+    .env("PATH", "")
+    .stdout(std::process::Stdio::null());
     if let Some(state) = state {
         cmd.env("RAYLIMIT_STATE_DIR", &state.0);
     }
@@ -383,7 +396,7 @@ pub fn execve_trace(args: &[&str], state: Option<&StateDir>) -> Vec<String> {
     assert!(status.success(), "{args:?} failed: {trace}");
     trace
         .lines()
-        .filter(|l| l.contains("execve("))
+        .filter(|l| syscalls.iter().any(|c| l.contains(&format!("{c}("))))
         .map(str::to_string)
         .collect()
 }

@@ -594,7 +594,7 @@ pre_chains()  {
 }
 V0="$(ifindex_of veth0)"
 RULE_M2P="classify oif $V0 meta mark and 0x00ff0000 == 0x00010000 counter meta priority set 524c:0100 comment \"raylimit-fixture\""
-RULE_SAVE="save_mark meta mark and 0x00ff0000 == 0x00010000 counter ct mark set ct mark and 0xff00ffff or 0x00010000 comment \"raylimit-fixture\""
+RULE_SAVE="save_mark oif $V0 meta mark and 0x00ff0000 == 0x00010000 counter ct mark set ct mark and 0xff00ffff or 0x00010000 comment \"raylimit-fixture\""
 LIST="nft list table inet raylimit"
 NOTE_COMMENT="nft cannot write raylimit's userdata TLV: this rule carries a comment (userdata type 0) instead"
 NOTE_NOACK="nft 1.0.6 asks for no acknowledgements (flags NLM_F_REQUEST only); raylimit adds NLM_F_ACK to every operation"

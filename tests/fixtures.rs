@@ -906,10 +906,13 @@ mod nft_codec {
         }
     }
 
-    const SAVE: NftRule = NftRule::SaveMark {
-        mask: 0x00ff_0000,
-        value: 0x0001_0000,
-    };
+    fn save_mark(oif: u32) -> NftRule {
+        NftRule::SaveMark {
+            oif,
+            mask: 0x00ff_0000,
+            value: 0x0001_0000,
+        }
+    }
 
     #[test]
     fn table() {
@@ -972,16 +975,17 @@ mod nft_codec {
         assert!(state.foreign.is_empty(), "{:?}", state.foreign);
 
         let f = load("nft_add_rule_save_mark");
+        let save = save_mark(f.ifindex["veth0"]);
         assert_batch(
             &f,
             &[NftOp::AddRule {
-                rule: SAVE,
+                rule: save.clone(),
                 tag: tag(),
             }],
         );
         let state = nft::state_from_messages(&messages(&[&table, &f]));
         assert_eq!(state.rules.len(), 1, "{state:?}");
-        assert_eq!(state.rules[0].rule, SAVE);
+        assert_eq!(state.rules[0].rule, save);
         assert_eq!(state.rules[0].chain, nft::CHAIN_SAVE);
         assert!(state.foreign.is_empty(), "{:?}", state.foreign);
     }

@@ -60,6 +60,7 @@ fn table_chains_and_rules_round_trip_and_batches_are_atomic() {
         priority: 0x524c_0100,
     };
     let save = NftRule::SaveMark {
+        oif,
         mask: 0x00ff_0000,
         value: 0x0001_0000,
     };
@@ -348,6 +349,7 @@ fn meta_priority_in_postrouting_puts_marked_packets_in_the_htb_class() {
     });
     ops.push(NftOp::AddRule {
         rule: NftRule::SaveMark {
+            oif,
             mask: 0xff,
             value: MARK,
         },

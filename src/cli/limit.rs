@@ -357,7 +357,7 @@ pub struct Session {
     sock: RtSocket,
     state_dir: StateDir,
     netns_key: String,
-    /// What the kernel offers (matchall, act_connmark), probed when a request first needs it.
+    /// What the kernel offers (matchall, cls_fw, act_connmark), probed when a request first needs it.
     capabilities: Option<Capabilities>,
     /// `/run/netns/NAME` for `--netns`: where nft steps run.
     netns_path: Option<String>,
@@ -494,14 +494,15 @@ impl Session {
                 request.subject,
                 Subject::AllShared | Subject::Outbound { .. }
             );
-        let (catch_all, has_connmark) = if needs_features {
+        let (catch_all, has_connmark, has_fw) = if needs_features {
             let caps = self.capabilities.get_or_insert_with(Capabilities::probe);
             (
                 CatchAll::choose(caps.has(Feature::Matchall)),
                 caps.has(Feature::Connmark),
+                caps.has(Feature::Fw),
             )
         } else {
-            (CatchAll::choose(false), false)
+            (CatchAll::choose(false), false, false)
         };
         let ctx = Context {
             request: request.clone(),
@@ -515,6 +516,7 @@ impl Session {
             owner: owner.clone(),
             netns_path: self.netns_path.clone(),
             has_connmark,
+            has_fw,
         };
         let observation = self.observation(request);
         let shadowed = matches!(request.subject, Subject::Inbound { .. })

@@ -147,7 +147,15 @@ pub fn run(
         if let Some(f) = &shaped.baseline {
             subjects.push(("ip all".to_string(), Vec::new(), f));
         }
-        // Outbound rules classify in nft (meta priority), not in a tc filter.
+        // An outbound's fw filter (where the kernel has cls_fw) is known by its class.
+        for entry in shaped.marks.values() {
+            let subject = classid_of(&entry.filter)
+                .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
+                .map(|a| a.subject.clone())
+                .unwrap_or_else(|| "outbound (unknown)".into());
+            subjects.push((subject, Vec::new(), entry));
+        }
+        // Without cls_fw, outbound rules classify in nft (meta priority), not in a tc filter.
         for r in nft.iter().flat_map(|n| &n.rules) {
             let NftRule::MarkToPriority { oif, priority, .. } = r.rule else {
                 continue;

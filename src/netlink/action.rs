@@ -100,6 +100,15 @@ impl Action {
         }
     }
 
+    /// `action connmark` (zone 0, pipe): the packet's mark becomes its connection's mark, and
+    /// the next action runs.
+    pub fn restore_connmark() -> Self {
+        Action::Connmark {
+            zone: 0,
+            verdict: Verdict::PIPE,
+        }
+    }
+
     pub fn kind(&self) -> &str {
         match self {
             Action::Mirred { .. } => "mirred",

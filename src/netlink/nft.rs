@@ -99,7 +99,9 @@ impl NftRule {
                     sreg: Some(NFT_REG_1),
                 },
             ],
-            NftRule::SaveMark { mask, value } => vec![
+            NftRule::SaveMark { oif, mask, value } => vec![
+                load(NFT_META_OIF),
+                eq(oif),
                 load(NFT_META_MARK),
                 bitwise(mask, 0),
                 eq(value),
@@ -166,7 +168,7 @@ impl NftRule {
                 };
                 Some((rule, *packets, *bytes))
             }
-            [mark_load, mark_and, mark_eq, Counter { packets, bytes }, Ct {
+            [oif_load, oif_eq, mark_load, mark_and, mark_eq, Counter { packets, bytes }, Ct {
                 key: NFT_CT_MARK,
                 dreg: Some(NFT_REG_1),
                 sreg: None,
@@ -176,14 +178,18 @@ impl NftRule {
                 dreg: None,
                 sreg: Some(NFT_REG_1),
                 dir: None,
-            }] if load(mark_load, NFT_META_MARK) => {
+            }] if load(oif_load, NFT_META_OIF) && load(mark_load, NFT_META_MARK) => {
                 let (mask, 0) = bitwise(mark_and)? else {
                     return None;
                 };
                 let value = eq(mark_eq)?;
                 let (keep, set) = bitwise(ct_and)?;
                 (keep == !mask && set == value).then_some((
-                    NftRule::SaveMark { mask, value },
+                    NftRule::SaveMark {
+                        oif: eq(oif_eq)?,
+                        mask,
+                        value,
+                    },
                     *packets,
                     *bytes,
                 ))
@@ -638,12 +644,13 @@ mod tests {
             "oif 7 meta mark & 0x00ff0000 == 0x00010000 counter meta priority set 524c:0100"
         );
         let s = NftRule::SaveMark {
+            oif: 7,
             mask: 0x00ff_0000,
             value: 0x0001_0000,
         };
         assert_eq!(
             s.describe(),
-            "meta mark & 0x00ff0000 == 0x00010000 counter ct mark set ct mark & 0xff00ffff | \
+            "oif 7 meta mark & 0x00ff0000 == 0x00010000 counter ct mark set ct mark & 0xff00ffff | \
              0x00010000"
         );
         assert_eq!(
@@ -693,7 +700,11 @@ mod tests {
         };
         assert!(long.userdata().is_err());
         let ops = [NftOp::AddRule {
-            rule: NftRule::SaveMark { mask: 1, value: 1 },
+            rule: NftRule::SaveMark {
+                oif: 1,
+                mask: 1,
+                value: 1,
+            },
             tag: long,
         }];
         let err = check(&ops).unwrap_err().to_string();
@@ -704,17 +715,19 @@ mod tests {
     #[test]
     fn a_near_miss_is_not_raylimits_rule() {
         let r = NftRule::SaveMark {
+            oif: 2,
             mask: 0xff,
             value: 0x10,
         };
         let mut e = r.expressions();
         assert_eq!(NftRule::from_expressions(&e), Some((r, 0, 0)));
         // ct mark & 0xff00 | 0x10: a different mask in the set half.
-        e[5] = NftRule::SaveMark {
+        e[7] = NftRule::SaveMark {
+            oif: 2,
             mask: 0xffff_00ff,
             value: 0x10,
         }
-        .expressions()[5]
+        .expressions()[7]
             .clone();
         assert_eq!(NftRule::from_expressions(&e), None);
         let m = NftRule::MarkToPriority {
@@ -854,8 +867,8 @@ mod tests {
                     priority
                 }
             ),
-            (any::<u32>(), any::<u32>())
-                .prop_map(|(mask, value)| NftRule::SaveMark { mask, value }),
+            (any::<u32>(), any::<u32>(), any::<u32>())
+                .prop_map(|(oif, mask, value)| NftRule::SaveMark { oif, mask, value }),
         ]
     }
 

@@ -36,10 +36,11 @@ pub enum NftRule {
         value: u32,
         priority: u32,
     },
-    /// Locally generated packets whose skb mark & mask == value: conntrack mark bits under `mask`
-    /// set to `value`, the other ct mark bits kept: ct mark = (ct mark & !mask) | value. With a
-    /// counter.
-    SaveMark { mask: u32, value: u32 },
+    /// Locally generated packets leaving device `oif` whose skb mark & mask == value: conntrack
+    /// mark bits under `mask` set to `value`, the other ct mark bits kept: ct mark = (ct mark &
+    /// !mask) | value. With a counter. Per device, like the limit it serves, so removing one
+    /// device's limit never stops another device's.
+    SaveMark { oif: u32, mask: u32, value: u32 },
 }
 
 impl NftRule {
@@ -66,9 +67,9 @@ impl NftRule {
                 priority >> 16,
                 priority & 0xffff
             ),
-            NftRule::SaveMark { mask, value } => format!(
-                "meta mark & {mask:#010x} == {value:#010x} counter ct mark set ct mark & {:#010x} \
-                 | {value:#010x}",
+            NftRule::SaveMark { oif, mask, value } => format!(
+                "oif {oif} meta mark & {mask:#010x} == {value:#010x} counter ct mark set ct mark & \
+                 {:#010x} | {value:#010x}",
                 !mask
             ),
         }

@@ -14,13 +14,13 @@ pub mod plan;
 use std::collections::BTreeSet;
 
 use crate::netlink::link::Link;
-use crate::netlink::nft::{ManagedRule, NftOp, NftRule, NftState, Tag, CHAIN_CLASSIFY};
+use crate::netlink::nft::{ManagedRule, NftOp, NftRule, NftState, Tag, CHAIN_CLASSIFY, CHAIN_SAVE};
 use crate::netlink::tc::{ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
 use crate::netlink::u32::{End, Family, U32Filter};
 use crate::netlink::{TcHandle, U32Handle};
 use crate::policy::{Direction, Request, Subject, Want};
 use crate::shaping::{self, Band, CatchAll, ClientMatch, ListenerMatch, ROOT_MAJOR};
-use observe::{classid_of, Node, Observation, RootState, ShapedRoot};
+use observe::{classid_of, restores_mark, Node, Observation, RootState, ShapedRoot};
 use plan::{Dev, Operation, Step, TcObject};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,8 @@ pub struct Context {
     pub netns_path: Option<String>,
     /// The kernel has `act_connmark` (outbound download restores the connection mark with it).
     pub has_connmark: bool,
+    /// The kernel has `cls_fw` (outbounds are classified by their mark in tc, not in nft).
+    pub has_fw: bool,
 }
 
 /// The outcome of comparing: what to do, why, and the plan.
@@ -94,8 +96,8 @@ enum Rule {
     Listener {
         matches: BTreeSet<ListenerMatch>,
     },
-    /// An outbound's socket mark (under the mask), classified by nft before the packet reaches
-    /// the device's HTB root.
+    /// An outbound's socket mark (under the mask): an fw filter on the shaped root where the
+    /// kernel has cls_fw, else (upload only) an nft rule that sets the packet's priority.
     Mark {
         value: u32,
         mask: u32,
@@ -163,8 +165,15 @@ fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) -> Held {
             }
             h.class = h.class.or(remembered);
         }
-        // An outbound's class is known from its nft rule (see `held_marks`) or the annotations.
-        Rule::Mark { .. } => h.class = remembered,
+        // An outbound's class is known from its fw filter, its nft rule (see `held_marks`) or
+        // the annotations.
+        Rule::Mark { value, .. } => {
+            if let Some(f) = shaped.marks.get(value) {
+                h.class = leaf(classid_of(&f.filter));
+                h.filters.push((None, f.filter.clone()));
+            }
+            h.class = h.class.or(remembered);
+        }
         // An inbound's nodes: those matching its listener now, and those still sending to its
         // class (a listener whose port changed in the config).
         Rule::Listener { matches } => {
@@ -184,18 +193,21 @@ fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) -> Held {
     h
 }
 
-/// The subject's mark rules in raylimit's nft table: tagged with its key, for this device.
-fn held_marks(obs: &Observation, key: &str) -> Vec<ManagedRule> {
+/// The subject's rules in raylimit's nft table, tagged with its key, for this device: the mark
+/// classification for upload (`egress`), the mark saving for download.
+fn held_marks(obs: &Observation, key: &str, egress: bool) -> Vec<ManagedRule> {
     let Some(Ok(state)) = &obs.nft else {
         return Vec::new();
     };
+    let device = obs.device.index;
     state
         .rules
         .iter()
         .filter(|r| r.tag.as_ref().is_some_and(|t| t.subject == key))
-        .filter(
-            |r| matches!(r.rule, NftRule::MarkToPriority { oif, .. } if oif == obs.device.index),
-        )
+        .filter(|r| match r.rule {
+            NftRule::MarkToPriority { oif, .. } => egress && oif == device,
+            NftRule::SaveMark { oif, .. } => !egress && oif == device,
+        })
         .cloned()
         .collect()
 }
@@ -207,10 +219,10 @@ impl Held {
         &mut self,
         rule: &Rule,
         obs: &Observation,
-        key: &str,
+        (key, egress): (&str, bool),
         shaped: Option<&ShapedRoot>,
     ) -> Vec<ManagedRule> {
-        let marks = held_marks(obs, key);
+        let marks = held_marks(obs, key, egress);
         if let Rule::Mark { .. } = rule {
             self.class = marks
                 .iter()
@@ -230,26 +242,24 @@ fn mark_class(r: &ManagedRule) -> Option<TcHandle> {
     }
 }
 
-/// The nft steps of an outbound limit: table and chain when missing, then the rule (a changed
-/// rule is deleted and added again in the same atomic batch).
-fn plan_mark(
+/// The nft steps of an outbound limit (`want`: its classification or its mark saving): table
+/// and chain when missing, then the rule (a changed rule is deleted and added again in the same
+/// atomic batch).
+fn plan_nft_rule(
     ctx: &Context,
     obs: &Observation,
-    (value, mask): (u32, u32),
+    want: NftRule,
     held: &[ManagedRule],
-    target_class: TcHandle,
     steps: &mut Vec<Step>,
     changes: &mut Vec<String>,
 ) {
-    let want = NftRule::MarkToPriority {
-        oif: obs.device.index,
-        mask,
-        value,
-        priority: target_class.0,
-    };
     if held.len() == 1 && held[0].rule == want {
         return;
     }
+    let name = match want {
+        NftRule::MarkToPriority { .. } => "nft-classify-mark",
+        NftRule::SaveMark { .. } => "nft-save-mark",
+    };
     let state = match &obs.nft {
         Some(Ok(s)) => s.clone(),
         _ => NftState::default(),
@@ -259,8 +269,8 @@ fn plan_mark(
     if !state.table {
         ops.push(NftOp::AddTable);
     }
-    if !state.chains.iter().any(|c| c == CHAIN_CLASSIFY) {
-        ops.push(NftOp::AddChain(CHAIN_CLASSIFY));
+    if !state.chains.iter().any(|c| c == want.chain()) {
+        ops.push(NftOp::AddChain(want.chain()));
     }
     for old in held {
         changes.push(format!(
@@ -313,7 +323,7 @@ fn plan_mark(
             },
         ));
     }
-    steps.push(Step::new("nft-classify-mark", Operation::Nft { netns, ops }).undone_by(undo_steps));
+    steps.push(Step::new(name, Operation::Nft { netns, ops }).undone_by(undo_steps));
 }
 
 /// Decides for one request.
@@ -368,16 +378,31 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
             },
         },
         Subject::Outbound { mark, mask, .. } => {
-            if req.direction == Direction::Download && req.want != Want::Remove {
+            let missing: Vec<&str> = [(!ctx.has_connmark, "act_connmark"), (!ctx.has_fw, "cls_fw")]
+                .into_iter()
+                .filter_map(|(absent, name)| absent.then_some(name))
+                .collect();
+            if req.direction == Direction::Download
+                && req.want != Want::Remove
+                && !missing.is_empty()
+            {
                 d.kind = DecisionKind::Apply;
                 d.reason = "outbound download is identified by the connection's mark, restored before the redirect to the IFB".into();
                 d.observed_state = "unavailable";
-                d.blocked = Some(if ctx.has_connmark {
-                    "outbound download (connmark restore before the IFB) is not in this build yet"
-                        .into()
-                } else {
-                    "outbound download needs the connmark action (act_connmark) to restore the connection's mark on arriving packets before they are redirected to the IFB, and this kernel has no act_connmark".into()
-                });
+                d.blocked = Some(format!(
+                    "outbound download needs the connmark action (act_connmark) to restore the connection's mark on arriving packets before they are redirected to the IFB, and the fw classifier (cls_fw) to read it there; this kernel has no {}",
+                    missing.join(" and no ")
+                ));
+                return d;
+            }
+            // Download always keeps its mark in nft (saved on output); upload only without fw.
+            let needs_nft =
+                req.want != Want::Remove && (req.direction == Direction::Download || !ctx.has_fw);
+            if let Some(Err(e)) = obs.nft.as_ref().filter(|_| needs_nft) {
+                d.kind = DecisionKind::Apply;
+                d.reason = "the outbound's mark is kept in raylimit's nftables table".into();
+                d.observed_state = "unavailable";
+                d.blocked = Some(format!("nftables could not be read: {e}"));
                 return d;
             }
             Rule::Mark {
@@ -559,7 +584,7 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
     let mut held = shaped
         .map(|s| held(s, rule, ctx.remembered_minor))
         .unwrap_or_default();
-    let marks = held.add_marks(rule, obs, &req.subject.key(), shaped);
+    let marks = held.add_marks(rule, obs, (&req.subject.key(), req.on_egress()), shaped);
     if !held.conflicts.is_empty() && d.blocked.is_none() {
         d.blocked = Some(format!(
             "another rule of the {} band on {} already classifies {}; remove that rule first",
@@ -672,16 +697,63 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
             d.forms
                 .push(format!("baseline filter: {}", ctx.catch_all.reason()));
         }
+        Rule::Mark { value, mask } if ctx.has_fw => {
+            let want = shaping::mark_filter(ifindex, *value, *mask, target_class);
+            if let Some(other) = shaped.and_then(|s| {
+                s.marks
+                    .values()
+                    .find(|f| fw_mask(&f.filter) != fw_mask(&want))
+            }) {
+                d.blocked = Some(format!(
+                    "the outbound band of {} already reads marks under mask {:#010x} ({}), and one fw priority holds one mask; use the same --mark-mask for every outbound on a device",
+                    dev.name(),
+                    fw_mask(&other.filter),
+                    other.filter
+                ));
+            }
+            match held.filters.first() {
+                Some((_, old)) if same_filter(old, &want) => {}
+                Some((_, old)) => {
+                    let (replace, change) = replace_filter(&dev, ifindex, old, want, "");
+                    changes.push(change);
+                    steps.push(replace);
+                }
+                None => steps.push(Step::create("create-filter", &dev, want)),
+            }
+            if req.on_egress() {
+                // An nft classification from a run without cls_fw is replaced by the filter.
+                if !marks.is_empty() {
+                    changes.push("the nft classification gives way to the fw filter".into());
+                    steps.push(delete_nft_rules(ctx, obs, &marks));
+                }
+                d.forms.push(format!(
+                    "upload classification: fw on {}, mark {value:#x}/{mask:#x} (this kernel has cls_fw)",
+                    dev.name()
+                ));
+            } else {
+                let save = NftRule::SaveMark {
+                    oif: obs.device.index,
+                    mask: *mask,
+                    value: *value,
+                };
+                plan_nft_rule(ctx, obs, save, &marks, &mut steps, &mut changes);
+                d.forms.push(format!(
+                    "download classification: the connection's mark, saved on output by nft (table inet {}, chain {}), restored by connmark on {}'s ingress redirect (this kernel has act_connmark), read by fw on {} (this kernel has cls_fw)",
+                    crate::netlink::nft::TABLE,
+                    crate::netlink::nft::CHAIN_SAVE,
+                    obs.device.name,
+                    dev.name()
+                ));
+            }
+        }
         Rule::Mark { value, mask } => {
-            plan_mark(
-                ctx,
-                obs,
-                (*value, *mask),
-                &marks,
-                target_class,
-                &mut steps,
-                &mut changes,
-            );
+            let want = NftRule::MarkToPriority {
+                oif: obs.device.index,
+                mask: *mask,
+                value: *value,
+                priority: target_class.0,
+            };
+            plan_nft_rule(ctx, obs, want, &marks, &mut steps, &mut changes);
             d.forms.push(format!(
                 "upload classification: nft `meta priority set` in table inet {} (this kernel has no cls_fw, and its u32 cannot read marks); HTB honours a packet's priority before its filters, so on {} the outbound rule wins over ip rules for the same packets",
                 crate::netlink::nft::TABLE,
@@ -724,7 +796,8 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
 
     // Upload: the hook on the device and the redirect into the IFB, last, once the tree exists.
     if !req.on_egress() {
-        plan_redirect(ctx, obs, &mut steps, &mut changes, d);
+        let restore_mark = matches!(rule, Rule::Mark { .. });
+        plan_redirect(ctx, obs, restore_mark, &mut steps, &mut changes, d);
     }
 
     let held_any = !held.filters.is_empty() || !held.listeners.is_empty() || !marks.is_empty();
@@ -866,9 +939,13 @@ fn delete_in_root_table(name: &str, dev: &Dev, mut before: Filter) -> Step {
     step
 }
 
+/// The hook and the redirect an upload-side limit needs. `restore_mark`: this limit needs the
+/// connection's mark restored first (an outbound's download); a redirect that already restores
+/// it keeps doing so.
 fn plan_redirect(
     ctx: &Context,
     obs: &Observation,
+    restore_mark: bool,
     steps: &mut Vec<Step>,
     changes: &mut Vec<String>,
     d: &mut Decision,
@@ -878,6 +955,7 @@ fn plan_redirect(
         Some(l) if l.index != 0 => device_dev(l),
         _ => Dev::Ifb(shaping::ifb_name(obs.device.index)),
     };
+    let redirect_step = |name: &str, op: Op, f: Filter| redirect_step(obs, name, op, f);
     let hook = obs.hook.as_ref();
     let parent = hook
         .and_then(|h| h.parent)
@@ -892,9 +970,14 @@ fn plan_redirect(
         steps.push(Step::create("create-ingress-hook", &device, clsact));
     }
     d.forms.push(format!(
-        "upload redirect to {}: {}, on the {} hook",
+        "upload redirect to {}: {}{}, on the {} hook",
         ifb.name(),
         ctx.catch_all.reason(),
+        if restore_mark {
+            ", after connmark restores the connection's mark"
+        } else {
+            ""
+        },
         if parent == TcHandle::INGRESS_QDISC {
             "existing ingress qdisc"
         } else {
@@ -902,20 +985,25 @@ fn plan_redirect(
         }
     ));
     let ifb_index = obs.ifb.as_ref().map(|l| l.index).unwrap_or(0);
-    let want = shaping::redirect(obs.device.index, parent, ifb_index, ctx.catch_all);
-    let redirect_step = |name: &str, op: Op, f: Filter| Step {
-        name: name.to_string(),
-        action: Operation::Tc {
-            op,
-            dev: device.clone(),
-            object: TcObject::Filter(f),
-            redirect_to: Some(ifb.clone()),
-        },
-        undo: Vec::new(),
-        exists_ok: false,
-    };
-    match hook.and_then(|h| h.redirect.as_ref()) {
-        Some((_, target)) if *target == ifb_index && obs.ifb.is_some() => {}
+    let observed = hook.and_then(|h| h.redirect.as_ref());
+    let restore_mark = restore_mark || observed.is_some_and(|(f, _)| restores_mark(&f.filter));
+    let want = shaping::redirect(
+        obs.device.index,
+        parent,
+        ifb_index,
+        ctx.catch_all,
+        restore_mark,
+    );
+    match observed {
+        Some((f, target)) if *target == ifb_index && obs.ifb.is_some() => {
+            if restore_mark && !restores_mark(&f.filter) {
+                changes.push(format!(
+                    "the ingress redirect on {} now restores connection marks first",
+                    obs.device.name
+                ));
+                steps.extend(swap_redirect(obs, &f.filter, true));
+            }
+        }
         Some((f, _)) => {
             changes.push(format!(
                 "the ingress redirect on {} pointed elsewhere",
@@ -937,6 +1025,103 @@ fn plan_redirect(
     }
 }
 
+/// A step on the device's ingress redirect, sending to the IFB (its index filled in at
+/// execution when the IFB is created in the same run).
+fn redirect_step(obs: &Observation, name: &str, op: Op, f: Filter) -> Step {
+    let ifb = match &obs.ifb {
+        Some(l) if l.index != 0 => device_dev(l),
+        _ => Dev::Ifb(shaping::ifb_name(obs.device.index)),
+    };
+    Step {
+        name: name.to_string(),
+        action: Operation::Tc {
+            op,
+            dev: device_dev(&obs.device),
+            object: TcObject::Filter(f),
+            redirect_to: Some(ifb),
+        },
+        undo: Vec::new(),
+        exists_ok: false,
+    }
+}
+
+/// Puts a redirect that does (`restore_mark`) or does not restore the connection's mark in place
+/// of the observed one, in the same form. matchall filters cannot be changed in place, so the
+/// old one goes and the new one comes; arriving packets pass unshaped in between.
+fn swap_redirect(obs: &Observation, old: &Filter, restore_mark: bool) -> Vec<Step> {
+    let form = CatchAll::choose(matches!(old.kind, FilterKind::MatchAll(_)));
+    let target = match &obs.ifb {
+        Some(l) => l.index,
+        None => 0,
+    };
+    let want = shaping::redirect(obs.device.index, old.parent, target, form, restore_mark);
+    vec![
+        redirect_step(obs, "delete-redirect", Op::Delete, old.clone()).undone_by(vec![
+            redirect_step(obs, "restore-redirect", Op::Create, old.clone()),
+        ]),
+        redirect_step(obs, "create-redirect", Op::Create, want.clone()).undone_by(vec![
+            redirect_step(obs, "delete-redirect", Op::Delete, want),
+        ]),
+    ]
+}
+
+/// The mask an fw filter compares under (all bits when it names none).
+fn fw_mask(f: &Filter) -> u32 {
+    match &f.kind {
+        FilterKind::Fw(fw) => fw.mask.unwrap_or(u32::MAX),
+        _ => u32::MAX,
+    }
+}
+
+/// Deletes the subject's nft rules; the table goes with the last rule in it. Undone by putting
+/// the table, its chains and the rules back.
+fn delete_nft_rules(ctx: &Context, obs: &Observation, rules: &[ManagedRule]) -> Step {
+    let mut ops: Vec<NftOp> = rules
+        .iter()
+        .map(|r| NftOp::DeleteRule {
+            chain: r.chain.clone(),
+            handle: r.handle,
+        })
+        .collect();
+    let others = match &obs.nft {
+        Some(Ok(s)) => s.rules.len() - rules.len() + s.foreign.len(),
+        _ => 1,
+    };
+    let mut undo_ops = Vec::new();
+    if others == 0 {
+        ops.push(NftOp::DeleteTable);
+        undo_ops.push(NftOp::AddTable);
+        if let Some(Ok(s)) = &obs.nft {
+            for chain in [CHAIN_CLASSIFY, CHAIN_SAVE] {
+                if s.chains.iter().any(|c| c == chain) {
+                    undo_ops.push(NftOp::AddChain(chain));
+                }
+            }
+        }
+    }
+    undo_ops.extend(rules.iter().filter_map(|r| {
+        r.tag.clone().map(|tag| NftOp::AddRule {
+            rule: r.rule.clone(),
+            tag,
+        })
+    }));
+    let netns = ctx.netns_path.clone();
+    Step::new(
+        "delete-nft-rule",
+        Operation::Nft {
+            netns: netns.clone(),
+            ops,
+        },
+    )
+    .undone_by(vec![Step::new(
+        "restore-nft-rule",
+        Operation::Nft {
+            netns,
+            ops: undo_ops,
+        },
+    )])
+}
+
 fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
     let req = &ctx.request;
     let dev = shaped_dev(req, obs);
@@ -954,7 +1139,12 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     // addresses it has now (another user may hold one of them).
     let mut held = held(shaped, rule, ctx.remembered_minor);
     held.conflicts.clear();
-    let marks = held.add_marks(rule, obs, &req.subject.key(), Some(shaped));
+    let marks = held.add_marks(
+        rule,
+        obs,
+        (&req.subject.key(), req.on_egress()),
+        Some(shaped),
+    );
     let class_minor = held.class.map(|c| c.minor());
     if held.filters.is_empty()
         && held.listeners.is_empty()
@@ -973,52 +1163,8 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     d.observed_class = held.class;
     let mut steps = Vec::new();
     if !marks.is_empty() {
-        // The rule goes before its class; the table goes with the last rule in it.
-        let mut ops: Vec<NftOp> = marks
-            .iter()
-            .map(|r| NftOp::DeleteRule {
-                chain: r.chain.clone(),
-                handle: r.handle,
-            })
-            .collect();
-        let others = match &obs.nft {
-            Some(Ok(s)) => s.rules.len() - marks.len() + s.foreign.len(),
-            _ => 1,
-        };
-        if others == 0 {
-            ops.push(NftOp::DeleteTable);
-        }
-        let restore: Vec<NftOp> = marks
-            .iter()
-            .filter_map(|r| {
-                r.tag.clone().map(|tag| NftOp::AddRule {
-                    rule: r.rule.clone(),
-                    tag,
-                })
-            })
-            .collect();
-        let mut undo_ops = Vec::new();
-        if others == 0 {
-            undo_ops.push(NftOp::AddTable);
-            undo_ops.push(NftOp::AddChain(CHAIN_CLASSIFY));
-        }
-        undo_ops.extend(restore);
-        steps.push(
-            Step::new(
-                "delete-nft-rule",
-                Operation::Nft {
-                    netns: ctx.netns_path.clone(),
-                    ops,
-                },
-            )
-            .undone_by(vec![Step::new(
-                "restore-nft-rule",
-                Operation::Nft {
-                    netns: ctx.netns_path.clone(),
-                    ops: undo_ops,
-                },
-            )]),
-        );
+        // The rule goes before its class.
+        steps.push(delete_nft_rules(ctx, obs, &marks));
     }
     let mut removed = BTreeSet::new();
     for (_, f) in &held.filters {
@@ -1065,15 +1211,27 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     }
     // Shared scaffolding goes only when nothing managed is left on it.
     let classes_left = shaped.classes.len() - usize::from(class_minor.is_some());
-    let nodes_left =
-        shaped.node_count() + shaped.listeners.len() + usize::from(shaped.baseline.is_some())
-            - removed.len();
+    let nodes_left = shaped.node_count()
+        + shaped.listeners.len()
+        + shaped.marks.len()
+        + usize::from(shaped.baseline.is_some())
+        - removed.len();
     let empty = classes_left == 0 && nodes_left == 0 && shaped.unrecognised.is_empty();
     if empty {
         let root = shaping::root_qdisc(ifindex);
         steps.push(Step::delete("delete-root-qdisc", &dev, root));
         if !req.on_egress() {
             remove_upload_scaffolding(obs, &mut steps);
+        }
+    } else if !req.on_egress() {
+        // The last outbound download on the IFB: arriving packets keep their own marks again.
+        let marks_left = shaped
+            .marks
+            .keys()
+            .any(|v| !removed.contains(&(shaping::BAND_OUTBOUND, *v)));
+        let redirect = obs.hook.as_ref().and_then(|h| h.redirect.as_ref());
+        if let Some((f, _)) = redirect.filter(|(f, _)| restores_mark(&f.filter) && !marks_left) {
+            steps.extend(swap_redirect(obs, &f.filter, false));
         }
     }
     d.reason = match (

@@ -12,7 +12,7 @@ use crate::netlink::u32::{End, Family};
 use crate::netlink::{TcHandle, U32Handle};
 use crate::shaping::{
     self, Band, ClientMatch, ListenerMatch, BAND_CONNECTION, BAND_INBOUND, BAND_IP_BASELINE,
-    PRIO_REDIRECT, ROOT_MAJOR,
+    BAND_OUTBOUND, PRIO_REDIRECT, ROOT_MAJOR,
 };
 
 /// What sits on a device's egress root.
@@ -82,6 +82,8 @@ pub struct ShapedRoot {
     /// The first-level link node into each second-level table: (priority, bucket) -> it.
     pub bucket_links: BTreeMap<(u16, u32), FilterEntry>,
     pub baseline: Option<FilterEntry>,
+    /// Outbound classifiers (fw) of the outbound band, by the mark they match.
+    pub marks: BTreeMap<u32, FilterEntry>,
     /// Filters under the managed root that are not raylimit's layout.
     pub unrecognised: Vec<FilterEntry>,
 }
@@ -103,6 +105,7 @@ impl ShapedRoot {
             bucket_tables: BTreeSet::new(),
             bucket_links: BTreeMap::new(),
             baseline: None,
+            marks: BTreeMap::new(),
             unrecognised: Vec::new(),
         };
         if let Some(q) = tc.qdiscs.iter().find(|q| q.qdisc.parent == TcHandle::ROOT) {
@@ -208,6 +211,7 @@ impl ShapedRoot {
         self.links.retain(|_, e| !at(e));
         self.bucket_links.retain(|_, e| !at(e));
         self.listeners.retain(|n| !at(&n.entry));
+        self.marks.retain(|_, e| !at(e));
         self.unrecognised.retain(|e| !at(e));
         if self.baseline.as_ref().is_some_and(at) {
             self.baseline = None;
@@ -226,6 +230,13 @@ impl ShapedRoot {
                 self.root_tables.insert(prio, handle.table());
                 return true;
             }
+        }
+        if prio == BAND_OUTBOUND {
+            if !matches!(&f.filter.kind, FilterKind::Fw(fw) if fw.classid.is_some()) {
+                return false;
+            }
+            self.marks.insert(f.filter.handle, f.clone());
+            return true;
         }
         if prio == BAND_IP_BASELINE {
             if classid_of(&f.filter).is_none() {
@@ -473,14 +484,28 @@ fn is_u32_table(f: &FilterEntry) -> bool {
     matches!(&f.filter.kind, FilterKind::U32(u) if u.divisor.is_some())
 }
 
-/// The device a redirect filter hands packets to.
-pub fn redirect_target(f: &FilterEntry) -> Option<u32> {
-    let actions = match &f.filter.kind {
+fn actions_of(f: &Filter) -> &[Action] {
+    match &f.kind {
         FilterKind::U32(u) => &u.actions,
         FilterKind::MatchAll(m) => &m.actions,
-        _ => return None,
-    };
-    actions.iter().find_map(|a| match a {
+        FilterKind::Fw(fw) => &fw.actions,
+        FilterKind::Other { .. } => &[],
+    }
+}
+
+/// The redirect restores the connection's mark before handing packets over (connmark).
+pub fn restores_mark(f: &Filter) -> bool {
+    actions_of(f)
+        .iter()
+        .any(|a| matches!(a, Action::Connmark { .. }))
+}
+
+/// The device a redirect filter hands packets to.
+pub fn redirect_target(f: &FilterEntry) -> Option<u32> {
+    if matches!(f.filter.kind, FilterKind::Fw(_)) {
+        return None;
+    }
+    actions_of(&f.filter).iter().find_map(|a| match a {
         Action::Mirred {
             mode: MirredMode::EgressRedirect,
             ifindex,

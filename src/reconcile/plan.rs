@@ -250,6 +250,7 @@ fn render_filter(op: Op, dev: &str, f: &Filter, redirect_to: Option<&Dev>) -> St
     }
     let target = |a: &Action| match (a, redirect_to) {
         (Action::Mirred { .. }, Some(d)) => format!("mirred egress redirect dev {}", d.name()),
+        (Action::Connmark { zone, verdict }, _) => format!("connmark zone {zone} {verdict}"),
         (a, _) => a.to_string(),
     };
     match &f.kind {
@@ -274,7 +275,19 @@ fn render_filter(op: Op, dev: &str, f: &Filter, redirect_to: Option<&Dev>) -> St
                 }
             }
         }
-        _ => {
+        FilterKind::Fw(fw) => {
+            let _ = write!(s, " handle 0x{:x}", f.handle);
+            if let Some(m) = fw.mask {
+                let _ = write!(s, "/0x{m:x}");
+            }
+            s.push_str(" fw");
+            if op != Op::Delete {
+                if let Some(c) = fw.classid {
+                    let _ = write!(s, " classid {c}");
+                }
+            }
+        }
+        FilterKind::Other { .. } => {
             let _ = write!(s, " handle 0x{:x} {}", f.handle, f.kind_name());
         }
     }

@@ -62,9 +62,18 @@ impl FakeKernel {
                     redirect_to,
                 } => {
                     let mut object = object.clone();
+                    // The IFB's index is filled in at execution.
                     if let (Some(_), TcObject::Filter(f)) = (redirect_to, &mut object) {
-                        if let FilterKind::U32(u) = &mut f.kind {
-                            u.actions = vec![crate::netlink::action::Action::redirect_to(IFB)];
+                        use crate::netlink::action::Action;
+                        let actions = match &mut f.kind {
+                            FilterKind::U32(u) => &mut u.actions,
+                            FilterKind::MatchAll(m) => &mut m.actions,
+                            _ => unreachable!("redirects are u32 or matchall"),
+                        };
+                        for a in actions.iter_mut() {
+                            if let Action::Mirred { .. } = a {
+                                *a = Action::redirect_to(IFB);
+                            }
                         }
                     }
                     let tc = self.tc_mut(dev);
@@ -293,6 +302,13 @@ impl FakeKernel {
         }
     }
 
+    /// The device's ingress redirect copies the connection's mark first.
+    fn redirect_restores_mark(&self) -> bool {
+        let hook = Hook::read(&self.device);
+        let (redirect, _) = hook.redirect.expect("a redirect");
+        restores_mark(&redirect.filter)
+    }
+
     /// What a request is decided on: its shaped root, and raylimit's nft table.
     fn observe_for(&self, req: &Request) -> Observation {
         let direction = if req.on_egress() {
@@ -354,6 +370,7 @@ fn ctx(subject: &str, direction: Direction, want: Want) -> Context {
         owner: "host:test".into(),
         netns_path: None,
         has_connmark: false,
+        has_fw: false,
     }
 }
 
@@ -489,6 +506,7 @@ fn user_ctx(uuid: &str, ips: &[&str], want: Want, remembered: Option<u16>) -> Co
         owner: "host:test".into(),
         netns_path: None,
         has_connmark: false,
+        has_fw: false,
     }
 }
 
@@ -752,6 +770,180 @@ fn an_outbound_is_a_class_and_an_nft_rule_on_the_remote_facing_egress() {
     );
     assert!(d.blocked.unwrap().contains("act_connmark"));
     assert!(d.steps.is_empty());
+}
+
+/// An outbound with mark 0x01000000 under the default mask, on a kernel with cls_fw and
+/// act_connmark.
+fn fw_outbound(direction: Direction, want: Want) -> Context {
+    Context {
+        request: Request {
+            subject: Subject::Outbound {
+                tag: "proxy".into(),
+                mark: 0x0100_0000,
+                mask: 0x0f00_0000,
+            },
+            direction,
+            device: "eth0".into(),
+            want,
+        },
+        catch_all: CatchAll::MatchAll,
+        has_fw: true,
+        has_connmark: true,
+        ..ctx("10.0.0.2", direction, want)
+    }
+}
+
+fn fw_filter(tc: &DeviceTc) -> Option<&Filter> {
+    tc.filters
+        .iter()
+        .map(|e| &e.filter)
+        .find(|f| matches!(f.kind, FilterKind::Fw(_)))
+}
+
+#[test]
+fn with_cls_fw_an_outbound_upload_is_an_fw_filter_and_no_nft_rule() {
+    let mut k = FakeKernel::default();
+    let first = run(&mut k, &fw_outbound(Direction::Upload, Want::Limit(1000)));
+    assert_eq!(
+        names(&first),
+        ["create-root-qdisc", "create-class", "create-filter"]
+    );
+    assert!(first.forms[0].contains("fw on eth0, mark 0x1000000/0xf000000"));
+    let f = fw_filter(&k.device).expect("an fw filter on the device");
+    assert_eq!(
+        *f,
+        shaping::mark_filter(
+            f.ifindex,
+            0x0100_0000,
+            0x0f00_0000,
+            first.expected_class.unwrap()
+        )
+    );
+    assert!(k.nft.rules.is_empty() && !k.nft.table);
+    let again = run(&mut k, &fw_outbound(Direction::Upload, Want::Limit(1000)));
+    assert_eq!(again.kind, DecisionKind::NoOp, "{:?}", names(&again));
+    assert!(again.matched);
+    // A different mask on the same device cannot share the fw priority: refused before sending.
+    let mut other = fw_outbound(Direction::Upload, Want::Limit(1000));
+    other.request.subject = Subject::Outbound {
+        tag: "other".into(),
+        mark: 0x10,
+        mask: 0xff,
+    };
+    let d = decide(&other, &k.observe_for(&other.request));
+    assert!(d.blocked.unwrap().contains("under mask 0x0f000000"));
+    let gone = run(&mut k, &fw_outbound(Direction::Upload, Want::Remove));
+    assert_eq!(
+        names(&gone),
+        ["delete-filter", "delete-class", "delete-root-qdisc"]
+    );
+    assert!(k.device.filters.is_empty() && k.device.qdiscs.is_empty());
+}
+
+#[test]
+fn with_connmark_an_outbound_download_restores_the_mark_before_the_ifb() {
+    let mut k = FakeKernel::default();
+    let first = run(&mut k, &fw_outbound(Direction::Download, Want::Limit(1000)));
+    assert_eq!(
+        names(&first),
+        [
+            "create-ifb",
+            "set-ifb-up",
+            "create-root-qdisc",
+            "create-class",
+            "create-filter",
+            "nft-save-mark",
+            "create-ingress-hook",
+            "create-redirect"
+        ]
+    );
+    // Shaped on the IFB by fw; the mark is saved on output for this device.
+    let ifb = k.ifb.as_ref().unwrap();
+    assert!(fw_filter(ifb).is_some());
+    assert_eq!(
+        k.nft.rules[0].rule,
+        NftRule::SaveMark {
+            oif: DEV,
+            mask: 0x0f00_0000,
+            value: 0x0100_0000
+        }
+    );
+    assert!(k.redirect_restores_mark());
+    assert_eq!(
+        run(&mut k, &fw_outbound(Direction::Download, Want::Limit(1000))).kind,
+        DecisionKind::NoOp
+    );
+
+    // A client's upload limit shares the redirect, which keeps restoring marks.
+    let ip = ctx("10.0.0.2", Direction::Upload, Want::Limit(1000));
+    let ip = Context {
+        catch_all: CatchAll::MatchAll,
+        ..ip
+    };
+    assert_eq!(
+        names(&run(&mut k, &ip)),
+        [
+            "create-class",
+            "create-address-table",
+            "create-address-link",
+            "create-bucket-table",
+            "create-bucket-link",
+            "create-filter"
+        ]
+    );
+    // The outbound goes first: the redirect stops restoring marks, the client's limit stays.
+    let gone = run(&mut k, &fw_outbound(Direction::Download, Want::Remove));
+    assert_eq!(
+        names(&gone),
+        [
+            "delete-nft-rule",
+            "delete-filter",
+            "delete-class",
+            "delete-redirect",
+            "create-redirect"
+        ]
+    );
+    assert!(!k.nft.table);
+    assert!(!k.redirect_restores_mark());
+    assert_eq!(run(&mut k, &ip).kind, DecisionKind::NoOp);
+
+    // The outbound back while the client's limit exists: the redirect is swapped to restore.
+    let back = run(&mut k, &fw_outbound(Direction::Download, Want::Limit(1000)));
+    assert!(
+        names(&back).ends_with(&["delete-redirect", "create-redirect"]),
+        "{:?}",
+        names(&back)
+    );
+    assert!(k.redirect_restores_mark());
+}
+
+#[test]
+fn an_outbound_download_without_fw_or_connmark_is_refused_naming_them() {
+    let k = FakeKernel::default();
+    for (fw, connmark, missing) in [
+        (false, true, "no cls_fw"),
+        (true, false, "no act_connmark"),
+        (false, false, "no act_connmark and no cls_fw"),
+    ] {
+        let c = Context {
+            has_fw: fw,
+            has_connmark: connmark,
+            ..fw_outbound(Direction::Download, Want::Limit(1000))
+        };
+        let d = decide(&c, &k.observe_for(&c.request));
+        assert!(
+            d.blocked.as_ref().unwrap().ends_with(missing),
+            "{:?}",
+            d.blocked
+        );
+        assert!(d.steps.is_empty());
+    }
+    // Without nftables (the static build) the mark cannot be saved: refused, saying why.
+    let c = fw_outbound(Direction::Download, Want::Limit(1000));
+    let mut obs = k.observe_for(&c.request);
+    obs.nft = Some(Err("built without the nftables feature".into()));
+    let d = decide(&c, &obs);
+    assert!(d.blocked.unwrap().contains("without the nftables feature"));
 }
 
 fn ip_limit(ip: &str) -> Context {

@@ -17,7 +17,13 @@
 //!   pref 100/101, 200/201  the connection and uuid bands: the same hashed tables; a connection's
 //!                          node also matches the client port, a user's nodes share one class
 //!   pref 400 protocol all  the `--ip all` baseline: matchall (or a u32 catch-all) -> its class
+//!   pref 600 protocol all  outbounds: fw, handle = the outbound's mark under the mark mask ->
+//!                          its class (where the kernel has cls_fw; else nft classifies)
 //! ```
+//!
+//! An outbound's download is shaped on the IFB: its packets carry no socket mark on arrival, so
+//! the ingress redirect restores the connection's mark (`connmark`, saved on output by nft)
+//! before handing them over, and the fw filter on the IFB reads it.
 //!
 //! Two levels keep the work per packet flat: a packet walks one link per level and then the
 //! few nodes of its own (second-to-last, last byte) bucket, however many clients are limited.
@@ -31,6 +37,7 @@
 use std::net::IpAddr;
 
 use crate::netlink::action::Action;
+use crate::netlink::fw::Fw;
 use crate::netlink::htb::{ticks_for, HtbClass, HtbQdisc};
 use crate::netlink::matchall::MatchAll;
 use crate::netlink::tc::{
@@ -607,15 +614,39 @@ pub fn baseline(ifindex: u32, classid: TcHandle, form: CatchAll) -> Filter {
 }
 
 /// The redirect on the device's ingress hook that hands every arriving packet to the IFB.
-pub fn redirect(ifindex: u32, hook: TcHandle, ifb_ifindex: u32, form: CatchAll) -> Filter {
-    catch_all_filter(
+/// `restore_mark`: first copy the connection's mark to the packet (`connmark`), which an
+/// outbound's download limit on the IFB classifies by; only while such a limit exists, since it
+/// rewrites the mark of every arriving packet.
+pub fn redirect(
+    ifindex: u32,
+    hook: TcHandle,
+    ifb_ifindex: u32,
+    form: CatchAll,
+    restore_mark: bool,
+) -> Filter {
+    let mut actions = Vec::new();
+    if restore_mark {
+        actions.push(Action::restore_connmark());
+    }
+    actions.push(Action::redirect_to(ifb_ifindex));
+    catch_all_filter(ifindex, hook, PRIO_REDIRECT, form, None, actions)
+}
+
+/// An outbound's classifier on a shaped root: packets whose mark under `mask` is `value` go to
+/// `classid`. One fw filter per outbound at the outbound band's priority; its handle is the mark.
+pub fn mark_filter(ifindex: u32, value: u32, mask: u32, classid: TcHandle) -> Filter {
+    Filter {
         ifindex,
-        hook,
-        PRIO_REDIRECT,
-        form,
-        None,
-        vec![Action::redirect_to(ifb_ifindex)],
-    )
+        parent: root_handle(),
+        priority: BAND_OUTBOUND,
+        protocol: ETH_P_ALL,
+        handle: value,
+        kind: FilterKind::Fw(Fw {
+            classid: Some(classid),
+            mask: (mask != u32::MAX).then_some(mask),
+            actions: Vec::new(),
+        }),
+    }
 }
 
 /// A class minor for `key`, stable across runs: a hash of the key, probing upward past minors

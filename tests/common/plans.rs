@@ -29,6 +29,7 @@ pub fn context(subject: Subject, direction: Direction, want: Want, device: &str)
         owner: "host:test".into(),
         netns_path: None,
         has_connmark: false,
+        has_fw: false,
     }
 }
 

@@ -217,6 +217,12 @@ fn specific_ip_lifecycle(direction: &str) {
         "--execute",
     ]);
     assert_eq!(decision(&removed), "remove");
+    // The report describes the kernel as it was found, before the removal.
+    let shaped = removed["scope"]["shaped_device"].as_str().unwrap();
+    assert_eq!(
+        removed["observation"]["root"],
+        format!("managed root 524c: on {shaped}")
+    );
     let full = s.measure(direction, client);
     eprintln!("{direction} of {client} after remove: {full:.0} B/s");
     assert!(

@@ -454,8 +454,8 @@ impl Session {
         &self.netns_key
     }
 
-    /// The observation a request is decided on: read once per shaped side, then kept current.
-    fn observation(&mut self, request: &Request) -> &mut Observation {
+    /// Reads what a request is decided on, once per shaped side (kept current afterwards).
+    fn observe_once(&mut self, request: &Request) {
         let egress = request.on_egress();
         let obs = self
             .observed
@@ -466,7 +466,6 @@ impl Session {
                 crate::netlink::nft::dump(self.netns_path.as_deref()).map_err(|e| e.to_string()),
             );
         }
-        obs
     }
 
     /// Decides one request against the current observation. Its steps count as done for the
@@ -518,7 +517,9 @@ impl Session {
             has_connmark,
             has_fw,
         };
-        let observation = self.observation(request);
+        self.observe_once(request);
+        let egress = request.on_egress();
+        let observation = &self.observed[&egress];
         let shadowed = matches!(request.subject, Subject::Inbound { .. })
             && request.want != Want::Remove
             && observation
@@ -529,12 +530,8 @@ impl Session {
         if blocked.is_some() {
             decision.blocked = blocked;
         }
-        if decision.blocked.is_none() {
-            for step in &decision.steps {
-                observation.absorb(step, request.on_egress());
-            }
-        }
-        let observation = &self.observed[&request.on_egress()];
+        // The report describes what was observed before this decision; then its steps count
+        // as done for the decisions after it.
         let mut report = LimitReport::new(
             self.execute,
             v,
@@ -544,6 +541,12 @@ impl Session {
             observation,
             decision,
         );
+        if report.decision.blocked.is_none() {
+            let observation = self.observed.get_mut(&egress).expect("observed above");
+            for step in &report.decision.steps {
+                observation.absorb(step, egress);
+            }
+        }
         if shadowed {
             report.warnings.push(format!(
                 "{} has a device-wide --ip all baseline (band {}), which is evaluated first: traffic it matches never reaches the {} rule",

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # make test-stock-kernel: boots Debian's stock kernel (linux-image-amd64) under qemu (TCG) with an
-# initramfs holding busybox, the tc and nftables modules, the static raylimit, v2ray and the test
-# script tests/stock-kernel/init.sh, which prints one `pass`/`FAIL` line per check. Exits non-zero on
-# any failure. The kernel package and its extracted tree are cached under target/stock-kernel/.
+# initramfs holding busybox, the tc and nftables modules, the static raylimit and rl-traffic, v2ray
+# and the test script tests/stock-kernel/init.sh, which prints one `pass`/`FAIL` line per check.
+# Exits non-zero on any failure. The kernel package and its extracted tree are cached under
+# target/stock-kernel/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for p in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static depmod:kmod cpio:cpio; do
+for p in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static depmod:kmod cpio:cpio file:file; do
     command -v "${p%%:*}" >/dev/null || need+=("${p##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -28,7 +29,11 @@ if [ ! -d "$OUT/kernel/lib/modules/$VER" ]; then
 fi
 
 BIN=target/x86_64-unknown-linux-musl/release/raylimit
-[ -x "$BIN" ] || { echo "build the static binary first: make static" >&2; exit 1; }
+TRAFFIC=target/x86_64-unknown-linux-musl/release/examples/rl-traffic
+for b in "$BIN" "$TRAFFIC"; do
+    file "$b" 2>/dev/null | grep -Eq 'static(-pie)? linked' ||
+        { echo "$b is not a static binary: make test-stock-kernel builds both" >&2; exit 1; }
+done
 
 ROOT="$OUT/initramfs"
 rm -rf "$ROOT"
@@ -36,6 +41,7 @@ mkdir -p "$ROOT"/{bin,proc,sys,dev,boot,run,tmp,etc,lib/modules/"$VER"}
 cp /usr/bin/busybox "$ROOT/bin/"
 ln -s busybox "$ROOT/bin/sh"
 cp "$BIN" "$ROOT/bin/raylimit"
+cp "$TRAFFIC" "$ROOT/bin/rl-traffic"
 cp "$OUT/kernel/boot/config-$VER" "$ROOT/boot/"
 cp tests/stock-kernel/init.sh "$ROOT/init"
 chmod +x "$ROOT/init"

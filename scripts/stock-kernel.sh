@@ -147,7 +147,7 @@ done
 for m in sch_htb sch_ingress cls_u32 cls_matchall cls_fw act_gact act_mirred act_connmark ifb veth \
          nf_tables nft_ct nf_conntrack; do
     for ko in $(modprobe -d "$OUT/kernel" -S "$VER" --show-depends "$m" | awk '$1 == "insmod" {print $2}'); do
-        rel=${ko#"$OUT/kernel"}
+        rel=/lib/modules/${ko#*/lib/modules/} # modprobe prints absolute paths
         grep -qx "$rel" "$ROOT/modules.order" && continue
         mkdir -p "$ROOT$(dirname "$rel")"
         cp "$ko" "$ROOT$rel"
@@ -160,6 +160,6 @@ cp "$OUT/kernel/lib/modules/$VER"/modules.* "$ROOT/lib/modules/$VER/"
 echo "booting $PKG ($VER) under qemu"
 timeout 600 qemu-system-x86_64 -machine accel=tcg -m 768 -smp 1 -nographic -no-reboot \
     -kernel "$OUT/kernel/boot/vmlinuz-$VER" -initrd "$OUT/initrd.gz" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=3" | tr -d '\r' | tee "$OUT/console.log" |
-    grep -E '^(pass|FAIL|stock-kernel:|    measured)' || true
+    -append "console=ttyS0 panic=-1 quiet loglevel=3" | sed -u 's/\r//g' | tee "$OUT/console.log" |
+    grep --line-buffered -E '^(pass|FAIL|stock-kernel:|    measured)' || true
 grep -q '^stock-kernel: 0 failed' "$OUT/console.log" && [ "$host_failed" = 0 ]

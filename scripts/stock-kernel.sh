@@ -62,7 +62,8 @@ check() { # name feature command... (as tests/stock-kernel/init.sh prints them)
         grep '^measured' "$HTMP/out" | sed 's/^/    /' || true
     else
         echo "FAIL $name ($feature)"
-        tail -15 "$HTMP/out" | sed 's/^/    /'
+        grep '^measured' "$HTMP/out" | sed 's/^/    /' || true
+        grep -v '^measured' "$HTMP/out" | tail -15 | sed 's/^/    /' || true
         host_failed=$((host_failed + 1))
     fi
 }
@@ -161,5 +162,5 @@ echo "booting $PKG ($VER) under qemu"
 timeout 600 qemu-system-x86_64 -machine accel=tcg -m 768 -smp 1 -nographic -no-reboot \
     -kernel "$OUT/kernel/boot/vmlinuz-$VER" -initrd "$OUT/initrd.gz" \
     -append "console=ttyS0 panic=-1 quiet loglevel=3" | sed -u 's/\r//g' | tee "$OUT/console.log" |
-    grep --line-buffered -E '^(pass|FAIL|stock-kernel:|    measured)' || true
+    grep --line-buffered -E '^(pass|FAIL|stock-kernel:|    )' || true
 grep -q '^stock-kernel: 0 failed' "$OUT/console.log" && [ "$host_failed" = 0 ]

@@ -21,7 +21,8 @@ check() { # name feature command...
         grep '^measured' /tmp/out | sed 's/^/    /'
     else
         echo "FAIL $name ($feature)"
-        tail -15 /tmp/out | sed 's/^/    /'
+        grep '^measured' /tmp/out | sed 's/^/    /'
+        grep -v '^measured' /tmp/out | tail -15 | sed 's/^/    /'
         fails=$((fails + 1))
     fi
 }

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# make test-stock-kernel: boots Debian's stock kernel (linux-image-amd64) under qemu (TCG) with an
-# initramfs holding busybox, the tc and nftables modules, the static raylimit, v2ray and the test
-# script tests/stock-kernel/init.sh, which prints one `pass`/`FAIL` line per check. Exits non-zero on
-# any failure. The kernel package and its extracted tree are cached under target/stock-kernel/.
+# make test-stock-kernel: first checks on this machine's kernel that raylimit's probe answers as the
+# kernel does for matchall, fw, gact and connmark, and that its plans use the u32 catch-all where
+# matchall is absent; then boots Debian's stock kernel (linux-image-amd64) under qemu (TCG) with an
+# initramfs holding busybox, the tc and nftables modules, the static raylimit and rl-traffic, v2ray
+# and the test script tests/stock-kernel/init.sh. Both print one `pass`/`FAIL` line per check.
+# Exits non-zero on any failure. The kernel package and its extracted tree are cached under
+# target/stock-kernel/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 need=()
-for p in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static depmod:kmod cpio:cpio; do
+for p in qemu-system-x86_64:qemu-system-x86 busybox:busybox-static depmod:kmod cpio:cpio tc:iproute2 \
+         file:file; do
     command -v "${p%%:*}" >/dev/null || need+=("${p##*:}")
 done
 if [ ${#need[@]} -gt 0 ]; then
@@ -28,7 +32,100 @@ if [ ! -d "$OUT/kernel/lib/modules/$VER" ]; then
 fi
 
 BIN=target/x86_64-unknown-linux-musl/release/raylimit
-[ -x "$BIN" ] || { echo "build the static binary first: make static" >&2; exit 1; }
+TRAFFIC=target/x86_64-unknown-linux-musl/release/examples/rl-traffic
+for b in "$BIN" "$TRAFFIC"; do
+    file "$b" 2>/dev/null | grep -Eq 'static(-pie)? linked' ||
+        { echo "$b is not a static binary: make test-stock-kernel builds both" >&2; exit 1; }
+done
+
+# Host checks, on this machine's kernel, in a private namespace with a veth pair and v2ray (both
+# removed on exit, whatever happens): the probe's verdict on each optional feature must be the
+# kernel's own answer (tc asks it for one object of the kind), and the dry-run plans of a shared
+# baseline and of an upload redirect must use the catch-all form that verdict allows.
+HNS=rlt-sk-$$-$RANDOM
+HTMP=$(mktemp -d)
+HV2RAY=
+host_cleanup() {
+    if [ -n "$HV2RAY" ]; then kill "$HV2RAY" 2>/dev/null || true; wait "$HV2RAY" 2>/dev/null || true; fi
+    HV2RAY=
+    ip netns del "$HNS" 2>/dev/null || true
+    rm -rf "$HTMP"
+}
+trap host_cleanup EXIT
+trap 'exit 130' INT TERM HUP
+host_failed=0
+check() { # name feature command... (as tests/stock-kernel/init.sh prints them)
+    local name=$1 feature=$2
+    shift 2
+    if "$@" >"$HTMP/out" 2>&1; then
+        echo "pass $name ($feature)"
+        grep '^measured' "$HTMP/out" | sed 's/^/    /' || true
+    else
+        echo "FAIL $name ($feature)"
+        grep '^measured' "$HTMP/out" | sed 's/^/    /' || true
+        grep -v '^measured' "$HTMP/out" | tail -15 | sed 's/^/    /' || true
+        host_failed=$((host_failed + 1))
+    fi
+}
+ip netns add "$HNS"
+ip -n "$HNS" link add rl-cl type veth peer name rl-cp
+ip -n "$HNS" link set rl-cl up
+ip -n "$HNS" link set lo up
+echo '{"inbounds":[{"tag":"socks-in","listen":"127.0.0.1","port":10808,"protocol":"socks","settings":{}}],
+       "outbounds":[{"protocol":"freedom"}]}' > "$HTMP/v2ray.json"
+ip netns exec "$HNS" v2ray -config "$HTMP/v2ray.json" >/dev/null 2>&1 &
+HV2RAY=$!
+for _ in $(seq 100); do [ "$(cat /proc/$HV2RAY/comm 2>/dev/null)" = v2ray ] && break; sleep 0.05; done
+"$BIN" probe > "$HTMP/probe"
+
+kernel_builds() { # FEATURE: the kernel accepts one object of the kind, in the private namespace
+    case $1 in
+    matchall) tc -n "$HNS" filter add dev rl-cl ingress protocol all pref 1 matchall classid 1:1 ;;
+    fw) tc -n "$HNS" filter add dev rl-cl ingress protocol all pref 2 handle 1 fw classid 1:1 ;;
+    gact) tc -n "$HNS" actions add action gact pass index 1 ;;
+    connmark) tc -n "$HNS" actions add action connmark index 1 ;;
+    esac
+}
+probe_answers_as_the_kernel() { # FEATURE
+    local line kernel
+    line=$(grep -E "^$1 " "$HTMP/probe" | tr -s ' ')
+    if kernel=$(kernel_builds "$1" 2>&1); then kernel="built one"; else kernel=$(echo "$kernel" | head -1); fi
+    echo "measured: probe: $line; kernel: $kernel"
+    case $line in
+    *" present "* | *" loadable "*) [ "$kernel" = "built one" ] ;;
+    *" absent "*) [ "$kernel" != "built one" ] ;;
+    *) false ;;
+    esac
+}
+tc -n "$HNS" qdisc add dev rl-cl clsact
+for f in matchall fw gact connmark; do
+    state=$(awk -v f="$f" '$1 == f { print $2 }' "$HTMP/probe")
+    check "host probe says $f ${state:-(no line)}, as the kernel answers" "$f" probe_answers_as_the_kernel "$f"
+done
+tc -n "$HNS" qdisc del dev rl-cl clsact
+
+# The catch-all the plans must use: matchall where the probe allows it, else u32's empty key.
+if grep -Eq '^matchall +(present|loadable)' "$HTMP/probe"; then
+    form=matchall key=matchall feature=matchall
+else
+    form="u32 catch-all key" key="u32 match u32 0x0 0x0 at 0" feature="u32 fallback"
+fi
+plans() { # DIRECTION FORM-LINE FILTER-LINE: the dry-run's kernel form and filter operation
+    local plan=$HTMP/plan.$1
+    RAYLIMIT_STATE_DIR=$HTMP/state "$BIN" --netns "$HNS" limit --pid "$HV2RAY" --device rl-cl \
+        --ip all --ip-aggregation shared --rate 1mbit --direction "$1" --format text > "$plan" || return 1
+    grep -E "^Kernel form: $2" "$plan" | sed 's/^/measured: /'
+    grep -E "tc filter add .*$3" "$plan" | sed 's/^ */measured: /'
+    grep -Eq "^Kernel form: $2: $form" "$plan" && grep -Eq "tc filter add .*$3" "$plan" &&
+        { [ "$form" = matchall ] || ! grep 'tc filter add' "$plan" | grep -q matchall; } &&
+        # a dry-run: no IFB, no qdisc on the device
+        ! ip -n "$HNS" link | grep rlifb && ! tc -n "$HNS" qdisc show dev rl-cl | grep -E 'htb|clsact'
+}
+check "host baseline plan uses $form" "$feature" \
+    plans download "baseline filter" "dev rl-cl parent 524c: .*$key.* classid 524c:"
+check "host upload redirect plan uses $form" "$feature, mirred" \
+    plans upload "upload redirect to rlifb[0-9]+" "dev rl-cl ingress .*$key.* action mirred egress redirect dev rlifb"
+host_cleanup
 
 ROOT="$OUT/initramfs"
 rm -rf "$ROOT"
@@ -36,6 +133,7 @@ mkdir -p "$ROOT"/{bin,proc,sys,dev,boot,run,tmp,etc,lib/modules/"$VER"}
 cp /usr/bin/busybox "$ROOT/bin/"
 ln -s busybox "$ROOT/bin/sh"
 cp "$BIN" "$ROOT/bin/raylimit"
+cp "$TRAFFIC" "$ROOT/bin/rl-traffic"
 cp "$OUT/kernel/boot/config-$VER" "$ROOT/boot/"
 cp tests/stock-kernel/init.sh "$ROOT/init"
 chmod +x "$ROOT/init"
@@ -50,7 +148,7 @@ done
 for m in sch_htb sch_ingress cls_u32 cls_matchall cls_fw act_gact act_mirred act_connmark ifb veth \
          nf_tables nft_ct nf_conntrack; do
     for ko in $(modprobe -d "$OUT/kernel" -S "$VER" --show-depends "$m" | awk '$1 == "insmod" {print $2}'); do
-        rel=${ko#"$OUT/kernel"}
+        rel=/lib/modules/${ko#*/lib/modules/} # modprobe prints absolute paths
         grep -qx "$rel" "$ROOT/modules.order" && continue
         mkdir -p "$ROOT$(dirname "$rel")"
         cp "$ko" "$ROOT$rel"
@@ -63,6 +161,6 @@ cp "$OUT/kernel/lib/modules/$VER"/modules.* "$ROOT/lib/modules/$VER/"
 echo "booting $PKG ($VER) under qemu"
 timeout 600 qemu-system-x86_64 -machine accel=tcg -m 768 -smp 1 -nographic -no-reboot \
     -kernel "$OUT/kernel/boot/vmlinuz-$VER" -initrd "$OUT/initrd.gz" \
-    -append "console=ttyS0 panic=-1 quiet loglevel=3" | tr -d '\r' | tee "$OUT/console.log" |
-    grep -E '^(pass|FAIL|stock-kernel:|    measured)' || true
-grep -q '^stock-kernel: 0 failed' "$OUT/console.log"
+    -append "console=ttyS0 panic=-1 quiet loglevel=3" | sed -u 's/\r//g' | tee "$OUT/console.log" |
+    grep --line-buffered -E '^(pass|FAIL|stock-kernel:|    )' || true
+grep -q '^stock-kernel: 0 failed' "$OUT/console.log" && [ "$host_failed" = 0 ]

@@ -1,6 +1,8 @@
 #!/bin/sh
-# PID 1 of the stock-kernel VM (scripts/stock-kernel.sh): load the modules, then check that
-# raylimit's probe finds the optional tc features and that the preferred forms are chosen and built.
+# PID 1 of the stock-kernel VM (scripts/stock-kernel.sh): load the modules, check that raylimit's
+# probe finds the optional tc features, then build namespaces joined by veth pairs and shape real
+# client traffic on rl-cl with the static raylimit, measured by rl-traffic
+# (tests/stock-kernel/traffic.rs).
 /bin/busybox --install -s /bin
 mount -t proc proc /proc
 mount -t sysfs sys /sys
@@ -19,7 +21,8 @@ check() { # name feature command...
         grep '^measured' /tmp/out | sed 's/^/    /'
     else
         echo "FAIL $name ($feature)"
-        tail -15 /tmp/out | sed 's/^/    /'
+        grep '^measured' /tmp/out | sed 's/^/    /'
+        grep -v '^measured' /tmp/out | tail -15 | sed 's/^/    /'
         fails=$((fails + 1))
     fi
 }
@@ -29,49 +32,144 @@ for f in matchall fw gact connmark; do
     check "probe finds $f" "$f" grep -Eq "^$f +(present|loadable)" /tmp/probe
 done
 
+# The topology, in the VM's root namespace (where v2ray runs and raylimit shapes):
+#   client namespace: cl0 10.77.0.2 and 10.77.0.3  <->  rl-cl 10.77.0.1
+#   remote namespace: rm0 10.78.0.2                <->  rl-rm 10.78.0.1
+# Busybox 1.35's ip has no named namespaces: `ip link set DEV netns` takes a PID, so each namespace
+# is held by a sleeping process (`unshare -n`) and entered with `nsenter -t PID -n`. Its
+# `ip link add A type veth peer name B` also ignores B: the peer is named vethN, found here by the
+# `vethN@A` it shows in `ip link`, and renamed.
+namespace() { # a new network namespace, held by a sleeping process: sets $held
+    unshare -n sleep 1000 &
+    held=$!
+    # Until unshare has run, the process is still in this namespace.
+    while [ "$(readlink /proc/$held/ns/net)" = "$(readlink /proc/1/ns/net)" ]; do sleep 0.05; done
+}
+veth() { # ROOT_DEV ROOT_ADDR PEER_DEV HOLDER_PID PEER_ADDR...
+    root=$1 addr=$2 peer=$3 pid=$4
+    shift 4
+    ip link add "$root" type veth peer name "$peer"
+    ip link set "$(ip link | sed -n "s/^[0-9]*: \([^@:]*\)@$root:.*/\1/p")" name "$peer"
+    ip link set "$peer" netns "$pid"
+    ip addr add "$addr" dev "$root"
+    ip link set "$root" up
+    for a in "$@"; do nsenter -t "$pid" -n ip addr add "$a" dev "$peer"; done
+    nsenter -t "$pid" -n ip link set "$peer" up
+    nsenter -t "$pid" -n ip link set lo up
+}
+namespace
+CLIENT=$held
+veth rl-cl 10.77.0.1/24 cl0 "$CLIENT" 10.77.0.2/24 10.77.0.3/24
+namespace
+REMOTE=$held
+veth rl-rm 10.78.0.1/24 rm0 "$REMOTE" 10.78.0.2/24
+
+# v2ray: a dokodemo-door inbound for the clients, forwarding to the remote's rl-traffic server
+# through a freedom outbound whose sockets carry mark 0x01000000 (inside raylimit's default mark
+# mask 0x0f000000), for outbound checks. With a log section, its access log (on stdout) names the
+# outbound of each connection; without one, v2ray writes none.
 cat > /tmp/v2ray.json <<'JSON'
-{"inbounds":[{"tag":"socks-in","listen":"127.0.0.1","port":10808,"protocol":"socks","settings":{}}],
- "outbounds":[{"protocol":"freedom"}]}
+{"log":{"loglevel":"warning"},
+ "inbounds":[{"tag":"door","listen":"10.77.0.1","port":10800,"protocol":"dokodemo-door",
+              "settings":{"address":"10.78.0.2","port":9000,"network":"tcp"}}],
+ "outbounds":[{"tag":"marked","protocol":"freedom","streamSettings":{"sockopt":{"mark":16777216}}}]}
 JSON
 v2ray -config /tmp/v2ray.json >/tmp/v2ray.log 2>&1 &
 V2RAY=$!
-sleep 1
-baseline() { raylimit limit --pid "$V2RAY" --device lo --ip all --ip-aggregation shared "$@"; }
-plans_matchall() { baseline --direction download --rate 1mbit | tee /dev/stderr | grep -q 'baseline filter: matchall'; }
-builds_baseline() { baseline --direction download --rate 1mbit --execute && raylimit show --device lo | grep -q matchall; }
-builds_redirect() { baseline --direction upload --rate 1mbit --execute && raylimit show --device lo | grep -q mirred; }
-removes_both() {
-    baseline --direction download --remove --execute &&
-        baseline --direction upload --remove --execute &&
-        raylimit show --device lo > /tmp/show &&
-        cat /tmp/show && ! grep -Eq 'htb|matchall|mirred' /tmp/show
+rl-traffic serve 10.77.0.1:9000 &
+nsenter -t "$REMOTE" -n rl-traffic serve 10.78.0.2:9000 &
+listening() { # PID PORT: a TCP socket listens on PORT in PID's network namespace (waits up to 5 s)
+    for _ in $(seq 100); do
+        grep -q "$(printf ':%04X 00000000:0000 0A' "$2")" "/proc/$1/net/tcp" && return 0
+        sleep 0.05
+    done
+    echo "nothing listens on port $2 in the network namespace of $1"
 }
-# Real traffic through the matchall baseline: 2.5 MB over loopback HTTP at 500 000 bytes/s must
-# take 5 s within 10 % (loopback's own egress carries it, so the baseline on lo shapes it).
-mkdir -p /www && dd if=/dev/zero of=/www/blob bs=100000 count=25 2>/dev/null
-httpd -p 127.0.0.1:8080 -h /www
-uptime_cs() { awk '{ printf "%d", $1 * 100 }' /proc/uptime; }
-fetch_cs() { # centiseconds to fetch the blob
-    t0=$(uptime_cs)
-    wget -q -O /dev/null http://127.0.0.1:8080/blob || return 1
-    echo $(($(uptime_cs) - t0))
+listening "$V2RAY" 10800
+listening 1 9000
+listening "$REMOTE" 9000
+
+RATE=500000 BYTES=2500000 FAST=1000000
+rl() { raylimit limit --pid "$V2RAY" --device rl-cl "$@"; }
+# transfer get|put CLIENT held|fast [SERVER]: one transfer of BYTES between a client address of the
+# client namespace and SERVER (default the root namespace's 10.77.0.1:9000), printed. held: it took
+# BYTES/RATE seconds within 10 %; fast: it ran above FAST bytes/s (twice RATE: not shaped).
+transfer() {
+    out=$(nsenter -t "$CLIENT" -n rl-traffic "$1" "${4:-10.77.0.1:9000}" "$BYTES" --bind "$2") ||
+        { echo "$out"; return 1; }
+    secs=$(echo "$out" | sed -n 's/.*seconds=\([0-9.]*\).*/\1/p')
+    if [ "$3" = held ]; then
+        echo "measured: $1 $2: $out (limit $RATE bytes/s: $((BYTES / RATE)) s expected, within 10 %)"
+        awk -v s="$secs" -v e="$((BYTES / RATE))" 'BEGIN { exit !(s >= e * 0.9 && s <= e * 1.1) }'
+    else
+        echo "measured: $1 $2: $out (unshaped: above $FAST bytes/s expected)"
+        awk -v s="$secs" -v b="$BYTES" -v f="$FAST" 'BEGIN { exit !(s > 0 && b / s > f) }'
+    fi
 }
-unshaped_is_fast() { cs=$(fetch_cs) && echo "measured: $cs cs unshaped" && [ "$cs" -lt 250 ]; }
-shaped_holds_the_rate() {
-    baseline --direction download --rate 500000 --execute >/dev/null || return 1
-    cs=$(fetch_cs) || return 1
-    echo "measured: $cs cs for 2500000 bytes at 500000 bytes/s (500 expected)"
-    baseline --direction download --remove --execute >/dev/null
-    [ "$cs" -ge 450 ] && [ "$cs" -le 550 ]
+shows() { # DEV PATTERN: raylimit's own decode of DEV lists PATTERN
+    raylimit show --device "$1" > /tmp/show && grep -q "$2" /tmp/show ||
+        { echo "no $2 on $1:"; cat /tmp/show; return 1; }
+}
+class_carried() { # DEV: the HTB classes on DEV sent at least BYTES (the shaped transfer went through them)
+    sent=$(raylimit show --device "$1" | grep -A1 '^class htb' | awk '$1 == "sent" { n += $2 } END { print n + 0 }')
+    echo "measured: HTB class on $1 sent $sent bytes for $BYTES of payload"
+    [ "$sent" -ge "$BYTES" ]
+}
+snapshot() { ip link; raylimit show --device rl-cl; raylimit show --device rl-rm; }
+snapshot > /tmp/before
+
+plans_matchall() { rl --ip all --ip-aggregation shared --direction download --rate 1mbit | grep 'baseline filter: matchall'; }
+through_v2ray() {
+    transfer get 10.77.0.2 fast 10.77.0.1:10800 || return 1
+    grep 'accepted tcp:10.78.0.2:9000' /tmp/v2ray.log | sed 's/^/measured: v2ray: /'
+    grep -q 'accepted tcp:10.78.0.2:9000 \[marked\]' /tmp/v2ray.log || { cat /tmp/v2ray.log; return 1; }
+}
+ip_download() {
+    rl --ip 10.77.0.2 --direction download --rate "$RATE" --execute >/dev/null || return 1
+    shows rl-cl 'class htb' && shows rl-cl 'match 0a4d0002/ffffffff at 16' &&
+        transfer get 10.77.0.2 held && class_carried rl-cl && transfer get 10.77.0.3 fast
+    ok=$?
+    rl --ip 10.77.0.2 --direction download --remove --execute >/dev/null || ok=1
+    return $ok
+}
+ip_upload() {
+    rl --ip 10.77.0.2 --direction upload --rate "$RATE" --execute >/dev/null || return 1
+    ifb=$(ip link | sed -n 's/^[0-9]*: \(rlifb[0-9]*\):.*/\1/p')
+    echo "measured: upload redirect to ${ifb:-no IFB}"
+    shows rl-cl 'matchall.*mirred egress redirect' && shows "$ifb" 'match 0a4d0002/ffffffff at 12' &&
+        transfer put 10.77.0.2 held && class_carried "$ifb" && transfer put 10.77.0.3 fast
+    ok=$?
+    rl --ip 10.77.0.2 --direction upload --remove --execute >/dev/null || ok=1
+    return $ok
+}
+# Left in place for the last check, which removes them.
+baseline_with_exception() {
+    rl --ip all --ip-aggregation shared --direction download --rate "$RATE" --execute >/dev/null &&
+        rl --ip 10.77.0.3 --unlimited --direction download --execute >/dev/null || return 1
+    raylimit status > /tmp/status
+    sed -n 's/^ *\(ip 10.77.0.3 .*unlimited[^;]*\);.*/measured: status: \1/p' /tmp/status
+    grep -q '^ *ip 10.77.0.3 .*unlimited (HTB direct queue)' /tmp/status &&
+        shows rl-cl 'matchall' && ! grep gact /tmp/show &&
+        transfer get 10.77.0.2 held && class_carried rl-cl && transfer get 10.77.0.3 fast
+}
+leaves_kernel_as_it_began() {
+    rl --ip 10.77.0.3 --direction download --remove --execute >/dev/null &&
+        rl --ip all --ip-aggregation shared --direction download --remove --execute >/dev/null || return 1
+    snapshot > /tmp/after
+    raylimit status > /tmp/status
+    echo "measured: $(wc -l < /tmp/before) lines of ip link and raylimit show before the first limit;" \
+        "after the last removal: $(diff /tmp/before /tmp/after | grep -c '^[-+][^-+]') lines differ," \
+        "$(grep -c rlifb /tmp/after) rlifb links, $(grep -c rl-cl /tmp/status) status lines on rl-cl"
+    diff /tmp/before /tmp/after && ! grep rlifb /tmp/after && ! grep rl-cl /tmp/status
 }
 
 check "baseline plan picks matchall" matchall plans_matchall
-check "unshaped loopback transfer is fast" control unshaped_is_fast
-check "matchall baseline holds 500 kB/s within 10 %" matchall shaped_holds_the_rate
-check "matchall baseline built" matchall builds_baseline
-check "matchall upload redirect built" "matchall, mirred" builds_redirect
-check "both removed, scaffolding too" matchall removes_both
+check "unshaped download through v2ray's marked outbound is fast" control through_v2ray
+check "10.77.0.2's download held, 10.77.0.3 unshaped" "htb, u32" ip_download
+check "10.77.0.2's upload held, 10.77.0.3 unshaped" "matchall, mirred, ifb, u32" ip_upload
+check "shared baseline holds 10.77.0.2, 10.77.0.3 unlimited" \
+    "matchall; unlimited via HTB direct queue (no gact)" baseline_with_exception
+check "every removal leaves the kernel as it began" "no rl-cl state, no rlifb link" leaves_kernel_as_it_began
 
-kill "$V2RAY" 2>/dev/null
 echo "stock-kernel: $fails failed"
 poweroff -f

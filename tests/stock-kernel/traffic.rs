@@ -1,0 +1,200 @@
+//! rl-traffic: the stock-kernel VM's own TCP traffic tool (tests/stock-kernel/init.sh).
+//!
+//! ```text
+//! rl-traffic serve ADDR:PORT [--for SECS]        accept until SECS have passed (default 300)
+//! rl-traffic get   ADDR:PORT BYTES [--bind IP]   the server sends BYTES (download)
+//! rl-traffic put   ADDR:PORT BYTES [--bind IP]   the client sends BYTES (upload)
+//! ```
+//!
+//! A client sends a 9-byte header: `G` or `P`, then BYTES as a big-endian u64. For `G` the server
+//! writes BYTES and closes; for `P` it reads until end of stream and answers with the 8-byte count
+//! it received, so the client's clock stops only once the last byte has arrived, not when it sits
+//! in a socket buffer. The client prints one line: `bytes=N seconds=S rate=R` (R in bytes/s).
+//! Every socket has 60 s read and write timeouts; the server exits by itself. Std only, but for
+//! the libc crate (already raylimit's dependency) to bind the client's source address.
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::FromRawFd;
+use std::time::{Duration, Instant};
+
+const USAGE: &str =
+    "usage: rl-traffic serve ADDR:PORT [--for SECS] | get|put ADDR:PORT BYTES [--bind IP]";
+const TIMEOUT: Duration = Duration::from_secs(60);
+const CHUNK: usize = 64 * 1024;
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if let Err(e) = run(&args) {
+        eprintln!("rl-traffic: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let (cmd, rest) = args.split_first().ok_or(USAGE)?;
+    let addr: SocketAddr = parse(rest.first(), "ADDR:PORT")?;
+    let flag = |name: &str| rest.iter().position(|a| a == name).map(|i| rest.get(i + 1));
+    match cmd.as_str() {
+        "serve" => serve(addr, flag("--for").map_or(Ok(300), |v| parse(v, "SECS"))?),
+        "get" | "put" => {
+            let bytes: u64 = parse(rest.get(1), "BYTES")?;
+            let bind: Option<IpAddr> = flag("--bind").map(|v| parse(v, "IP")).transpose()?;
+            let start = Instant::now();
+            let mut stream = connect(addr, bind).map_err(|e| format!("connect {addr}: {e}"))?;
+            let got = if cmd == "get" {
+                get(&mut stream, bytes)
+            } else {
+                put(&mut stream, bytes)
+            }
+            .map_err(|e| format!("{cmd} {addr}: {e}"))?;
+            let seconds = start.elapsed().as_secs_f64();
+            if got != bytes {
+                return Err(format!("{cmd} {addr}: {got} of {bytes} bytes arrived"));
+            }
+            println!(
+                "bytes={bytes} seconds={seconds:.3} rate={:.0}",
+                bytes as f64 / seconds
+            );
+            Ok(())
+        }
+        _ => Err(USAGE.into()),
+    }
+}
+
+fn parse<T: std::str::FromStr>(arg: Option<&String>, what: &str) -> Result<T> {
+    let arg = arg.ok_or(format!("missing {what}; {USAGE}"))?;
+    arg.parse()
+        .map_err(|_| format!("not a valid {what}: {arg}"))
+}
+
+/// Accepts connections (one thread each) until `secs` have passed, then exits.
+fn serve(addr: SocketAddr, secs: u64) -> Result<()> {
+    let listener = TcpListener::bind(addr).map_err(|e| format!("bind {addr}: {e}"))?;
+    listener.set_nonblocking(true).map_err(|e| e.to_string())?;
+    let end = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < end {
+        match listener.accept() {
+            Ok((stream, peer)) => {
+                std::thread::spawn(move || {
+                    if let Err(e) = answer(stream) {
+                        eprintln!("rl-traffic: {peer}: {e}");
+                    }
+                });
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    }
+    Ok(())
+}
+
+fn answer(mut stream: TcpStream) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    timeouts(&stream)?;
+    let mut header = [0u8; 9];
+    stream.read_exact(&mut header)?;
+    let n = u64::from_be_bytes(header[1..].try_into().unwrap());
+    match header[0] {
+        b'G' => send(&mut stream, n),
+        b'P' => {
+            let count = drain(&mut stream)?;
+            stream.write_all(&count.to_be_bytes())
+        }
+        op => Err(std::io::Error::other(format!("unknown op {op:#x}"))),
+    }
+}
+
+fn get(stream: &mut TcpStream, bytes: u64) -> std::io::Result<u64> {
+    stream.write_all(&header(b'G', bytes))?;
+    drain(stream)
+}
+
+fn put(stream: &mut TcpStream, bytes: u64) -> std::io::Result<u64> {
+    stream.write_all(&header(b'P', bytes))?;
+    send(stream, bytes)?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    let mut count = [0u8; 8];
+    stream.read_exact(&mut count)?;
+    Ok(u64::from_be_bytes(count))
+}
+
+fn header(op: u8, bytes: u64) -> [u8; 9] {
+    let mut h = [op; 9];
+    h[1..].copy_from_slice(&bytes.to_be_bytes());
+    h
+}
+
+fn send(stream: &mut TcpStream, mut left: u64) -> std::io::Result<()> {
+    let chunk = [0x5au8; CHUNK];
+    while left > 0 {
+        let n = left.min(CHUNK as u64) as usize;
+        stream.write_all(&chunk[..n])?;
+        left -= n as u64;
+    }
+    Ok(())
+}
+
+/// Reads until end of stream; returns the byte count.
+fn drain(stream: &mut TcpStream) -> std::io::Result<u64> {
+    let mut buf = [0u8; CHUNK];
+    let mut count = 0;
+    loop {
+        match stream.read(&mut buf)? {
+            0 => return Ok(count),
+            n => count += n as u64,
+        }
+    }
+}
+
+fn timeouts(stream: &TcpStream) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    stream.set_write_timeout(Some(TIMEOUT))
+}
+
+/// A TCP connection, from `bind` when given (std cannot bind a client socket before connecting).
+fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let stream = match bind {
+        None => TcpStream::connect_timeout(&addr, TIMEOUT)?,
+        Some(IpAddr::V4(src)) => {
+            let SocketAddr::V4(dst) = addr else {
+                return Err(std::io::Error::other("--bind with an IPv4 server only"));
+            };
+            let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            let (local, remote) = (sockaddr(src, 0), sockaddr(*dst.ip(), dst.port()));
+            // SAFETY: a fresh descriptor, owned by the TcpStream from the first line on; the
+            // addresses are valid sockaddr_in values of the length given.
+            unsafe {
+                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+                if fd < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                let stream = TcpStream::from_raw_fd(fd);
+                timeouts(&stream)?; // SO_SNDTIMEO bounds the connect too
+                let (l, r) = (
+                    &local as *const _ as *const _,
+                    &remote as *const _ as *const _,
+                );
+                if libc::bind(fd, l, len) != 0 || libc::connect(fd, r, len) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                stream
+            }
+        }
+        Some(IpAddr::V6(_)) => return Err(std::io::Error::other("--bind takes an IPv4 address")),
+    };
+    timeouts(&stream)?;
+    Ok(stream)
+}

@@ -57,10 +57,10 @@ bench-quick:
 	cargo bench --bench reconcile -- --quick
 
 # Debian's stock kernel (linux-image-amd64) under qemu: the optional tc features this machine's
-# kernel lacks (matchall, fw, gact, connmark), probed and used by the static binary inside the VM
-# on real client traffic measured by the static rl-traffic (tests/stock-kernel/traffic.rs); on
+# kernel lacks (matchall, fw, gact, connmark), probed and used by the static binary (and the
+# default build, for nftables) inside the VM on real client and outbound traffic measured by the static rl-traffic (tests/stock-kernel/traffic.rs); on
 # this machine first, the probe's verdicts and the u32 fallbacks in the plans
 # (scripts/stock-kernel.sh, tests/stock-kernel/init.sh). One pass/FAIL line per check.
-test-stock-kernel: static
+test-stock-kernel: static build
 	cargo build --release --target $(MUSL) --no-default-features --example rl-traffic
 	bash scripts/stock-kernel.sh

@@ -37,6 +37,10 @@ for b in "$BIN" "$TRAFFIC"; do
     file "$b" 2>/dev/null | grep -Eq 'static(-pie)? linked' ||
         { echo "$b is not a static binary: make test-stock-kernel builds both" >&2; exit 1; }
 done
+# The default build (with nftables, linked to libnftnl and libmnl): an outbound's download keeps
+# its mark in raylimit's nft table, which the static build cannot reach.
+NFTBIN=target/release/raylimit
+[ -x "$NFTBIN" ] || { echo "$NFTBIN is missing: make test-stock-kernel builds it" >&2; exit 1; }
 
 # Host checks, on this machine's kernel, in a private namespace with a veth pair and v2ray (both
 # removed on exit, whatever happens): the probe's verdict on each optional feature must be the
@@ -137,9 +141,10 @@ cp "$TRAFFIC" "$ROOT/bin/rl-traffic"
 cp "$OUT/kernel/boot/config-$VER" "$ROOT/boot/"
 cp tests/stock-kernel/init.sh "$ROOT/init"
 chmod +x "$ROOT/init"
-# v2ray and the shared libraries it needs, at the paths it asks for.
+# v2ray and raylimit-nft, with the shared libraries they need, at the paths they ask for.
 cp /usr/bin/v2ray "$ROOT/bin/"
-for lib in $(ldd /usr/bin/v2ray | grep -o '/[^ ]*'); do
+cp "$NFTBIN" "$ROOT/bin/raylimit-nft"
+for lib in $(for b in /usr/bin/v2ray "$NFTBIN"; do ldd "$b"; done | grep -o '/[^ ]*' | sort -u); do
     mkdir -p "$ROOT$(dirname "$lib")"
     cp -L "$lib" "$ROOT$lib"
 done

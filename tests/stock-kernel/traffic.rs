@@ -7,9 +7,9 @@
 //! ```
 //!
 //! A client sends a 9-byte header: `G` or `P`, then BYTES as a big-endian u64. For `G` the server
-//! writes BYTES and closes; for `P` it reads until end of stream and answers with the 8-byte count
-//! it received, so the client's clock stops only once the last byte has arrived, not when it sits
-//! in a socket buffer. The client prints one line: `bytes=N seconds=S rate=R` (R in bytes/s).
+//! writes BYTES and closes; for `P` it reads BYTES (or until end of stream) and answers with the
+//! 8-byte count it received, so the client's clock stops only once the last byte has arrived, not
+//! when it sits in a socket buffer. Nobody half-closes: v2ray's dokodemo-door does not pass it on. The client prints one line: `bytes=N seconds=S rate=R` (R in bytes/s).
 //! Every socket has 60 s read and write timeouts; the server exits by itself. Std only, but for
 //! the libc crate (already raylimit's dependency) to bind the client's source address.
 
@@ -102,7 +102,7 @@ fn answer(mut stream: TcpStream) -> std::io::Result<()> {
     match header[0] {
         b'G' => send(&mut stream, n),
         b'P' => {
-            let count = drain(&mut stream)?;
+            let count = drain(&mut stream, n)?;
             stream.write_all(&count.to_be_bytes())
         }
         op => Err(std::io::Error::other(format!("unknown op {op:#x}"))),
@@ -111,13 +111,12 @@ fn answer(mut stream: TcpStream) -> std::io::Result<()> {
 
 fn get(stream: &mut TcpStream, bytes: u64) -> std::io::Result<u64> {
     stream.write_all(&header(b'G', bytes))?;
-    drain(stream)
+    drain(stream, bytes)
 }
 
 fn put(stream: &mut TcpStream, bytes: u64) -> std::io::Result<u64> {
     stream.write_all(&header(b'P', bytes))?;
     send(stream, bytes)?;
-    stream.shutdown(std::net::Shutdown::Write)?;
     let mut count = [0u8; 8];
     stream.read_exact(&mut count)?;
     Ok(u64::from_be_bytes(count))
@@ -139,16 +138,19 @@ fn send(stream: &mut TcpStream, mut left: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Reads until end of stream; returns the byte count.
-fn drain(stream: &mut TcpStream) -> std::io::Result<u64> {
+/// Reads `bytes`, or until end of stream if that comes first; returns the byte count. It never
+/// waits for the peer to close: a proxy (v2ray's dokodemo-door) may not pass a half-close on.
+fn drain(stream: &mut TcpStream, bytes: u64) -> std::io::Result<u64> {
     let mut buf = [0u8; CHUNK];
     let mut count = 0;
-    loop {
-        match stream.read(&mut buf)? {
-            0 => return Ok(count),
+    while count < bytes {
+        let want = (bytes - count).min(CHUNK as u64) as usize;
+        match stream.read(&mut buf[..want])? {
+            0 => break,
             n => count += n as u64,
         }
     }
+    Ok(count)
 }
 
 fn timeouts(stream: &TcpStream) -> std::io::Result<()> {

@@ -44,8 +44,9 @@ NFTBIN=target/release/raylimit
 
 # Host checks, on this machine's kernel, in a private namespace with a veth pair and v2ray (both
 # removed on exit, whatever happens): the probe's verdict on each optional feature must be the
-# kernel's own answer (tc asks it for one object of the kind), and the dry-run plans of a shared
-# baseline and of an upload redirect must use the catch-all form that verdict allows.
+# kernel's own answer (tc asks it for one object of the kind), the dry-run plans of a shared
+# baseline and of an upload redirect must use the catch-all form that verdict allows, and those of
+# an outbound the mark classification it allows (fw, else nft) or name what download lacks.
 HNS=rlt-sk-$$-$RANDOM
 HTMP=$(mktemp -d)
 HV2RAY=
@@ -76,7 +77,9 @@ ip -n "$HNS" link add rl-cl type veth peer name rl-cp
 ip -n "$HNS" link set rl-cl up
 ip -n "$HNS" link set lo up
 echo '{"inbounds":[{"tag":"socks-in","listen":"127.0.0.1","port":10808,"protocol":"socks","settings":{}}],
-       "outbounds":[{"protocol":"freedom"}]}' > "$HTMP/v2ray.json"
+       "outbounds":[{"protocol":"freedom"},
+                    {"tag":"marked","protocol":"freedom","streamSettings":{"sockopt":{"mark":16777216}}}]}' \
+    > "$HTMP/v2ray.json"
 ip netns exec "$HNS" v2ray -config "$HTMP/v2ray.json" >/dev/null 2>&1 &
 HV2RAY=$!
 for _ in $(seq 100); do [ "$(cat /proc/$HV2RAY/comm 2>/dev/null)" = v2ray ] && break; sleep 0.05; done
@@ -129,6 +132,30 @@ check "host baseline plan uses $form" "$feature" \
     plans download "baseline filter" "dev rl-cl parent 524c: .*$key.* classid 524c:"
 check "host upload redirect plan uses $form" "$feature, mirred" \
     plans upload "upload redirect to rlifb[0-9]+" "dev rl-cl ingress .*$key.* action mirred egress redirect dev rlifb"
+
+# An outbound's plans (the default build: the nft fallback reads raylimit's table).
+has() { grep -Eq "^$1 +(present|loadable)" "$HTMP/probe"; }
+outbound_plan() { # DIRECTION PATTERN: the dry-run's output for --outbound marked matches PATTERN
+    RAYLIMIT_STATE_DIR=$HTMP/state "$NFTBIN" --netns "$HNS" limit --pid "$HV2RAY" --device rl-cl \
+        --outbound marked --rate 1mbit --direction "$1" --format text > "$HTMP/plan.outbound" 2>&1
+    grep -E '^(Kernel form|Execution note): ' "$HTMP/plan.outbound" | sed 's/^/measured: /'
+    grep -Eq "$2" "$HTMP/plan.outbound" && ! ip -n "$HNS" link | grep rlifb &&
+        ! tc -n "$HNS" qdisc show dev rl-cl | grep -E 'htb|clsact'
+}
+if has fw; then
+    check "host outbound upload plan uses fw" fw outbound_plan upload 'Kernel form: upload classification: fw on rl-cl'
+else
+    check "host outbound upload plan uses nft meta priority" "nft fallback for fw" \
+        outbound_plan upload 'Kernel form: upload classification: nft `meta priority set`'
+fi
+if has fw && has connmark; then
+    check "host outbound download plan restores the connection's mark" "connmark, fw" \
+        outbound_plan download 'action connmark zone 0 pipe action mirred'
+else
+    missing=$( (has connmark || echo act_connmark; has fw || echo cls_fw) | sed ':a;N;s/\n/ and no /;ba')
+    check "host outbound download is refused, naming $missing" "no fallback for connmark" \
+        outbound_plan download "Execution note: .*this kernel has no $missing\$"
+fi
 host_cleanup
 
 ROOT="$OUT/initramfs"

@@ -159,17 +159,20 @@ fn assert_shaped(
     );
 }
 
-fn inbound_args<'a>(direction: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "--inbound",
-        "vmess-in",
-        "--device",
-        "veth-s",
-        "--direction",
-        direction,
-    ];
+/// `limit` arguments for one subject (`[flag, value]`) on `device` in `direction`, then `rest`.
+fn limit_args<'a>(
+    [flag, value]: [&'a str; 2],
+    device: &'a str,
+    direction: &'a str,
+    rest: &[&'a str],
+) -> Vec<&'a str> {
+    let mut v = vec![flag, value, "--device", device, "--direction", direction];
     v.extend_from_slice(rest);
     v
+}
+
+fn inbound_args<'a>(direction: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
+    limit_args(["--inbound", "vmess-in"], "veth-s", direction, rest)
 }
 
 #[test]
@@ -317,16 +320,7 @@ fn an_ip_rule_wins_over_an_inbound_rule_and_a_baseline_is_warned_about() {
 }
 
 fn outbound_args<'a>(direction: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "--outbound",
-        "marked",
-        "--device",
-        "veth-o",
-        "--direction",
-        direction,
-    ];
-    v.extend_from_slice(rest);
-    v
+    limit_args(["--outbound", "marked"], "veth-o", direction, rest)
 }
 
 #[test]

@@ -7,12 +7,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{SocketAddrV4, TcpListener, TcpStream};
+use std::net::{SocketAddrV4, TcpStream};
 use std::os::fd::FromRawFd;
-use std::time::{Duration, Instant};
 
-use common::{assert_within_10_percent, Netns, Pair, CLIENT_IP};
+use common::{assert_within_10_percent, measure_tcp_with, Netns, Pair, CLIENT_IP};
 use raylimit::netlink::nft::{
     self, ManagedRule, NftOp, NftRule, NftState, Tag, CHAIN_CLASSIFY, CHAIN_SAVE,
 };
@@ -266,60 +264,6 @@ fn connect_marked(addr: SocketAddrV4, mark: Option<u32>) -> std::io::Result<TcpS
     }
 }
 
-/// Sends TCP from `sender` (socket mark `mark`) to a listener in `receiver` for `secs` seconds;
-/// returns the receiver's rate in bytes/s after a one-second warm-up. Bounded in time.
-fn measure_marked(
-    sender: &Netns,
-    receiver: &Netns,
-    addr: SocketAddrV4,
-    mark: Option<u32>,
-    secs: u64,
-) -> f64 {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let server = receiver.spawn(move || {
-        let listener = TcpListener::bind(addr).expect("bind");
-        tx.send(()).unwrap();
-        let (mut conn, _) = listener.accept().expect("accept");
-        conn.set_read_timeout(Some(Duration::from_secs(secs + 5)))
-            .unwrap();
-        let mut buf = vec![0u8; 1 << 16];
-        let start = Instant::now();
-        let mut counted = 0u64;
-        let mut window_start = None;
-        loop {
-            match conn.read(&mut buf) {
-                Ok(0) | Err(_) => break,
-                Ok(n) if start.elapsed() >= Duration::from_secs(1) => {
-                    window_start.get_or_insert_with(Instant::now);
-                    counted += n as u64;
-                }
-                Ok(_) => {}
-            }
-        }
-        let window = window_start.map_or(0.0, |w| w.elapsed().as_secs_f64());
-        if window > 0.0 {
-            counted as f64 / window
-        } else {
-            0.0
-        }
-    });
-    rx.recv_timeout(Duration::from_secs(5))
-        .expect("listener ready");
-    let client = sender.spawn(move || {
-        let mut s = connect_marked(addr, mark).expect("connect");
-        s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
-        let chunk = vec![0x5au8; 1 << 16];
-        let end = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < end {
-            if s.write(&chunk).is_err() {
-                break;
-            }
-        }
-    });
-    client.join().unwrap();
-    server.join().unwrap()
-}
-
 #[test]
 fn meta_priority_in_postrouting_puts_marked_packets_in_the_htb_class() {
     const RATE: u64 = 250_000;
@@ -380,7 +324,9 @@ fn meta_priority_in_postrouting_puts_marked_packets_in_the_htb_class() {
     );
 
     let addr: SocketAddrV4 = format!("{CLIENT_IP}:5201").parse().unwrap();
-    let shaped = measure_marked(sender, &pair.client, addr, Some(MARK), 4);
+    let shaped = measure_tcp_with(sender, &pair.client, addr.into(), 4, move || {
+        connect_marked(addr, Some(MARK))
+    });
     assert_within_10_percent("marked socket through meta priority", shaped, RATE as f64);
 
     let state = nft::dump(Some(&p)).unwrap();
@@ -422,7 +368,9 @@ fn meta_priority_in_postrouting_puts_marked_packets_in_the_htb_class() {
 
     // Without the mark the same path is not shaped, and its connection's ct mark stays clear.
     let addr: SocketAddrV4 = format!("{CLIENT_IP}:5202").parse().unwrap();
-    let free = measure_marked(sender, &pair.client, addr, None, 3);
+    let free = measure_tcp_with(sender, &pair.client, addr.into(), 3, move || {
+        connect_marked(addr, None)
+    });
     eprintln!(
         "unmarked socket: {free:.0} B/s; ACKs with ct mark 0x2a: {marked_acks} marked, {} more \
          after the unmarked run",

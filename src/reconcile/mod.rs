@@ -496,11 +496,10 @@ fn device_dev(link: &Link) -> Dev {
 
 /// The device whose egress root is shaped, and its Dev for steps.
 fn shaped_dev(req: &Request, obs: &Observation) -> Dev {
-    match (req.on_egress(), &obs.ifb) {
-        (true, _) => device_dev(&obs.device),
-        // An IFB this run creates (index 0 until then) is found by name when its step runs.
-        (false, Some(ifb)) if ifb.index != 0 => device_dev(ifb),
-        (false, _) => Dev::Ifb(shaping::ifb_name(obs.device.index)),
+    if req.on_egress() {
+        device_dev(&obs.device)
+    } else {
+        ifb_dev(obs)
     }
 }
 
@@ -951,11 +950,6 @@ fn plan_redirect(
     d: &mut Decision,
 ) {
     let device = device_dev(&obs.device);
-    let ifb = match &obs.ifb {
-        Some(l) if l.index != 0 => device_dev(l),
-        _ => Dev::Ifb(shaping::ifb_name(obs.device.index)),
-    };
-    let redirect_step = |name: &str, op: Op, f: Filter| redirect_step(obs, name, op, f);
     let hook = obs.hook.as_ref();
     let parent = hook
         .and_then(|h| h.parent)
@@ -971,7 +965,7 @@ fn plan_redirect(
     }
     d.forms.push(format!(
         "upload redirect to {}: {}{}, on the {} hook",
-        ifb.name(),
+        ifb_dev(obs).name(),
         ctx.catch_all.reason(),
         if restore_mark {
             ", after connmark restores the connection's mark"
@@ -1011,16 +1005,20 @@ fn plan_redirect(
             ));
             let before = f.filter.clone();
             steps.push(
-                redirect_step("delete-stale-redirect", Op::Delete, before.clone()).undone_by(vec![
-                    Step::tc("restore-redirect", Op::Create, &device, before),
-                ]),
+                redirect_step(obs, "delete-stale-redirect", Op::Delete, before.clone()).undone_by(
+                    vec![Step::tc("restore-redirect", Op::Create, &device, before)],
+                ),
             );
-            let delete = redirect_step("delete-redirect", Op::Delete, want.clone());
-            steps.push(redirect_step("create-redirect", Op::Create, want).undone_by(vec![delete]));
+            let delete = redirect_step(obs, "delete-redirect", Op::Delete, want.clone());
+            steps.push(
+                redirect_step(obs, "create-redirect", Op::Create, want).undone_by(vec![delete]),
+            );
         }
         None => {
-            let delete = redirect_step("delete-redirect", Op::Delete, want.clone());
-            steps.push(redirect_step("create-redirect", Op::Create, want).undone_by(vec![delete]));
+            let delete = redirect_step(obs, "delete-redirect", Op::Delete, want.clone());
+            steps.push(
+                redirect_step(obs, "create-redirect", Op::Create, want).undone_by(vec![delete]),
+            );
         }
     }
 }
@@ -1028,20 +1026,25 @@ fn plan_redirect(
 /// A step on the device's ingress redirect, sending to the IFB (its index filled in at
 /// execution when the IFB is created in the same run).
 fn redirect_step(obs: &Observation, name: &str, op: Op, f: Filter) -> Step {
-    let ifb = match &obs.ifb {
-        Some(l) if l.index != 0 => device_dev(l),
-        _ => Dev::Ifb(shaping::ifb_name(obs.device.index)),
-    };
     Step {
         name: name.to_string(),
         action: Operation::Tc {
             op,
             dev: device_dev(&obs.device),
             object: TcObject::Filter(f),
-            redirect_to: Some(ifb),
+            redirect_to: Some(ifb_dev(obs)),
         },
         undo: Vec::new(),
         exists_ok: false,
+    }
+}
+
+/// The IFB companion: by index when it exists; by name when this run creates it (index 0 until
+/// then), found when its step runs.
+fn ifb_dev(obs: &Observation) -> Dev {
+    match &obs.ifb {
+        Some(l) if l.index != 0 => device_dev(l),
+        _ => Dev::Ifb(shaping::ifb_name(obs.device.index)),
     }
 }
 
@@ -1050,10 +1053,7 @@ fn redirect_step(obs: &Observation, name: &str, op: Op, f: Filter) -> Step {
 /// old one goes and the new one comes; arriving packets pass unshaped in between.
 fn swap_redirect(obs: &Observation, old: &Filter, restore_mark: bool) -> Vec<Step> {
     let form = CatchAll::choose(matches!(old.kind, FilterKind::MatchAll(_)));
-    let target = match &obs.ifb {
-        Some(l) => l.index,
-        None => 0,
-    };
+    let target = obs.ifb.as_ref().map_or(0, |l| l.index);
     let want = shaping::redirect(obs.device.index, old.parent, target, form, restore_mark);
     vec![
         redirect_step(obs, "delete-redirect", Op::Delete, old.clone()).undone_by(vec![

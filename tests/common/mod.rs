@@ -2,6 +2,7 @@
 //! use iproute2; the product never does), and bounded TCP traffic between namespaces.
 #![allow(dead_code)]
 
+mod connect_from;
 pub mod fake_xray;
 pub mod plans;
 pub mod proxy;
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use raylimit::netlink::socket::in_netns;
 use raylimit::netlink::RtSocket;
+
+pub use connect_from::connect_from;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -158,40 +161,6 @@ pub fn measure_tcp(sender: &Netns, receiver: &Netns, addr: SocketAddr, secs: u64
     measure_tcp_from(sender, receiver, None, addr, secs)
 }
 
-/// A TCP connection from a chosen local address (std cannot bind before connecting).
-pub fn connect_from(source: IpAddr, addr: SocketAddr) -> std::io::Result<TcpStream> {
-    use std::os::fd::FromRawFd;
-    let (SocketAddr::V4(dst), IpAddr::V4(src)) = (addr, source) else {
-        panic!("connect_from handles IPv4");
-    };
-    let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: port.to_be(),
-        sin_addr: libc::in_addr {
-            s_addr: u32::from(ip).to_be(),
-        },
-        sin_zero: [0; 8],
-    };
-    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-    // SAFETY: plain socket calls on a descriptor owned here and handed to TcpStream at the end.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let stream = TcpStream::from_raw_fd(fd);
-        let local = sockaddr(src, 0);
-        if libc::bind(fd, &local as *const _ as *const libc::sockaddr, len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let remote = sockaddr(*dst.ip(), dst.port());
-        if libc::connect(fd, &remote as *const _ as *const libc::sockaddr, len) != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(stream)
-    }
-}
-
 /// Like [`measure_tcp`], with the sender bound to `source` when given.
 pub fn measure_tcp_from(
     sender: &Netns,
@@ -199,6 +168,20 @@ pub fn measure_tcp_from(
     source: Option<IpAddr>,
     addr: SocketAddr,
     secs: u64,
+) -> f64 {
+    measure_tcp_with(sender, receiver, addr, secs, move || match source {
+        Some(src) => connect_from(src, addr, Duration::from_secs(5)),
+        None => TcpStream::connect_timeout(&addr, Duration::from_secs(5)),
+    })
+}
+
+/// Like [`measure_tcp`], the sender's socket made by `connect` (in `sender`'s namespace).
+pub fn measure_tcp_with(
+    sender: &Netns,
+    receiver: &Netns,
+    addr: SocketAddr,
+    secs: u64,
+    connect: impl FnOnce() -> std::io::Result<TcpStream> + Send + 'static,
 ) -> f64 {
     let (tx, rx) = std::sync::mpsc::channel();
     let server = receiver.spawn(move || {
@@ -235,10 +218,7 @@ pub fn measure_tcp_from(
     rx.recv_timeout(Duration::from_secs(5))
         .expect("listener ready");
     let client = sender.spawn(move || {
-        let mut s = match source {
-            Some(src) => connect_from(src, addr).expect("connect"),
-            None => TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect"),
-        };
+        let mut s = connect().expect("connect");
         s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
         let chunk = vec![0x5au8; 1 << 16];
         let end = Instant::now() + Duration::from_secs(secs);

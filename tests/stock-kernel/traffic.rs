@@ -9,14 +9,18 @@
 //! A client sends a 9-byte header: `G` or `P`, then BYTES as a big-endian u64. For `G` the server
 //! writes BYTES and closes; for `P` it reads BYTES (or until end of stream) and answers with the
 //! 8-byte count it received, so the client's clock stops only once the last byte has arrived, not
-//! when it sits in a socket buffer. Nobody half-closes: v2ray's dokodemo-door does not pass it on. The client prints one line: `bytes=N seconds=S rate=R` (R in bytes/s).
-//! Every socket has 60 s read and write timeouts; the server exits by itself. Std only, but for
-//! the libc crate (already raylimit's dependency) to bind the client's source address.
+//! when it sits in a socket buffer. Nobody half-closes: v2ray's dokodemo-door does not pass it on.
+//! The client prints one line: `bytes=N seconds=S rate=R` (R in bytes/s). Every socket has 60 s
+//! read and write timeouts; the server exits by itself. Std only, but for the libc crate (already
+//! raylimit's dependency) to bind the client's source address (`tests/common/connect_from.rs`).
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
+
+#[path = "../common/connect_from.rs"]
+mod connect_from;
+use connect_from::connect_from;
 
 const USAGE: &str =
     "usage: rl-traffic serve ADDR:PORT [--for SECS] | get|put ADDR:PORT BYTES [--bind IP]";
@@ -158,44 +162,11 @@ fn timeouts(stream: &TcpStream) -> std::io::Result<()> {
     stream.set_write_timeout(Some(TIMEOUT))
 }
 
-/// A TCP connection, from `bind` when given (std cannot bind a client socket before connecting).
+/// A TCP connection, from `bind` when given, with the timeouts set.
 fn connect(addr: SocketAddr, bind: Option<IpAddr>) -> std::io::Result<TcpStream> {
     let stream = match bind {
+        Some(source) => connect_from(source, addr, TIMEOUT)?,
         None => TcpStream::connect_timeout(&addr, TIMEOUT)?,
-        Some(IpAddr::V4(src)) => {
-            let SocketAddr::V4(dst) = addr else {
-                return Err(std::io::Error::other("--bind with an IPv4 server only"));
-            };
-            let sockaddr = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(ip).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            let (local, remote) = (sockaddr(src, 0), sockaddr(*dst.ip(), dst.port()));
-            // SAFETY: a fresh descriptor, owned by the TcpStream from the first line on; the
-            // addresses are valid sockaddr_in values of the length given.
-            unsafe {
-                let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-                if fd < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                let stream = TcpStream::from_raw_fd(fd);
-                timeouts(&stream)?; // SO_SNDTIMEO bounds the connect too
-                let (l, r) = (
-                    &local as *const _ as *const _,
-                    &remote as *const _ as *const _,
-                );
-                if libc::bind(fd, l, len) != 0 || libc::connect(fd, r, len) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                stream
-            }
-        }
-        Some(IpAddr::V6(_)) => return Err(std::io::Error::other("--bind takes an IPv4 address")),
     };
     timeouts(&stream)?;
     Ok(stream)

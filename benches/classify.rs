@@ -80,9 +80,9 @@ fn clients(n: u32) -> Vec<IpAddr> {
 
 /// raylimit's layout for `n` clients, built through its own decisions.
 fn two_level(pair: &Pair, n: u32) {
-    let mut sock = pair.server.socket();
-    let device = sock.link_by_name("veth-s").unwrap();
-    limit_all(&mut sock, &device, &clients(n), RATE);
+    let mut kernel = raylimit::engine::NetlinkKernel::from_socket(pair.server.socket());
+    let device = kernel.socket().link_by_name("veth-s").unwrap();
+    limit_all(&mut kernel, &device, &clients(n), RATE);
 }
 
 /// The single-level layout raylimit used before, with tc.

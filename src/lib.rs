@@ -1,8 +1,9 @@
 //! raylimit: bandwidth limits for one Xray/V2Ray runtime, built and read back directly over
-//! rtnetlink and nfnetlink. See DESIGN.md for the architecture; the modules follow its layout.
+//! rtnetlink and nfnetlink. ARCHITECTURE.md in the repository describes the layers and how a
+//! run flows through them.
 
-pub mod apply;
 pub mod cli;
+pub mod engine;
 pub mod evidence;
 pub mod netlink;
 pub mod ownership;

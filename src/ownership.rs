@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
+use crate::policy::SubjectKey;
+
 pub const DEFAULT_STATE_DIR: &str = "/run/raylimit";
 const STATE_FILE: &str = "owners.json";
 const LOCK_FILE: &str = "lock";
@@ -28,7 +30,7 @@ pub struct Annotation {
     pub device: String,
     pub direction: String,
     /// The subject's key (`ip 10.0.0.1`, `ip all`).
-    pub subject: String,
+    pub subject: SubjectKey,
     /// The device whose root holds the rule (the device, or its IFB).
     pub shaped_device: String,
     /// The leaf class, when the rule has one (the unlimited exception has none).
@@ -54,11 +56,11 @@ struct StateFile<T> {
 /// All annotations, by rule: (netns, shaped device, subject).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Annotations {
-    entries: BTreeMap<(String, String, String), Annotation>,
+    entries: BTreeMap<(String, String, SubjectKey), Annotation>,
 }
 
-fn key(netns: &str, shaped_device: &str, subject: &str) -> (String, String, String) {
-    (netns.into(), shaped_device.into(), subject.into())
+fn key(netns: &str, shaped_device: &str, subject: &SubjectKey) -> (String, String, SubjectKey) {
+    (netns.into(), shaped_device.into(), subject.clone())
 }
 
 impl Annotations {
@@ -66,7 +68,12 @@ impl Annotations {
         self.entries.values()
     }
 
-    pub fn find(&self, netns: &str, shaped_device: &str, subject: &str) -> Option<&Annotation> {
+    pub fn find(
+        &self,
+        netns: &str,
+        shaped_device: &str,
+        subject: &SubjectKey,
+    ) -> Option<&Annotation> {
         self.entries.get(&key(netns, shaped_device, subject))
     }
 
@@ -98,7 +105,7 @@ impl Annotations {
             .insert(key(&a.netns, &a.shaped_device, &a.subject), a);
     }
 
-    pub fn remove(&mut self, netns: &str, shaped_device: &str, subject: &str) {
+    pub fn remove(&mut self, netns: &str, shaped_device: &str, subject: &SubjectKey) {
         self.entries.remove(&key(netns, shaped_device, subject));
     }
 }

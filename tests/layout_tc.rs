@@ -11,25 +11,26 @@ use std::time::{Duration, Instant};
 
 use common::plans::*;
 use common::*;
+use raylimit::engine::NetlinkKernel;
 use raylimit::netlink::dump::DeviceTc;
 use raylimit::netlink::htb::NSEC_PER_TICK;
 use raylimit::netlink::link::Link;
 use raylimit::netlink::tc::{ClassEntry, ClassKind};
 use raylimit::netlink::RtSocket;
-use raylimit::policy::{parse_ip_subject, Direction, Subject, Want};
+use raylimit::policy::{Direction, Endpoint, Subject, Want};
 use raylimit::reconcile::Context;
 use raylimit::shaping;
 
-fn host(tag: &str) -> (Netns, RtSocket, Link) {
+fn host(tag: &str) -> (Netns, NetlinkKernel, Link) {
     let ns = Netns::new(tag);
     ns.ip(&[
         "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
     ]);
     ns.ip(&["link", "set", "veth-a", "up"]);
     ns.ip(&["link", "set", "veth-b", "up"]);
-    let mut sock = ns.socket();
-    let device = sock.link_by_name("veth-a").unwrap();
-    (ns, sock, device)
+    let mut kernel = NetlinkKernel::from_socket(ns.socket());
+    let device = kernel.socket().link_by_name("veth-a").unwrap();
+    (ns, kernel, device)
 }
 
 /// Runs a plan's commands in `ns`: `ip` lines one by one, runs of `tc` lines as one `tc -batch`.
@@ -118,7 +119,7 @@ fn state(sock: &mut RtSocket, name: &str) -> Option<DeviceTc> {
 
 fn subjects() -> Vec<Context> {
     let dl = Direction::Download;
-    let ip = |s: &str, want| context(parse_ip_subject(s, false).unwrap(), dl, want, "veth-a");
+    let ip = |s: &str, want| context(ip_subject(s), dl, want, "veth-a");
     let user = context(
         Subject::User {
             uuid: "u1".into(),
@@ -148,21 +149,23 @@ fn subjects() -> Vec<Context> {
         context(
             Subject::Inbound {
                 tag: "in".into(),
-                address: None,
-                port: 10086,
+                listener: Some(Endpoint {
+                    address: None,
+                    port: 10086,
+                }),
             },
             dl,
             Want::Limit(7000),
             "veth-a",
         ),
         context(
-            parse_ip_subject("10.1.7.7", false).unwrap(),
+            ip_subject("10.1.7.7"),
             Direction::Upload,
             Want::Limit(4000),
             "veth-a",
         ),
         context(
-            parse_ip_subject("fd00::7:7", false).unwrap(),
+            ip_subject("fd00::7:7"),
             Direction::Upload,
             Want::Limit(4000),
             "veth-a",
@@ -172,7 +175,7 @@ fn subjects() -> Vec<Context> {
 
 /// raylimit runs each plan in `ours`; tc runs the printed commands in `theirs`. Returns the
 /// class the subject got.
-fn both_run(ours: (&mut RtSocket, &Link), theirs: &Netns, ctx: &Context) -> Option<u16> {
+fn both_run(ours: (&mut NetlinkKernel, &Link), theirs: &Netns, ctx: &Context) -> Option<u16> {
     let d = decide_and_run(ours.0, ours.1, ctx);
     let commands: Vec<(String, bool)> =
         d.steps.iter().map(|s| (s.command(), s.exists_ok)).collect();
@@ -233,7 +236,7 @@ fn tc_batch_builds_and_removes_what_raylimit_does_from_the_printed_plans() {
         // A user's rule is known by its class, which the CLI would remember.
         ctx.remembered_minor = both_run((&mut ours, &device), &theirs_ns, ctx);
     }
-    same_kernel(&mut ours, &mut theirs, &ifb, "after the limits");
+    same_kernel(ours.socket(), theirs.socket(), &ifb, "after the limits");
     let filters = theirs_ns.tc(&["filter", "show", "dev", "veth-a"]);
     for shape in [
         "fh 5:",
@@ -249,8 +252,8 @@ fn tc_batch_builds_and_removes_what_raylimit_does_from_the_printed_plans() {
         remove.request.want = Want::Remove;
         both_run((&mut ours, &device), &theirs_ns, &remove);
         same_kernel(
-            &mut ours,
-            &mut theirs,
+            ours.socket(),
+            theirs.socket(),
             &ifb,
             &format!("after removing {}", ctx.request.subject),
         );
@@ -260,7 +263,7 @@ fn tc_batch_builds_and_removes_what_raylimit_does_from_the_printed_plans() {
 
 #[test]
 fn a_failed_plan_is_undone_in_order_and_leaves_no_table_behind() {
-    let (_ns, mut sock, device) = host("tcundo");
+    let (_ns, mut kernel, device) = host("tcundo");
     let dl = Direction::Download;
     let conn = context(
         Subject::Connection("10.2.0.2:40000".parse().unwrap()),
@@ -268,18 +271,13 @@ fn a_failed_plan_is_undone_in_order_and_leaves_no_table_behind() {
         Want::Limit(1000),
         "veth-a",
     );
-    decide_and_run(&mut sock, &device, &conn);
-    let before = state(&mut sock, "veth-a");
+    decide_and_run(&mut kernel, &device, &conn);
+    let before = state(kernel.socket(), "veth-a");
     // A new band beside the connection band, whose last step fails: every step is undone, in
     // order (the root link by the handle the kernel gave it, then the band's table), so the
     // kernel ends as it began and the same band can be made again.
-    let ctx = context(
-        parse_ip_subject("10.2.3.4", false).unwrap(),
-        dl,
-        Want::Limit(1000),
-        "veth-a",
-    );
-    let obs = observe(&mut sock, &device, &ctx.request);
+    let ctx = context(ip_subject("10.2.3.4"), dl, Want::Limit(1000), "veth-a");
+    let obs = observe(&mut kernel, &device, &ctx.request);
     let d = raylimit::reconcile::decide(&ctx, &obs);
     let mut steps = d.steps.clone();
     let class = steps
@@ -288,10 +286,10 @@ fn a_failed_plan_is_undone_in_order_and_leaves_no_table_behind() {
         .unwrap()
         .clone();
     steps.push(class);
-    let exec = raylimit::apply::execute(&mut sock, &steps);
+    let exec = raylimit::engine::execute(&mut kernel, &steps);
     assert!(exec.failed());
     assert!(!exec.rollback_failed(), "{:#?}", exec.rollback);
-    assert_eq!(state(&mut sock, "veth-a"), before);
-    let again = raylimit::apply::execute(&mut sock, &d.steps);
+    assert_eq!(state(kernel.socket(), "veth-a"), before);
+    let again = raylimit::engine::execute(&mut kernel, &d.steps);
     assert!(!again.failed(), "{:#?}", again.results);
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use common::plans::*;
 use common::*;
+use raylimit::engine::NetlinkKernel;
 use raylimit::netlink::RtSocket;
 use raylimit::reconcile::{decide, Context, DecisionKind};
 use raylimit::shaping;
@@ -122,8 +123,8 @@ fn ten_thousand_limits_read_back_as_decided_and_classify_each_client_alone() {
     let started = Instant::now();
     let pair = pair();
     let server = &pair.server;
-    let mut sock = server.socket();
-    let device = sock.link_by_name("veth-s").unwrap();
+    let mut kernel = NetlinkKernel::from_socket(server.socket());
+    let device = kernel.socket().link_by_name("veth-s").unwrap();
     let clients: Vec<IpAddr> = (0..V4_CLIENTS)
         .map(v4_client)
         .chain((0..V6_CLIENTS).map(v6_client))
@@ -132,16 +133,16 @@ fn ten_thousand_limits_read_back_as_decided_and_classify_each_client_alone() {
         assert!(clients.contains(&s.parse().unwrap()), "{s} is not limited");
     }
 
-    let (obs, sent) = limit_all(&mut sock, &device, &clients, RATE);
+    let (obs, sent) = limit_all(&mut kernel, &device, &clients, RATE);
     eprintln!(
-        "{} limits: {sent} messages built and sent in {:.1?}",
+        "{} limits: {sent} steps decided and sent in {:.1?}",
         clients.len(),
         started.elapsed()
     );
 
     // The kernel's state, read back, is exactly what the decisions tracked.
     let read_at = Instant::now();
-    let read = observe(&mut sock, &device, &limit(clients[0]).request);
+    let read = observe(&mut kernel, &device, &limit(clients[0]).request);
     let theirs = read.shaped.as_ref().unwrap();
     eprintln!("read back in {:.1?}", read_at.elapsed());
     let mut ours = obs.shaped.clone().unwrap();
@@ -179,7 +180,7 @@ fn ten_thousand_limits_read_back_as_decided_and_classify_each_client_alone() {
         send_udp(server, *ip, 1); // resolves the neighbour before counting
     }
     std::thread::sleep(Duration::from_millis(300));
-    let before = class_bytes(&mut sock, device.index);
+    let before = class_bytes(kernel.socket(), device.index);
     for ip in &targets {
         send_udp(server, *ip, PACKETS);
     }
@@ -188,10 +189,10 @@ fn ten_thousand_limits_read_back_as_decided_and_classify_each_client_alone() {
         *expected.get_mut(&class_of(*ip)).unwrap() += PACKETS * wire_bytes(*ip);
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    let mut after = class_bytes(&mut sock, device.index);
+    let mut after = class_bytes(kernel.socket(), device.index);
     while after != expected && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
-        after = class_bytes(&mut sock, device.index);
+        after = class_bytes(kernel.socket(), device.index);
     }
     let moved: Vec<(u16, u64)> = after
         .iter()

@@ -2,21 +2,18 @@
 
 mod discover;
 mod limit;
-mod live;
 mod policy_file;
 mod report;
+mod resolution;
 mod status;
-mod tagged;
 mod watch;
-
-pub use limit::observe;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use crate::netlink::probe::{Availability, Capabilities};
-use crate::netlink::tc::{self, TcEntry, RTM_GETQDISC, RTM_GETTCLASS, RTM_GETTFILTER};
-use crate::netlink::{NetlinkError, RtSocket, TcHandle};
+use crate::netlink::tc::{self, TcEntry};
+use crate::netlink::NetlinkError;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -206,12 +203,12 @@ fn run_limit(netns: Option<&str>, args: &limit::LimitArgs) -> i32 {
             }
             code
         }
-        Err(limit::LimitError::Usage(UsageError(m))) => {
-            eprintln!("raylimit: {m}");
+        Err(e @ limit::LimitError::Usage(_)) => {
+            eprintln!("raylimit: {e}");
             2
         }
-        Err(limit::LimitError::Refused(m)) => {
-            eprintln!("raylimit: {m}");
+        Err(e) => {
+            eprintln!("raylimit: {e}");
             1
         }
     }
@@ -249,9 +246,7 @@ fn print_probe(caps: &Capabilities, format: Format) {
 }
 
 fn show(netns: Option<&str>, device: &str, format: Format) -> Result<(), NetlinkError> {
-    let mut sock = RtSocket::open_in(netns)?;
-    let link = sock.link_by_name(device)?;
-    let entries = device_objects(&mut sock, link.index)?;
+    let (link, entries) = crate::engine::status::device_objects(netns, device)?;
     match format {
         Format::Text => {
             for e in &entries {
@@ -284,48 +279,4 @@ fn show(netns: Option<&str>, device: &str, format: Format) -> Result<(), Netlink
         }
     }
     Ok(())
-}
-
-/// Every qdisc, class and filter of one device: one dump per object kind, filters per parent.
-pub fn device_objects(sock: &mut RtSocket, ifindex: u32) -> Result<Vec<TcEntry>, NetlinkError> {
-    let mut out = Vec::new();
-    let decode_all =
-        |messages: Vec<crate::netlink::socket::Message>| -> Result<Vec<TcEntry>, NetlinkError> {
-            messages
-                .iter()
-                .map(|m| tc::decode(m.msg_type, &m.payload).map_err(NetlinkError::from))
-                .collect()
-        };
-    // The kernel ignores the device in qdisc dumps; keep only this one's.
-    let qdiscs: Vec<TcEntry> = decode_all(sock.dump(
-        &tc::dump_request(RTM_GETQDISC, ifindex, TcHandle(0)),
-        "dump qdiscs",
-    )?)?
-    .into_iter()
-    .filter(|e| matches!(e, TcEntry::Qdisc(q) if q.qdisc.ifindex == ifindex))
-    .collect();
-    let mut parents = Vec::new();
-    for e in &qdiscs {
-        if let TcEntry::Qdisc(q) = e {
-            match q.qdisc.kind {
-                tc::QdiscKind::Clsact => {
-                    parents.extend([TcHandle::CLSACT_INGRESS, TcHandle::CLSACT_EGRESS])
-                }
-                _ if q.qdisc.handle.major() != 0 => parents.push(q.qdisc.handle),
-                _ => {}
-            }
-        }
-    }
-    out.extend(qdiscs);
-    out.extend(decode_all(sock.dump(
-        &tc::dump_request(RTM_GETTCLASS, ifindex, TcHandle(0)),
-        "dump classes",
-    )?)?);
-    for parent in parents {
-        out.extend(decode_all(sock.dump(
-            &tc::dump_request(RTM_GETTFILTER, ifindex, parent),
-            "dump filters",
-        )?)?);
-    }
-    Ok(out)
 }

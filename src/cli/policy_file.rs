@@ -28,11 +28,12 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::limit::{self, LimitArgs, LimitError, RuntimeArgs, Session, Validated};
-use super::live::PER_IP;
-use super::report::{Outcome, Report};
+use super::limit::{self, LimitArgs, LimitError, RuntimeArgs, Validated};
+use super::report::Report;
 use super::{Format, UsageError};
-use crate::policy::{Subject, Want};
+use crate::engine::prune::{self, Listed};
+use crate::engine::Outcome;
+use crate::policy::{Want, Wanted, DEFAULT_MARK_MASK};
 
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
@@ -152,46 +153,10 @@ fn validate(policy: &Value, a: &ApplyArgs) -> Result<Vec<Validated>, UsageError>
     Ok(out)
 }
 
-/// The key a limit is known by in the annotations, per shaped device.
-fn listed(v: &Validated) -> (String, String, String) {
-    (
-        v.request.device.clone(),
-        v.request.direction.name().to_string(),
-        v.request.subject.key(),
-    )
-}
-
-/// A removal request for an annotated subject key (`ip 10.0.0.2`, `uuid …`, `inbound …`).
-fn removal(template: &Validated, device: &str, direction: &str, key: &str) -> Option<Validated> {
-    let (kind, value) = key.split_once(' ')?;
-    let subject = match kind {
-        "ip" if value == "all" => Subject::AllShared,
-        "ip" => Subject::Ip(value.parse().ok()?),
-        "uuid" => Subject::User {
-            uuid: value.to_string(),
-            ips: BTreeSet::new(),
-        },
-        "connection" => Subject::Connection(value.parse().ok()?),
-        "inbound" => Subject::Inbound {
-            tag: value.to_string(),
-            address: None,
-            port: 0,
-        },
-        "outbound" => Subject::Outbound {
-            tag: value.to_string(),
-            mark: 0,
-            mask: crate::policy::DEFAULT_MARK_MASK,
-        },
-        _ => return None,
-    };
-    let mut v = template.clone();
-    v.request.device = device.to_string();
-    v.request.direction = crate::policy::Direction::parse(direction)?;
-    v.request.subject = subject;
-    v.request.want = Want::Remove;
-    v.per_ip = false;
-    v.inbound = None;
-    Some(v)
+/// How a limit is listed for prune: device, direction, subject key.
+fn listed(v: &Validated) -> Listed {
+    let w = &v.wanted;
+    (w.device.clone(), w.direction, prune::listed_key(&w.target))
 }
 
 pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
@@ -204,83 +169,76 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
     };
     let mut reports: Vec<(String, Report)> = Vec::new();
     let mut pruned: Vec<(String, Report)> = Vec::new();
-    // One session (and lock) per device, in the file's order of first appearance.
+    // One run (and lock) per device, in the file's order of first appearance.
     let mut devices: Vec<String> = Vec::new();
     for v in &validated {
-        if !devices.contains(&v.request.device) {
-            devices.push(v.request.device.clone());
+        if !devices.contains(&v.wanted.device) {
+            devices.push(v.wanted.device.clone());
         }
     }
-    let wanted: BTreeSet<(String, String, String)> = validated.iter().map(listed).collect();
+    let listed_all: BTreeSet<Listed> = validated.iter().map(listed).collect();
     for device in &devices {
         let first = validated
             .iter()
-            .find(|v| &v.request.device == device)
+            .find(|v| &v.wanted.device == device)
             .expect("every device comes from a limit");
-        let mut session = match Session::open(
+        let opened = limit::open(
             netns,
             &first.selection,
             device,
             a.execute,
             a.allow_missing_tc_state,
-        ) {
-            Ok(s) => s,
-            Err(LimitError::Usage(UsageError(m))) => {
-                eprintln!("raylimit: {m}");
-                return 2;
-            }
-            Err(LimitError::Refused(m)) => {
-                eprintln!("raylimit: {m}");
-                return 1;
+        );
+        let mut engine = match opened {
+            Ok(e) => e,
+            Err(e) => {
+                eprintln!("raylimit: {e}");
+                return if matches!(e, LimitError::Usage(_)) {
+                    2
+                } else {
+                    1
+                };
             }
         };
-        let (first_report, first_pruned) = (reports.len(), pruned.len());
-        for v in validated.iter().filter(|v| &v.request.device == device) {
-            let (_, _, key) = listed(v);
-            reports.push((
-                format!("{key} {} on {device}", v.request.direction.name()),
-                limit::decide(&mut session, v),
-            ));
+        let mut staged = Vec::new();
+        for v in validated.iter().filter(|v| &v.wanted.device == device) {
+            let (_, direction, key) = listed(v);
+            let name = format!("{key} {} on {device}", direction.name());
+            staged.push((name, v.wanted.clone(), engine.resolve(&v.wanted)));
         }
+        let mut staged_prune = Vec::new();
         if a.prune {
-            let owner = session.runtime.owner();
-            let stale: Vec<(String, String, Option<String>)> = session
-                .annotations()
-                .iter()
-                .filter(|x| {
-                    x.owner == owner && x.device == *device && x.netns == session.netns_key()
-                })
-                .map(|x| (x.direction.clone(), x.subject.clone(), x.set.clone()))
-                .collect();
-            let mut seen = BTreeSet::new();
-            for (direction, key, set) in stale {
-                // A per_ip set is listed as a whole by its `ip all` per_ip limit.
-                let listed_key = if set.as_deref() == Some(PER_IP) {
-                    "ip all".to_string()
-                } else {
-                    key.clone()
+            let owner = engine.runtime.owner();
+            let stale = prune::stale(
+                engine.annotations(),
+                engine.netns_key(),
+                &owner,
+                device,
+                &listed_all,
+            );
+            for s in stale {
+                let wanted = Wanted {
+                    target: s.key.target(DEFAULT_MARK_MASK),
+                    direction: s.direction,
+                    device: device.clone(),
+                    want: Want::Remove,
                 };
-                if wanted.contains(&(device.clone(), direction.clone(), listed_key)) {
-                    continue;
-                }
-                if !seen.insert((direction.clone(), key.clone())) {
-                    continue;
-                }
-                if let Some(r) = removal(first, device, &direction, &key) {
-                    pruned.push((
-                        format!("{key} {direction} on {device} (not in the file)"),
-                        limit::decide(&mut session, &r),
-                    ));
-                }
+                let name = format!(
+                    "{} {} on {device} (not in the file)",
+                    s.key,
+                    s.direction.name()
+                );
+                staged_prune.push((name, wanted.clone(), engine.resolve(&wanted)));
             }
         }
         // The device's whole change set goes to the kernel together.
-        session.commit(
-            reports[first_report..]
-                .iter_mut()
-                .chain(pruned[first_pruned..].iter_mut())
-                .flat_map(|(_, r)| r.limits_mut()),
-        );
+        let mut run = engine.commit();
+        for (name, wanted, s) in staged {
+            reports.push((name, Report::build(&engine, &wanted, s, &mut run)));
+        }
+        for (name, wanted, s) in staged_prune {
+            pruned.push((name, Report::build(&engine, &wanted, s, &mut run)));
+        }
     }
     render(a, &reports, &pruned)
 }

@@ -6,52 +6,22 @@ use std::rc::Rc;
 
 use serde_json::{json, Value};
 
-use super::limit::Validated;
-use crate::apply::{Execution, Status};
+use super::resolution;
+use crate::engine::resolve::{PerIpExpansion, Staged};
+use crate::engine::{Committed, Decided, Engine, Kernel, Outcome, RootSeen, Status, StepResult};
 use crate::netlink::link::Link;
-use crate::policy::{Subject, Want};
-use crate::reconcile::observe::{Observation, RootState};
-use crate::reconcile::Decision;
+use crate::policy::{Subject, Want, Wanted};
 use crate::runtime::Runtime;
 use crate::shaping;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    PlanReady,
-    NoChanges,
-    Executed,
-    Blocked,
-    Failed,
-}
-
-impl Outcome {
-    pub fn name(self) -> &'static str {
-        match self {
-            Outcome::PlanReady => "plan ready",
-            Outcome::NoChanges => "no changes",
-            Outcome::Executed => "executed",
-            Outcome::Blocked => "blocked",
-            Outcome::Failed => "failed",
-        }
-    }
-}
-
+/// One limit decision as reported: the engine's result, with the run's context.
 pub struct LimitReport {
     pub execute: bool,
-    pub request: crate::policy::Request,
-    pub per_ip: bool,
     pub runtime: Rc<Runtime>,
     pub device: Link,
-    pub shaped_device: String,
-    pub root: String,
-    pub decision: Decision,
-    pub execution: Option<Execution>,
-    pub outcome: Outcome,
-    pub warnings: Vec<String>,
-    /// The live evidence the request was resolved with (uuid, connection, per_ip).
+    pub decided: Decided,
+    /// The live evidence or config the subject was resolved with.
     pub evidence: Option<EvidenceView>,
-    /// Set while the report's steps wait for the session's commit: its place in the run.
-    pub pending: Option<usize>,
 }
 
 /// Evidence as a report shows it: labelled lines for text, a value for JSON.
@@ -74,50 +44,30 @@ impl EvidenceView {
     }
 }
 
-fn describe_root(obs: &Observation, shaped_device: &str) -> String {
-    match obs.shaped.as_ref().map(|s| &s.root) {
-        _ if obs.error.is_some() => "unknown".into(),
-        None => format!("{shaped_device} does not exist yet"),
-        Some(RootState::Managed(_)) => {
+fn describe_root(root: &RootSeen, shaped_device: &str) -> String {
+    match root {
+        RootSeen::Unknown => "unknown".into(),
+        RootSeen::Absent => format!("{shaped_device} does not exist yet"),
+        RootSeen::Managed => {
             format!("managed root {} on {shaped_device}", shaping::root_handle())
         }
-        Some(RootState::Default(None)) => format!("no root qdisc on {shaped_device}"),
-        Some(RootState::Default(Some(kind))) => {
-            format!("kernel default ({kind}) on {shaped_device}")
-        }
-        Some(RootState::Foreign(desc)) => format!("foreign root qdisc {desc} on {shaped_device}"),
+        RootSeen::Default(None) => format!("no root qdisc on {shaped_device}"),
+        RootSeen::Default(Some(kind)) => format!("kernel default ({kind}) on {shaped_device}"),
+        RootSeen::Foreign(desc) => format!("foreign root qdisc {desc} on {shaped_device}"),
     }
 }
 
 impl LimitReport {
-    pub fn new(
-        execute: bool,
-        v: &Validated,
-        runtime: &Rc<Runtime>,
-        device: &Link,
-        shaped_device: &str,
-        obs: &Observation,
-        decision: Decision,
-    ) -> Self {
-        LimitReport {
-            execute,
-            request: v.request.clone(),
-            per_ip: v.per_ip,
-            runtime: runtime.clone(),
-            device: device.clone(),
-            shaped_device: shaped_device.to_string(),
-            root: describe_root(obs, shaped_device),
-            decision,
-            execution: None,
-            outcome: Outcome::PlanReady,
-            warnings: Vec::new(),
-            evidence: None,
-            pending: None,
-        }
+    fn request(&self) -> &crate::policy::Request {
+        &self.decided.request
+    }
+
+    pub fn outcome(&self) -> Outcome {
+        self.decided.outcome
     }
 
     fn operation(&self) -> &'static str {
-        if self.request.want == Want::Remove {
+        if self.request().want == Want::Remove {
             "remove"
         } else {
             "limit"
@@ -133,7 +83,7 @@ impl LimitReport {
     }
 
     fn requested(&self) -> String {
-        let r = &self.request;
+        let r = self.request();
         let dir = r.direction.name();
         match r.want {
             Want::Limit(rate) => format!("Requested limit: {dir} {rate} bytes/s on {}", r.device),
@@ -146,6 +96,7 @@ impl LimitReport {
 
     fn summary(&self) -> String {
         let ran = self
+            .decided
             .execution
             .as_ref()
             .map(|e| {
@@ -155,7 +106,7 @@ impl LimitReport {
                     .count()
             })
             .unwrap_or(0);
-        match self.outcome {
+        match self.decided.outcome {
             Outcome::Blocked if self.execute => "No operations were run.".into(),
             Outcome::Blocked | Outcome::PlanReady => "No system changes were made.".into(),
             Outcome::NoChanges => {
@@ -164,10 +115,11 @@ impl LimitReport {
             Outcome::Executed => format!("Executed {ran} operation(s)."),
             Outcome::Failed => {
                 let rolled_back = self
+                    .decided
                     .execution
                     .as_ref()
                     .is_some_and(|e| !e.rollback.is_empty());
-                match self.execution.as_ref() {
+                match self.decided.execution.as_ref() {
                     Some(e) if e.rollback_failed() => format!(
                         "Stopped after {ran} operation(s); undoing them also failed, so the kernel may differ from how it began (see Rollback)."
                     ),
@@ -181,7 +133,7 @@ impl LimitReport {
     }
 
     pub fn text(&self) -> String {
-        let d = &self.decision;
+        let d = &self.decided.decision;
         let mut s = String::new();
         let w = &mut s;
         let _ = writeln!(w, "Request:");
@@ -189,13 +141,9 @@ impl LimitReport {
         let _ = writeln!(w, "Operation: {}", self.operation());
         let _ = writeln!(w, "Runtime: {}", self.runtime.describe());
         let _ = writeln!(w, "Owner: {}", self.runtime.owner());
-        let _ = writeln!(w, "Target: {}", self.request.subject);
-        if matches!(self.request.subject, Subject::AllShared | Subject::AllPerIp) {
-            let _ = writeln!(
-                w,
-                "IP aggregation: {}",
-                if self.per_ip { "per_ip" } else { "shared" }
-            );
+        let _ = writeln!(w, "Target: {}", self.request().subject);
+        if self.request().subject == Subject::AllShared {
+            let _ = writeln!(w, "IP aggregation: shared");
         }
         let _ = writeln!(w, "\nRequested state:\n{}", self.requested());
         if let Some(e) = &self.evidence {
@@ -203,7 +151,11 @@ impl LimitReport {
         }
         let _ = writeln!(w, "\nObservation:");
         let _ = writeln!(w, "Observed tc state: {}", d.observed_state);
-        let _ = writeln!(w, "Shaped root: {}", self.root);
+        let _ = writeln!(
+            w,
+            "Shaped root: {}",
+            describe_root(&self.decided.root, &self.decided.shaped_device)
+        );
         let _ = writeln!(w, "Matching rule: {}", if d.matched { "yes" } else { "no" });
         if let Some(c) = d.expected_class {
             let _ = writeln!(w, "Expected class ID: {c}");
@@ -247,7 +199,7 @@ impl LimitReport {
             );
             let _ = writeln!(w, "Execution note: {b}");
         }
-        match &self.execution {
+        match &self.decided.execution {
             Some(e) if !e.results.is_empty() => {
                 if e.failed() {
                     let _ = writeln!(w, "Execution status: failed");
@@ -279,7 +231,7 @@ impl LimitReport {
                     }
                 }
             }
-            _ if !d.steps.is_empty() && self.outcome != Outcome::Blocked => {
+            _ if !d.steps.is_empty() && self.decided.outcome != Outcome::Blocked => {
                 let _ = writeln!(w, "Execution results:");
                 for (i, step) in d.steps.iter().enumerate() {
                     let _ = writeln!(w, "  {}. {}: skipped", i + 1, step.name);
@@ -287,10 +239,10 @@ impl LimitReport {
             }
             _ => {}
         }
-        for warning in &self.warnings {
+        for warning in &self.decided.warnings {
             let _ = writeln!(w, "Warning: {warning}");
         }
-        let outcome = match (self.outcome, self.execute) {
+        let outcome = match (self.decided.outcome, self.execute) {
             (Outcome::Blocked, false) => "blocked (execute would refuse)".to_string(),
             (o, _) => o.name().to_string(),
         };
@@ -307,11 +259,11 @@ impl LimitReport {
 
     /// The report without its runtime block (a run of many reports gives it once).
     pub fn json_body(&self) -> Value {
-        let d = &self.decision;
-        let r = &self.request;
+        let d = &self.decided.decision;
+        let r = self.request();
         let mut target = json!({"kind": r.subject.kind(), "value": r.subject.value()});
-        if matches!(r.subject, Subject::AllShared | Subject::AllPerIp) {
-            target["ip_aggregation"] = json!(if self.per_ip { "per_ip" } else { "shared" });
+        if r.subject == Subject::AllShared {
+            target["ip_aggregation"] = json!("shared");
         }
         let mut v = json!({
             "mode": self.mode(),
@@ -322,14 +274,14 @@ impl LimitReport {
                 "ifindex": self.device.index,
                 "direction": r.direction.name(),
                 "root_handle": shaping::root_handle().to_string(),
-                "shaped_device": self.shaped_device,
+                "shaped_device": self.decided.shaped_device,
             },
             "observation": {
                 "available": d.observed_state != "unavailable",
                 "reconcilable": d.observed_state == "available",
                 "state": d.observed_state,
                 "matched": d.matched,
-                "root": self.root,
+                "root": describe_root(&self.decided.root, &self.decided.shaped_device),
                 "expected_class_id": d.expected_class.map(|c| c.to_string()),
                 "observed_class_id": d.observed_class.map(|c| c.to_string()),
                 "observed_rate_bytes_per_second": d.observed_rate,
@@ -337,7 +289,7 @@ impl LimitReport {
             },
             "decision": {"kind": d.kind.name(), "reason": d.reason},
             "execution_blocked": d.blocked.is_some(),
-            "outcome": self.outcome.name(),
+            "outcome": self.decided.outcome.name(),
         });
         match r.want {
             Want::Limit(rate) => v["rate_bytes_per_second"] = json!(rate),
@@ -356,7 +308,7 @@ impl LimitReport {
                 "steps": d.steps.iter().zip(&commands).map(|(s, c)| json!({"name": s.name, "command": c})).collect::<Vec<_>>(),
             });
         }
-        v["results"] = match &self.execution {
+        v["results"] = match &self.decided.execution {
             Some(e) => json!(e.results.iter().map(result_json).collect::<Vec<_>>()),
             None => json!(d
                 .steps
@@ -365,7 +317,7 @@ impl LimitReport {
                 .map(|(s, c)| json!({"step": s.name, "command": c, "skipped": true}))
                 .collect::<Vec<_>>()),
         };
-        if let Some(e) = &self.execution {
+        if let Some(e) = &self.decided.execution {
             if !e.rollback.is_empty() {
                 v["rollback"] = json!(e.rollback.iter().map(result_json).collect::<Vec<_>>());
             }
@@ -373,8 +325,14 @@ impl LimitReport {
         if let Some(e) = &self.evidence {
             v["evidence"] = e.json.clone();
         }
-        if !self.warnings.is_empty() {
-            v["warnings"] = json!(self.warnings);
+        if !self.decided.warnings.is_empty() {
+            let warnings: Vec<String> = self
+                .decided
+                .warnings
+                .iter()
+                .map(|w| w.to_string())
+                .collect();
+            v["warnings"] = json!(warnings);
         }
         v
     }
@@ -395,7 +353,7 @@ impl LimitReport {
     }
 }
 
-fn result_json(r: &crate::apply::StepResult) -> Value {
+fn result_json(r: &StepResult) -> Value {
     let mut v = json!({"step": r.step, "command": r.command, "status": r.status.name()});
     if let Some(e) = &r.error {
         v["error"] = json!(e);
@@ -409,7 +367,7 @@ fn result_json(r: &crate::apply::StepResult) -> Value {
 /// `--ip all --ip-aggregation per_ip`: the live client set and one report per client IP.
 pub struct PerIpReport {
     pub execute: bool,
-    pub request: crate::policy::Request,
+    pub request: Wanted,
     pub runtime: Rc<Runtime>,
     pub evidence: EvidenceView,
     /// Where the client set came from, and how trustworthy it is.
@@ -427,6 +385,35 @@ pub struct PerIpReport {
 }
 
 impl PerIpReport {
+    fn new<K: Kernel>(
+        engine: &Engine<K>,
+        wanted: &Wanted,
+        x: PerIpExpansion,
+        targets: Vec<LimitReport>,
+    ) -> Self {
+        PerIpReport {
+            execute: engine.execute,
+            request: wanted.clone(),
+            runtime: engine.runtime.clone(),
+            evidence: match &x.evidence {
+                Ok(ev) => resolution::evidence(ev),
+                Err(why) => resolution::not_needed(why),
+            },
+            provider: x.provider,
+            state: x.state,
+            reconcile_state: x.reconcile_state,
+            ips: x.ips,
+            note: x.expansion.to_string(),
+            targets,
+            skipped: x
+                .left_alone
+                .into_iter()
+                .map(|(ip, why)| (ip, why.to_string()))
+                .collect(),
+            blocked: x.blocked,
+        }
+    }
+
     fn runtime_json(&self) -> Value {
         match self.targets.first() {
             Some(t) => t.runtime_json(),
@@ -442,7 +429,7 @@ impl PerIpReport {
     fn count(&self, kind: crate::reconcile::DecisionKind) -> usize {
         self.targets
             .iter()
-            .filter(|t| t.decision.kind == kind)
+            .filter(|t| t.decided.decision.kind == kind)
             .count()
     }
 
@@ -458,16 +445,33 @@ impl PerIpReport {
     }
 
     pub fn outcome(&self) -> Outcome {
-        if self.blocked.is_some() || self.targets.iter().any(|t| t.outcome == Outcome::Blocked) {
+        if self.blocked.is_some()
+            || self
+                .targets
+                .iter()
+                .any(|t| t.decided.outcome == Outcome::Blocked)
+        {
             return Outcome::Blocked;
         }
-        if self.targets.iter().any(|t| t.outcome == Outcome::Failed) {
+        if self
+            .targets
+            .iter()
+            .any(|t| t.decided.outcome == Outcome::Failed)
+        {
             return Outcome::Failed;
         }
-        if self.targets.iter().any(|t| t.outcome == Outcome::Executed) {
+        if self
+            .targets
+            .iter()
+            .any(|t| t.decided.outcome == Outcome::Executed)
+        {
             return Outcome::Executed;
         }
-        if self.targets.iter().any(|t| t.outcome == Outcome::PlanReady) {
+        if self
+            .targets
+            .iter()
+            .any(|t| t.decided.outcome == Outcome::PlanReady)
+        {
             return Outcome::PlanReady;
         }
         Outcome::NoChanges
@@ -511,8 +515,8 @@ impl PerIpReport {
             let _ = writeln!(w, "Expanded targets:");
         }
         for (i, t) in self.targets.iter().enumerate() {
-            let d = &t.decision;
-            let _ = writeln!(w, "  {}. {}", i + 1, t.request.subject);
+            let d = &t.decided.decision;
+            let _ = writeln!(w, "  {}. {}", i + 1, t.request().subject);
             let _ = writeln!(w, "     Observed tc state: {}", d.observed_state);
             let _ = writeln!(w, "     Reconcile decision: {}", d.kind.name());
             let _ = writeln!(w, "     Decision reason: {}", d.reason);
@@ -528,7 +532,7 @@ impl PerIpReport {
                     let _ = writeln!(w, "       {}. {}", j + 1, step.command());
                 }
             }
-            if let Some(e) = &t.execution {
+            if let Some(e) = &t.decided.execution {
                 for r in &e.results {
                     let _ = writeln!(w, "       {}: {}", r.step, r.status.name());
                     if let Some(err) = &r.error {
@@ -536,7 +540,7 @@ impl PerIpReport {
                     }
                 }
             }
-            let _ = writeln!(w, "     Outcome: {}", t.outcome.name());
+            let _ = writeln!(w, "     Outcome: {}", t.decided.outcome.name());
         }
         let _ = writeln!(w, "\nExecution:");
         if let Some(b) = &self.blocked {
@@ -559,7 +563,7 @@ impl PerIpReport {
                     "{} of {} client IP(s) changed.",
                     self.targets
                         .iter()
-                        .filter(|t| t.outcome == Outcome::Executed)
+                        .filter(|t| t.decided.outcome == Outcome::Executed)
                         .count(),
                     self.targets.len()
                 ),
@@ -616,16 +620,38 @@ impl PerIpReport {
 
 /// What `limit` reports: one decision, or a per_ip expansion of many.
 pub enum Report {
-    One(LimitReport),
-    PerIp(PerIpReport),
+    One(Box<LimitReport>),
+    PerIp(Box<PerIpReport>),
 }
 
 impl Report {
-    /// The report's limit decisions: one, or one per expanded client.
-    pub fn limits_mut(&mut self) -> Box<dyn Iterator<Item = &mut LimitReport> + '_> {
-        match self {
-            Report::One(r) => Box::new(std::iter::once(r)),
-            Report::PerIp(r) => Box::new(r.targets.iter_mut()),
+    /// The report of what the engine staged for `wanted`, with the results of its run.
+    pub fn build<K: Kernel>(
+        engine: &Engine<K>,
+        wanted: &Wanted,
+        staged: Staged,
+        run: &mut Committed,
+    ) -> Report {
+        let limit = |decided: Decided, evidence| LimitReport {
+            execute: engine.execute,
+            runtime: engine.runtime.clone(),
+            device: engine.device.clone(),
+            decided,
+            evidence,
+        };
+        match staged {
+            Staged::One { ticket, resolution } => {
+                let evidence = resolution::view(&resolution);
+                Report::One(Box::new(limit(run.take(ticket), evidence)))
+            }
+            Staged::PerIp(x) => {
+                let targets = x
+                    .targets
+                    .iter()
+                    .map(|t| limit(run.take(*t), None))
+                    .collect();
+                Report::PerIp(Box::new(PerIpReport::new(engine, wanted, x, targets)))
+            }
         }
     }
 
@@ -667,7 +693,7 @@ impl Report {
 
     pub fn outcome(&self) -> Outcome {
         match self {
-            Report::One(r) => r.outcome,
+            Report::One(r) => r.outcome(),
             Report::PerIp(r) => r.outcome(),
         }
     }
@@ -688,13 +714,14 @@ impl Report {
     /// The one line for stderr when the run did not succeed.
     pub fn why(&self) -> String {
         let blocked = match self {
-            Report::One(r) => r.decision.blocked.clone(),
+            Report::One(r) => r.decided.decision.blocked.clone(),
             Report::PerIp(r) => r.blocked.clone().or_else(|| {
                 r.targets.iter().find_map(|t| {
-                    t.decision
+                    t.decided
+                        .decision
                         .blocked
                         .as_ref()
-                        .map(|b| format!("{}: {b}", t.request.subject))
+                        .map(|b| format!("{}: {b}", t.request().subject))
                 })
             }),
         };

@@ -1,24 +1,21 @@
 //! `raylimit watch`: keeps a per_ip set or a user's addresses in line with live evidence.
 //!
-//! Every interval it reads the evidence once and reconciles the whole change in one round under
-//! the lock: new clients get their rule, clients gone for longer than the grace period lose it
-//! (a client that reconnects within the grace period keeps its rule untouched). Evidence that
-//! cannot be read changes nothing. SIGINT and SIGTERM stop it between rounds, so the kernel and
-//! the annotations are always left consistent.
+//! Every interval the engine runs one round under the lock (`engine::watch`); this loop opens
+//! it, logs one line per change, and stops between rounds on SIGINT or SIGTERM, so the kernel
+//! and the annotations are always left consistent.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 
-use super::limit::{self, LimitArgs, LimitError, Session, Validated};
-use super::live::{self, PER_IP};
-use super::report::{LimitReport, Outcome};
+use super::limit::{self, LimitArgs, LimitError, Validated};
 use super::UsageError;
-use crate::evidence::State;
-use crate::policy::{self, Subject, Want};
+use crate::engine::watch::{Round, Watcher};
+use crate::engine::{Decided, Outcome};
+use crate::policy::{Target, Want};
 use crate::reconcile::DecisionKind;
 
 #[derive(Args, Debug)]
@@ -69,36 +66,24 @@ pub fn parse_duration(flag: &str, s: &str) -> Result<Duration, UsageError> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-/// What is being kept in line.
-enum Target {
-    PerIp { inbound: Option<String> },
-    User { id: String },
-}
-
 pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
-    let checked = (|| -> Result<(Validated, Target, Duration, Duration), UsageError> {
+    let checked = (|| -> Result<(Validated, Duration, Duration), UsageError> {
         let v = limit::validate(&args.limit)?;
-        if !matches!(v.request.want, Want::Limit(_)) {
+        if !matches!(v.wanted.want, Want::Limit(_)) {
             return Err(UsageError(
                 "watch keeps a --rate in place; use limit for --unlimited and --remove".into(),
             ));
         }
-        let target = match &v.request.subject {
-            Subject::AllPerIp => Target::PerIp {
-                inbound: v.inbound.clone(),
-            },
-            Subject::User { uuid, .. } => Target::User { id: uuid.clone() },
-            _ => {
-                return Err(UsageError(
-                    "watch keeps --ip all --ip-aggregation per_ip or --uuid in line; a fixed --ip or --connection needs no watching".into(),
-                ))
-            }
-        };
+        if !matches!(v.wanted.target, Target::PerIp { .. } | Target::User(_)) {
+            return Err(UsageError(
+                "watch keeps --ip all --ip-aggregation per_ip or --uuid in line; a fixed --ip or --connection needs no watching".into(),
+            ));
+        }
         let interval = parse_duration("--interval", &args.interval)?;
         let grace = parse_duration("--grace", &args.grace)?;
-        Ok((v, target, interval, grace))
+        Ok((v, interval, grace))
     })();
-    let (v, target, interval, grace) = match checked {
+    let (v, interval, grace) = match checked {
         Ok(x) => x,
         Err(UsageError(m)) => {
             eprintln!("raylimit: {m}");
@@ -110,37 +95,36 @@ pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let mut watch = Watch {
-        netns,
-        v,
-        target,
-        grace,
-        last_seen: BTreeMap::new(),
-        execute: args.limit.execute,
-    };
+    let execute = args.limit.execute;
+    let w = &v.wanted;
     log(&format!(
         "watching {} {} on {} every {:?} (grace {:?}){}",
-        watch.v.request.subject,
-        watch.v.request.direction.name(),
-        watch.v.request.device,
+        w.target,
+        w.direction.name(),
+        w.device,
         interval,
         grace,
-        if watch.execute {
+        if execute {
             ""
         } else {
             "; dry-run: nothing is changed (add --execute)"
         }
     ));
+    let mut watcher = Watcher::new(w.clone(), grace);
     let mut code = 0;
     while !STOP.load(Ordering::SeqCst) {
-        match watch.round() {
-            Ok(()) => {}
+        match limit::open(netns, &v.selection, &w.device, execute, false) {
+            Ok(mut engine) => {
+                let evidence = engine.gather();
+                let round = watcher.round(&mut engine, &evidence, Instant::now());
+                log_round(&round);
+            }
             Err(LimitError::Usage(UsageError(m))) => {
                 eprintln!("raylimit: {m}");
                 code = 2;
                 break;
             }
-            Err(LimitError::Refused(m)) => log(&format!("round skipped: {m}")),
+            Err(e) => log(&format!("round skipped: {e}")),
         }
         let until = Instant::now() + interval;
         while Instant::now() < until && !STOP.load(Ordering::SeqCst) {
@@ -151,149 +135,36 @@ pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
     code
 }
 
-struct Watch<'a> {
-    netns: Option<&'a str>,
-    v: Validated,
-    target: Target,
-    grace: Duration,
-    /// When each client address was last seen live (or first missed, for one inherited).
-    last_seen: BTreeMap<IpAddr, Instant>,
-    execute: bool,
-}
-
-impl Watch<'_> {
-    /// One round: read the evidence, reconcile every change under one lock.
-    fn round(&mut self) -> Result<(), LimitError> {
-        let mut session = Session::open(
-            self.netns,
-            &self.v.selection,
-            &self.v.request.device,
-            self.execute,
-            false,
-        )?;
-        match &self.target {
-            Target::PerIp { inbound } => {
-                let inbound = inbound.clone();
-                self.per_ip(&mut session, inbound.as_deref())
+/// One log line per change of a round; a round that changes nothing stays quiet.
+fn log_round(round: &Round) {
+    match round {
+        Round::Skipped(why) => log(&why.to_string()),
+        Round::PerIp { live, departed } => {
+            for (ip, d) in live {
+                report(&format!("+ {ip}"), d);
             }
-            Target::User { id } => {
-                let id = id.clone();
-                self.user(&mut session, &id)
+            for (ip, gone, d) in departed {
+                report(&format!("- {ip} (gone {gone:?})"), d);
             }
         }
-        Ok(())
-    }
-
-    fn per_ip(&mut self, session: &mut Session, inbound: Option<&str>) {
-        let ev = live::gather(session);
-        if ev.state == State::Unavailable {
-            log(&format!(
-                "evidence unavailable, nothing changed: {}",
-                ev.reason
-            ));
-            return;
-        }
-        let now = Instant::now();
-        let live = ev.client_ips(inbound);
-        let set = live::PerIpSet::read(session, &self.v.request);
-        for ip in &live {
-            self.last_seen.insert(*ip, now);
-        }
-        let mut added = Vec::new();
-        for ip in &live {
-            if set.explicit_owner(*ip).is_some() {
-                continue;
-            }
-            let r = session.one(&live::ip_request(&self.v, *ip), Some(PER_IP), None);
-            added.push((format!("+ {ip}"), r));
-        }
-        let mut departed = Vec::new();
-        for ip in set.managed.difference(&live) {
-            let seen = *self.last_seen.entry(*ip).or_insert(now);
-            if now.duration_since(seen) < self.grace {
-                continue;
-            }
-            let mut one = live::ip_request(&self.v, *ip);
-            one.request.want = Want::Remove;
-            let r = session.one(&one, Some(PER_IP), None);
-            departed.push((
-                *ip,
-                format!("- {ip} (gone {:?})", now.duration_since(seen)),
-                r,
-            ));
-        }
-        // The round's changes go to the kernel together.
-        session.commit(
-            added
-                .iter_mut()
-                .map(|(_, r)| r)
-                .chain(departed.iter_mut().map(|(_, _, r)| r)),
-        );
-        for (what, r) in &added {
-            report(what, r);
-        }
-        for (ip, what, r) in &departed {
-            report(what, r);
-            if r.outcome != Outcome::Failed {
-                self.last_seen.remove(ip);
-            }
-        }
-    }
-
-    fn user(&mut self, session: &mut Session, id: &str) {
-        let ev = live::gather(session);
-        let Some(user) = ev.user(id).cloned() else {
-            log(&format!(
-                "user {id} not found in the evidence, nothing changed: {}",
-                ev.attribution_reason
-            ));
-            return;
-        };
-        if matches!(user.state, State::Unavailable | State::Insufficient) {
-            log(&format!(
-                "user evidence {}, nothing changed: {}",
-                user.state.name(),
-                user.reason
-            ));
-            return;
-        }
-        let now = Instant::now();
-        for ip in &user.ips {
-            self.last_seen.insert(*ip, now);
-        }
-        // Addresses seen within the grace period stay; a shared one leaves at once.
-        self.last_seen
-            .retain(|ip, seen| !user.shared.contains(ip) && now.duration_since(*seen) < self.grace);
-        let ips: BTreeSet<IpAddr> = self.last_seen.keys().copied().collect();
-        let key = if user.uuid.is_empty() {
-            user.email.clone()
-        } else {
-            user.uuid.to_ascii_lowercase()
-        };
-        let mut one = self.v.clone();
-        if ips.is_empty() {
-            one.request.want = Want::Remove;
-        }
-        one.request.subject = Subject::User { uuid: key, ips };
-        let mut r = session.one(&one, None, None);
-        session.commit([&mut r]);
-        report(&format!("{} {}", user.email, policy_ips(&one)), &r);
+        Round::User {
+            email,
+            ips,
+            decided,
+        } => report(&format!("{email} {}", addresses(ips)), decided),
     }
 }
 
-fn policy_ips(v: &Validated) -> String {
-    match &v.request.subject {
-        Subject::User { ips, .. } if ips.is_empty() => "[no addresses]".into(),
-        Subject::User { ips, .. } => {
-            let list: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
-            format!("[{}]", list.join(", "))
-        }
-        s => policy::Subject::value(s),
+fn addresses(ips: &BTreeSet<IpAddr>) -> String {
+    if ips.is_empty() {
+        return "[no addresses]".into();
     }
+    let list: Vec<String> = ips.iter().map(|i| i.to_string()).collect();
+    format!("[{}]", list.join(", "))
 }
 
-/// One log line per change; a round that changes nothing stays quiet.
-fn report(what: &str, r: &LimitReport) {
+/// The line of one change.
+fn report(what: &str, r: &Decided) {
     let d = &r.decision;
     if d.kind == DecisionKind::NoOp && r.outcome != Outcome::Failed {
         return;

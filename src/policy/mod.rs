@@ -32,27 +32,100 @@ impl Direction {
     }
 }
 
-/// Who a limit applies to. (The inbound and outbound families are planned elsewhere.)
+/// What the operator named, before the runtime resolves it: an inbound's tag before its
+/// listener is read from the config, a user as given (UUID or email), every live client before
+/// they are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    Ip(IpAddr),
+    /// Every client IP through one shared baseline class.
+    AllShared,
+    /// Every live client IP, each with its own class; `inbound` narrows the set to one listener.
+    PerIp {
+        inbound: Option<String>,
+    },
+    /// A user's UUID or email, as given.
+    User(String),
+    Connection(SocketAddr),
+    Inbound(String),
+    /// An outbound's tag and the mark bits raylimit reads (`--mark-mask`).
+    Outbound {
+        tag: String,
+        mask: u32,
+    },
+}
+
+impl Target {
+    /// The family word reports use.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Target::Ip(_) | Target::AllShared | Target::PerIp { .. } => "ip",
+            Target::User(_) => "uuid",
+            Target::Connection(_) => "connection",
+            Target::Inbound(_) => "inbound",
+            Target::Outbound { .. } => "outbound",
+        }
+    }
+
+    /// The value as the operator gave it.
+    pub fn value(&self) -> String {
+        match self {
+            Target::Ip(ip) => ip.to_string(),
+            Target::AllShared | Target::PerIp { .. } => "all".into(),
+            Target::User(id) => id.clone(),
+            Target::Connection(c) => c.to_string(),
+            Target::Inbound(tag) | Target::Outbound { tag, .. } => tag.clone(),
+        }
+    }
+
+    /// The subject a target is without anything to resolve (a client address, the shared
+    /// baseline, a connection); `None` for the families the runtime resolves.
+    pub fn direct(&self) -> Option<Subject> {
+        match self {
+            Target::Ip(ip) => Some(Subject::Ip(*ip)),
+            Target::AllShared => Some(Subject::AllShared),
+            Target::Connection(c) => Some(Subject::Connection(*c)),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind(), self.value())
+    }
+}
+
+/// An inbound listener's endpoint as its rule matches it: the port, and the address when the
+/// listener has a concrete one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Endpoint {
+    pub address: Option<IpAddr>,
+    pub port: u16,
+}
+
+/// Who a limit applies to, resolved against the runtime.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Subject {
     /// One client address; IPv4-mapped IPv6 is folded to IPv4, so textual variants are one subject.
     Ip(IpAddr),
     /// Every client IP through one shared baseline class.
     AllShared,
-    /// Every live client IP, each with its own class (expanded from live evidence into `Ip`s).
-    AllPerIp,
     /// One user (by UUID): the live client IPs attributed to them, all into one class.
     User { uuid: String, ips: BTreeSet<IpAddr> },
     /// One client connection: its address and port.
     Connection(SocketAddr),
-    /// One outbound: the socket mark its connections carry, read under `mask` (from the config
-    /// and `--mark-mask`).
-    Outbound { tag: String, mark: u32, mask: u32 },
-    /// One inbound: its listener's port, and address when concrete (from the config).
+    /// One outbound: the socket mark its connections carry, read under `mask`. The mark is
+    /// `None` for a removal, which finds the rule by its class and nft tag, not by the config.
+    Outbound {
+        tag: String,
+        mark: Option<u32>,
+        mask: u32,
+    },
+    /// One inbound: its listener. `None` for a removal, which finds the rule by its class.
     Inbound {
         tag: String,
-        address: Option<IpAddr>,
-        port: u16,
+        listener: Option<Endpoint>,
     },
 }
 
@@ -61,7 +134,7 @@ impl Subject {
     pub fn value(&self) -> String {
         match self {
             Subject::Ip(ip) => ip.to_string(),
-            Subject::AllShared | Subject::AllPerIp => "all".into(),
+            Subject::AllShared => "all".into(),
             Subject::User { uuid, .. } => uuid.clone(),
             Subject::Connection(c) => c.to_string(),
             Subject::Inbound { tag, .. } | Subject::Outbound { tag, .. } => tag.clone(),
@@ -71,7 +144,7 @@ impl Subject {
     /// The family word reports and keys use.
     pub fn kind(&self) -> &'static str {
         match self {
-            Subject::Ip(_) | Subject::AllShared | Subject::AllPerIp => "ip",
+            Subject::Ip(_) | Subject::AllShared => "ip",
             Subject::User { .. } => "uuid",
             Subject::Connection(_) => "connection",
             Subject::Inbound { .. } => "inbound",
@@ -81,14 +154,107 @@ impl Subject {
 
     /// The stable key class minors are derived from: never a PID, never the owner, never the
     /// user's current addresses.
-    pub fn key(&self) -> String {
-        format!("{} {}", self.kind(), self.value())
+    pub fn key(&self) -> SubjectKey {
+        match self {
+            Subject::Ip(ip) => SubjectKey::Ip(*ip),
+            Subject::AllShared => SubjectKey::All,
+            Subject::User { uuid, .. } => SubjectKey::User(uuid.clone()),
+            Subject::Connection(c) => SubjectKey::Connection(*c),
+            Subject::Inbound { tag, .. } => SubjectKey::Inbound(tag.clone()),
+            Subject::Outbound { tag, .. } => SubjectKey::Outbound(tag.clone()),
+        }
     }
 }
 
 impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.kind(), self.value())
+    }
+}
+
+/// A subject as the annotations and nft tags know it: `ip 10.0.0.1`, `ip all`, `uuid ID`,
+/// `connection IP:PORT`, `inbound TAG`, `outbound TAG`. Written and read with `Display` and
+/// `FromStr`, so the text form is defined once.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SubjectKey {
+    Ip(IpAddr),
+    All,
+    User(String),
+    Connection(SocketAddr),
+    Inbound(String),
+    Outbound(String),
+}
+
+impl SubjectKey {
+    /// The target this key names (an outbound's mark read under `mask`): how a prune asks
+    /// for its removal.
+    pub fn target(&self, mask: u32) -> Target {
+        match self {
+            SubjectKey::Ip(ip) => Target::Ip(*ip),
+            SubjectKey::All => Target::AllShared,
+            SubjectKey::User(id) => Target::User(id.clone()),
+            SubjectKey::Connection(c) => Target::Connection(*c),
+            SubjectKey::Inbound(tag) => Target::Inbound(tag.clone()),
+            SubjectKey::Outbound(tag) => Target::Outbound {
+                tag: tag.clone(),
+                mask,
+            },
+        }
+    }
+
+    /// The client address of an `ip` key.
+    pub fn ip(&self) -> Option<IpAddr> {
+        match self {
+            SubjectKey::Ip(ip) => Some(*ip),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for SubjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubjectKey::Ip(ip) => write!(f, "ip {ip}"),
+            SubjectKey::All => write!(f, "ip all"),
+            SubjectKey::User(id) => write!(f, "uuid {id}"),
+            SubjectKey::Connection(c) => write!(f, "connection {c}"),
+            SubjectKey::Inbound(tag) => write!(f, "inbound {tag}"),
+            SubjectKey::Outbound(tag) => write!(f, "outbound {tag}"),
+        }
+    }
+}
+
+impl std::str::FromStr for SubjectKey {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || format!("{s:?} is not a subject key");
+        let (kind, value) = s.split_once(' ').ok_or_else(bad)?;
+        if value.is_empty() {
+            return Err(bad());
+        }
+        Ok(match kind {
+            "ip" if value == "all" => SubjectKey::All,
+            "ip" => SubjectKey::Ip(value.parse().map_err(|_| bad())?),
+            "uuid" => SubjectKey::User(value.into()),
+            "connection" => SubjectKey::Connection(value.parse().map_err(|_| bad())?),
+            "inbound" => SubjectKey::Inbound(value.into()),
+            "outbound" => SubjectKey::Outbound(value.into()),
+            _ => return Err(bad()),
+        })
+    }
+}
+
+impl serde::Serialize for SubjectKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for SubjectKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -130,19 +296,19 @@ pub fn parse_connection(value: &str) -> Result<SocketAddr, String> {
 
 /// Parses an `--ip` value: `all` (any case) or one address. Zones are refused: a classifier
 /// matches addresses, not scopes.
-pub fn parse_ip_subject(value: &str, per_ip: bool) -> Result<Subject, String> {
+pub fn parse_ip_target(value: &str, per_ip: bool) -> Result<Target, String> {
     let value = value.trim();
     if value.eq_ignore_ascii_case("all") {
         return Ok(if per_ip {
-            Subject::AllPerIp
+            Target::PerIp { inbound: None }
         } else {
-            Subject::AllShared
+            Target::AllShared
         });
     }
     let ip: IpAddr = value
         .parse()
         .map_err(|_| format!("--ip {value:?} is neither an IP address nor \"all\""))?;
-    Ok(Subject::Ip(canonical_ip(ip)))
+    Ok(Target::Ip(canonical_ip(ip)))
 }
 
 /// IPv4-mapped IPv6 (`::ffff:a.b.c.d`) is the IPv4 client it maps.
@@ -167,6 +333,40 @@ pub enum Want {
     Remove,
 }
 
+/// One target, one direction, one device, as asked: the target not yet resolved.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Wanted {
+    pub target: Target,
+    pub direction: Direction,
+    pub device: String,
+    pub want: Want,
+}
+
+impl Wanted {
+    /// The request for a subject the target resolved to.
+    pub fn resolved(&self, subject: Subject) -> Request {
+        Request {
+            subject,
+            direction: self.direction,
+            device: self.device.clone(),
+            want: self.want,
+        }
+    }
+
+    /// True when the target's rule shapes packets leaving the device (see [`Request::on_egress`]).
+    pub fn on_egress(&self) -> bool {
+        egress(
+            matches!(self.target, Target::Outbound { .. }),
+            self.direction,
+        )
+    }
+
+    /// `download 1000000 bytes/s on eth0` and its kin.
+    pub fn describe(&self) -> String {
+        describe(self.direction, self.want, &self.device)
+    }
+}
+
 /// One subject, one direction, one device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
@@ -176,25 +376,37 @@ pub struct Request {
     pub want: Want,
 }
 
+/// Client-facing families shape download on egress; the outbound family faces the remote, so
+/// its upload leaves the device.
+fn egress(outbound: bool, direction: Direction) -> bool {
+    match outbound {
+        true => direction == Direction::Upload,
+        false => direction == Direction::Download,
+    }
+}
+
+fn describe(direction: Direction, want: Want, device: &str) -> String {
+    let dir = direction.name();
+    match want {
+        Want::Limit(rate) => format!("{dir} {rate} bytes/s on {device}"),
+        Want::Unlimited => format!("{dir} unlimited exception on {device}"),
+        Want::Remove => format!("removal of the {dir} rule on {device}"),
+    }
+}
+
 impl Request {
     /// True when the rule shapes packets leaving the device (its egress root); false when it
-    /// shapes arriving packets on the IFB companion. Client-facing families shape download on
-    /// egress; the outbound family faces the remote, so its upload leaves the device.
+    /// shapes arriving packets on the IFB companion.
     pub fn on_egress(&self) -> bool {
-        match self.subject {
-            Subject::Outbound { .. } => self.direction == Direction::Upload,
-            _ => self.direction == Direction::Download,
-        }
+        egress(
+            matches!(self.subject, Subject::Outbound { .. }),
+            self.direction,
+        )
     }
 
-    /// `Requested limit: download 1000000 bytes/s on eth0` and its kin, without the label.
+    /// `download 1000000 bytes/s on eth0` and its kin.
     pub fn describe(&self) -> String {
-        let dir = self.direction.name();
-        match self.want {
-            Want::Limit(rate) => format!("{dir} {rate} bytes/s on {}", self.device),
-            Want::Unlimited => format!("{dir} unlimited exception on {}", self.device),
-            Want::Remove => format!("removal of the {dir} rule on {}", self.device),
-        }
+        describe(self.direction, self.want, &self.device)
     }
 }
 
@@ -204,16 +416,19 @@ mod tests {
 
     #[test]
     fn textual_variants_of_one_address_are_one_subject() {
-        let a = parse_ip_subject("::ffff:10.0.0.1", false).unwrap();
-        let b = parse_ip_subject(" 10.0.0.1 ", false).unwrap();
+        let a = parse_ip_target("::ffff:10.0.0.1", false).unwrap();
+        let b = parse_ip_target(" 10.0.0.1 ", false).unwrap();
         assert_eq!(a, b);
         assert_eq!(a.value(), "10.0.0.1");
-        let c = parse_ip_subject("2001:0DB8:0:0::0010", false).unwrap();
+        let c = parse_ip_target("2001:0DB8:0:0::0010", false).unwrap();
         assert_eq!(c.value(), "2001:db8::10");
-        assert_eq!(parse_ip_subject("ALL", false).unwrap(), Subject::AllShared);
-        assert_eq!(parse_ip_subject("all", true).unwrap(), Subject::AllPerIp);
-        assert!(parse_ip_subject("1.2.3", false).is_err());
-        assert!(parse_ip_subject("fe80::1%eth0", false).is_err());
+        assert_eq!(parse_ip_target("ALL", false).unwrap(), Target::AllShared);
+        assert_eq!(
+            parse_ip_target("all", true).unwrap(),
+            Target::PerIp { inbound: None }
+        );
+        assert!(parse_ip_target("1.2.3", false).is_err());
+        assert!(parse_ip_target("fe80::1%eth0", false).is_err());
     }
 
     #[test]
@@ -231,6 +446,44 @@ mod tests {
         assert!(parse_connection("10.0.0.2").is_err());
         assert!(parse_connection("10.0.0.2:0").is_err());
         let c = Subject::Connection(parse_connection("10.0.0.2:4000").unwrap());
-        assert_eq!(c.key(), "connection 10.0.0.2:4000");
+        assert_eq!(c.key().to_string(), "connection 10.0.0.2:4000");
+    }
+
+    #[test]
+    fn subject_keys_read_back_as_written() {
+        for text in [
+            "ip 10.0.0.1",
+            "ip 2001:db8::10",
+            "ip all",
+            "uuid 6a2f0c1e-0000-4000-8000-000000000001",
+            "uuid alice@example.org",
+            "connection 10.0.0.2:4000",
+            "connection [2001:db8::1]:80",
+            "inbound vmess-in",
+            "outbound marked",
+        ] {
+            let key: SubjectKey = text.parse().unwrap();
+            assert_eq!(key.to_string(), text);
+            let json = serde_json::to_string(&key).unwrap();
+            assert_eq!(serde_json::from_str::<SubjectKey>(&json).unwrap(), key);
+        }
+        for bad in [
+            "",
+            "ip",
+            "ip ",
+            "ip 1.2.3",
+            "port 80",
+            "connection 10.0.0.2",
+        ] {
+            assert!(bad.parse::<SubjectKey>().is_err(), "{bad:?}");
+        }
+        let key: SubjectKey = "outbound marked".parse().unwrap();
+        assert_eq!(
+            key.target(0xff),
+            Target::Outbound {
+                tag: "marked".into(),
+                mask: 0xff
+            }
+        );
     }
 }

@@ -7,7 +7,6 @@ use crate::netlink::nft::{ManagedRule, NftOp, NftState};
 use crate::netlink::tc::{ClassEntry, Op, QdiscEntry, QdiscKind};
 use crate::netlink::u32::End;
 use crate::netlink::TcHandle;
-use crate::shaping;
 
 use super::observe::{Hook, Observation, RootState, ShapedRoot};
 use super::plan::{Dev, Operation, Step, TcObject};
@@ -120,12 +119,12 @@ impl ShapedRoot {
                 self.classes.remove(&c.handle.minor());
             }
             (_, TcObject::Class(c)) => {
-                let mut class = c.clone();
-                class.parent = shaping::root_handle();
+                // As the kernel reports it: a class right under the root qdisc has parent
+                // TC_H_ROOT.
                 self.classes.insert(
                     c.handle.minor(),
                     ClassEntry {
-                        class,
+                        class: c.canonical(),
                         stats: Default::default(),
                         htb: None,
                     },

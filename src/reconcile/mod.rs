@@ -18,7 +18,7 @@ use crate::netlink::nft::{ManagedRule, NftOp, NftRule, NftState, Tag, CHAIN_CLAS
 use crate::netlink::tc::{ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
 use crate::netlink::u32::{End, Family, U32Filter};
 use crate::netlink::{TcHandle, U32Handle};
-use crate::policy::{Direction, Request, Subject, Want};
+use crate::policy::{Direction, Endpoint, Request, Subject, Want};
 use crate::shaping::{self, Band, CatchAll, ClientMatch, ListenerMatch, ROOT_MAJOR};
 use observe::{classid_of, restores_mark, Node, Observation, RootState, ShapedRoot};
 use plan::{Dev, Operation, Step, TcObject};
@@ -99,7 +99,8 @@ enum Rule {
     /// An outbound's socket mark (under the mask): an fw filter on the shaped root where the
     /// kernel has cls_fw, else (upload only) an nft rule that sets the packet's priority.
     Mark {
-        value: u32,
+        /// `None` for a removal, which finds the rule by its class and nft tag.
+        value: Option<u32>,
         mask: u32,
     },
     Baseline,
@@ -168,7 +169,7 @@ fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) -> Held {
         // An outbound's class is known from its fw filter, its nft rule (see `held_marks`) or
         // the annotations.
         Rule::Mark { value, .. } => {
-            if let Some(f) = shaped.marks.get(value) {
+            if let Some(f) = value.and_then(|v| shaped.marks.get(&v)) {
                 h.class = leaf(classid_of(&f.filter));
                 h.filters.push((None, f.filter.clone()));
             }
@@ -290,7 +291,7 @@ fn plan_nft_rule(
     }
     let tag = Tag {
         owner: ctx.owner.clone(),
-        subject: ctx.request.subject.key(),
+        subject: ctx.request.subject.key().to_string(),
     };
     ops.push(NftOp::AddRule {
         rule: want.clone(),
@@ -359,15 +360,22 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
             band: Band::User,
             matches: ips.iter().map(|ip| ClientMatch::ip(*ip)).collect(),
         },
-        Subject::Inbound { address, port, .. } => Rule::Listener {
-            matches: match address {
-                Some(a) => [ListenerMatch {
+        // An unresolved listener (a removal) matches nothing: the rule is found by its class.
+        Subject::Inbound { listener, .. } => Rule::Listener {
+            matches: match listener {
+                Some(Endpoint {
+                    address: Some(a),
+                    port,
+                }) => [ListenerMatch {
                     family: shaping::family_of(*a),
                     address: Some(*a),
                     port: *port,
                 }]
                 .into(),
-                None => [Family::V4, Family::V6]
+                Some(Endpoint {
+                    address: None,
+                    port,
+                }) => [Family::V4, Family::V6]
                     .into_iter()
                     .map(|family| ListenerMatch {
                         family,
@@ -375,6 +383,7 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
                         port: *port,
                     })
                     .collect(),
+                None => BTreeSet::new(),
             },
         },
         Subject::Outbound { mark, mask, .. } => {
@@ -406,20 +415,23 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
                 return d;
             }
             Rule::Mark {
-                value: mark & mask,
+                value: mark.map(|m| m & mask),
                 mask: *mask,
             }
         }
         Subject::AllShared => Rule::Baseline,
-        Subject::AllPerIp => {
-            // per_ip is expanded into one `ip` decision per live client before anything is decided.
-            d.kind = DecisionKind::Apply;
-            d.reason = "per_ip is decided per live client IP, not as one rule".into();
-            d.blocked = Some("per_ip must be expanded into client IPs first".into());
-            d.observed_state = "unavailable";
-            return d;
-        }
     };
+    let unresolved = matches!(
+        req.subject,
+        Subject::Inbound { listener: None, .. } | Subject::Outbound { mark: None, .. }
+    );
+    if unresolved && req.want != Want::Remove {
+        d.kind = DecisionKind::Apply;
+        d.reason = "the subject was not resolved from the runtime's config".into();
+        d.blocked = Some(format!("{} could not be resolved", req.subject));
+        d.observed_state = "unavailable";
+        return d;
+    }
     if let Some(e) = &obs.error {
         d.observed_state = "unavailable";
         d.observation_note = Some(format!("tc state could not be read: {e}"));
@@ -583,7 +595,12 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
     let mut held = shaped
         .map(|s| held(s, rule, ctx.remembered_minor))
         .unwrap_or_default();
-    let marks = held.add_marks(rule, obs, (&req.subject.key(), req.on_egress()), shaped);
+    let marks = held.add_marks(
+        rule,
+        obs,
+        (&req.subject.key().to_string(), req.on_egress()),
+        shaped,
+    );
     if !held.conflicts.is_empty() && d.blocked.is_none() {
         d.blocked = Some(format!(
             "another rule of the {} band on {} already classifies {}; remove that rule first",
@@ -629,7 +646,7 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
         Want::Limit(rate) => {
             let minor = match observed_class_entry {
                 Some(c) => Some(c.class.handle.minor()),
-                None => shaping::allocate_minor(&req.subject.key(), |m| {
+                None => shaping::allocate_minor(&req.subject.key().to_string(), |m| {
                     shaped.is_some_and(|s| s.classes.contains_key(&m))
                 }),
             };
@@ -696,7 +713,13 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
             d.forms
                 .push(format!("baseline filter: {}", ctx.catch_all.reason()));
         }
-        Rule::Mark { value, mask } if ctx.has_fw => {
+        Rule::Mark { value: None, .. } => {
+            unreachable!("an unresolved outbound is blocked before it is planned")
+        }
+        Rule::Mark {
+            value: Some(value),
+            mask,
+        } if ctx.has_fw => {
             let want = shaping::mark_filter(ifindex, *value, *mask, target_class);
             if let Some(other) = shaped.and_then(|s| {
                 s.marks
@@ -745,7 +768,10 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
                 ));
             }
         }
-        Rule::Mark { value, mask } => {
+        Rule::Mark {
+            value: Some(value),
+            mask,
+        } => {
             let want = NftRule::MarkToPriority {
                 oif: obs.device.index,
                 mask: *mask,
@@ -1142,7 +1168,7 @@ fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) 
     let marks = held.add_marks(
         rule,
         obs,
-        (&req.subject.key(), req.on_egress()),
+        (&req.subject.key().to_string(), req.on_egress()),
         Some(shaped),
     );
     let class_minor = held.class.map(|c| c.minor());

@@ -4,361 +4,20 @@
 use super::observe::*;
 use super::plan::*;
 use super::*;
+use crate::engine::fake::{FakeKernel, DEV};
 use crate::netlink::dump::DeviceTc;
 use crate::netlink::nft::NftRule;
 use crate::netlink::stats::TcStats;
-use crate::netlink::tc::{ClassEntry, FilterEntry, QdiscEntry};
-
-const DEV: u32 = 5;
-const IFB: u32 = 9;
-
-/// Applies steps the way the kernel would, for the objects raylimit makes, and refuses what the
-/// kernel refuses (a node in a missing table, a linked table's delete, a duplicate).
-#[derive(Default)]
-struct FakeKernel {
-    device: DeviceTc,
-    ifb: Option<DeviceTc>,
-    /// u32 tables of deleted priorities the kernel keeps (invisible) while another u32 priority
-    /// shares the qdisc: (ifindex, table id).
-    orphans: BTreeSet<(u32, u32)>,
-    nft: crate::netlink::nft::NftState,
-    next_handle: u64,
-    next_root_table: u32,
-}
-
-impl FakeKernel {
-    fn tc_mut(&mut self, dev: &Dev) -> &mut DeviceTc {
-        match dev {
-            Dev::Index { index, .. } if *index == DEV => &mut self.device,
-            _ => self.ifb.as_mut().expect("IFB exists"),
-        }
-    }
-
-    fn apply(&mut self, steps: &[Step]) {
-        for s in steps {
-            match &s.action {
-                Operation::Nft { ops, .. } => {
-                    for op in ops {
-                        self.nft_op(op);
-                    }
-                }
-                Operation::NftRemoveTagged { rule, subject, .. } => {
-                    self.nft.rules.retain(|r| {
-                        !(&r.rule == rule && r.tag.as_ref().is_some_and(|t| &t.subject == subject))
-                    });
-                }
-                Operation::CreateIfb(_) => {
-                    self.ifb = Some(DeviceTc {
-                        ifindex: IFB,
-                        ..Default::default()
-                    })
-                }
-                Operation::SetUp(_) => {}
-                Operation::DeleteLink(_) => self.ifb = None,
-                Operation::Tc {
-                    op,
-                    dev,
-                    object,
-                    redirect_to,
-                } => {
-                    let mut object = object.clone();
-                    // The IFB's index is filled in at execution.
-                    if let (Some(_), TcObject::Filter(f)) = (redirect_to, &mut object) {
-                        use crate::netlink::action::Action;
-                        let actions = match &mut f.kind {
-                            FilterKind::U32(u) => &mut u.actions,
-                            FilterKind::MatchAll(m) => &mut m.actions,
-                            _ => unreachable!("redirects are u32 or matchall"),
-                        };
-                        for a in actions.iter_mut() {
-                            if let Action::Mirred { .. } = a {
-                                *a = Action::redirect_to(IFB);
-                            }
-                        }
-                    }
-                    let tc = self.tc_mut(dev);
-                    let ifindex = tc.ifindex;
-                    match object {
-                        TcObject::Qdisc(mut q) => {
-                            q.ifindex = ifindex;
-                            tc.qdiscs.retain(|e| e.qdisc.handle != q.handle);
-                            if *op == Op::Delete {
-                                if q.handle == shaping::root_handle() {
-                                    tc.classes.clear();
-                                    tc.filters.retain(|f| f.filter.parent != q.handle);
-                                    self.orphans.retain(|(i, _)| *i != ifindex);
-                                }
-                            } else {
-                                tc.qdiscs.push(QdiscEntry {
-                                    qdisc: q,
-                                    stats: TcStats::default(),
-                                    htb: None,
-                                });
-                            }
-                        }
-                        TcObject::Class(mut c) => {
-                            c.ifindex = ifindex;
-                            tc.classes.retain(|e| e.class.handle != c.handle);
-                            if *op != Op::Delete {
-                                tc.classes.push(ClassEntry {
-                                    class: c.canonical(),
-                                    stats: TcStats::default(),
-                                    htb: None,
-                                });
-                            }
-                        }
-                        TcObject::Filter(mut f) => {
-                            f.ifindex = ifindex;
-                            self.filter_op(dev, *op, f, s.exists_ok);
-                        }
-                    }
-                }
-            }
-        }
-    }
-
-    /// A tc filter operation, with u32's rules for tables, links and root tables.
-    fn filter_op(&mut self, dev: &Dev, op: Op, mut f: Filter, exists_ok: bool) {
-        let ifindex = f.ifindex;
-        let root_id = self.next_root_table;
-        let tc = self.tc_mut(dev);
-        let at =
-            |e: &FilterEntry, prio: u16, h: u32| e.filter.priority == prio && e.filter.handle == h;
-        let is_table =
-            |e: &FilterEntry| matches!(&e.filter.kind, FilterKind::U32(u) if u.divisor.is_some());
-        let u32_prios = |tc: &DeviceTc| -> BTreeSet<u16> {
-            tc.filters
-                .iter()
-                .filter(|e| matches!(e.filter.kind, FilterKind::U32(_)))
-                .map(|e| e.filter.priority)
-                .collect()
-        };
-        if op == Op::Delete && f.handle == 0 {
-            let found = tc.filters.iter().any(|e| e.filter.priority == f.priority);
-            assert!(found || exists_ok, "ENOENT: priority {}", f.priority);
-            // The priority's own tables stay behind while another u32 priority remains.
-            let others = u32_prios(tc).len() > 1;
-            let left: Vec<u32> = tc
-                .filters
-                .iter()
-                .filter(|e| e.filter.priority == f.priority && is_table(e))
-                .map(|e| U32Handle(e.filter.handle).table())
-                .filter(|t| *t < U32Handle::ROOT_TABLE)
-                .collect();
-            tc.filters.retain(|e| e.filter.priority != f.priority);
-            if others {
-                self.orphans.extend(left.into_iter().map(|t| (ifindex, t)));
-            } else {
-                self.orphans.retain(|(i, _)| *i != ifindex);
-            }
-            return;
-        }
-        let FilterKind::U32(u) = &f.kind else {
-            tc.filters.retain(|e| !at(e, f.priority, f.handle));
-            if op != Op::Delete {
-                tc.filters.push(FilterEntry {
-                    filter: f,
-                    chain: Some(0),
-                });
-            }
-            return;
-        };
-        let mut h = U32Handle(f.handle);
-        // A node given without a table lands in the priority's root table, made with the priority.
-        let root = tc
-            .filters
-            .iter()
-            .find(|e| {
-                e.filter.priority == f.priority
-                    && is_table(e)
-                    && U32Handle(e.filter.handle).table() >= U32Handle::ROOT_TABLE
-            })
-            .map(|e| U32Handle(e.filter.handle).table());
-        if h.table() == 0 && !h.is_table() {
-            let Some(root) = root else {
-                assert!(
-                    op != Op::Delete || exists_ok,
-                    "ENOENT: no priority {}",
-                    f.priority
-                );
-                if op == Op::Delete {
-                    return;
-                }
-                // Created below, with the priority.
-                h = U32Handle::new(0x800 + root_id, 0, h.node());
-                f.handle = h.0;
-                return self.create_with_root(dev, f, root_id);
-            };
-            h = U32Handle::new(root, 0, h.node());
-            f.handle = h.0;
-        }
-        let tables: BTreeSet<u32> = tc
-            .filters
-            .iter()
-            .filter(|e| is_table(e))
-            .map(|e| U32Handle(e.filter.handle).table())
-            .collect();
-        let exists = tc.filters.iter().any(|e| at(e, f.priority, h.0));
-        match op {
-            Op::Delete => {
-                assert!(exists || exists_ok, "ENOENT: {}", f);
-                if h.is_table() {
-                    let linked = tc
-                        .filters
-                        .iter()
-                        .any(|e| matches!(&e.filter.kind, FilterKind::U32(n) if n.link == Some(h)));
-                    assert!(!linked, "EBUSY: table {h} is linked to");
-                    tc.filters.retain(|e| {
-                        U32Handle(e.filter.handle).table() != h.table()
-                            || e.filter.priority != f.priority
-                    });
-                } else {
-                    tc.filters.retain(|e| !at(e, f.priority, h.0));
-                }
-                // The kernel drops the only u32 priority of a qdisc with its last node.
-                let prios = u32_prios(tc);
-                let knodes = tc
-                    .filters
-                    .iter()
-                    .any(|e| !is_table(e) && matches!(e.filter.kind, FilterKind::U32(_)));
-                if prios.len() == 1 && !knodes {
-                    tc.filters
-                        .retain(|e| !matches!(e.filter.kind, FilterKind::U32(_)));
-                    self.orphans.retain(|(i, _)| *i != ifindex);
-                }
-            }
-            _ => {
-                if h.is_table() {
-                    assert!(
-                        !self.orphans.contains(&(ifindex, h.table())),
-                        "EEXIST: orphaned table {h}"
-                    );
-                    assert!(
-                        !tables.contains(&h.table()) || exists_ok,
-                        "EEXIST: table {h}"
-                    );
-                } else {
-                    assert!(tables.contains(&h.table()), "EINVAL: no table for {}", f);
-                    if let Some(l) = u.link {
-                        assert!(tables.contains(&l.table()), "EINVAL: link to missing {l}");
-                    }
-                    assert!(op != Op::Create || !exists || exists_ok, "EEXIST: {}", f);
-                }
-                if op == Op::Create && exists {
-                    return;
-                }
-                if root.is_none() {
-                    return self.create_with_root(dev, f, root_id);
-                }
-                let tc = self.tc_mut(dev);
-                tc.filters.retain(|e| !at(e, f.priority, h.0));
-                tc.filters.push(FilterEntry {
-                    filter: f.canonical(),
-                    chain: Some(0),
-                });
-            }
-        }
-    }
-
-    /// Creates the first filter of a u32 priority, with the root table the kernel gives it.
-    fn create_with_root(&mut self, dev: &Dev, f: Filter, root_id: u32) {
-        self.next_root_table += 1;
-        let root = Filter {
-            handle: U32Handle::new(0x800 + root_id, 0, 0).0,
-            kind: FilterKind::U32(U32Filter::table(1)),
-            ..f.clone()
-        };
-        let tc = self.tc_mut(dev);
-        tc.filters.push(FilterEntry {
-            filter: root,
-            chain: Some(0),
-        });
-        tc.filters.push(FilterEntry {
-            filter: f.canonical(),
-            chain: Some(0),
-        });
-    }
-
-    fn nft_op(&mut self, op: &crate::netlink::nft::NftOp) {
-        use crate::netlink::nft::{ManagedRule, NftOp};
-        match op {
-            NftOp::AddTable => self.nft.table = true,
-            NftOp::AddChain(c) => self.nft.chains.push(c.to_string()),
-            NftOp::AddRule { rule, tag } => {
-                assert!(self.nft.chains.iter().any(|c| c == rule.chain()));
-                self.next_handle += 1;
-                self.nft.rules.push(ManagedRule {
-                    chain: rule.chain().into(),
-                    handle: self.next_handle,
-                    rule: rule.clone(),
-                    tag: Some(tag.clone()),
-                    packets: 0,
-                    bytes: 0,
-                });
-            }
-            NftOp::DeleteRule { handle, .. } => self.nft.rules.retain(|r| r.handle != *handle),
-            NftOp::DeleteChain(c) => self.nft.chains.retain(|x| x != c),
-            NftOp::DeleteTable => self.nft = Default::default(),
-        }
-    }
-
-    /// The device's ingress redirect copies the connection's mark first.
-    fn redirect_restores_mark(&self) -> bool {
-        let hook = Hook::read(&self.device);
-        let (redirect, _) = hook.redirect.expect("a redirect");
-        restores_mark(&redirect.filter)
-    }
-
-    /// What a request is decided on: its shaped root, and raylimit's nft table.
-    fn observe_for(&self, req: &Request) -> Observation {
-        let direction = if req.on_egress() {
-            Direction::Download
-        } else {
-            Direction::Upload
-        };
-        let mut obs = self.observe(direction);
-        obs.nft = Some(Ok(self.nft.clone()));
-        obs
-    }
-
-    fn observe(&self, direction: Direction) -> Observation {
-        let link = |index: u32, name: &str| Link {
-            index,
-            name: name.into(),
-            kind: None,
-            up: true,
-        };
-        match direction {
-            Direction::Download => Observation {
-                device: link(DEV, "eth0"),
-                shaped: Some(ShapedRoot::read(
-                    &self.device,
-                    shaping::client_end(direction),
-                )),
-                ifb: None,
-                hook: None,
-                error: None,
-                nft: None,
-            },
-            Direction::Upload => Observation {
-                device: link(DEV, "eth0"),
-                shaped: self
-                    .ifb
-                    .as_ref()
-                    .map(|t| ShapedRoot::read(t, shaping::client_end(direction))),
-                ifb: self.ifb.as_ref().map(|_| link(IFB, "rlifb5")),
-                hook: Some(Hook::read(&self.device)),
-                error: None,
-                nft: None,
-            },
-        }
-    }
-}
+use crate::netlink::tc::QdiscEntry;
+use crate::policy::Endpoint;
 
 fn ctx(subject: &str, direction: Direction, want: Want) -> Context {
     Context {
         request: Request {
-            subject: crate::policy::parse_ip_subject(subject, false).unwrap(),
+            subject: crate::policy::parse_ip_target(subject, false)
+                .unwrap()
+                .direct()
+                .unwrap(),
             direction,
             device: "eth0".into(),
             want,
@@ -641,8 +300,10 @@ fn an_inbound_is_one_class_with_a_listener_node_per_family() {
             request: Request {
                 subject: Subject::Inbound {
                     tag: "vmess-in".into(),
-                    address: address.map(|a| a.parse().unwrap()),
-                    port: 10086,
+                    listener: Some(Endpoint {
+                        address: address.map(|a| a.parse().unwrap()),
+                        port: 10086,
+                    }),
                 },
                 direction,
                 device: "eth0".into(),
@@ -714,7 +375,7 @@ fn an_outbound_is_a_class_and_an_nft_rule_on_the_remote_facing_egress() {
         request: Request {
             subject: Subject::Outbound {
                 tag: "proxy".into(),
-                mark,
+                mark: Some(mark),
                 mask: 0x0f00_0000,
             },
             direction: Direction::Upload,
@@ -779,7 +440,7 @@ fn fw_outbound(direction: Direction, want: Want) -> Context {
         request: Request {
             subject: Subject::Outbound {
                 tag: "proxy".into(),
-                mark: 0x0100_0000,
+                mark: Some(0x0100_0000),
                 mask: 0x0f00_0000,
             },
             direction,
@@ -827,7 +488,7 @@ fn with_cls_fw_an_outbound_upload_is_an_fw_filter_and_no_nft_rule() {
     let mut other = fw_outbound(Direction::Upload, Want::Limit(1000));
     other.request.subject = Subject::Outbound {
         tag: "other".into(),
-        mark: 0x10,
+        mark: Some(0x10),
         mask: 0xff,
     };
     let d = decide(&other, &k.observe_for(&other.request));
@@ -1127,8 +788,10 @@ fn busy_kernel() -> FakeKernel {
         request: Request {
             subject: Subject::Inbound {
                 tag: "in".into(),
-                address: None,
-                port: 10086,
+                listener: Some(Endpoint {
+                    address: None,
+                    port: 10086,
+                }),
             },
             ..ip_limit("10.0.0.2").request
         },

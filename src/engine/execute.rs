@@ -1,0 +1,198 @@
+//! Runs a run's steps against a [`Kernel`], every step acknowledged. Consecutive tc steps go as
+//! one batch; when a step fails, the steps this run already did are undone in reverse order, so
+//! the kernel ends as it began.
+
+use std::borrow::Borrow;
+
+use super::kernel::Kernel;
+use crate::netlink::tc::{FilterKind, Op};
+use crate::netlink::U32Handle;
+use crate::reconcile::plan::{Operation, Step, TcObject};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    Failed,
+    /// Done, then undone because a later step failed.
+    Undone,
+    /// Never run because an earlier step failed.
+    NotRun,
+}
+
+impl Status {
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Failed => "failed",
+            Status::Undone => "undone",
+            Status::NotRun => "not run",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepResult {
+    pub step: String,
+    pub command: String,
+    pub status: Status,
+    pub error: Option<String>,
+    /// A warning the kernel attached to its acknowledgement.
+    pub warning: Option<String>,
+}
+
+/// What running a plan did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Execution {
+    pub results: Vec<StepResult>,
+    /// The undo steps run after a failure, in the order they ran.
+    pub rollback: Vec<StepResult>,
+}
+
+impl Execution {
+    pub fn failed(&self) -> bool {
+        self.results.iter().any(|r| r.status == Status::Failed)
+    }
+
+    /// True when a failure was followed by an undo that itself failed: the kernel may differ
+    /// from how it began.
+    pub fn rollback_failed(&self) -> bool {
+        self.rollback.iter().any(|r| r.status == Status::Failed)
+    }
+}
+
+/// Runs `steps` on `kernel`. A failure stops the run after the batch it was in, and everything
+/// done so far is undone, last first.
+pub fn execute<S: Borrow<Step>>(kernel: &mut impl Kernel, steps: &[S]) -> Execution {
+    let steps: Vec<&Step> = steps.iter().map(Borrow::borrow).collect();
+    let mut exec = Execution::default();
+    // The undo steps of what is done: (the step, its undo step).
+    let mut undo_stack: Vec<(usize, &Step)> = Vec::new();
+    let mut next = 0;
+    while next < steps.len() {
+        let end = batch_end(&steps, next);
+        let outcomes = kernel.run_batch(&steps[next..end]);
+        let mut failed = false;
+        for (i, outcome) in (next..end).zip(outcomes) {
+            match outcome {
+                Ok(warning) => {
+                    exec.results
+                        .push(result(steps[i], Status::Ok, None, warning));
+                    // A step's undo steps run in the order written, after those of later steps.
+                    undo_stack.extend(steps[i].undo.iter().rev().map(|u| (i, u)));
+                }
+                Err(e) => {
+                    failed = true;
+                    exec.results
+                        .push(result(steps[i], Status::Failed, Some(e), None));
+                }
+            }
+        }
+        next = end;
+        if failed {
+            for later in &steps[next..] {
+                exec.results.push(result(later, Status::NotRun, None, None));
+            }
+            undo_stack.reverse();
+            rollback(kernel, &undo_stack, &mut exec);
+            break;
+        }
+    }
+    exec
+}
+
+/// Runs the undo steps in the order given, each one whatever happened to the others, and marks
+/// the steps they undid.
+fn rollback(kernel: &mut impl Kernel, undo: &[(usize, &Step)], exec: &mut Execution) {
+    let steps: Vec<&Step> = undo.iter().map(|(_, s)| *s).collect();
+    let mut next = 0;
+    while next < steps.len() {
+        let end = batch_end(&steps, next);
+        let outcomes = kernel.run_batch(&steps[next..end]);
+        for ((done, step), outcome) in undo[next..end].iter().zip(outcomes) {
+            exec.results[*done].status = Status::Undone;
+            exec.rollback.push(match outcome {
+                Ok(w) => result(step, Status::Ok, None, w),
+                Err(e) => result(step, Status::Failed, Some(e), None),
+            });
+        }
+        next = end;
+    }
+}
+
+/// The end of the batch starting at `start`: the following tc steps up to and including one
+/// that makes a container (a qdisc or a u32 table), or the one other step. The kernel handles
+/// every message of a batch even after one fails, so nothing is sent into a container before
+/// its creation is acknowledged.
+pub fn batch_end(steps: &[&Step], start: usize) -> usize {
+    let mut end = start;
+    while end < steps.len() && is_tc(steps[end]) {
+        end += 1;
+        if makes_container(steps[end - 1]) {
+            break;
+        }
+    }
+    end.max(start + 1)
+}
+
+fn makes_container(step: &Step) -> bool {
+    match &step.action {
+        Operation::Tc {
+            op: Op::Create | Op::Replace,
+            object,
+            ..
+        } => match object {
+            TcObject::Qdisc(_) => true,
+            TcObject::Filter(f) => matches!(&f.kind, FilterKind::U32(u) if u.divisor.is_some()),
+            TcObject::Class(_) => false,
+        },
+        _ => false,
+    }
+}
+
+/// A tc step that can share a batch: all but a table delete, which runs alone so it can wait
+/// out the kernel's hold on it.
+pub fn is_tc(step: &Step) -> bool {
+    matches!(&step.action, Operation::Tc { op, object, .. } if !is_table_delete(*op, object))
+}
+
+/// A delete of a whole u32 table (not a node, not a priority).
+pub fn is_table_delete(op: Op, object: &TcObject) -> bool {
+    let TcObject::Filter(f) = object else {
+        return false;
+    };
+    let table = matches!(f.kind, FilterKind::U32(_)) && U32Handle(f.handle).is_table();
+    op == Op::Delete && f.handle != 0 && table
+}
+
+fn result(
+    step: &Step,
+    status: Status,
+    error: Option<String>,
+    warning: Option<String>,
+) -> StepResult {
+    StepResult {
+        step: step.name.clone(),
+        command: step.command(),
+        status,
+        error,
+        warning,
+    }
+}
+
+/// The netlink request of a tc step's object on the device `ifindex`.
+pub fn tc_request(op: Op, object: &TcObject, ifindex: u32) -> Vec<u8> {
+    match object.clone() {
+        TcObject::Qdisc(mut q) => {
+            q.ifindex = ifindex;
+            q.request(op)
+        }
+        TcObject::Class(mut c) => {
+            c.ifindex = ifindex;
+            c.request(op)
+        }
+        TcObject::Filter(mut f) => {
+            f.ifindex = ifindex;
+            f.request(op)
+        }
+    }
+}

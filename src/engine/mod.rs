@@ -1,0 +1,665 @@
+//! The reconcile engine every command drives: `limit`, a per_ip expansion, each `watch` round and
+//! `apply --file` (with `--prune`).
+//!
+//! One run: [`Engine::open`] takes the lock (when executing), reads the annotations and finds the
+//! device; requests are staged one by one ([`Engine::stage`], or [`Engine::resolve`] for a target
+//! the runtime must resolve first), each decided against one observation per shaped side that is
+//! kept current as decisions are made; [`Engine::commit`] then applies every change together
+//! (batched tc, one nft transaction, the whole run undone on any failure), saves the annotations
+//! once and hands back a typed [`Decided`] per staged request. The kernel is reached only
+//! through the [`Kernel`] trait, so all of this runs against an in-memory kernel in unit tests.
+
+pub mod execute;
+pub mod kernel;
+pub mod prune;
+pub mod resolve;
+pub mod status;
+pub mod watch;
+
+#[cfg(test)]
+pub mod fake;
+#[cfg(test)]
+mod tests;
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::rc::Rc;
+
+pub use execute::{execute, Execution, Status, StepResult};
+pub use kernel::{Kernel, NetlinkKernel};
+
+use crate::evidence::{self, Evidence};
+use crate::netlink::link::Link;
+use crate::netlink::probe::{Capabilities, Feature};
+use crate::netlink::u32::End;
+use crate::netlink::NetlinkError;
+use crate::ownership::{Annotation, Annotations, Lock, StateDir};
+use crate::policy::{Request, Subject, SubjectKey, Want};
+use crate::reconcile::observe::{Hook, Observation, RootState, ShapedRoot};
+use crate::reconcile::plan::{Operation, Step};
+use crate::reconcile::{self, Context, Decision};
+use crate::runtime::Runtime;
+use crate::shaping::{self, CatchAll};
+use crate::xray::Loaded;
+
+/// The set name per_ip rules are annotated with.
+pub const PER_IP: &str = "per_ip";
+
+/// Why a run could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The device is not in the namespace: a mistake in the request.
+    #[error("no network device named {device:?}{}", netns.as_ref().map(|n| format!(" in network namespace {n}")).unwrap_or_default())]
+    NoDevice {
+        device: String,
+        netns: Option<String>,
+    },
+    #[error(transparent)]
+    Kernel(#[from] NetlinkError),
+    /// The lock could not be taken (another run holds it, or the state directory is unusable).
+    #[error("{0}")]
+    Lock(String),
+}
+
+/// Where a runtime's config and live evidence come from: the runtime itself, or a test's script.
+pub trait Live {
+    /// The runtime's config, as it reads it.
+    fn config(&self) -> Result<Loaded, String>;
+    /// The runtime's live sessions, read with its config.
+    fn evidence(&self, cfg: &Loaded) -> Evidence;
+}
+
+/// The running runtime, read through procfs, sock_diag and its API.
+struct RuntimeLive(Rc<Runtime>);
+
+impl Live for RuntimeLive {
+    fn config(&self) -> Result<Loaded, String> {
+        self.0.load_config()
+    }
+
+    fn evidence(&self, cfg: &Loaded) -> Evidence {
+        evidence::gather(&self.0, cfg, &evidence::Options::default())
+    }
+}
+
+/// How a run is made.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The named network namespace (`/run/netns/NAME`), none for the current one.
+    pub netns: Option<String>,
+    /// Change the kernel; otherwise only plan.
+    pub execute: bool,
+    /// Go ahead when the tc state could not be observed or compared.
+    pub allow_missing_state: bool,
+    pub state_dir: StateDir,
+}
+
+/// A staged request's place in the run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(usize);
+
+/// Where a decision stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    PlanReady,
+    NoChanges,
+    Executed,
+    Blocked,
+    Failed,
+}
+
+impl Outcome {
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::PlanReady => "plan ready",
+            Outcome::NoChanges => "no changes",
+            Outcome::Executed => "executed",
+            Outcome::Blocked => "blocked",
+            Outcome::Failed => "failed",
+        }
+    }
+}
+
+/// The shaped root as the decision found it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootSeen {
+    /// The tc state could not be read.
+    Unknown,
+    /// The shaped device (an IFB) does not exist yet.
+    Absent,
+    Managed,
+    /// The kernel's own default (its kind), or no root qdisc at all.
+    Default(Option<String>),
+    /// Another tool's root qdisc.
+    Foreign(String),
+}
+
+impl RootSeen {
+    fn of(obs: &Observation) -> Self {
+        if obs.error.is_some() {
+            return RootSeen::Unknown;
+        }
+        match obs.shaped.as_ref().map(|s| &s.root) {
+            None => RootSeen::Absent,
+            Some(RootState::Managed(_)) => RootSeen::Managed,
+            Some(RootState::Default(kind)) => RootSeen::Default(kind.clone()),
+            Some(RootState::Foreign(desc)) => RootSeen::Foreign(desc.clone()),
+        }
+    }
+}
+
+/// Something a report should say beside its decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Warning {
+    /// An inbound rule under a baseline that is evaluated before it.
+    Shadowed {
+        shaped_device: String,
+        kind: &'static str,
+    },
+    /// The decision's own steps were fine, but another change of the run failed.
+    RunUndone,
+    /// The kernel changed, but the annotations could not be written.
+    NotAnnotated(String),
+}
+
+impl fmt::Display for Warning {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Warning::Shadowed { shaped_device, kind } => write!(
+                f,
+                "{shaped_device} has a device-wide --ip all baseline (band {}), which is evaluated first: traffic it matches never reaches the {kind} rule",
+                shaping::BAND_IP_BASELINE
+            ),
+            Warning::RunUndone => f.write_str(
+                "not applied: another change of this run failed, so the whole run was undone",
+            ),
+            Warning::NotAnnotated(e) => write!(
+                f,
+                "the kernel was changed, but the owner annotation could not be written: {e}"
+            ),
+        }
+    }
+}
+
+/// One staged request: what was decided, and (after the commit) what running it did.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    pub request: Request,
+    pub shaped_device: String,
+    pub root: RootSeen,
+    pub decision: Decision,
+    pub warnings: Vec<Warning>,
+    pub execution: Option<Execution>,
+    pub outcome: Outcome,
+}
+
+/// Every staged request of a run, as the commit left them.
+#[derive(Debug, Default)]
+pub struct Committed {
+    decided: Vec<Option<Decided>>,
+}
+
+impl Committed {
+    /// Takes one staged request's result (each is taken once).
+    pub fn take(&mut self, ticket: Ticket) -> Decided {
+        self.decided[ticket.0]
+            .take()
+            .expect("each ticket's result is taken once")
+    }
+
+    pub fn get(&self, ticket: Ticket) -> &Decided {
+        self.decided[ticket.0]
+            .as_ref()
+            .expect("a ticket's result is read before it is taken")
+    }
+}
+
+/// A change the run makes to the annotations.
+enum AnnotationChange {
+    Upsert(Annotation),
+    Remove {
+        shaped_device: String,
+        subject: SubjectKey,
+    },
+}
+
+/// One run against one device: the runtime, the kernel, the lock and the owner annotations.
+pub struct Engine<K: Kernel> {
+    pub runtime: Rc<Runtime>,
+    pub device: Link,
+    pub execute: bool,
+    allow_missing_state: bool,
+    pub(crate) kernel: K,
+    live: Box<dyn Live>,
+    state_dir: StateDir,
+    netns_key: String,
+    /// `/run/netns/NAME` for a named namespace: where nft steps run.
+    netns_path: Option<String>,
+    /// What the kernel offers, probed when a request first needs it.
+    capabilities: Option<Capabilities>,
+    /// The annotations as this run leaves them (saved at commit when it succeeds).
+    annotations: Annotations,
+    annotations_changed: bool,
+    /// The observation of each shaped side (true: the device's egress), once read.
+    observed: BTreeMap<bool, Observation>,
+    staged: Vec<Decided>,
+    /// Staged decisions whose steps run at the commit.
+    pending: Vec<usize>,
+    _lock: Option<Lock>,
+}
+
+impl<K: Kernel> Engine<K> {
+    /// Finds the device and, when executing, takes the lock that keeps other runs out from
+    /// observation to annotation.
+    pub fn open(
+        mut kernel: K,
+        runtime: Runtime,
+        device: &str,
+        options: Options,
+    ) -> Result<Self, OpenError> {
+        let device = match kernel.link_by_name(device) {
+            Ok(l) => l,
+            Err(NetlinkError::NoSuchDevice(_)) => {
+                return Err(OpenError::NoDevice {
+                    device: device.to_string(),
+                    netns: options.netns.clone(),
+                })
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let lock = match options.execute {
+            true => Some(options.state_dir.lock().map_err(OpenError::Lock)?),
+            false => None,
+        };
+        let runtime = Rc::new(runtime);
+        Ok(Engine {
+            live: Box::new(RuntimeLive(runtime.clone())),
+            runtime,
+            device,
+            execute: options.execute,
+            allow_missing_state: options.allow_missing_state,
+            kernel,
+            annotations: options.state_dir.load(),
+            annotations_changed: false,
+            state_dir: options.state_dir,
+            netns_key: options.netns.clone().unwrap_or_default(),
+            netns_path: options.netns.map(|n| format!("/run/netns/{n}")),
+            capabilities: None,
+            observed: BTreeMap::new(),
+            staged: Vec::new(),
+            pending: Vec::new(),
+            _lock: lock,
+        })
+    }
+
+    /// Reads the runtime's config and evidence from `live` instead of the runtime itself.
+    pub fn with_live(mut self, live: Box<dyn Live>) -> Self {
+        self.live = live;
+        self
+    }
+
+    /// The runtime's config and live evidence.
+    pub fn live(&self) -> &dyn Live {
+        self.live.as_ref()
+    }
+
+    /// The device whose root shapes the request: the device itself, or its IFB.
+    pub fn shaped_device(&self, on_egress: bool) -> String {
+        match on_egress {
+            true => self.device.name.clone(),
+            false => shaping::ifb_name(self.device.index),
+        }
+    }
+
+    /// The annotations as this run has them so far.
+    pub fn annotations(&self) -> &Annotations {
+        &self.annotations
+    }
+
+    pub fn netns_key(&self) -> &str {
+        &self.netns_key
+    }
+
+    /// A staged request's decision, before the commit.
+    pub fn decided(&self, ticket: Ticket) -> &Decided {
+        &self.staged[ticket.0]
+    }
+
+    /// Reads what a request is decided on, once per shaped side (kept current afterwards).
+    fn observe_once(&mut self, request: &Request) {
+        let egress = request.on_egress();
+        let obs = self
+            .observed
+            .entry(egress)
+            .or_insert_with(|| observe(&mut self.kernel, &self.device, request));
+        if matches!(request.subject, Subject::Outbound { .. }) && obs.nft.is_none() {
+            obs.nft = Some(self.kernel.nft().map_err(|e| e.to_string()));
+        }
+    }
+
+    /// Decides one request against the current observation; its steps count as done for the
+    /// requests decided after it, and run at [`Engine::commit`]. `set` names the expanded set
+    /// (`per_ip`) the rule belongs to; `blocked` is a reason the evidence gives not to execute,
+    /// whatever the kernel says.
+    pub fn stage(
+        &mut self,
+        request: Request,
+        set: Option<&str>,
+        blocked: Option<String>,
+    ) -> Ticket {
+        let shaped_device = self.shaped_device(request.on_egress());
+        let subject_key = request.subject.key();
+        let annotation = self
+            .annotations
+            .find(&self.netns_key, &shaped_device, &subject_key)
+            .cloned();
+        let owner = self.runtime.owner();
+        // Only a catch-all (the baseline, the upload redirect) or an outbound depends on
+        // optional kernel features; a specific client's rule does not, and skips the probe.
+        let needs_features = !request.on_egress()
+            || matches!(
+                request.subject,
+                Subject::AllShared | Subject::Outbound { .. }
+            );
+        let (catch_all, has_connmark, has_fw) = if needs_features {
+            let kernel = &mut self.kernel;
+            let caps = self
+                .capabilities
+                .get_or_insert_with(|| kernel.capabilities());
+            (
+                CatchAll::choose(caps.has(Feature::Matchall)),
+                caps.has(Feature::Connmark),
+                caps.has(Feature::Fw),
+            )
+        } else {
+            (CatchAll::choose(false), false, false)
+        };
+        let ctx = Context {
+            request: request.clone(),
+            catch_all,
+            allow_missing_state: self.allow_missing_state,
+            owned_by_other: annotation
+                .as_ref()
+                .filter(|x| x.owner != owner)
+                .map(|x| x.owner.clone()),
+            remembered_minor: annotation.as_ref().and_then(|x| x.class_minor),
+            owner: owner.clone(),
+            netns_path: self.netns_path.clone(),
+            has_connmark,
+            has_fw,
+        };
+        self.observe_once(&request);
+        let egress = request.on_egress();
+        let observation = &self.observed[&egress];
+        let shadowed = matches!(request.subject, Subject::Inbound { .. })
+            && request.want != Want::Remove
+            && observation
+                .shaped
+                .as_ref()
+                .is_some_and(|s| s.baseline.is_some());
+        let root = RootSeen::of(observation);
+        let mut decision = reconcile::decide(&ctx, observation);
+        if blocked.is_some() {
+            decision.blocked = blocked;
+        }
+        // The decision describes what was observed before it; then its steps count as done for
+        // the decisions after it.
+        if decision.blocked.is_none() {
+            let observation = self.observed.get_mut(&egress).expect("observed above");
+            for step in &decision.steps {
+                observation.absorb(step, egress);
+            }
+        }
+        let mut warnings = Vec::new();
+        if shadowed {
+            warnings.push(Warning::Shadowed {
+                shaped_device: shaped_device.clone(),
+                kind: request.subject.kind(),
+            });
+        }
+        let outcome = if decision.blocked.is_some() {
+            Outcome::Blocked
+        } else if decision.steps.is_empty() {
+            Outcome::NoChanges
+        } else {
+            Outcome::PlanReady
+        };
+        let ticket = Ticket(self.staged.len());
+        if decision.blocked.is_none() {
+            let change = match request.want {
+                Want::Remove => AnnotationChange::Remove {
+                    shaped_device: shaped_device.clone(),
+                    subject: subject_key,
+                },
+                _ => AnnotationChange::Upsert(Annotation {
+                    netns: self.netns_key.clone(),
+                    device: self.device.name.clone(),
+                    direction: request.direction.name().into(),
+                    subject: subject_key,
+                    shaped_device: shaped_device.clone(),
+                    class_minor: decision.expected_class.map(|c| c.minor()),
+                    owner,
+                    runtime: self.runtime.describe(),
+                    set: set.map(str::to_string),
+                }),
+            };
+            self.record(change);
+            if self.execute {
+                self.pending.push(ticket.0);
+            }
+        }
+        self.staged.push(Decided {
+            request,
+            shaped_device,
+            root,
+            decision,
+            warnings,
+            execution: None,
+            outcome,
+        });
+        ticket
+    }
+
+    fn record(&mut self, change: AnnotationChange) {
+        match change {
+            AnnotationChange::Upsert(a) => {
+                let known = self
+                    .annotations
+                    .find(&a.netns, &a.shaped_device, &a.subject);
+                if known != Some(&a) {
+                    self.annotations.upsert(a);
+                    self.annotations_changed = true;
+                }
+            }
+            AnnotationChange::Remove {
+                shaped_device,
+                subject,
+            } => {
+                if self
+                    .annotations
+                    .find(&self.netns_key, &shaped_device, &subject)
+                    .is_some()
+                {
+                    self.annotations
+                        .remove(&self.netns_key, &shaped_device, &subject);
+                    self.annotations_changed = true;
+                }
+            }
+        }
+    }
+
+    /// Applies every pending decision as one run: tc steps batched, the nft changes as one
+    /// transaction at the end, every acknowledgement checked; when any step fails, all of them
+    /// are undone and each decision says so. Then the annotations are saved once, and the next
+    /// decision observes the kernel afresh. Returns every decision staged since the last commit.
+    pub fn commit(&mut self) -> Committed {
+        self.observed.clear();
+        let mut staged = std::mem::take(&mut self.staged);
+        let pending = std::mem::take(&mut self.pending);
+        if pending.is_empty() {
+            return Committed {
+                decided: staged.into_iter().map(Some).collect(),
+            };
+        }
+        let (execution, per) = {
+            let decisions: Vec<&[Step]> = pending
+                .iter()
+                .map(|i| staged[*i].decision.steps.as_slice())
+                .collect();
+            let (steps, owners) = run_order(&decisions);
+            let execution = execute(&mut self.kernel, &steps);
+            // Each decision gets the results of its own steps, in its plan's order.
+            let mut placed: Vec<Vec<(usize, StepResult)>> = vec![Vec::new(); pending.len()];
+            for (result, owned) in execution.results.iter().zip(&owners) {
+                for (p, i) in owned {
+                    placed[*p].push((*i, result.clone()));
+                }
+            }
+            let per: Vec<Execution> = placed
+                .into_iter()
+                .map(|mut results| {
+                    results.sort_by_key(|(i, _)| *i);
+                    Execution {
+                        results: results.into_iter().map(|(_, r)| r).collect(),
+                        rollback: Vec::new(),
+                    }
+                })
+                .collect();
+            (execution, per)
+        };
+        let failed = execution.failed();
+        let save = if failed {
+            // A failed run changes nothing, so the annotations stay as they are on disk.
+            self.annotations = self.state_dir.load();
+            None
+        } else if self.annotations_changed {
+            Some(self.state_dir.save(&self.annotations))
+        } else {
+            None
+        };
+        self.annotations_changed = false;
+        for (i, mut mine) in pending.into_iter().zip(per) {
+            let d = &mut staged[i];
+            let own_failure = mine.failed();
+            if own_failure {
+                mine.rollback = execution.rollback.clone();
+            }
+            d.outcome = if failed {
+                Outcome::Failed
+            } else if d.decision.steps.is_empty() {
+                Outcome::NoChanges
+            } else {
+                Outcome::Executed
+            };
+            if failed && !own_failure {
+                d.warnings.push(Warning::RunUndone);
+            }
+            if let Some(Err(e)) = &save {
+                d.warnings.push(Warning::NotAnnotated(e.clone()));
+            }
+            d.execution = Some(mine);
+        }
+        Committed {
+            decided: staged.into_iter().map(Some).collect(),
+        }
+    }
+}
+
+/// The (decision, step) places one executed step stands for.
+type Owners = Vec<(usize, usize)>;
+
+/// The run's steps in execution order, each with the (decision, step) places it stands for:
+/// every decision's tc and link steps in decision order, then all nft changes as one atomic
+/// transaction (a new rule's class exists by then; a removed rule's class may already be gone,
+/// which sends its packets to the filters for that instant, as if unlimited).
+fn run_order<'a>(decisions: &[&'a [Step]]) -> (Vec<Cow<'a, Step>>, Vec<Owners>) {
+    let is_nft = |s: &Step| matches!(s.action, Operation::Nft { .. });
+    let all: Vec<(usize, usize, &Step)> = decisions
+        .iter()
+        .enumerate()
+        .flat_map(|(d, steps)| steps.iter().enumerate().map(move |(i, s)| (d, i, s)))
+        .collect();
+    let mut steps: Vec<Cow<Step>> = Vec::with_capacity(all.len());
+    let mut owners = Vec::with_capacity(all.len());
+    for (d, i, step) in all.iter().filter(|(_, _, s)| !is_nft(s)) {
+        steps.push(Cow::Borrowed(*step));
+        owners.push(vec![(*d, *i)]);
+    }
+    let mut nft_ops = Vec::new();
+    let mut nft_undo = Vec::new();
+    let mut nft_owners = Vec::new();
+    let mut netns = None;
+    for (d, i, step) in all.iter().filter(|(_, _, s)| is_nft(s)) {
+        if let Operation::Nft { netns: n, ops } = &step.action {
+            netns = n.clone();
+            nft_ops.extend(ops.iter().cloned());
+            // A later decision's undo runs before an earlier one's.
+            nft_undo.splice(0..0, step.undo.iter().cloned());
+            nft_owners.push((*d, *i));
+        }
+    }
+    if !nft_owners.is_empty() {
+        steps.push(Cow::Owned(
+            Step::new(
+                "nft-transaction",
+                Operation::Nft {
+                    netns,
+                    ops: nft_ops,
+                },
+            )
+            .undone_by(nft_undo),
+        ));
+        owners.push(nft_owners);
+    }
+    (steps, owners)
+}
+
+/// Reads what a request is decided on: the shaped root, and for upload the IFB and the hook.
+pub fn observe(kernel: &mut impl Kernel, device: &Link, request: &Request) -> Observation {
+    // Where client addresses sit on the root read: destination on egress, source on the IFB.
+    let egress = request.on_egress();
+    let end = if egress {
+        End::Destination
+    } else {
+        End::Source
+    };
+    let mut obs = Observation {
+        device: device.clone(),
+        shaped: None,
+        ifb: None,
+        hook: None,
+        error: None,
+        nft: None,
+    };
+    let result = (|| -> Result<(), NetlinkError> {
+        let device_tc = kernel.device_tc(device.index)?;
+        match egress {
+            true => obs.shaped = Some(ShapedRoot::read(&device_tc, end)),
+            false => {
+                obs.hook = Some(Hook::read(&device_tc));
+                match kernel.link_by_name(&shaping::ifb_name(device.index)) {
+                    Ok(ifb) => {
+                        let ifb_tc = kernel.device_tc(ifb.index)?;
+                        obs.shaped = Some(ShapedRoot::read(&ifb_tc, end));
+                        obs.ifb = Some(ifb);
+                    }
+                    Err(NetlinkError::NoSuchDevice(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = result {
+        obs = Observation {
+            device: device.clone(),
+            shaped: None,
+            ifb: None,
+            hook: None,
+            error: Some(e.to_string()),
+            nft: None,
+        };
+    }
+    obs
+}

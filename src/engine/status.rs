@@ -1,0 +1,316 @@
+//! What `raylimit status` shows, read from the kernel: every managed root, class and filter in
+//! the namespace, IFBs included, with subject, owner, direction, rate and live counters, and
+//! raylimit's nft table.
+
+use crate::evidence;
+use crate::netlink::link::Link;
+use crate::netlink::nft::{self, NftRule, NftState};
+use crate::netlink::tc::{ClassKind, TcEntry};
+use crate::netlink::u32::End;
+use crate::netlink::{NetlinkError, RtSocket, TcHandle};
+use crate::ownership::StateDir;
+use crate::policy::SubjectKey;
+use crate::reconcile::observe::{classid_of, RootState, ShapedRoot};
+use crate::runtime::{self, Selection};
+use crate::shaping::{self, Band, IFB_PREFIX};
+use crate::xray::api::UserTraffic;
+use std::collections::BTreeMap;
+
+/// One managed rule as the kernel holds it.
+pub struct Rule {
+    pub subject: String,
+    /// A user's client addresses (one node each, one class).
+    pub clients: Vec<String>,
+    /// A user's byte counters from the runtime's StatsService, or why there are none.
+    pub user_traffic: Option<String>,
+    /// The tc filter priority; none for a rule classified by nft.
+    pub priority: Option<u16>,
+    pub class: Option<TcHandle>,
+    pub rate: Option<u64>,
+    pub bytes: u64,
+    pub packets: u64,
+    pub drops: u32,
+    pub owner: Option<String>,
+}
+
+impl Rule {
+    /// A rule with its class's rate and live counters (none for the root itself: the unlimited
+    /// exception has no leaf class).
+    fn new(
+        shaped: &ShapedRoot,
+        subject: String,
+        clients: Vec<String>,
+        priority: Option<u16>,
+        class: Option<TcHandle>,
+        owner: Option<String>,
+    ) -> Rule {
+        let class_entry = class
+            .filter(|c| c.minor() != 0)
+            .and_then(|c| shaped.classes.get(&c.minor()));
+        Rule {
+            subject,
+            clients,
+            user_traffic: None,
+            priority,
+            class,
+            rate: class_entry.and_then(|c| match &c.class.kind {
+                ClassKind::Htb(h) => Some(h.rate),
+                _ => None,
+            }),
+            bytes: class_entry.map(|c| c.stats.bytes).unwrap_or(0),
+            packets: class_entry.map(|c| c.stats.packets).unwrap_or(0),
+            drops: class_entry.map(|c| c.stats.drops).unwrap_or(0),
+            owner,
+        }
+    }
+}
+
+/// One managed root: a device's egress (download) or its IFB's (upload).
+pub struct Root {
+    pub device: String,
+    pub direction: &'static str,
+    pub shaped_device: String,
+    pub bytes: u64,
+    pub packets: u64,
+    pub drops: u32,
+    pub rules: Vec<Rule>,
+    /// Classes no filter points at (a crashed run, or a rule whose filter was removed by hand).
+    pub orphan_classes: Vec<TcHandle>,
+    pub unrecognised: Vec<String>,
+}
+
+/// A device and every qdisc, class and filter on it, as `raylimit show` lists them.
+pub fn device_objects(
+    netns: Option<&str>,
+    device: &str,
+) -> Result<(Link, Vec<TcEntry>), NetlinkError> {
+    let mut sock = RtSocket::open_in(netns)?;
+    let link = sock.link_by_name(device)?;
+    let entries = sock.device_tc(link.index)?.entries();
+    Ok((link, entries))
+}
+
+/// Everything `status` shows.
+pub struct Status {
+    pub roots: Vec<Root>,
+    pub nft: Result<NftState, NetlinkError>,
+}
+
+/// Reads every managed root in the namespace (or those of one device).
+pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, NetlinkError> {
+    let mut sock = RtSocket::open_in(netns)?;
+    if let Some(d) = device {
+        sock.link_by_name(d)?;
+    }
+    let links = sock.links()?;
+    let nft = nft::dump(netns.map(|n| format!("/run/netns/{n}")).as_deref());
+    let annotations = StateDir::from_env().load();
+    let netns_key = netns.unwrap_or("");
+    let mut roots = Vec::new();
+    for link in &links {
+        let (owner_device, direction) = owner_device(link, &links);
+        if device.is_some_and(|d| d != owner_device) {
+            continue;
+        }
+        let end = if direction == "upload" {
+            End::Source
+        } else {
+            End::Destination
+        };
+        let tc = sock.device_tc(link.index)?;
+        let shaped = ShapedRoot::read(&tc, end);
+        let RootState::Managed(root_entry) = &shaped.root else {
+            continue;
+        };
+        let mut rules = Vec::new();
+        let mut referenced = std::collections::BTreeSet::new();
+        // A user's nodes share one class: they are one rule, named by its annotation.
+        let mut users: std::collections::BTreeMap<Option<TcHandle>, (Vec<String>, _)> =
+            Default::default();
+        let mut subjects = Vec::new();
+        for n in shaped.nodes() {
+            match n.band {
+                Band::User => {
+                    let e = users.entry(n.classid).or_insert((Vec::new(), &n.entry));
+                    e.0.push(n.matched.to_string());
+                }
+                Band::Connection => {
+                    subjects.push((format!("connection {}", n.matched), Vec::new(), &n.entry))
+                }
+                Band::Ip => subjects.push((format!("ip {}", n.matched), Vec::new(), &n.entry)),
+            }
+        }
+        // So do an inbound's listener nodes ("clients" lists the listeners).
+        let mut inbounds: std::collections::BTreeMap<Option<TcHandle>, (Vec<String>, _)> =
+            Default::default();
+        for n in &shaped.listeners {
+            let e = inbounds.entry(n.classid).or_insert((Vec::new(), &n.entry));
+            e.0.push(n.matched.to_string());
+        }
+        for (kind, groups) in [("uuid", users), ("inbound", inbounds)] {
+            for (class, (clients, entry)) in groups {
+                let subject = class
+                    .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
+                    .map(|a| a.subject.to_string())
+                    .unwrap_or_else(|| format!("{kind} (unknown)"));
+                subjects.push((subject, clients, entry));
+            }
+        }
+        if let Some(f) = &shaped.baseline {
+            subjects.push(("ip all".to_string(), Vec::new(), f));
+        }
+        // An outbound's fw filter (where the kernel has cls_fw) is known by its class.
+        for entry in shaped.marks.values() {
+            let subject = classid_of(&entry.filter)
+                .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
+                .map(|a| a.subject.to_string())
+                .unwrap_or_else(|| "outbound (unknown)".into());
+            subjects.push((subject, Vec::new(), entry));
+        }
+        // Without cls_fw, outbound rules classify in nft (meta priority), not in a tc filter.
+        for r in nft.iter().flat_map(|n| &n.rules) {
+            let NftRule::MarkToPriority { oif, priority, .. } = r.rule else {
+                continue;
+            };
+            if oif != link.index {
+                continue;
+            }
+            let class = TcHandle(priority);
+            referenced.insert(class.minor());
+            let subject = r
+                .tag
+                .as_ref()
+                .map(|t| t.subject.clone())
+                .unwrap_or_else(|| "outbound (unknown)".into());
+            let owner = r.tag.as_ref().map(|t| t.owner.clone());
+            rules.push(Rule::new(
+                &shaped,
+                subject,
+                Vec::new(),
+                None,
+                Some(class),
+                owner,
+            ));
+        }
+        for (subject, clients, entry) in subjects {
+            let class = classid_of(&entry.filter);
+            if let Some(c) = class {
+                referenced.insert(c.minor());
+            }
+            let owner = subject
+                .parse::<SubjectKey>()
+                .ok()
+                .and_then(|k| annotations.find(netns_key, &link.name, &k))
+                .map(|a| a.owner.clone());
+            rules.push(Rule::new(
+                &shaped,
+                subject,
+                clients,
+                Some(entry.filter.priority),
+                class,
+                owner,
+            ));
+        }
+        roots.push(Root {
+            device: owner_device.to_string(),
+            direction,
+            shaped_device: link.name.clone(),
+            bytes: root_entry.stats.bytes,
+            packets: root_entry.stats.packets,
+            drops: root_entry.stats.drops,
+            orphan_classes: shaped
+                .classes
+                .values()
+                .map(|c| c.class.handle)
+                .filter(|h| !referenced.contains(&h.minor()))
+                .collect(),
+            unrecognised: shaped
+                .unrecognised
+                .iter()
+                .map(|f| f.filter.to_string())
+                .collect(),
+            rules,
+        });
+    }
+    add_user_traffic(&mut roots);
+    Ok(Status { roots, nft })
+}
+
+/// A runtime's users (lower-case UUID, email) and their byte counters.
+type RuntimeUsers = (Vec<(String, String)>, Vec<UserTraffic>);
+
+/// The user a rule limits, when it is a uuid rule.
+fn user_of(rule: &Rule) -> Option<String> {
+    match rule.subject.parse() {
+        Ok(SubjectKey::User(uuid)) => Some(uuid),
+        _ => None,
+    }
+}
+
+/// For each uuid rule, the user's byte counters from the owning runtime's StatsService.
+fn add_user_traffic(roots: &mut [Root]) {
+    let wanted = roots
+        .iter()
+        .flat_map(|r| &r.rules)
+        .any(|r| user_of(r).is_some() && r.owner.is_some());
+    if !wanted {
+        return;
+    }
+    let found = runtime::discover(&runtime::Options::from_env(&Selection::default()));
+    // One API call per runtime, however many of its users are limited.
+    let mut by_owner: BTreeMap<String, Result<RuntimeUsers, String>> = BTreeMap::new();
+    for rule in roots.iter_mut().flat_map(|r| r.rules.iter_mut()) {
+        let (Some(uuid), Some(owner)) = (user_of(rule), rule.owner.clone()) else {
+            continue;
+        };
+        let uuid = uuid.as_str();
+        let counters = by_owner.entry(owner.clone()).or_insert_with(|| {
+            let rt = found
+                .runtimes
+                .iter()
+                .find(|r| r.owner() == owner)
+                .ok_or("its runtime is not running")?;
+            let cfg = rt.load_config()?;
+            let users = cfg
+                .merged
+                .inbounds
+                .iter()
+                .flat_map(|i| &i.users)
+                .map(|u| (u.id.to_ascii_lowercase(), u.email.clone()))
+                .collect();
+            Ok((
+                users,
+                evidence::user_traffic(rt, &cfg, &evidence::Options::default())?,
+            ))
+        });
+        rule.user_traffic = Some(match counters {
+            Err(e) => format!("unavailable: {e}"),
+            Ok((users, traffic)) => {
+                let email = users
+                    .iter()
+                    .find(|(id, email)| id == uuid || email == uuid)
+                    .map(|x| x.1.clone());
+                match traffic.iter().find(|t| Some(&t.email) == email.as_ref()) {
+                    Some(t) => format!(
+                        "{}: uplink {} bytes, downlink {} bytes",
+                        t.email,
+                        t.uplink.unwrap_or(0),
+                        t.downlink.unwrap_or(0)
+                    ),
+                    None => "no counter yet (it appears with the user's first connection)".into(),
+                }
+            }
+        });
+    }
+}
+
+/// The device a root belongs to: an IFB `rlifbN` shapes upload for device N.
+fn owner_device<'a>(link: &'a Link, links: &'a [Link]) -> (&'a str, &'static str) {
+    if shaping::is_managed_ifb_name(&link.name) {
+        let index: Option<u32> = link.name[IFB_PREFIX.len()..].parse().ok();
+        if let Some(dev) = links.iter().find(|l| Some(l.index) == index) {
+            return (&dev.name, "upload");
+        }
+    }
+    (&link.name, "download")
+}

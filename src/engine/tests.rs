@@ -1,0 +1,414 @@
+//! The engine against the in-memory kernel: one observation per run, batching, whole-run
+//! rollback, per_ip expansion with departures, prune, watch rounds on an injected clock, and
+//! blocked requests. No root, no namespaces.
+
+use std::collections::BTreeSet;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use super::fake::{Fake, DEV_NAME};
+use super::prune::{self, Stale};
+use super::resolve::{Expansion, LeftAlone};
+use super::watch::{Round, Watcher};
+use super::*;
+use crate::evidence::{Connection, State};
+use crate::policy::{Direction, Target, Wanted};
+use crate::reconcile::DecisionKind;
+use crate::runtime::Source;
+
+/// A state directory of its own, removed when the test ends.
+struct TempState(PathBuf);
+
+impl TempState {
+    fn new() -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "raylimit-engine-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        TempState(path)
+    }
+
+    fn dir(&self) -> StateDir {
+        StateDir {
+            path: self.0.clone(),
+        }
+    }
+}
+
+impl Drop for TempState {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn runtime() -> Runtime {
+    Runtime {
+        source: Source::HostProcess,
+        name: "xray".into(),
+        binary: "xray".into(),
+        process: None,
+        container: None,
+        netns: None,
+        config: None,
+    }
+}
+
+fn engine(kernel: Fake, state: &TempState, execute: bool) -> Engine<Fake> {
+    let options = Options {
+        netns: None,
+        execute,
+        allow_missing_state: false,
+        state_dir: state.dir(),
+    };
+    Engine::open(kernel, runtime(), DEV_NAME, options).expect("the fake device exists")
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn wanted(target: Target, want: Want) -> Wanted {
+    Wanted {
+        target,
+        direction: Direction::Download,
+        device: DEV_NAME.into(),
+        want,
+    }
+}
+
+fn limit(addr: &str, rate: u64) -> Request {
+    wanted(Target::Ip(ip(addr)), Want::Limit(rate)).resolved(Subject::Ip(ip(addr)))
+}
+
+/// Evidence of live connections from `clients` to one listener.
+fn evidence(clients: &[&str]) -> Evidence {
+    Evidence {
+        state: if clients.is_empty() {
+            State::NoSessions
+        } else {
+            State::Available
+        },
+        reason: "test".into(),
+        sources: Vec::new(),
+        connections: clients
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Connection {
+                client: SocketAddr::new(ip(c), 40_000 + i as u16),
+                local: "10.9.0.1:443".parse().unwrap(),
+                inbound: "in".into(),
+                user: None,
+                user_source: None,
+                outbound: None,
+                accepted: None,
+            })
+            .collect(),
+        attribution: State::Unavailable,
+        attribution_reason: String::new(),
+        users: Vec::new(),
+        traffic: Ok(Vec::new()),
+    }
+}
+
+#[test]
+fn a_run_observes_once_and_sends_its_steps_in_few_batches() {
+    let state = TempState::new();
+    let mut e = engine(Fake::default(), &state, true);
+    let clients: Vec<String> = (1..=50).map(|i| format!("10.0.0.{i}")).collect();
+    let tickets: Vec<Ticket> = clients
+        .iter()
+        .map(|c| e.stage(limit(c, 100_000), None, None))
+        .collect();
+    let planned: usize = tickets
+        .iter()
+        .map(|t| e.decided(*t).decision.steps.len())
+        .sum();
+    let mut run = e.commit();
+    for t in &tickets {
+        let d = run.take(*t);
+        assert_eq!(d.outcome, Outcome::Executed, "{:?}", d.decision.reason);
+    }
+    let calls = &e.kernel.calls;
+    // One dump of the device for 50 decisions.
+    assert_eq!(calls.dumps, 1);
+    assert_eq!(calls.batches.iter().sum::<usize>(), planned);
+    // A batch ends only where a container is made: the root, the band's first-level table and
+    // the one second-level table all 50 clients share (10.0.0.x: one first-level bucket).
+    assert_eq!(calls.batches.len(), 4, "{:?}", calls.batches);
+    assert_eq!(calls.steps[0], "create-root-qdisc");
+    assert_eq!(e.kernel.kernel.device.classes.len(), 50);
+
+    // The same run again changes nothing and sends nothing.
+    let sent = e.kernel.calls.steps.len();
+    let again: Vec<Ticket> = clients
+        .iter()
+        .map(|c| e.stage(limit(c, 100_000), None, None))
+        .collect();
+    let mut run = e.commit();
+    for t in again {
+        assert_eq!(run.take(t).decision.kind, DecisionKind::NoOp);
+    }
+    assert_eq!(e.kernel.calls.steps.len(), sent);
+}
+
+#[test]
+fn a_failure_at_any_step_undoes_the_whole_run() {
+    // Find how many steps the run has, then fail it at each of them in turn.
+    let requests = || {
+        vec![
+            limit("10.0.0.1", 1_000),
+            limit("10.0.1.2", 2_000),
+            limit("2001:db8::3", 3_000),
+        ]
+    };
+    let total = {
+        let state = TempState::new();
+        let mut e = engine(Fake::default(), &state, true);
+        for r in requests() {
+            e.stage(r, None, None);
+        }
+        e.commit();
+        e.kernel.calls.steps.len()
+    };
+    assert!(total > 10, "{total} steps");
+    for k in 0..total {
+        let state = TempState::new();
+        let fake = Fake {
+            fail_at: Some(k),
+            ..Fake::default()
+        };
+        let mut e = engine(fake, &state, true);
+        let tickets: Vec<Ticket> = requests()
+            .into_iter()
+            .map(|r| e.stage(r, None, None))
+            .collect();
+        let mut run = e.commit();
+        let decided: Vec<Decided> = tickets.iter().map(|t| run.take(*t)).collect();
+        assert!(
+            decided.iter().all(|d| d.outcome == Outcome::Failed),
+            "at {k}"
+        );
+        // Exactly one decision owns the failed step; the others say the run was undone.
+        let own = decided
+            .iter()
+            .filter(|d| d.execution.as_ref().is_some_and(|x| x.failed()))
+            .count();
+        assert_eq!(own, 1, "at {k}");
+        for d in decided
+            .iter()
+            .filter(|d| !d.execution.as_ref().unwrap().failed())
+        {
+            assert!(d.warnings.contains(&Warning::RunUndone), "at {k}");
+        }
+        let failed = decided
+            .iter()
+            .find_map(|d| d.execution.as_ref().filter(|x| x.failed()))
+            .unwrap();
+        assert!(!failed.rollback_failed(), "at {k}: {:#?}", failed.rollback);
+        // The kernel is as it began, and nothing was annotated.
+        let k_state = &e.kernel.kernel;
+        assert!(k_state.device.qdiscs.is_empty(), "at {k}");
+        assert!(k_state.device.classes.is_empty(), "at {k}");
+        assert!(k_state.device.filters.is_empty(), "at {k}");
+        assert_eq!(e.annotations().iter().count(), 0, "at {k}");
+        assert!(!state.0.join("owners.json").exists(), "at {k}");
+    }
+}
+
+#[test]
+fn a_blocked_request_absorbs_nothing() {
+    let state = TempState::new();
+    let mut e = engine(Fake::default(), &state, true);
+    let blocked = e.stage(limit("10.0.0.1", 1_000), None, Some("no evidence".into()));
+    let next = e.stage(limit("10.0.0.2", 1_000), None, None);
+    // The blocked decision's root, table and class never counted as done: the next one makes
+    // them itself.
+    let steps: Vec<&str> = e
+        .decided(next)
+        .decision
+        .steps
+        .iter()
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(steps[0], "create-root-qdisc", "{steps:?}");
+    let mut run = e.commit();
+    let b = run.take(blocked);
+    assert_eq!(b.outcome, Outcome::Blocked);
+    assert!(b.execution.is_none());
+    assert_eq!(run.take(next).outcome, Outcome::Executed);
+    assert_eq!(e.kernel.kernel.device.classes.len(), 1);
+    let keys: Vec<String> = e
+        .annotations()
+        .iter()
+        .map(|a| a.subject.to_string())
+        .collect();
+    assert_eq!(keys, ["ip 10.0.0.2"]);
+}
+
+#[test]
+fn per_ip_expands_live_clients_and_keeps_departed_ones_until_removed() {
+    let state = TempState::new();
+    let per_ip = wanted(Target::PerIp { inbound: None }, Want::Limit(5_000));
+    let mut e = engine(Fake::default(), &state, true);
+    let x = e.per_ip(&per_ip, None, Some(evidence(&["10.0.0.1", "10.0.0.2"])));
+    assert_eq!(x.targets.len(), 2);
+    e.commit();
+    let kernel = std::mem::take(&mut e.kernel);
+    drop(e);
+
+    // A later run: 10.0.0.1 has gone, 10.0.0.3 has come.
+    let mut e = engine(kernel, &state, true);
+    let x = e.per_ip(&per_ip, None, Some(evidence(&["10.0.0.2", "10.0.0.3"])));
+    assert_eq!(x.reconcile_state, "managed_set_known");
+    assert_eq!(
+        x.expansion,
+        Expansion::Live {
+            count: 2,
+            inbound: None
+        }
+    );
+    assert_eq!(x.left_alone, [(ip("10.0.0.1"), LeftAlone::Departed)]);
+    let kinds: Vec<DecisionKind> = x
+        .targets
+        .iter()
+        .map(|t| e.decided(*t).decision.kind)
+        .collect();
+    assert_eq!(kinds, [DecisionKind::NoOp, DecisionKind::Apply]);
+    e.commit();
+    assert_eq!(e.kernel.kernel.device.classes.len(), 3);
+
+    // Unavailable evidence expands nothing and blocks.
+    let x = e.per_ip(
+        &per_ip,
+        None,
+        Some(Evidence::unavailable("no sock_diag".into())),
+    );
+    assert!(x.targets.is_empty());
+    assert!(x.blocked.as_deref().unwrap().contains("no sock_diag"));
+
+    // A removal covers every address the annotations know, departed ones included.
+    let remove = wanted(Target::PerIp { inbound: None }, Want::Remove);
+    let x = e.per_ip(&remove, None, None);
+    assert_eq!(x.provider, "owner_annotations");
+    assert_eq!(x.ips, [ip("10.0.0.1"), ip("10.0.0.2"), ip("10.0.0.3")]);
+    e.commit();
+    assert!(e.kernel.kernel.device.qdiscs.is_empty());
+    assert_eq!(e.annotations().iter().count(), 0);
+}
+
+#[test]
+fn prune_lists_what_the_policy_no_longer_names() {
+    let state = TempState::new();
+    let mut e = engine(Fake::default(), &state, true);
+    for r in [limit("10.0.0.1", 1_000), limit("10.0.0.2", 1_000)] {
+        e.stage(r, None, None);
+    }
+    e.per_ip(
+        &wanted(Target::PerIp { inbound: None }, Want::Limit(5_000)),
+        None,
+        Some(evidence(&["10.0.0.7"])),
+    );
+    e.commit();
+    let owner = e.runtime.owner();
+    let listed = |keys: &[&str]| -> BTreeSet<prune::Listed> {
+        keys.iter()
+            .map(|k| {
+                (
+                    DEV_NAME.to_string(),
+                    Direction::Download,
+                    k.parse().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let stale = |keys: &[&str]| prune::stale(e.annotations(), "", &owner, DEV_NAME, &listed(keys));
+    // The policy still lists 10.0.0.1 and the per_ip set (as `ip all`): 10.0.0.2 goes.
+    assert_eq!(
+        stale(&["ip 10.0.0.1", "ip all"]),
+        [Stale {
+            direction: Direction::Download,
+            key: "ip 10.0.0.2".parse().unwrap(),
+            set: None,
+        }]
+    );
+    // Without `ip all`, the set's member goes too, marked as one.
+    let gone = stale(&["ip 10.0.0.1"]);
+    assert_eq!(gone.len(), 2);
+    assert_eq!(gone[1].set.as_deref(), Some(PER_IP));
+    // Another device, direction or owner is not this policy's business.
+    assert!(prune::stale(e.annotations(), "", "host:other", DEV_NAME, &listed(&[])).is_empty());
+    assert!(prune::stale(e.annotations(), "", &owner, "eth9", &listed(&[])).is_empty());
+}
+
+#[test]
+fn watch_adds_at_once_and_drops_after_the_grace_period() {
+    let state = TempState::new();
+    let per_ip = wanted(Target::PerIp { inbound: None }, Want::Limit(5_000));
+    let mut watcher = Watcher::new(per_ip, Duration::from_secs(30));
+    let t0 = Instant::now();
+    let mut kernel = Fake::default();
+    let mut round = |clients: &[&str], at: u64| {
+        let mut e = engine(std::mem::take(&mut kernel), &state, true);
+        let r = watcher.round(&mut e, &evidence(clients), t0 + Duration::from_secs(at));
+        kernel = std::mem::take(&mut e.kernel);
+        r
+    };
+    let Round::PerIp { live, departed } = round(&["10.0.0.1", "10.0.0.2"], 0) else {
+        panic!("a per_ip round")
+    };
+    assert_eq!(live.len(), 2);
+    assert!(live.iter().all(|(_, d)| d.outcome == Outcome::Executed));
+    assert!(departed.is_empty());
+    // 10.0.0.1 leaves; within the grace period its rule stays.
+    let Round::PerIp { departed, .. } = round(&["10.0.0.2"], 10) else {
+        panic!("a per_ip round")
+    };
+    assert!(departed.is_empty());
+    // It comes back at 20 s and leaves again: the clock starts over.
+    round(&["10.0.0.1", "10.0.0.2"], 20);
+    let Round::PerIp { departed, .. } = round(&["10.0.0.2"], 45) else {
+        panic!("a per_ip round")
+    };
+    assert!(departed.is_empty(), "gone 25 s, within 30 s");
+    let Round::PerIp { live, departed } = round(&["10.0.0.2"], 51) else {
+        panic!("a per_ip round")
+    };
+    assert_eq!(live.len(), 1);
+    assert_eq!(departed.len(), 1);
+    let (gone_ip, gone_for, d) = &departed[0];
+    assert_eq!(*gone_ip, ip("10.0.0.1"));
+    assert_eq!(*gone_for, Duration::from_secs(31));
+    assert_eq!(d.decision.kind, DecisionKind::Remove);
+    assert_eq!(d.outcome, Outcome::Executed);
+    assert_eq!(kernel.kernel.device.classes.len(), 1);
+    // Unreadable evidence changes nothing.
+    let mut e = engine(kernel, &state, true);
+    let r = watcher.round(
+        &mut e,
+        &Evidence::unavailable("gone".into()),
+        t0 + Duration::from_secs(90),
+    );
+    assert!(matches!(r, Round::Skipped(_)));
+    assert_eq!(e.kernel.kernel.device.classes.len(), 1);
+}
+
+#[test]
+fn a_dry_run_plans_and_changes_nothing() {
+    let state = TempState::new();
+    let mut e = engine(Fake::default(), &state, false);
+    let t = e.stage(limit("10.0.0.1", 1_000), None, None);
+    let mut run = e.commit();
+    let d = run.take(t);
+    assert_eq!(d.outcome, Outcome::PlanReady);
+    assert!(!d.decision.steps.is_empty());
+    assert!(d.execution.is_none());
+    assert!(e.kernel.calls.steps.is_empty());
+    assert!(
+        !state.0.exists(),
+        "a dry-run takes no lock and writes no state"
+    );
+}

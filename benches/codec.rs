@@ -9,9 +9,9 @@ use std::hint::black_box;
 use std::net::Ipv4Addr;
 use std::time::Instant;
 
-use raylimit::netlink::tc::*;
-use raylimit::netlink::u32::{End, U32Filter, U32Selector};
-use raylimit::netlink::{TcHandle, U32Handle};
+use raylimit::model::tc::*;
+use raylimit::model::u32::{End, U32Filter, U32Selector};
+use raylimit::model::{TcHandle, U32Handle};
 use raylimit::shaping::leaf_class;
 
 fn main() {

@@ -214,7 +214,7 @@ fn a_failure_in_one_limit_undoes_the_whole_run() {
     let v6_table = raylimit::shaping::band_table(
         0,
         raylimit::shaping::Band::Ip,
-        raylimit::netlink::u32::Family::V6,
+        raylimit::model::u32::Family::V6,
     );
     let id = format!("{:x}:", v6_table.handle >> 20);
     h.ns.tc(&[

@@ -6,9 +6,9 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use raylimit::netlink::tc::*;
-use raylimit::netlink::u32::{End, U32Filter, U32Selector};
-use raylimit::netlink::{TcHandle, U32Handle};
+use raylimit::model::tc::*;
+use raylimit::model::u32::{End, U32Filter, U32Selector};
+use raylimit::model::{TcHandle, U32Handle};
 use raylimit::shaping::leaf_class;
 
 fn raylimit(args: &[&str]) -> (i32, String, String) {

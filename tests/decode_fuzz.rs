@@ -3,8 +3,8 @@
 //! That holds for the tc decoder and for sock_diag's inet_diag_msg decoder.
 
 use proptest::prelude::*;
+use raylimit::model::tc::{decode, RTM_NEWQDISC, RTM_NEWTCLASS, RTM_NEWTFILTER};
 use raylimit::netlink::sock_diag;
-use raylimit::netlink::tc::{decode, RTM_NEWQDISC, RTM_NEWTCLASS, RTM_NEWTFILTER};
 
 fn captured_payloads() -> &'static [(u16, Vec<u8>)] {
     static SAMPLES: std::sync::OnceLock<Vec<(u16, Vec<u8>)>> = std::sync::OnceLock::new();

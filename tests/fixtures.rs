@@ -6,15 +6,15 @@
 use std::collections::BTreeMap;
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-use raylimit::netlink::action::{Action, Verdict};
-use raylimit::netlink::fw::Fw;
-use raylimit::netlink::htb::{ticks_for, HtbClass, HtbQdisc};
+use raylimit::model::action::{Action, Verdict};
+use raylimit::model::fw::Fw;
+use raylimit::model::htb::{ticks_for, HtbClass, HtbQdisc};
+use raylimit::model::matchall::MatchAll;
+use raylimit::model::tc::*;
+use raylimit::model::u32::*;
+use raylimit::model::{TcHandle, U32Handle};
 use raylimit::netlink::link;
-use raylimit::netlink::matchall::MatchAll;
 use raylimit::netlink::probe::{Capabilities, Feature};
-use raylimit::netlink::tc::*;
-use raylimit::netlink::u32::*;
-use raylimit::netlink::{TcHandle, U32Handle};
 
 struct Fixture {
     name: String,

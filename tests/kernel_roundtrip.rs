@@ -7,14 +7,15 @@ mod common;
 use std::net::Ipv4Addr;
 
 use common::*;
-use raylimit::netlink::action::{Action, Verdict};
-use raylimit::netlink::fw::Fw;
-use raylimit::netlink::htb::HtbQdisc;
-use raylimit::netlink::matchall::MatchAll;
+use raylimit::model::action::{Action, Verdict};
+use raylimit::model::fw::Fw;
+use raylimit::model::htb::HtbQdisc;
+use raylimit::model::matchall::MatchAll;
+use raylimit::model::tc::*;
+use raylimit::model::u32::*;
+use raylimit::model::{TcHandle, U32Handle};
 use raylimit::netlink::probe::{missing_feature, Capabilities, Feature};
-use raylimit::netlink::tc::*;
-use raylimit::netlink::u32::*;
-use raylimit::netlink::{RtSocket, TcHandle, U32Handle};
+use raylimit::netlink::RtSocket;
 use raylimit::shaping::leaf_class;
 
 const ROOT: TcHandle = TcHandle::new(0x7a31, 0);

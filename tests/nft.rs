@@ -11,10 +11,10 @@ use std::net::{SocketAddrV4, TcpStream};
 use std::os::fd::FromRawFd;
 
 use common::{assert_within_10_percent, measure_tcp_with, Netns, Pair, CLIENT_IP};
+use raylimit::model::TcHandle;
 use raylimit::netlink::nft::{
     self, ManagedRule, NftOp, NftRule, NftState, Tag, CHAIN_CLASSIFY, CHAIN_SAVE,
 };
-use raylimit::netlink::TcHandle;
 
 fn path(ns: &Netns) -> String {
     format!("/run/netns/{}", ns.name)

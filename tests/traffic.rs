@@ -7,10 +7,10 @@ mod common;
 use std::net::{IpAddr, SocketAddr};
 
 use common::*;
-use raylimit::netlink::action::Action;
-use raylimit::netlink::tc::*;
-use raylimit::netlink::u32::{End, U32Filter, U32Selector};
-use raylimit::netlink::{TcHandle, U32Handle};
+use raylimit::model::action::Action;
+use raylimit::model::tc::*;
+use raylimit::model::u32::{End, U32Filter, U32Selector};
+use raylimit::model::{TcHandle, U32Handle};
 use raylimit::shaping::leaf_class;
 
 const RATE: u64 = 1_000_000;

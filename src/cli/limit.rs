@@ -5,7 +5,7 @@ use clap::Args;
 use super::report::Report;
 use super::{Format, UsageError};
 use crate::engine::{self, Engine, NetlinkKernel, OpenError};
-use crate::netlink::link::{check_name, MAX_IFNAME_LEN};
+use crate::model::device::{is_device_name, MAX_IFNAME_LEN};
 use crate::ownership::StateDir;
 use crate::policy::{self, Direction, Target, Want, Wanted};
 use crate::runtime::{self, Selection, Source};
@@ -91,7 +91,7 @@ fn given(v: &Option<String>) -> Option<&str> {
     v.as_deref().map(str::trim).filter(|s| !s.is_empty())
 }
 
-/// The runtime selection flags, checked in the original's order. `required`: one of --pid,
+/// The runtime selection flags, checked in RayLimit's order. `required`: one of --pid,
 /// --container or --name must be given (limit); inspect may select everything.
 pub fn parse_selection(
     pid_flag: &Option<String>,
@@ -256,7 +256,7 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
             device.len()
         ));
     }
-    if check_name(device).is_err() {
+    if !is_device_name(device) {
         return usage(format!("{device:?} is not a valid device name"));
     }
     let direction = match a.direction.as_deref() {

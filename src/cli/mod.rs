@@ -11,8 +11,8 @@ mod watch;
 use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
+use crate::model::tc::{self, TcEntry};
 use crate::netlink::probe::{Availability, Capabilities};
-use crate::netlink::tc::{self, TcEntry};
 use crate::netlink::NetlinkError;
 
 #[derive(Parser, Debug)]
@@ -119,8 +119,8 @@ pub fn run(cli: Cli) -> i32 {
     }
     if let Command::Status { device, format } = &cli.command {
         if let Some(d) = device {
-            if let Err(e) = crate::netlink::link::check_name(d) {
-                eprintln!("raylimit: {e}");
+            if !crate::model::device::is_device_name(d) {
+                eprintln!("raylimit: no network device named {d:?}");
                 return 2;
             }
         }
@@ -162,7 +162,7 @@ pub fn run(cli: Cli) -> i32 {
             Ok(())
         }
         Command::Probe { format } => {
-            print_probe(&Capabilities::probe(), *format);
+            print_probe(&crate::engine::status::probe(), *format);
             Ok(())
         }
         Command::Show { device, format } => show(cli.netns.as_deref(), device, *format),

@@ -1,5 +1,5 @@
 //! The `limit` report: one value, rendered as text (sections an operator reads top to bottom) or
-//! JSON (the original's top-level names, so scripts keep working).
+//! JSON (RayLimit's top-level names, so scripts keep working).
 
 use std::fmt::Write as _;
 use std::rc::Rc;
@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::resolution;
 use crate::engine::resolve::{PerIpExpansion, Staged};
 use crate::engine::{Committed, Decided, Engine, Kernel, Outcome, RootSeen, Status, StepResult};
-use crate::netlink::link::Link;
+use crate::model::Link;
 use crate::policy::{Subject, Want, Wanted};
 use crate::runtime::Runtime;
 use crate::shaping;

@@ -5,7 +5,7 @@ use std::fmt::Write as _;
 use serde_json::{json, Value};
 
 use crate::engine::status::{self, Root};
-use crate::netlink::nft::{self, NftState};
+use crate::model::nft::{self, NftState};
 use crate::netlink::NetlinkError;
 use crate::shaping;
 

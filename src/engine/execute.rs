@@ -5,8 +5,8 @@
 use std::borrow::Borrow;
 
 use super::kernel::Kernel;
-use crate::netlink::tc::{FilterKind, Op};
-use crate::netlink::U32Handle;
+use crate::model::tc::{FilterKind, Op};
+use crate::model::U32Handle;
 use crate::reconcile::plan::{Operation, Step, TcObject};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -5,14 +5,15 @@
 use std::collections::BTreeSet;
 
 use super::kernel::{Kernel, StepOutcome};
-use crate::netlink::dump::DeviceTc;
-use crate::netlink::link::Link;
+use crate::model::stats::TcStats;
+use crate::model::tc::{ClassEntry, Filter, FilterEntry, FilterKind, Op, QdiscEntry};
+use crate::model::u32::U32Filter;
+use crate::model::DeviceTc;
+use crate::model::Link;
+use crate::model::U32Handle;
 use crate::netlink::nft::NftState;
 use crate::netlink::probe::{Availability, Capabilities, Feature};
-use crate::netlink::stats::TcStats;
-use crate::netlink::tc::{ClassEntry, Filter, FilterEntry, FilterKind, Op, QdiscEntry};
-use crate::netlink::u32::U32Filter;
-use crate::netlink::{NetlinkError, U32Handle};
+use crate::netlink::NetlinkError;
 use crate::policy::{Direction, Request};
 use crate::reconcile::observe::{restores_mark, Hook, Observation, ShapedRoot};
 use crate::reconcile::plan::{Dev, Operation, Step, TcObject};
@@ -98,7 +99,7 @@ impl FakeKernel {
                     let mut object = object.clone();
                     // The IFB's index is filled in at execution.
                     if let (Some(_), TcObject::Filter(f)) = (redirect_to, &mut object) {
-                        use crate::netlink::action::Action;
+                        use crate::model::action::Action;
                         let actions = match &mut f.kind {
                             FilterKind::U32(u) => &mut u.actions,
                             FilterKind::MatchAll(m) => &mut m.actions,

@@ -4,14 +4,15 @@
 
 use std::collections::HashMap;
 
-use crate::netlink::action::Action;
-use crate::netlink::dump::DeviceTc;
-use crate::netlink::link::Link;
+use crate::model::action::Action;
+use crate::model::tc::{self, Filter, FilterKind, Op, TcEntry};
+use crate::model::DeviceTc;
+use crate::model::Link;
+use crate::model::U32Handle;
 use crate::netlink::nft::{self, NftOp, NftState};
 use crate::netlink::probe::Capabilities;
 use crate::netlink::socket::Ack;
-use crate::netlink::tc::{self, Filter, FilterKind, Op, TcEntry};
-use crate::netlink::{NetlinkError, RtSocket, U32Handle};
+use crate::netlink::{NetlinkError, RtSocket};
 use crate::reconcile::plan::{Dev, Operation, Step, TcObject};
 
 /// What one step of a batch came to: done (with the kernel's warning, if any), or why not.

@@ -30,9 +30,9 @@ pub use execute::{execute, Execution, Status, StepResult};
 pub use kernel::{Kernel, NetlinkKernel};
 
 use crate::evidence::{self, Evidence};
-use crate::netlink::link::Link;
+use crate::model::u32::End;
+use crate::model::Link;
 use crate::netlink::probe::{Capabilities, Feature};
-use crate::netlink::u32::End;
 use crate::netlink::NetlinkError;
 use crate::ownership::{Annotation, Annotations, Lock, StateDir};
 use crate::policy::{Request, Subject, SubjectKey, Want};

@@ -3,11 +3,12 @@
 //! raylimit's nft table.
 
 use crate::evidence;
-use crate::netlink::link::Link;
+use crate::model::tc::{ClassKind, TcEntry};
+use crate::model::u32::End;
+use crate::model::Link;
+use crate::model::TcHandle;
 use crate::netlink::nft::{self, NftRule, NftState};
-use crate::netlink::tc::{ClassKind, TcEntry};
-use crate::netlink::u32::End;
-use crate::netlink::{NetlinkError, RtSocket, TcHandle};
+use crate::netlink::{NetlinkError, RtSocket};
 use crate::ownership::StateDir;
 use crate::policy::SubjectKey;
 use crate::reconcile::observe::{classid_of, RootState, ShapedRoot};
@@ -88,6 +89,11 @@ pub fn device_objects(
     let link = sock.link_by_name(device)?;
     let entries = sock.device_tc(link.index)?.entries();
     Ok((link, entries))
+}
+
+/// The optional tc features this kernel offers (`raylimit probe`).
+pub fn probe() -> crate::netlink::probe::Capabilities {
+    crate::netlink::probe::Capabilities::probe()
 }
 
 /// Everything `status` shows.

@@ -2,30 +2,8 @@
 
 use super::error::NetlinkError;
 use super::socket::{Message, RtSocket};
-use super::tc::{
-    self, ClassEntry, FilterEntry, QdiscEntry, QdiscKind, TcEntry, RTM_GETQDISC, RTM_GETTCLASS,
-    RTM_GETTFILTER,
-};
-use super::TcHandle;
-
-/// A device's qdiscs, classes and filters, decoded.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeviceTc {
-    pub ifindex: u32,
-    pub qdiscs: Vec<QdiscEntry>,
-    pub classes: Vec<ClassEntry>,
-    pub filters: Vec<FilterEntry>,
-}
-
-impl DeviceTc {
-    /// All objects in dump order: qdiscs, classes, filters.
-    pub fn entries(&self) -> Vec<TcEntry> {
-        let q = self.qdiscs.iter().cloned().map(TcEntry::Qdisc);
-        let c = self.classes.iter().cloned().map(TcEntry::Class);
-        let f = self.filters.iter().cloned().map(TcEntry::Filter);
-        q.chain(c).chain(f).collect()
-    }
-}
+use crate::model::tc::{self, QdiscKind, TcEntry, RTM_GETQDISC, RTM_GETTCLASS, RTM_GETTFILTER};
+use crate::model::{DeviceTc, TcHandle};
 
 fn decode_all(messages: Vec<Message>) -> Result<Vec<TcEntry>, NetlinkError> {
     messages

@@ -3,16 +3,7 @@
 
 use std::fmt;
 
-/// Input bytes that do not decode. Carries a human-readable reason.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("cannot decode netlink data: {0}")]
-pub struct DecodeError(String);
-
-impl DecodeError {
-    pub fn new(reason: impl Into<String>) -> Self {
-        Self(reason.into())
-    }
-}
+pub use crate::model::DecodeError;
 
 /// The kernel's answer to one request that it refused.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,24 +10,13 @@ use netlink_packet_route::link::{LinkAttribute, LinkFlags, LinkInfo, LinkMessage
 use netlink_packet_route::RouteNetlinkMessage;
 use rtnetlink::LinkUnspec;
 
-use super::attr::AttrWriter;
 use super::error::NetlinkError;
 use super::socket::RtSocket;
+use crate::model::attr::AttrWriter;
+use crate::model::device::is_device_name;
+use crate::model::Link;
 
 const RTM_NEWLINK: u16 = 16;
-/// Longest interface name the kernel accepts (IFNAMSIZ - 1).
-pub const MAX_IFNAME_LEN: usize = 15;
-
-/// What raylimit needs to know about a link.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Link {
-    pub index: u32,
-    pub name: String,
-    /// `ifb`, `veth`, ... when the link has a kind.
-    pub kind: Option<String>,
-    pub up: bool,
-}
-
 fn serialize(message: RouteNetlinkMessage, flags: u16) -> Vec<u8> {
     let mut header = NetlinkHeader::default();
     header.flags = flags;
@@ -40,15 +29,10 @@ fn serialize(message: RouteNetlinkMessage, flags: u16) -> Vec<u8> {
 
 /// Checks a device name the way the kernel will, so a bad name fails before any request.
 pub fn check_name(name: &str) -> Result<(), NetlinkError> {
-    if name.is_empty()
-        || name.len() > MAX_IFNAME_LEN
-        || name.contains(['/', ' ', ':'])
-        || name == "."
-        || name == ".."
-    {
-        return Err(NetlinkError::NoSuchDevice(name.to_string()));
+    match is_device_name(name) {
+        true => Ok(()),
+        false => Err(NetlinkError::NoSuchDevice(name.to_string())),
     }
-    Ok(())
 }
 
 fn decode_link(payload: &[u8]) -> Result<Link, NetlinkError> {

@@ -1,29 +1,18 @@
-//! All kernel I/O: the tc codec (one module per object kind), dumps and their decoding, links and
-//! IFB devices, capability probing, sockets in named network namespaces, and live TCP/UDP sockets
-//! over sock_diag; with the `nftables` feature, raylimit's nftables table over nfnetlink.
+//! All kernel I/O: sockets in named network namespaces, tc dumps, links and IFB devices,
+//! capability probing, live TCP/UDP sockets over sock_diag; with the `nftables` feature,
+//! raylimit's nftables table over nfnetlink. The values sent and read are `model`'s.
 
-pub mod action;
-pub mod attr;
 pub mod dump;
 pub mod error;
-pub mod fw;
-pub mod handle;
-pub mod htb;
 pub mod link;
-pub mod matchall;
 #[cfg(feature = "nftables")]
 pub mod nft;
 #[cfg(not(feature = "nftables"))]
 #[path = "nft_absent.rs"]
 pub mod nft;
-pub mod nft_model;
 pub mod probe;
 pub mod sock_diag;
 pub mod socket;
-pub mod stats;
-pub mod tc;
-pub mod u32;
 
-pub use error::{DecodeError, KernelError, NetlinkError};
-pub use handle::{TcHandle, U32Handle};
+pub use error::{KernelError, NetlinkError};
 pub use socket::RtSocket;

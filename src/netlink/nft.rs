@@ -3,7 +3,8 @@
 //! The table holds two base chains and two kinds of rule:
 //! - `classify` (filter, postrouting, priority mangle): packets leaving a device whose skb mark
 //!   matches under a mask get `meta priority` = an HTB class id, so HTB puts them in that class
-//!   without any tc filter (this kernel has neither `fw` nor u32's mark key).
+//!   without any tc filter: outbound upload on a kernel without `cls_fw` (where the kernel has
+//!   it, an `fw` filter classifies instead and this chain holds no rule).
 //! - `save_mark` (filter, output, priority mangle): locally generated packets whose skb mark
 //!   matches copy the mark bits under the mask into the conntrack mark, keeping its other bits.
 //!
@@ -28,10 +29,10 @@ use self::libnftnl::{
     nft_type, BaseChain, NFT_MSG_GETCHAIN, NFT_MSG_GETRULE, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWGEN, NFT_MSG_NEWRULE, NFT_MSG_NEWTABLE,
 };
-use super::attr::Attrs;
 use super::error::{DecodeError, NetlinkError};
-pub use super::nft_model::*;
 use super::socket::{in_netns_at, Message, RtSocket};
+use crate::model::attr::Attrs;
+pub use crate::model::nft::*;
 
 const NETLINK_NETFILTER: isize = 12;
 const NFPROTO_INET: u8 = 1;

@@ -1,8 +1,8 @@
 //! Built without the `nftables` feature (the static musl build): the table's values exist, but
 //! nothing can be sent or read, and every attempt says why.
 
-pub use super::nft_model::*;
 use super::NetlinkError;
+pub use crate::model::nft::*;
 
 fn absent() -> NetlinkError {
     NetlinkError::Protocol(

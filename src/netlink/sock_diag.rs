@@ -6,9 +6,9 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use netlink_packet_core::{NLM_F_DUMP, NLM_F_REQUEST};
 use netlink_sys::protocols::NETLINK_SOCK_DIAG;
 
-use super::attr::StructReader;
 use super::error::{DecodeError, NetlinkError};
 use super::socket::{in_netns_at, RtSocket};
+use crate::model::attr::StructReader;
 
 /// The message type of inet_diag_req_v2 requests and of their replies.
 pub const SOCK_DIAG_BY_FAMILY: u16 = 20;

@@ -7,8 +7,8 @@ use std::os::fd::AsRawFd;
 use netlink_packet_core::{NetlinkBuffer, NLM_F_DUMP_INTR};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
-use super::attr::Attrs;
 use super::error::{KernelError, NetlinkError};
+use crate::model::attr::Attrs;
 
 const NLMSG_NOOP: u16 = 1;
 const NLMSG_ERROR: u16 = 2;
@@ -335,7 +335,7 @@ pub(crate) fn split_messages(mut bytes: &[u8]) -> Result<Vec<(Header, &[u8])>, N
             seq: buf.sequence_number(),
         };
         out.push((header, &bytes[16..len]));
-        bytes = bytes.get(super::attr::align4(len)..).unwrap_or(&[]);
+        bytes = bytes.get(crate::model::attr::align4(len)..).unwrap_or(&[]);
     }
     Ok(out)
 }
@@ -359,7 +359,7 @@ pub(crate) fn parse_ack(
         let skip = 4 + if flags & NLM_F_CAPPED != 0 {
             16
         } else {
-            super::attr::align4(orig_len)
+            crate::model::attr::align4(orig_len)
         };
         if let Some(tlvs) = payload.get(skip..) {
             if let Ok(attrs) = Attrs::new(tlvs).collect() {

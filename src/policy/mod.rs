@@ -8,7 +8,8 @@ use std::net::{IpAddr, SocketAddr};
 
 pub use rate::parse_rate;
 
-/// Direction relative to the client (DESIGN.md §2): download leaves the device, upload arrives.
+/// Direction relative to the client (ARCHITECTURE.md, "Directions"): download leaves the device,
+/// upload arrives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Direction {
     Upload,

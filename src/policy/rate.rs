@@ -1,6 +1,6 @@
 //! Rates: bytes per second, written as a plain number or with a unit operators know.
 //!
-//! A plain number is bytes/s (the original's contract). Byte units are `B/s`, `KB/s`, `MB/s`,
+//! A plain number is bytes/s (RayLimit's contract). Byte units are `B/s`, `KB/s`, `MB/s`,
 //! `GB/s`, `TB/s` (powers of 1000) and `KiB/s`, `MiB/s`, `GiB/s`, `TiB/s` (powers of 1024); the
 //! `/s` may be left out. Bit units are tc's: `bit`, `kbit`, `mbit`, `gbit`, `tbit` and the binary
 //! `kibit`... forms, with an optional `/s` or `ps`. `bps` is bytes/s, as in tc.

@@ -2,11 +2,11 @@
 //! steps are absorbed into the observation the next decision reads, exactly as a fresh dump
 //! after executing them would read, so one dump serves a whole run.
 
-use crate::netlink::link::Link;
-use crate::netlink::nft::{ManagedRule, NftOp, NftState};
-use crate::netlink::tc::{ClassEntry, Op, QdiscEntry, QdiscKind};
-use crate::netlink::u32::End;
-use crate::netlink::TcHandle;
+use crate::model::nft::{ManagedRule, NftOp, NftState};
+use crate::model::tc::{ClassEntry, Op, QdiscEntry, QdiscKind};
+use crate::model::u32::End;
+use crate::model::Link;
+use crate::model::TcHandle;
 
 use super::observe::{Hook, Observation, RootState, ShapedRoot};
 use super::plan::{Dev, Operation, Step, TcObject};
@@ -53,7 +53,7 @@ impl Observation {
                         hook.redirect = (*op != Op::Delete).then(|| {
                             let target = self.ifb.as_ref().map(|l| l.index).unwrap_or(0);
                             (
-                                crate::netlink::tc::FilterEntry {
+                                crate::model::tc::FilterEntry {
                                     filter: f.clone(),
                                     chain: None,
                                 },

@@ -8,9 +8,9 @@ use std::collections::BTreeSet;
 use super::observe::{FilterKey, ShapedRoot};
 use super::plan::{Dev, Step};
 use super::{delete_in_root_table, delete_priority, replace_filter, same_filter, Context, Held};
-use crate::netlink::tc::{Filter, Op};
-use crate::netlink::u32::{End, Family};
-use crate::netlink::{TcHandle, U32Handle};
+use crate::model::tc::{Filter, Op};
+use crate::model::u32::{End, Family};
+use crate::model::{TcHandle, U32Handle};
 use crate::shaping::{self, Band, ClientMatch};
 
 /// The nodes of a client-band rule: band scaffolding, then each wanted client's node (kept,

@@ -13,11 +13,11 @@ pub mod plan;
 
 use std::collections::BTreeSet;
 
-use crate::netlink::link::Link;
-use crate::netlink::nft::{ManagedRule, NftOp, NftRule, NftState, Tag, CHAIN_CLASSIFY, CHAIN_SAVE};
-use crate::netlink::tc::{ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
-use crate::netlink::u32::{End, Family, U32Filter};
-use crate::netlink::{TcHandle, U32Handle};
+use crate::model::nft::{ManagedRule, NftOp, NftRule, NftState, Tag, CHAIN_CLASSIFY, CHAIN_SAVE};
+use crate::model::tc::{ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
+use crate::model::u32::{End, Family, U32Filter};
+use crate::model::Link;
+use crate::model::{TcHandle, U32Handle};
 use crate::policy::{Direction, Endpoint, Request, Subject, Want};
 use crate::shaping::{self, Band, CatchAll, ClientMatch, ListenerMatch, ROOT_MAJOR};
 use observe::{classid_of, restores_mark, Node, Observation, RootState, ShapedRoot};
@@ -761,8 +761,8 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
                 plan_nft_rule(ctx, obs, save, &marks, &mut steps, &mut changes);
                 d.forms.push(format!(
                     "download classification: the connection's mark, saved on output by nft (table inet {}, chain {}), restored by connmark on {}'s ingress redirect (this kernel has act_connmark), read by fw on {} (this kernel has cls_fw)",
-                    crate::netlink::nft::TABLE,
-                    crate::netlink::nft::CHAIN_SAVE,
+                    crate::model::nft::TABLE,
+                    crate::model::nft::CHAIN_SAVE,
                     obs.device.name,
                     dev.name()
                 ));
@@ -781,7 +781,7 @@ fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
             plan_nft_rule(ctx, obs, want, &marks, &mut steps, &mut changes);
             d.forms.push(format!(
                 "upload classification: nft `meta priority set` in table inet {} (this kernel has no cls_fw, and its u32 cannot read marks); HTB honours a packet's priority before its filters, so on {} the outbound rule wins over ip rules for the same packets",
-                crate::netlink::nft::TABLE,
+                crate::model::nft::TABLE,
                 obs.device.name
             ));
         }
@@ -936,9 +936,9 @@ fn emptied_listener_priorities(
 /// already be gone: that counts as done.
 fn delete_priority(ifindex: u32, prio: u16, dev: &Dev) -> Step {
     let protocol = if prio % 2 == 0 {
-        crate::netlink::tc::ETH_P_IP
+        crate::model::tc::ETH_P_IP
     } else {
-        crate::netlink::tc::ETH_P_IPV6
+        crate::model::tc::ETH_P_IPV6
     };
     let mut step = Step::tc(
         "delete-priority",

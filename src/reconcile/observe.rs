@@ -4,12 +4,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
-use crate::netlink::action::{Action, MirredMode};
-use crate::netlink::dump::DeviceTc;
-use crate::netlink::link::Link;
-use crate::netlink::tc::{ClassEntry, Filter, FilterEntry, FilterKind, QdiscEntry, QdiscKind};
-use crate::netlink::u32::{End, Family};
-use crate::netlink::{TcHandle, U32Handle};
+use crate::model::action::{Action, MirredMode};
+use crate::model::tc::{ClassEntry, Filter, FilterEntry, FilterKind, QdiscEntry, QdiscKind};
+use crate::model::u32::{End, Family};
+use crate::model::DeviceTc;
+use crate::model::Link;
+use crate::model::{TcHandle, U32Handle};
 use crate::shaping::{
     self, Band, ClientMatch, ListenerMatch, BAND_CONNECTION, BAND_INBOUND, BAND_IP_BASELINE,
     BAND_OUTBOUND, PRIO_REDIRECT, ROOT_MAJOR,
@@ -528,7 +528,7 @@ pub struct Observation {
     /// Why the tc state could not be read, when it could not (the rest is then empty).
     pub error: Option<String>,
     /// raylimit's nft table, when the request needs it (or why it could not be read).
-    pub nft: Option<Result<crate::netlink::nft::NftState, String>>,
+    pub nft: Option<Result<crate::model::nft::NftState, String>>,
 }
 
 impl ShapedRoot {

@@ -3,12 +3,12 @@
 
 use std::fmt::Write as _;
 
-use crate::netlink::action::Action;
-use crate::netlink::htb::{burst_for_tc, HtbQdisc};
-use crate::netlink::nft::{NftOp, NftRule};
-use crate::netlink::tc::{Class, ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
-use crate::netlink::u32::{End, Family, U32Filter};
-use crate::netlink::{TcHandle, U32Handle};
+use crate::model::action::Action;
+use crate::model::htb::{burst_for_tc, HtbQdisc};
+use crate::model::nft::{NftOp, NftRule};
+use crate::model::tc::{Class, ClassKind, Filter, FilterKind, Op, Qdisc, QdiscKind};
+use crate::model::u32::{End, Family, U32Filter};
+use crate::model::{TcHandle, U32Handle};
 use crate::shaping;
 
 /// A device a step acts on: known by index, or an IFB that may only exist once an earlier step
@@ -165,7 +165,7 @@ impl Step {
                 .join("; "),
             Operation::NftRemoveTagged { rule, subject, .. } => format!(
                 "nft delete rule inet {} {} handle <{} of {subject}>",
-                crate::netlink::nft::TABLE,
+                crate::model::nft::TABLE,
                 rule.chain(),
                 rule.describe()
             ),
@@ -241,7 +241,7 @@ fn render_filter(op: Op, dev: &str, f: &Filter, redirect_to: Option<&Dev>) -> St
         "tc filter {} dev {dev} {} protocol {} pref {}",
         op.verb(),
         parent_words(f.parent),
-        crate::netlink::tc::protocol_name(f.protocol),
+        crate::model::tc::protocol_name(f.protocol),
         f.priority
     );
     if op == Op::Delete && f.handle == 0 {

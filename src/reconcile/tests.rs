@@ -5,10 +5,10 @@ use super::observe::*;
 use super::plan::*;
 use super::*;
 use crate::engine::fake::{FakeKernel, DEV};
-use crate::netlink::dump::DeviceTc;
-use crate::netlink::nft::NftRule;
-use crate::netlink::stats::TcStats;
-use crate::netlink::tc::QdiscEntry;
+use crate::model::nft::NftRule;
+use crate::model::stats::TcStats;
+use crate::model::tc::QdiscEntry;
+use crate::model::DeviceTc;
 use crate::policy::Endpoint;
 
 fn ctx(subject: &str, direction: Direction, want: Want) -> Context {

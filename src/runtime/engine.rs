@@ -46,7 +46,7 @@ pub struct Container {
     pub engine: String,
 }
 
-/// Why the engine could not be asked; `code` is one of the original's provider codes.
+/// Why the engine could not be asked; `code` is one of RayLimit's provider codes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EngineError {
     pub code: &'static str,

@@ -162,7 +162,7 @@ impl Runtime {
         Ok(xray::load(located.clone(), &Rooted::of_pid(p.pid), &env))
     }
 
-    /// The discover/inspect record: the original's field names, plus raylimit's additions.
+    /// The discover/inspect record: RayLimit's field names, plus raylimit's additions.
     pub fn to_json(&self) -> Value {
         let mut v = json!({
             "source": self.source.name(),

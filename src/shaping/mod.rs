@@ -28,7 +28,7 @@
 //! Two levels keep the work per packet flat: a packet walks one link per level and then the
 //! few nodes of its own (second-to-last, last byte) bucket, however many clients are limited.
 //!
-//! Priorities come in bands in the precedence order of DESIGN.md §3 (lower runs first, first
+//! Priorities come in bands in the precedence order of ARCHITECTURE.md ("Kernel object layout") (lower runs first, first
 //! match wins): connection 100, uuid 200, specific ip 300, baseline 400, inbound 500, outbound
 //! 600, with IPv4 and IPv6 one apart inside a band. A specific IP therefore always wins over the
 //! baseline, and the unlimited exception is a specific-IP node whose class is the root itself
@@ -36,15 +36,15 @@
 
 use std::net::IpAddr;
 
-use crate::netlink::action::Action;
-use crate::netlink::fw::Fw;
-use crate::netlink::htb::{ticks_for, HtbClass, HtbQdisc};
-use crate::netlink::matchall::MatchAll;
-use crate::netlink::tc::{
+use crate::model::action::Action;
+use crate::model::fw::Fw;
+use crate::model::htb::{ticks_for, HtbClass, HtbQdisc};
+use crate::model::matchall::MatchAll;
+use crate::model::tc::{
     Class, ClassKind, Filter, FilterKind, Qdisc, QdiscKind, ETH_P_ALL, ETH_P_IP, ETH_P_IPV6,
 };
-use crate::netlink::u32::{End, Family, U32Filter, U32Selector};
-use crate::netlink::{TcHandle, U32Handle};
+use crate::model::u32::{End, Family, U32Filter, U32Selector};
+use crate::model::{TcHandle, U32Handle};
 use crate::policy::Direction;
 
 /// The major handle of every root raylimit manages ("RL"). A root with this handle is ours.
@@ -677,7 +677,7 @@ fn fnv1a(key: &str) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::netlink::htb::bytes_for;
+    use crate::model::htb::bytes_for;
     use std::collections::BTreeSet;
 
     #[test]

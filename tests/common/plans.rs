@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 pub use raylimit::engine::observe;
 use raylimit::engine::{execute, NetlinkKernel};
-use raylimit::netlink::link::Link;
+use raylimit::model::Link;
 use raylimit::policy::{Direction, Request, Subject, Want};
 use raylimit::reconcile::observe::Observation;
 use raylimit::reconcile::{decide, Context, Decision, DecisionKind};

@@ -23,7 +23,7 @@ use std::ptr::NonNull;
 use nftnl::nftnl_sys as sys;
 use nftnl::{Chain, Hook, MsgType, NlMsg, ProtoFamily, Table};
 
-use crate::netlink::attr::AttrWriter;
+use crate::model::attr::AttrWriter;
 use crate::netlink::error::DecodeError;
 
 pub(super) const NFNL_SUBSYS_NFTABLES: u16 = 10;

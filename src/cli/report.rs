@@ -11,6 +11,7 @@ use crate::engine::resolve::{PerIpExpansion, Staged};
 use crate::engine::{Committed, Decided, Engine, Kernel, Outcome, RootSeen, Status, StepResult};
 use crate::model::Link;
 use crate::policy::{Subject, Want, Wanted};
+use crate::reconcile::Blocked;
 use crate::runtime::Runtime;
 use crate::shaping;
 
@@ -197,7 +198,7 @@ impl LimitReport {
                     "blocked (--execute would refuse)"
                 }
             );
-            let _ = writeln!(w, "Execution note: {b}");
+            let _ = writeln!(w, "Execution note: {}", blocked_text(b));
         }
         match &self.decided.execution {
             Some(e) if !e.results.is_empty() => {
@@ -297,7 +298,7 @@ impl LimitReport {
             Want::Remove => {}
         }
         if let Some(b) = &d.blocked {
-            v["execution_note"] = json!(b);
+            v["execution_note"] = json!(blocked_text(b));
         }
         let commands: Vec<String> = d.steps.iter().map(|s| s.command()).collect();
         if !d.steps.is_empty() {
@@ -350,6 +351,26 @@ impl LimitReport {
             },
             "container_id": rt.container_id(),
         })
+    }
+}
+
+/// Why a decision was blocked, in words that name the flag that changes it.
+pub fn blocked_text(b: &Blocked) -> String {
+    match b {
+        Blocked::Unobserved(e) => format!(
+            "real execution requires observed tc state; tc state could not be read ({e}); rerun with --allow-missing-tc-state to execute without observation"
+        ),
+        Blocked::NotComparable(note) => format!(
+            "real execution requires comparable tc state; {note}; rerun with --allow-missing-tc-state to execute anyway (those filters are left alone)"
+        ),
+        Blocked::MaskConflict {
+            device,
+            mask,
+            filter,
+        } => format!(
+            "the outbound band of {device} already reads marks under mask {mask:#010x} ({filter}), and one fw priority holds one mask; use the same --mark-mask for every outbound on a device"
+        ),
+        Blocked::Reason(text) => text.clone(),
     }
 }
 
@@ -524,7 +545,7 @@ impl PerIpReport {
                 let _ = writeln!(w, "     Class ID: {c}");
             }
             if let Some(b) = &d.blocked {
-                let _ = writeln!(w, "     Execution note: {b}");
+                let _ = writeln!(w, "     Execution note: {}", blocked_text(b));
             }
             if !d.steps.is_empty() {
                 let _ = writeln!(w, "     Planned operations:");
@@ -714,14 +735,14 @@ impl Report {
     /// The one line for stderr when the run did not succeed.
     pub fn why(&self) -> String {
         let blocked = match self {
-            Report::One(r) => r.decided.decision.blocked.clone(),
+            Report::One(r) => r.decided.decision.blocked.as_ref().map(blocked_text),
             Report::PerIp(r) => r.blocked.clone().or_else(|| {
                 r.targets.iter().find_map(|t| {
                     t.decided
                         .decision
                         .blocked
                         .as_ref()
-                        .map(|b| format!("{}: {b}", t.request().subject))
+                        .map(|b| format!("{}: {}", t.request().subject, blocked_text(b)))
                 })
             }),
         };

@@ -175,7 +175,7 @@ fn report(what: &str, r: &Decided) {
     }
     line.push_str(&format!(" -> {}", r.outcome.name()));
     if let Some(b) = &d.blocked {
-        line.push_str(&format!(": {b}"));
+        line.push_str(&format!(": {}", super::report::blocked_text(b)));
     }
     if let Some(e) = &r.execution {
         if let Some(err) = e.results.iter().find_map(|x| x.error.as_ref()) {

@@ -400,8 +400,8 @@ impl<K: Kernel> Engine<K> {
                 .is_some_and(|s| s.baseline.is_some());
         let root = RootSeen::of(observation);
         let mut decision = reconcile::decide(&ctx, observation);
-        if blocked.is_some() {
-            decision.blocked = blocked;
+        if let Some(why) = blocked {
+            decision.blocked = Some(reconcile::Blocked::Reason(why));
         }
         // The decision describes what was observed before it; then its steps count as done for
         // the decisions after it.

@@ -1,0 +1,277 @@
+//! The plan that puts a subject's rule in place, or repairs it: scaffolding, the class (kept,
+//! changed in place or created), then the family's filters, then (upload) the redirect.
+
+use super::*;
+
+pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
+    let req = &ctx.request;
+    let dev = shaped_dev(req, obs);
+    let ifindex = dev_index(&dev);
+    let end = shaping::client_end(req.direction);
+    let shaped = obs.shaped.as_ref().filter(|s| s.is_managed());
+    let mut steps = Vec::new();
+    let mut changes: Vec<String> = Vec::new();
+
+    if let Rule::Nodes { matches, .. } = rule {
+        if matches.is_empty() {
+            d.kind = DecisionKind::Apply;
+            d.reason = "the subject has no client address to classify".into();
+            d.blocked = Some(Blocked::Reason(format!(
+                "{} has no live client address to limit",
+                req.subject
+            )));
+            return;
+        }
+    }
+    let mut held = shaped
+        .map(|s| held(s, rule, ctx.remembered_minor))
+        .unwrap_or_default();
+    let marks = held.add_marks(
+        rule,
+        obs,
+        (&req.subject.key().to_string(), req.on_egress()),
+        shaped,
+    );
+    if !held.conflicts.is_empty() && d.blocked.is_none() {
+        d.blocked = Some(Blocked::Reason(format!(
+            "another rule of the {} band on {} already classifies {}; remove that rule first",
+            req.subject.kind(),
+            dev.name(),
+            held.conflicts.join(", ")
+        )));
+    }
+
+    // Scaffolding for upload: the IFB companion, up.
+    if !req.on_egress() {
+        match &obs.ifb {
+            None => {
+                let name = shaping::ifb_name(obs.device.index);
+                steps.push(
+                    Step::new("create-ifb", Operation::CreateIfb(name.clone())).undone_by(vec![
+                        Step::new("delete-ifb", Operation::DeleteLink(Dev::Ifb(name.clone()))),
+                    ]),
+                );
+                steps.push(Step::new("set-ifb-up", Operation::SetUp(Dev::Ifb(name))));
+            }
+            Some(ifb) if !ifb.up => {
+                steps.push(Step::new("set-ifb-up", Operation::SetUp(device_dev(ifb))));
+            }
+            Some(_) => {}
+        }
+    }
+    if shaped.is_none() {
+        let root = shaping::root_qdisc(ifindex);
+        steps.push(Step::create("create-root-qdisc", &dev, root));
+    }
+
+    // The class: kept at its minor when the subject has one, else a fresh stable minor.
+    let observed_class_entry = held
+        .class
+        .and_then(|c| shaped.and_then(|s| s.classes.get(&c.minor())));
+    d.observed_class = observed_class_entry.map(|c| c.class.handle);
+    d.observed_rate = observed_class_entry.and_then(|c| match &c.class.kind {
+        ClassKind::Htb(h) => Some(h.rate),
+        _ => None,
+    });
+    let target_class = match req.want {
+        Want::Limit(rate) => {
+            let minor = match observed_class_entry {
+                Some(c) => Some(c.class.handle.minor()),
+                None => shaping::allocate_minor(&req.subject.key().to_string(), |m| {
+                    shaped.is_some_and(|s| s.classes.contains_key(&m))
+                }),
+            };
+            let Some(minor) = minor else {
+                d.blocked = Some(Blocked::Reason(format!(
+                    "every class minor under {} is in use",
+                    shaping::root_handle()
+                )));
+                return;
+            };
+            let class = shaping::class(ifindex, minor, rate);
+            let ClassKind::Htb(want) = &class.kind else {
+                unreachable!("leaf classes are HTB")
+            };
+            match observed_class_entry {
+                Some(old) => {
+                    let same = matches!(&old.class.kind, ClassKind::Htb(h) if shaping::same_shaping(h, want));
+                    if !same {
+                        changes.push(format!(
+                            "class {} changes in place from {} to {rate} bytes/s",
+                            class.handle,
+                            d.observed_rate.unwrap_or(0)
+                        ));
+                        let mut before = old.class.clone();
+                        before.parent = shaping::root_handle();
+                        steps.push(
+                            Step::tc("change-class", Op::Change, &dev, class.clone()).undone_by(
+                                vec![Step::tc("restore-class", Op::Change, &dev, before)],
+                            ),
+                        );
+                    }
+                }
+                None => {
+                    steps.push(Step::create("create-class", &dev, class.clone()));
+                }
+            }
+            class.handle
+        }
+        // The root itself: HTB sends it through its direct queue, unshaped.
+        _ => shaping::root_handle(),
+    };
+    d.expected_class = (target_class.minor() != 0).then_some(target_class);
+
+    match rule {
+        Rule::Baseline => {
+            let want = shaping::baseline(ifindex, target_class, ctx.catch_all);
+            match held.filters.first() {
+                Some((_, old)) if same_filter(old, &want) => {}
+                Some((_, old)) => {
+                    let (replace, change) = replace_filter(&dev, ifindex, old, want.clone(), "");
+                    changes.push(change);
+                    // matchall and u32 forms cannot replace each other in place.
+                    if std::mem::discriminant(&old.kind) == std::mem::discriminant(&want.kind) {
+                        steps.push(replace);
+                    } else {
+                        let mut before = old.clone();
+                        before.ifindex = ifindex;
+                        steps.push(Step::delete("delete-filter", &dev, before));
+                        steps.push(Step::create("create-filter", &dev, want));
+                    }
+                }
+                None => steps.push(Step::create("create-filter", &dev, want)),
+            }
+            d.forms
+                .push(format!("baseline filter: {}", ctx.catch_all.reason()));
+        }
+        Rule::Mark { value: None, .. } => {
+            unreachable!("an unresolved outbound is blocked before it is planned")
+        }
+        Rule::Mark {
+            value: Some(value),
+            mask,
+        } if ctx.has_fw => {
+            let want = shaping::mark_filter(ifindex, *value, *mask, target_class);
+            if let Some(other) = shaped.and_then(|s| {
+                s.marks
+                    .values()
+                    .find(|f| fw_mask(&f.filter) != fw_mask(&want))
+            }) {
+                d.blocked = Some(Blocked::MaskConflict {
+                    device: dev.name().to_string(),
+                    mask: fw_mask(&other.filter),
+                    filter: other.filter.to_string(),
+                });
+            }
+            match held.filters.first() {
+                Some((_, old)) if same_filter(old, &want) => {}
+                Some((_, old)) => {
+                    let (replace, change) = replace_filter(&dev, ifindex, old, want, "");
+                    changes.push(change);
+                    steps.push(replace);
+                }
+                None => steps.push(Step::create("create-filter", &dev, want)),
+            }
+            if req.on_egress() {
+                // An nft classification from a run without cls_fw is replaced by the filter.
+                if !marks.is_empty() {
+                    changes.push("the nft classification gives way to the fw filter".into());
+                    steps.push(delete_nft_rules(ctx, obs, &marks));
+                }
+                d.forms.push(format!(
+                    "upload classification: fw on {}, mark {value:#x}/{mask:#x} (this kernel has cls_fw)",
+                    dev.name()
+                ));
+            } else {
+                let save = NftRule::SaveMark {
+                    oif: obs.device.index,
+                    mask: *mask,
+                    value: *value,
+                };
+                plan_nft_rule(ctx, obs, save, &marks, &mut steps, &mut changes);
+                d.forms.push(format!(
+                    "download classification: the connection's mark, saved on output by nft (table inet {}, chain {}), restored by connmark on {}'s ingress redirect (this kernel has act_connmark), read by fw on {} (this kernel has cls_fw)",
+                    crate::model::nft::TABLE,
+                    crate::model::nft::CHAIN_SAVE,
+                    obs.device.name,
+                    dev.name()
+                ));
+            }
+        }
+        Rule::Mark {
+            value: Some(value),
+            mask,
+        } => {
+            let want = NftRule::MarkToPriority {
+                oif: obs.device.index,
+                mask: *mask,
+                value: *value,
+                priority: target_class.0,
+            };
+            plan_nft_rule(ctx, obs, want, &marks, &mut steps, &mut changes);
+            d.forms.push(format!(
+                "upload classification: nft `meta priority set` in table inet {} (this kernel has no cls_fw, and its u32 cannot read marks); HTB honours a packet's priority before its filters, so on {} the outbound rule wins over ip rules for the same packets",
+                crate::model::nft::TABLE,
+                obs.device.name
+            ));
+        }
+        Rule::Listener { matches } => plan_listeners(
+            matches,
+            &held,
+            shaped,
+            (&dev, ifindex, shaping::listener_end(req.direction)),
+            target_class,
+            &mut steps,
+            &mut changes,
+        ),
+        Rule::Nodes { band, matches } => {
+            bands::plan_nodes(
+                ctx,
+                *band,
+                matches,
+                &held,
+                shaped,
+                (&dev, ifindex, end),
+                target_class,
+                &mut steps,
+                &mut changes,
+            );
+        }
+    }
+
+    // A class the subject no longer uses (limit -> unlimited) goes after the filter moved off it.
+    if let Some(old) = observed_class_entry {
+        if old.class.handle != target_class {
+            let mut before = old.class.clone();
+            before.parent = shaping::root_handle();
+            changes.push(format!("class {} is no longer needed", old.class.handle));
+            steps.push(Step::delete("delete-class", &dev, before));
+        }
+    }
+
+    // Upload: the hook on the device and the redirect into the IFB, last, once the tree exists.
+    if !req.on_egress() {
+        let restore_mark = matches!(rule, Rule::Mark { .. });
+        plan_redirect(ctx, obs, restore_mark, &mut steps, &mut changes, d);
+    }
+
+    let held_any = !held.filters.is_empty() || !held.listeners.is_empty() || !marks.is_empty();
+    let had_rule = held_any || observed_class_entry.is_some();
+    d.matched = held_any && changes.is_empty() && steps.is_empty();
+    d.kind = if steps.is_empty() {
+        DecisionKind::NoOp
+    } else if had_rule {
+        DecisionKind::Replace
+    } else {
+        DecisionKind::Apply
+    };
+    d.reason = match d.kind {
+        DecisionKind::NoOp => "the observed rule already matches the requested state".into(),
+        DecisionKind::Apply => "no rule for this subject was observed".into(),
+        _ if changes.is_empty() => {
+            "scaffolding the rule depends on was missing and is restored".into()
+        }
+        _ => changes.join("; "),
+    };
+    d.steps = steps;
+}

@@ -1,0 +1,131 @@
+//! The plan that takes a subject's rule away, and the shared scaffolding with the last rule.
+
+use super::*;
+
+pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Decision) {
+    let req = &ctx.request;
+    let dev = shaped_dev(req, obs);
+    let ifindex = dev_index(&dev);
+    d.kind = DecisionKind::Remove;
+    let Some(shaped) = obs.shaped.as_ref().filter(|s| s.is_managed()) else {
+        d.kind = DecisionKind::NoOp;
+        d.reason = format!(
+            "no managed root exists on {}, so there is nothing to remove",
+            dev.name()
+        );
+        return;
+    };
+    // A removal takes the subject's own filters only: a user's by its class, never by the
+    // addresses it has now (another user may hold one of them).
+    let mut held = held(shaped, rule, ctx.remembered_minor);
+    held.conflicts.clear();
+    let marks = held.add_marks(
+        rule,
+        obs,
+        (&req.subject.key().to_string(), req.on_egress()),
+        Some(shaped),
+    );
+    let class_minor = held.class.map(|c| c.minor());
+    if held.filters.is_empty()
+        && held.listeners.is_empty()
+        && marks.is_empty()
+        && class_minor.is_none()
+    {
+        d.kind = DecisionKind::NoOp;
+        d.reason = format!(
+            "no rule for {} {} was observed on {}",
+            req.subject,
+            req.direction.name(),
+            dev.name()
+        );
+        return;
+    }
+    d.observed_class = held.class;
+    let mut steps = Vec::new();
+    if !marks.is_empty() {
+        // The rule goes before its class.
+        steps.push(delete_nft_rules(ctx, obs, &marks));
+    }
+    let mut removed = BTreeSet::new();
+    for (_, f) in &held.filters {
+        let mut before = f.clone();
+        before.ifindex = ifindex;
+        removed.insert((f.priority, f.handle));
+        // The baseline is alone in its priority: the priority goes with it, kernel table too.
+        // The delete names the observed kind (matchall or u32): the kernel refuses another.
+        let delete = match rule {
+            Rule::Baseline => Filter {
+                handle: 0,
+                ..before.clone()
+            },
+            Rule::Nodes { .. } | Rule::Listener { .. } | Rule::Mark { .. } => before.clone(),
+        };
+        steps.push(
+            Step::tc("delete-filter", Op::Delete, &dev, delete).undone_by(vec![Step::tc(
+                "restore-filter",
+                Op::Create,
+                &dev,
+                before,
+            )]),
+        );
+    }
+    for (_, f) in &held.listeners {
+        let mut before = f.clone();
+        before.ifindex = ifindex;
+        removed.insert((f.priority, f.handle));
+        steps.push(delete_in_root_table("delete-filter", &dev, before));
+    }
+    // The last node of a bucket or a band takes their tables and links with it.
+    if let Rule::Nodes { band, .. } = rule {
+        let emptied =
+            bands::delete_emptied(shaped, *band, &removed, &BTreeSet::new(), (&dev, ifindex));
+        steps.extend(emptied);
+    }
+    for prio in emptied_listener_priorities(shaped, &removed, &BTreeSet::new()) {
+        steps.push(delete_priority(ifindex, prio, &dev));
+    }
+    if let Some(minor) = class_minor {
+        let mut before = shaped.classes[&minor].class.clone();
+        before.parent = shaping::root_handle();
+        steps.push(Step::delete("delete-class", &dev, before));
+    }
+    // Shared scaffolding goes only when nothing managed is left on it.
+    let classes_left = shaped.classes.len() - usize::from(class_minor.is_some());
+    let nodes_left = shaped.node_count()
+        + shaped.listeners.len()
+        + shaped.marks.len()
+        + usize::from(shaped.baseline.is_some())
+        - removed.len();
+    let empty = classes_left == 0 && nodes_left == 0 && shaped.unrecognised.is_empty();
+    if empty {
+        let root = shaping::root_qdisc(ifindex);
+        steps.push(Step::delete("delete-root-qdisc", &dev, root));
+        if !req.on_egress() {
+            remove_upload_scaffolding(obs, &mut steps);
+        }
+    } else if !req.on_egress() {
+        // The last outbound download on the IFB: arriving packets keep their own marks again.
+        let marks_left = shaped
+            .marks
+            .keys()
+            .any(|v| !removed.contains(&(shaping::BAND_OUTBOUND, *v)));
+        let redirect = obs.hook.as_ref().and_then(|h| h.redirect.as_ref());
+        if let Some((f, _)) = redirect.filter(|(f, _)| restores_mark(&f.filter) && !marks_left) {
+            steps.extend(swap_redirect(obs, &f.filter, false));
+        }
+    }
+    d.reason = match (
+        held.filters.is_empty() && held.listeners.is_empty() && marks.is_empty(),
+        empty,
+    ) {
+        (false, true) => {
+            "the rule was observed; it was the last managed rule here, so the shared root goes too"
+                .into()
+        }
+        (false, false) => "the rule was observed; other managed rules stay".into(),
+        (true, _) => {
+            "only the subject's class was left (its filter was gone); it is removed".into()
+        }
+    };
+    d.steps = steps;
+}

@@ -53,6 +53,13 @@ pub struct LimitArgs {
     pub remove: bool,
     #[command(flatten)]
     pub runtime: RuntimeArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+/// How a run is made and reported (limit, apply and watch).
+#[derive(Args, Debug, Default, Clone, Copy)]
+pub struct RunArgs {
     /// Change the kernel (the default is a dry-run that only plans).
     #[arg(long)]
     pub execute: bool,
@@ -291,7 +298,7 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
             Some(r) => Want::Limit(policy::parse_rate(r).map_err(UsageError)?),
         }
     };
-    if a.allow_missing_tc_state && !a.execute {
+    if a.run.allow_missing_tc_state && !a.run.execute {
         return usage("--allow-missing-tc-state only matters with --execute".into());
     }
     let target = target.expect("every target flag gives a target");
@@ -364,8 +371,8 @@ pub fn run(netns: Option<&str>, a: &LimitArgs, v: Validated) -> Result<Report, L
         netns,
         &v.selection,
         &v.wanted.device,
-        a.execute,
-        a.allow_missing_tc_state,
+        a.run.execute,
+        a.run.allow_missing_tc_state,
     )?;
     let staged = engine.resolve(&v.wanted);
     let mut run = engine.commit();

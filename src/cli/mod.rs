@@ -186,7 +186,7 @@ fn run_limit(netns: Option<&str>, args: &limit::LimitArgs) -> i32 {
     };
     match limit::run(netns, args, v) {
         Ok(report) => {
-            match args.format {
+            match args.run.format {
                 Format::Text => print!("{}", report.text()),
                 Format::Json => println!(
                     "{}",

@@ -28,7 +28,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::limit::{self, LimitArgs, LimitError, RuntimeArgs, Validated};
+use super::limit::{self, LimitArgs, LimitError, RunArgs, RuntimeArgs, Validated};
 use super::report::Report;
 use super::{Format, UsageError};
 use crate::engine::prune::{self, Listed};
@@ -43,14 +43,8 @@ pub struct ApplyArgs {
     /// Also remove the runtime's managed limits that the file does not list.
     #[arg(long)]
     pub prune: bool,
-    /// Change the kernel (the default is a dry-run that only plans).
-    #[arg(long)]
-    pub execute: bool,
-    /// Execute even when the current tc state cannot be observed or compared.
-    #[arg(long)]
-    pub allow_missing_tc_state: bool,
-    #[arg(long, value_enum, default_value_t = Format::Text)]
-    pub format: Format,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 /// The keys one limit may have: `limit`'s flags without the dashes.
@@ -144,9 +138,7 @@ fn validate(policy: &Value, a: &ApplyArgs) -> Result<Vec<Validated>, UsageError>
                 name: selection.name.clone(),
                 source: selection.source.clone(),
             },
-            execute: a.execute,
-            allow_missing_tc_state: a.allow_missing_tc_state,
-            format: a.format,
+            run: a.run,
         };
         out.push(limit::validate(&args).map_err(|UsageError(m)| at(m))?);
     }
@@ -186,8 +178,8 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             netns,
             &first.selection,
             device,
-            a.execute,
-            a.allow_missing_tc_state,
+            a.run.execute,
+            a.run.allow_missing_tc_state,
         );
         let mut engine = match opened {
             Ok(e) => e,
@@ -259,7 +251,7 @@ fn render(a: &ApplyArgs, reports: &[(String, Report)], pruned: &[(String, Report
     );
     // Written as it is rendered, one limit at a time: a policy may list thousands.
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let written = match a.format {
+    let written = match a.run.format {
         Format::Json => write_json(&mut out, a, reports, pruned, &summary),
         Format::Text => write_text(&mut out, reports, pruned, &summary),
     };
@@ -287,7 +279,7 @@ fn write_json(
     write!(
         out,
         "{{\n\"mode\": {},\n\"operation\": \"apply\",\n\"file\": {}",
-        text(&json!(if a.execute { "execute" } else { "dry-run" })),
+        text(&json!(if a.run.execute { "execute" } else { "dry-run" })),
         text(&json!(a.file.display().to_string()))
     )?;
     // One runtime for the whole file: given once, not in every limit's report.

@@ -95,7 +95,7 @@ pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    let execute = args.limit.execute;
+    let execute = args.limit.run.execute;
     let w = &v.wanted;
     log(&format!(
         "watching {} {} on {} every {:?} (grace {:?}){}",

@@ -6,7 +6,7 @@ use std::rc::Rc;
 
 use serde_json::{json, Value};
 
-use super::resolution;
+use super::resolution::{self, EvidenceView};
 use crate::engine::resolve::{PerIpExpansion, Staged};
 use crate::engine::{Committed, Decided, Engine, Kernel, Outcome, RootSeen, Status, StepResult};
 use crate::model::Link;
@@ -23,26 +23,6 @@ pub struct LimitReport {
     pub decided: Decided,
     /// The live evidence or config the subject was resolved with.
     pub evidence: Option<EvidenceView>,
-}
-
-/// Evidence as a report shows it: labelled lines for text, a value for JSON.
-#[derive(Debug, Clone, Default)]
-pub struct EvidenceView {
-    pub lines: Vec<(String, String)>,
-    pub json: Value,
-}
-
-impl EvidenceView {
-    pub fn line(&mut self, label: &str, value: impl Into<String>) {
-        self.lines.push((label.to_string(), value.into()));
-    }
-
-    fn text(&self, w: &mut String) {
-        let _ = writeln!(w, "\nEvidence:");
-        for (label, value) in &self.lines {
-            let _ = writeln!(w, "{label}: {value}");
-        }
-    }
 }
 
 fn describe_root(root: &RootSeen, shaped_device: &str) -> String {

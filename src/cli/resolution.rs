@@ -1,11 +1,32 @@
 //! How a resolution is shown in a report: the evidence and config lines each family read.
 
-use serde_json::json;
+use std::fmt::Write as _;
 
-use super::report::EvidenceView;
+use serde_json::{json, Value};
+
 use crate::engine::resolve::Resolution;
 use crate::evidence::Evidence;
 use crate::xray::config::L4;
+
+/// Evidence as a report shows it: labelled lines for text, a value for JSON.
+#[derive(Debug, Clone, Default)]
+pub struct EvidenceView {
+    pub lines: Vec<(String, String)>,
+    pub json: Value,
+}
+
+impl EvidenceView {
+    pub fn line(&mut self, label: &str, value: impl Into<String>) {
+        self.lines.push((label.to_string(), value.into()));
+    }
+
+    pub fn text(&self, w: &mut String) {
+        let _ = writeln!(w, "\nEvidence:");
+        for (label, value) in &self.lines {
+            let _ = writeln!(w, "{label}: {value}");
+        }
+    }
+}
 
 /// The evidence section for a resolution; none when nothing was resolved.
 pub fn view(resolution: &Resolution) -> Option<EvidenceView> {

@@ -18,7 +18,7 @@ impl Host {
         Host {
             ns,
             runtime,
-            state: StateDir::new(tag),
+            state: state_dir(tag),
             dir: temp_dir(&format!("{tag}-policy")),
         }
     }

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use raylimit::netlink::tc::*;
 use raylimit::netlink::u32::{End, U32Filter, U32Selector};
@@ -12,15 +10,7 @@ use raylimit::netlink::{TcHandle, U32Handle};
 use raylimit::shaping::leaf_class;
 
 fn raylimit(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_raylimit"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    raylimit_env(args, &[])
 }
 
 #[test]

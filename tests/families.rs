@@ -73,7 +73,7 @@ impl Chain {
             .replace("ALICE", ALICE);
         std::fs::write(dir.join("server.json"), server_cfg).unwrap();
         std::fs::write(dir.join("client.json"), client_cfg).unwrap();
-        let v2ray = std::path::Path::new("/usr/bin/v2ray");
+        let v2ray = std::path::Path::new(V2RAY_BIN);
         let client_path = dir.join("client.json").to_string_lossy().into_owned();
         let server_path = dir.join("server.json").to_string_lossy().into_owned();
         let client_runtime =
@@ -94,7 +94,7 @@ impl Chain {
             runtime,
             _client_runtime: client_runtime,
             target,
-            state: StateDir::new(tag),
+            state: state_dir(tag),
         }
     }
 

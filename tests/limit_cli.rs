@@ -23,7 +23,7 @@ impl Host {
         Host {
             ns,
             runtime,
-            state: StateDir::new(tag),
+            state: state_dir(tag),
         }
     }
 
@@ -519,7 +519,10 @@ fn text_and_json_reports_carry_every_section() {
     assert_eq!(v["rate_bytes_per_second"], 524288);
     assert_eq!(v["decision"]["kind"], "apply");
     assert_eq!(v["runtime"]["source"], "host_process");
-    assert_eq!(v["runtime"]["host_process"]["pid"], h.runtime.child.id());
+    assert_eq!(
+        v["runtime"]["host_process"]["pid"],
+        h.runtime.process.child.id()
+    );
     assert!(v["runtime"]["owner"]
         .as_str()
         .unwrap()

@@ -37,7 +37,7 @@ impl Setup {
         Setup {
             pair,
             runtime,
-            state: StateDir::new(tag),
+            state: state_dir(tag),
         }
     }
 

@@ -16,10 +16,6 @@ use raylimit::netlink::nft::{
 };
 use raylimit::netlink::TcHandle;
 
-fn path(ns: &Netns) -> String {
-    format!("/run/netns/{}", ns.name)
-}
-
 fn nft_cmd(ns: &Netns, args: &[&str]) -> String {
     let mut full = vec!["ip", "netns", "exec", &ns.name, "nft"];
     full.extend_from_slice(args);
@@ -46,7 +42,7 @@ fn table_chains_and_rules_round_trip_and_batches_are_atomic() {
     let ns = Netns::new("nft");
     ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
     let oif = ns.ifindex("v0");
-    let p = path(&ns);
+    let p = ns.path();
 
     // Nothing yet: a missing table is no error.
     assert_eq!(nft::dump(Some(&p)).unwrap(), NftState::default());
@@ -299,7 +295,7 @@ fn meta_priority_in_postrouting_puts_marked_packets_in_the_htb_class() {
         },
         tag: tag("traffic"),
     });
-    let p = path(sender);
+    let p = sender.path();
     nft::apply(Some(&p), &ops).expect("apply");
     // Test-only oracle for the saved conntrack mark: the receiver's ACKs belong to the same
     // connection, so on input they carry the ct mark that save_mark wrote on output.

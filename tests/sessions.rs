@@ -74,7 +74,7 @@ impl Setup {
             .replace("ALICE", ALICE)
             .replace("BOB", BOB);
         std::fs::write(dir.join("client.json"), client_cfg).unwrap();
-        let v2ray = std::path::Path::new("/usr/bin/v2ray");
+        let v2ray = std::path::Path::new(V2RAY_BIN);
         let server_path = dir.join("server.json");
         let client_path = dir.join("client.json");
         let client = Launched::start(
@@ -99,7 +99,7 @@ impl Setup {
             server,
             _client: client,
             target,
-            state: StateDir::new(tag),
+            state: state_dir(tag),
         }
     }
 

@@ -54,10 +54,6 @@ fn connection(bind: &str, connect: &str) -> (TcpListener, TcpStream, TcpStream) 
     (listener, client, accepted)
 }
 
-fn netns_path(ns: &Netns) -> String {
-    format!("/run/netns/{}", ns.name)
-}
-
 fn dump(netns_path: Option<&str>, transport: Transport, states: u32) -> Vec<InetSocket> {
     let mut sock = sock_diag::open(netns_path).unwrap();
     sock_diag::dump(&mut sock, transport, states).unwrap()
@@ -110,7 +106,7 @@ fn established_tcp_sockets_match_the_sockets_procfs_and_ss() {
     })
     .unwrap();
     let dumped = dump(
-        Some(&netns_path(&ns)),
+        Some(&ns.path()),
         Transport::Tcp,
         state_mask(&[TCP_ESTABLISHED]),
     );
@@ -158,7 +154,7 @@ fn udp_sockets_connected_and_not() {
     })
     .unwrap();
     let dumped = dump(
-        Some(&netns_path(&ns)),
+        Some(&ns.path()),
         Transport::Udp,
         state_mask(&[TCP_ESTABLISHED, TCP_CLOSE]),
     );
@@ -210,7 +206,7 @@ fn a_namespace_entered_by_path_shows_its_sockets_only() {
     let task_path = format!("/proc/{}/task/{tid}/ns/net", std::process::id());
 
     let established = state_mask(&[TCP_ESTABLISHED]);
-    let by_name = inodes(&dump(Some(&netns_path(&ns)), Transport::Tcp, established));
+    let by_name = inodes(&dump(Some(&ns.path()), Transport::Tcp, established));
     let by_task = inodes(&dump(Some(&task_path), Transport::Tcp, established));
     done_tx.send(()).unwrap();
     parked.join().unwrap();

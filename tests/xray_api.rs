@@ -14,15 +14,11 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::fake_xray::{alice_online, FakeXray};
-use common::{temp_dir, Launched, Netns, Pair};
+use common::{temp_dir, Launched, Netns, Pair, V2RAY_BIN};
 use raylimit::xray::api::{ApiClient, ApiError, UserTraffic, V2RAY_SERVICE, XRAY_SERVICE};
 use raylimit::xray::locate::Flavour;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-fn netns_path(ns: &Netns) -> String {
-    format!("/run/netns/{}", ns.name)
-}
 
 /// A loopback port nothing in this (the test's) namespace listens on.
 fn free_host_port() -> u16 {
@@ -46,7 +42,7 @@ fn xray_calls_through_the_namespace() {
         SocketAddr::from(([127, 0, 0, 1], port)),
         alice_online(),
     );
-    let path = netns_path(&ns);
+    let path = ns.path();
 
     let mut api = ApiClient::connect(server.addr, Some(&path), Flavour::Xray, TIMEOUT)
         .expect("connect inside the namespace");
@@ -148,7 +144,7 @@ fn ipv6_endpoint() {
     );
     assert!(server.addr.is_ipv6());
     let mut api =
-        ApiClient::connect(server.addr, Some(&netns_path(&ns)), Flavour::Xray, TIMEOUT).unwrap();
+        ApiClient::connect(server.addr, Some(&ns.path()), Flavour::Xray, TIMEOUT).unwrap();
     assert_eq!(
         api.online_users().unwrap(),
         vec!["alice@example.com", "bob@example.com"]
@@ -170,7 +166,7 @@ fn silent_listener_times_out() {
     let addr = rx.recv_timeout(Duration::from_secs(5)).unwrap();
     let timeout = Duration::from_millis(800);
     let start = Instant::now();
-    let result = ApiClient::connect(addr, Some(&netns_path(&ns)), Flavour::Xray, timeout)
+    let result = ApiClient::connect(addr, Some(&ns.path()), Flavour::Xray, timeout)
         .and_then(|mut api| api.user_traffic());
     let took = start.elapsed();
     match result {
@@ -224,7 +220,7 @@ fn start_v2ray(ns: &Netns) -> Launched {
     std::fs::write(dir.join("config.json"), config).unwrap();
     let rt = Launched::start(
         ns,
-        std::path::Path::new("/usr/bin/v2ray"),
+        std::path::Path::new(V2RAY_BIN),
         &["-config", "config.json"],
         &dir,
         &[],
@@ -339,7 +335,7 @@ fn real_v2ray_434() {
     // Over IPv6, through the namespace's bind mount this time.
     let mut api6 = ApiClient::connect(
         SocketAddr::from((Ipv6Addr::LOCALHOST, API_PORT)),
-        Some(&netns_path(&ns)),
+        Some(&ns.path()),
         Flavour::Xray,
         TIMEOUT,
     )
@@ -397,7 +393,7 @@ fn unanswered_connect_times_out() {
     let start = Instant::now();
     let result = ApiClient::connect(
         SocketAddr::from(([10, 99, 0, 77], API_PORT)),
-        Some(&netns_path(&pair.client)),
+        Some(&pair.client.path()),
         Flavour::Xray,
         timeout,
     );

@@ -35,7 +35,7 @@ use serde_json::{json, Value};
 #[path = "../tests/common/kit/mod.rs"]
 mod kit;
 
-use kit::{Netns, NetnsOptions, TempDir, V2ray};
+use kit::{need, Netns, NetnsOptions, TempDir, V2ray};
 
 const NS_PREFIX: &str = "rlb-";
 const DEVICE: &str = "bench0";
@@ -1246,9 +1246,8 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("bench: reconcile needs root (network namespaces, tc); run it as root");
+    if let Some(line) = kit::missing(&[need::RUNTIME_HOST, need::DOWNLOAD]) {
+        eprintln!("bench: {line}");
         std::process::exit(1);
     }
     install_handlers();

@@ -15,6 +15,7 @@ fn raylimit(args: &[&str]) -> (i32, String, String) {
 
 #[test]
 fn netns_option_reads_objects_inside_the_namespace() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::VETH]]);
     let ns = Netns::new("cli");
     ns.ip(&[
         "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
@@ -121,6 +122,7 @@ fn errors_are_one_line_and_exit_codes_follow_the_contract() {
 /// With an empty PATH under `strace -f -e trace=execve`, the only execve is raylimit's own.
 #[test]
 fn never_starts_another_process() {
+    require(&[need::NAMESPACE, &[need::STRACE]]);
     let ns = Netns::new("exec");
     let execs = execve_trace(&["--netns", &ns.name, "show", "--device", "lo"], None);
     assert_eq!(execs.len(), 1, "{execs:?}");

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{raylimit_env, state_dir, temp_dir, Launched, Netns, V2RAY_BIN};
+use common::{need, raylimit_env, require, state_dir, temp_dir, Launched, Netns, V2RAY_BIN};
 use serde_json::Value;
 
 const NO_ENGINE: (&str, &str) = (
@@ -115,6 +115,7 @@ fn blocked(list: &Value, tag: &str, needle: &str) {
 
 #[test]
 fn discover_and_inspect_real_runtimes() {
+    require(&[need::NAMESPACE, &[need::VETH, need::V2RAY]]);
     let ns = Netns::new("disc");
     let (xray, dir) = start_xray(&ns, "127.0.0.1");
     // A second copy named xray, found through config.json in its working directory.
@@ -468,6 +469,10 @@ impl Drop for ContainerCgroup {
 
 #[test]
 fn a_container_runtime_is_listed_once_under_its_name() {
+    require(&[
+        need::NAMESPACE,
+        &[need::VETH, need::V2RAY, need::PIDS_CGROUP],
+    ]);
     let ns = Netns::new("ctr");
     let id = "c0ffee".repeat(10) + "c0ff";
     assert_eq!(id.len(), 64);
@@ -631,6 +636,7 @@ fn a_container_runtime_is_listed_once_under_its_name() {
 
 #[test]
 fn a_restarted_runtime_keeps_its_limits() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::VETH, need::V2RAY]]);
     let ns = Netns::new("restart");
     ns.ip(&["link", "add", "rl0", "type", "veth", "peer", "name", "rl1"]);
     let state = state_dir("restart");

@@ -10,7 +10,7 @@ mod common;
 use std::net::{SocketAddrV4, TcpStream};
 use std::os::fd::FromRawFd;
 
-use common::{assert_within_10_percent, measure_tcp_with, Netns, Pair, CLIENT_IP};
+use common::{assert_within_10_percent, measure_tcp_with, need, require, Netns, Pair, CLIENT_IP};
 use raylimit::netlink::nft::{
     self, ManagedRule, NftOp, NftRule, NftState, Tag, CHAIN_CLASSIFY, CHAIN_SAVE,
 };
@@ -39,6 +39,7 @@ fn scaffolding() -> Vec<NftOp> {
 
 #[test]
 fn table_chains_and_rules_round_trip_and_batches_are_atomic() {
+    require(&[need::NAMESPACE, &[need::NFT, need::VETH, need::NF_TABLES]]);
     let ns = Netns::new("nft");
     ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
     let oif = ns.ifindex("v0");
@@ -262,6 +263,10 @@ fn connect_marked(addr: SocketAddrV4, mark: Option<u32>) -> std::io::Result<TcpS
 
 #[test]
 fn meta_priority_in_postrouting_puts_marked_packets_in_the_htb_class() {
+    require(&[
+        need::NAMESPACE,
+        &[need::TC, need::NFT, need::VETH, need::HTB, need::NF_TABLES],
+    ]);
     const RATE: u64 = 250_000;
     const MARK: u32 = 0x2a;
     let pair = Pair::new("nftq");

@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{run, Netns};
+use common::{need, require, run, Netns};
 use raylimit::netlink::sock_diag::{
     self, state_mask, InetSocket, Transport, TCP_CLOSE, TCP_ESTABLISHED,
 };
@@ -95,6 +95,7 @@ fn ss(ns: &Netns, args: &[&str]) -> Vec<SsLine> {
 
 #[test]
 fn established_tcp_sockets_match_the_sockets_procfs_and_ss() {
+    require(&[need::NAMESPACE, &[need::SS]]);
     let ns = Netns::new("sd");
     // IPv4, IPv6, and an IPv4 client accepted by a dual-stack IPv6 listener (a v4-mapped socket).
     let conns = in_netns(&ns.name, || {
@@ -145,6 +146,7 @@ fn established_tcp_sockets_match_the_sockets_procfs_and_ss() {
 
 #[test]
 fn udp_sockets_connected_and_not() {
+    require(&[need::NAMESPACE, &[need::SS]]);
     let ns = Netns::new("sdu");
     let (unconnected, connected) = in_netns(&ns.name, || {
         let unconnected = UdpSocket::bind("127.0.0.1:0")?;
@@ -188,6 +190,7 @@ fn udp_sockets_connected_and_not() {
 
 #[test]
 fn a_namespace_entered_by_path_shows_its_sockets_only() {
+    require(&[need::NAMESPACE]);
     let ns = Netns::new("sdp");
     let (_l, inside, _a) =
         in_netns(&ns.name, || Ok(connection("127.0.0.1:0", "127.0.0.1:0"))).unwrap();

@@ -14,7 +14,7 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::fake_xray::{alice_online, FakeXray};
-use common::{temp_dir, Launched, Netns, Pair, V2RAY_BIN};
+use common::{need, require, temp_dir, Launched, Netns, Pair, V2RAY_BIN};
 use raylimit::xray::api::{ApiClient, ApiError, UserTraffic, V2RAY_SERVICE, XRAY_SERVICE};
 use raylimit::xray::locate::Flavour;
 
@@ -35,6 +35,7 @@ fn v4(s: &str) -> IpAddr {
 
 #[test]
 fn xray_calls_through_the_namespace() {
+    require(&[need::NAMESPACE]);
     let ns = Netns::new("xapi");
     let port = free_host_port();
     let server = FakeXray::start(
@@ -136,6 +137,7 @@ fn xray_calls_through_the_namespace() {
 
 #[test]
 fn ipv6_endpoint() {
+    require(&[need::NAMESPACE]);
     let ns = Netns::new("xapi6");
     let server = FakeXray::start(
         &ns,
@@ -153,6 +155,7 @@ fn ipv6_endpoint() {
 
 #[test]
 fn silent_listener_times_out() {
+    require(&[need::NAMESPACE]);
     // A listener that never accepts: the kernel completes the TCP handshake, but nothing ever
     // speaks HTTP/2, so the handshake or the first call runs out of time.
     let ns = Netns::new("xapis");
@@ -288,6 +291,7 @@ fn alice_traffic(ns: &Netns, up: usize, down: usize) -> usize {
 
 #[test]
 fn real_v2ray_434() {
+    require(&[need::NAMESPACE, &[need::V2RAY]]);
     let ns = Netns::new("xapiv");
     let v2ray = start_v2ray(&ns);
     let proc_ns = format!("/proc/{}/ns/net", v2ray.pid());
@@ -375,6 +379,7 @@ fn real_v2ray_434() {
 
 #[test]
 fn unanswered_connect_times_out() {
+    require(&[need::NAMESPACE, &[need::VETH]]);
     // The client's namespace sends to 10.99.0.77 through a permanent neighbour entry with a MAC
     // no one has: the SYN leaves and is dropped on the other side, so nothing ever answers.
     let pair = Pair::new("xapit");

@@ -1,6 +1,6 @@
 //! Test support: private network namespaces (always removed), topology built with `ip` (tests may
 //! use iproute2; the product never does), and bounded TCP traffic between namespaces. The pieces
-//! benches share (namespaces, processes, directories) are in [`kit`]; what
+//! benches share (what a test needs, namespaces, processes, directories) are in [`kit`]; what
 //! needs the raylimit library (netlink sockets inside a namespace) is added here.
 #![allow(dead_code, unused_imports)]
 
@@ -19,6 +19,7 @@ use raylimit::netlink::socket::in_netns;
 use raylimit::netlink::RtSocket;
 
 pub use connect_from::connect_from;
+pub use kit::need::{self, require};
 pub use kit::process::{Process as Launched, V2RAY_BIN};
 pub use kit::{run, Netns, TempDir, V2ray};
 
@@ -44,6 +45,7 @@ impl Netns {
 
 /// A namespace with a veth pair `veth-a`/`veth-b` (both up) to shape on, and a real runtime.
 pub fn veth_host(tag: &str) -> (Netns, V2ray) {
+    require(&[need::NAMESPACE, &[need::VETH, need::V2RAY]]);
     let ns = Netns::new(tag);
     ns.ip(&[
         "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
@@ -66,6 +68,7 @@ pub const CLIENT_IP: &str = "10.99.0.2";
 
 impl Pair {
     pub fn new(tag: &str) -> Self {
+        require(&[need::NAMESPACE, &[need::VETH]]);
         let server = Netns::new(&format!("{tag}s"));
         let client = Netns::new(&format!("{tag}c"));
         server.ip(&[
@@ -222,6 +225,7 @@ pub fn execve_trace(args: &[&str], state: Option<&StateDir>) -> Vec<String> {
 /// environment but for an empty PATH and `RAYLIMIT_STATE_DIR` (when given); asserts it succeeded
 /// and returns the trace lines of those calls.
 pub fn syscall_trace(args: &[&str], state: Option<&StateDir>, syscalls: &[&str]) -> Vec<String> {
+    require(&[&[need::STRACE]]);
     let log = std::env::temp_dir().join(format!("{}.log", kit::unique("raylimit-strace")));
     let mut cmd = Command::new(kit::STRACE_BIN);
     cmd.args([

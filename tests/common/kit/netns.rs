@@ -5,6 +5,7 @@
 use std::ffi::OsStr;
 use std::process::{Command, Stdio};
 
+use super::need::{self, require};
 use super::process::{die_with_parent, output, unique};
 
 /// How a namespace treats the processes tied to it.
@@ -25,9 +26,11 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// A test's namespace, `rlt-TAG-PID-N`, with `lo` up.
+    /// A test's namespace, `rlt-TAG-PID-N`, with `lo` up; fails the test with one line when
+    /// root or `ip` is missing.
     #[track_caller]
     pub fn new(tag: &str) -> Netns {
+        require(&[need::NAMESPACE]);
         Netns::create(format!("rlt-{}", unique(tag)), NetnsOptions::default())
             .unwrap_or_else(|e| panic!("{e}"))
     }

@@ -8,6 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
+use super::need::{self, require};
 use super::netns::Netns;
 
 /// Debian's v2ray (scripts/setup.sh installs it): the real runtime of tests and benches.
@@ -218,6 +219,7 @@ impl V2ray {
     /// process's own.
     #[track_caller]
     pub fn start(ns: &Netns) -> V2ray {
+        require(&[&[need::V2RAY]]);
         let config = std::env::temp_dir().join(format!("{}-v2ray-{}.json", ns.name, next()));
         let port = 10000 + next() % 50000;
         V2ray::start_with(ns, config, port as u16, &|| false).unwrap_or_else(|e| panic!("{e}"))

@@ -10,7 +10,8 @@
 //!
 //!   cargo bench --bench classify
 //!
-//! Needs root (it makes its own network namespaces and removes them). Under
+//! Needs root (it makes its own network namespaces and removes them), ip, tc, and the htb and u32
+//! modules: it fails with one line naming what is missing. Under
 //! `cargo test --all-targets` it runs small and short, as a smoke test.
 
 #[path = "../tests/common/mod.rs"]
@@ -22,7 +23,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Instant;
 
 use common::plans::limit_all;
-use common::{run, Netns, Pair};
+use common::{need, require, run, Netns, Pair};
 use raylimit::shaping;
 
 /// Far above what the bench sends: HTB lets every packet straight through.
@@ -168,6 +169,7 @@ fn classified_packets(ns: &Netns) -> u64 {
 }
 
 fn main() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::TC, need::VETH]]);
     let bench = std::env::args().any(|a| a == "--bench");
     let scale = if bench {
         Scale {

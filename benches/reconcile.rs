@@ -32,6 +32,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+#[path = "../tests/common/kit/mod.rs"]
+mod kit;
+
+use kit::{need, Netns, NetnsOptions, TempDir, V2ray};
+
 const NS_PREFIX: &str = "rlb-";
 const DEVICE: &str = "bench0";
 const PEER: &str = "bench1";
@@ -106,23 +111,11 @@ fn check_interrupt() -> Res<()> {
 }
 
 /// A short helper command (ip, tc show): its stdout, or the failure with its stderr.
-fn sh(args: &[&str]) -> Res<String> {
+fn sh(cmd: &mut Command) -> Res<String> {
     check_interrupt()?;
-    let mut cmd = Command::new(args[0]);
-    cmd.args(&args[1..]).stdin(Stdio::null());
-    die_with_bench(&mut cmd);
-    let out = cmd
-        .output()
-        .map_err(|e| Failure::Broken(format!("{args:?}: {e}")))?;
+    let out = kit::output(cmd).map_err(Failure::Broken)?;
     check_interrupt()?;
-    if !out.status.success() {
-        return broken(format!(
-            "{}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    Ok(out)
 }
 
 /// One finished child: exit code (negative: killed by that signal), wall time from spawn to
@@ -139,7 +132,7 @@ fn run_timed(cmd: &mut Command, out: Stdio, err: &Path, timeout: Duration, what:
     check_interrupt()?;
     let err = File::create(err).map_err(|e| Failure::Broken(format!("{what}: {e}")))?;
     cmd.stdin(Stdio::null()).stdout(out).stderr(err);
-    die_with_bench(cmd);
+    kit::process::die_with_parent(cmd);
     ALARMED.store(false, Ordering::SeqCst);
     let start = Instant::now();
     let child = cmd
@@ -196,124 +189,14 @@ fn run_timed(cmd: &mut Command, out: Stdio, err: &Path, timeout: Duration, what:
     })
 }
 
-/// A child that outlives a SIGKILLed bench would go on changing the namespace (or keep the
-/// runtime alive): the kernel kills it when the bench dies.
-fn die_with_bench(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: prctl is async-signal-safe and touches nothing of the parent's.
-    unsafe {
-        cmd.pre_exec(|| {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-}
-
-/// A directory for policies, outputs and the state file; removed on drop.
-struct WorkDir(PathBuf);
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// The bench's network namespace; on drop, whatever still runs in it is killed (only ever
-/// processes this bench started) and the namespace is deleted.
-struct Netns(String);
-
-impl Netns {
-    fn pids(name: &str) -> Vec<libc::pid_t> {
-        let out = Command::new("ip")
-            .args(["netns", "pids", name])
-            .stderr(Stdio::null())
-            .output();
-        out.map(|o| {
-            String::from_utf8_lossy(&o.stdout)
-                .split_whitespace()
-                .filter_map(|p| p.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
-    }
-
-    fn remove(name: &str) {
-        for pid in Self::pids(name) {
-            // SAFETY: plain kill of a process inside the bench's own namespace.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", name])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        Netns::remove(&self.0);
-    }
-}
-
-/// Debian's v2ray in the namespace, killed and reaped on drop.
-struct Runtime {
-    child: std::process::Child,
-}
-
-impl Drop for Runtime {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Whether the bench that named something `rlb-<pid>` still runs (a live, not zombie,
-/// reconcile process with that pid).
-fn owner_alive(name: &str) -> bool {
-    let owner = name.strip_prefix(NS_PREFIX).unwrap_or("");
-    owner.parse::<u32>().is_ok_and(|pid| {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-        let zombie = stat
-            .rsplit_once(") ")
-            .map(|(_, rest)| rest.starts_with('Z'));
-        stat.contains("(reconcile") && zombie == Some(false)
-    })
-}
-
-/// Namespaces and directories of earlier bench runs whose process is gone (SIGKILLed, say).
-fn remove_leftovers() {
-    if let Ok(out) = Command::new("ip").args(["netns", "list"]).output() {
-        for line in String::from_utf8_lossy(&out.stdout).lines() {
-            let name = line.split_whitespace().next().unwrap_or("");
-            if name.starts_with(NS_PREFIX) && !owner_alive(name) {
-                eprintln!("bench: removing leftover namespace {name}");
-                Netns::remove(name);
-            }
-        }
-    }
-    for entry in std::fs::read_dir(std::env::temp_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = name
-            .strip_prefix(NS_PREFIX)
-            .is_some_and(|p| p.parse::<u32>().is_ok());
-        if ours && !owner_alive(&name) {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
-}
-
 /// The namespace, its device, the runtime and a private state directory. Fields drop in order:
-/// the runtime first, then the namespace, then the files.
+/// the runtime first, then the namespace (what still runs inside killed), then the files. Every
+/// child the bench starts dies with it (a SIGKILLed bench leaves nothing changing the namespace or
+/// keeping the runtime alive); what a killed run leaves is removed by the next one.
 struct Host {
-    runtime: Runtime,
+    runtime: V2ray,
     ns: Netns,
-    dir: WorkDir,
+    dir: TempDir,
     bin: PathBuf,
     timeout: Duration,
 }
@@ -321,56 +204,23 @@ struct Host {
 impl Host {
     fn new(bin: PathBuf, timeout: Duration) -> Res<Host> {
         let name = format!("{NS_PREFIX}{}", std::process::id());
-        let dir = WorkDir(std::env::temp_dir().join(&name));
-        let _ = std::fs::remove_dir_all(&dir.0);
+        let dir = TempDir::fresh(std::env::temp_dir().join(&name)).map_err(Failure::Broken)?;
         std::fs::create_dir_all(dir.0.join("state"))
             .map_err(|e| Failure::Broken(format!("{}: {e}", dir.0.display())))?;
-        sh(&["ip", "netns", "add", &name])?;
-        let ns = Netns(name.clone());
-        sh(&["ip", "-n", &name, "link", "set", "lo", "up"])?;
-        sh(&[
-            "ip", "-n", &name, "link", "add", DEVICE, "type", "veth", "peer", "name", PEER,
-        ])?;
-        sh(&["ip", "-n", &name, "link", "set", DEVICE, "up"])?;
-        sh(&["ip", "-n", &name, "link", "set", PEER, "up"])?;
-        let config = dir.0.join("v2ray.json");
-        std::fs::write(
-            &config,
-            r#"{"log":{"loglevel":"warning"},
-                "inbounds":[{"tag":"socks-in","listen":"127.0.0.1","port":10808,"protocol":"socks","settings":{"udp":false}}],
-                "outbounds":[{"tag":"direct","protocol":"freedom"}]}"#,
-        )
-        .map_err(|e| Failure::Broken(format!("{}: {e}", config.display())))?;
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &name, "/usr/bin/v2ray", "-config"])
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        die_with_bench(&mut cmd);
-        let child = cmd
-            .spawn()
-            .map_err(|e| Failure::Broken(format!("v2ray (scripts/setup.sh installs it): {e}")))?;
-        let mut runtime = Runtime { child };
-        // Up once `ip netns exec` has exec'd it and it is still running.
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            check_interrupt()?;
-            if let Ok(Some(st)) = runtime.child.try_wait() {
-                return broken(format!("v2ray exited at start: {st}"));
-            }
-            let comm = std::fs::read_to_string(format!("/proc/{}/comm", runtime.child.id()))
-                .unwrap_or_default();
-            if comm.trim() == "v2ray" {
-                break;
-            }
-            if Instant::now() > deadline {
-                return broken("v2ray did not start within 10 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        check_interrupt()?;
+        let options = NetnsOptions {
+            kill_inside: true,
+            die_with_parent: true,
+        };
+        let ns = Netns::create(name, options).map_err(Failure::Broken)?;
+        sh(&mut ns.ip_command(&["link", "add", DEVICE, "type", "veth", "peer", "name", PEER]))?;
+        sh(&mut ns.ip_command(&["link", "set", DEVICE, "up"]))?;
+        sh(&mut ns.ip_command(&["link", "set", PEER, "up"]))?;
+        let interrupted = || INTERRUPTED.load(Ordering::SeqCst);
+        let runtime = V2ray::start_with(&ns, dir.0.join("v2ray.json"), 10808, &interrupted);
+        check_interrupt()?;
         Ok(Host {
-            runtime,
+            runtime: runtime.map_err(Failure::Broken)?,
             ns,
             dir,
             bin,
@@ -383,9 +233,7 @@ impl Host {
     }
 
     fn tc(&self, args: &[&str]) -> Res<String> {
-        let mut full = vec!["tc", "-n", &self.ns.0];
-        full.extend_from_slice(args);
-        sh(&full)
+        sh(&mut self.ns.tc_command(args))
     }
 
     /// Deletes the device's root qdisc (and with it every class and filter) and forgets the
@@ -418,7 +266,7 @@ impl Host {
         let err_path = self.path(&format!("{what}.err"));
         let out = File::create(&out_path).map_err(|e| Failure::Broken(e.to_string()))?;
         let mut cmd = Command::new(&self.bin);
-        cmd.args(["--netns", &self.ns.0, "apply", "--file"])
+        cmd.args(["--netns", &self.ns.name, "apply", "--file"])
             .arg(self.path(policy))
             .args(["--format", "json"])
             .env("RAYLIMIT_STATE_DIR", self.path("state"));
@@ -868,7 +716,7 @@ fn ip_of(i: usize) -> std::net::Ipv4Addr {
 
 /// Writes the three policies for N: the limits, the same with one rate changed, and removal.
 fn write_policies(host: &Host, n: usize) -> Res<()> {
-    let pid = host.runtime.child.id();
+    let pid = host.runtime.process.child.id();
     let limit = |i: usize, rate: u64| json!({"ip": ip_of(i + 1).to_string(), "device": DEVICE, "direction": "download", "rate": rate});
     let rate = |i: usize| 125_000 + i as u64;
     let changed = n / 2;
@@ -1011,9 +859,8 @@ fn check_built(host: &Host, n: usize, what: &str, seen: &Seen) -> Res<Objects> {
 
 fn tc_batch(host: &Host, n: usize, seen: &Seen, timeout: Duration) -> Res<(f64, Objects)> {
     host.reset()?;
-    let mut cmd = Command::new("tc");
-    cmd.args(["-n", &host.ns.0, "-batch"])
-        .arg(host.path("batch.tc"));
+    let mut cmd = host.ns.tc_command(&["-batch"]);
+    cmd.arg(host.path("batch.tc"));
     let err = host.path("batch.err");
     let ran = run_timed(&mut cmd, Stdio::null(), &err, timeout, "tc -batch")?;
     if ran.code != 0 {
@@ -1046,8 +893,8 @@ fn tc_spawn(
                 timeout.as_secs()
             )));
         }
-        let mut cmd = Command::new("tc");
-        cmd.args(["-n", &host.ns.0]).args(words);
+        let mut cmd = host.ns.tc_command(&[]);
+        cmd.args(words);
         let ran = run_timed(&mut cmd, Stdio::null(), &err, left, "one tc per object").map_err(
             |f| match f {
                 Failure::Timeout(_) => Failure::Timeout(format!(
@@ -1399,13 +1246,14 @@ fn main() {
             std::process::exit(2);
         }
     };
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("bench: reconcile needs root (network namespaces, tc); run it as root");
+    if let Some(line) = kit::missing(&[need::RUNTIME_HOST, need::DOWNLOAD]) {
+        eprintln!("bench: {line}");
         std::process::exit(1);
     }
     install_handlers();
-    remove_leftovers();
+    for name in Netns::remove_leftovers(NS_PREFIX, "reconcile") {
+        eprintln!("bench: removed leftover namespace {name}");
+    }
     let wall = Instant::now();
     let mode = if cfg.smoke {
         "smoke (cargo test)"

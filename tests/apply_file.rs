@@ -18,7 +18,7 @@ impl Host {
         Host {
             ns,
             runtime,
-            state: StateDir::new(tag),
+            state: state_dir(tag),
             dir: temp_dir(&format!("{tag}-policy")),
         }
     }
@@ -84,6 +84,7 @@ rate = 80000
 
 #[test]
 fn a_policy_is_planned_applied_repeated_as_no_op_and_pruned() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
     let h = Host::new("apf");
     let before = h.kernel();
     let (code, out, err) = h.apply("p.json", THREE, &[]);
@@ -175,6 +176,7 @@ fn sends(h: &Host, name: &str, body: &str) -> usize {
 
 #[test]
 fn three_hundred_limits_go_to_the_kernel_in_a_few_sends_and_repeat_as_no_op() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD, &[need::STRACE]]);
     let h = Host::new("apb");
     let policy = many(300, "2mbit", "");
     // 300 classes and 300 address nodes (plus tables and links): far fewer sends than objects.
@@ -208,6 +210,7 @@ fn three_hundred_limits_go_to_the_kernel_in_a_few_sends_and_repeat_as_no_op() {
 
 #[test]
 fn a_failure_in_one_limit_undoes_the_whole_run() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let h = Host::new("apu");
     // A managed root holding a u32 table raylimit did not make, with the id raylimit's IPv6
     // address band uses, at another priority: the IPv6 limit's table cannot be created.

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::process::Command;
-
 use common::*;
 use raylimit::model::tc::*;
 use raylimit::model::u32::{End, U32Filter, U32Selector};
@@ -12,19 +10,12 @@ use raylimit::model::{TcHandle, U32Handle};
 use raylimit::shaping::leaf_class;
 
 fn raylimit(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_raylimit"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    raylimit_env(args, &[])
 }
 
 #[test]
 fn netns_option_reads_objects_inside_the_namespace() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::VETH]]);
     let ns = Netns::new("cli");
     ns.ip(&[
         "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
@@ -131,6 +122,7 @@ fn errors_are_one_line_and_exit_codes_follow_the_contract() {
 /// With an empty PATH under `strace -f -e trace=execve`, the only execve is raylimit's own.
 #[test]
 fn never_starts_another_process() {
+    require(&[need::NAMESPACE, &[need::STRACE]]);
     let ns = Netns::new("exec");
     let execs = execve_trace(&["--netns", &ns.name, "show", "--device", "lo"], None);
     assert_eq!(execs.len(), 1, "{execs:?}");

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{raylimit_env, temp_dir, Launched, Netns, StateDir};
+use common::{need, raylimit_env, require, state_dir, temp_dir, Launched, Netns, V2RAY_BIN};
 use serde_json::Value;
 
 const NO_ENGINE: (&str, &str) = (
@@ -55,7 +55,7 @@ fn start_xray(ns: &Netns, api_listen: &str) -> (Launched, PathBuf) {
     let dir = temp_dir("xray");
     fs::create_dir_all(dir.join("bin")).unwrap();
     fs::create_dir_all(dir.join("conf.d")).unwrap();
-    fs::copy("/usr/bin/v2ray", dir.join("bin/xray")).unwrap();
+    fs::copy(V2RAY_BIN, dir.join("bin/xray")).unwrap();
     fs::write(
         dir.join("main.yaml"),
         MAIN_YAML.replace("LISTEN", api_listen),
@@ -115,11 +115,12 @@ fn blocked(list: &Value, tag: &str, needle: &str) {
 
 #[test]
 fn discover_and_inspect_real_runtimes() {
+    require(&[need::NAMESPACE, &[need::VETH, need::V2RAY]]);
     let ns = Netns::new("disc");
     let (xray, dir) = start_xray(&ns, "127.0.0.1");
     // A second copy named xray, found through config.json in its working directory.
     let dir2 = temp_dir("xray-cwd");
-    fs::copy("/usr/bin/v2ray", dir2.join("xray")).unwrap();
+    fs::copy(V2RAY_BIN, dir2.join("xray")).unwrap();
     fs::write(
         dir2.join("config.json"),
         r#"{"inbounds": [{"tag": "socks-in", "listen": "127.0.0.1", "port": 22080, "protocol": "socks", "settings": {}}],
@@ -468,6 +469,10 @@ impl Drop for ContainerCgroup {
 
 #[test]
 fn a_container_runtime_is_listed_once_under_its_name() {
+    require(&[
+        need::NAMESPACE,
+        &[need::VETH, need::V2RAY, need::PIDS_CGROUP],
+    ]);
     let ns = Netns::new("ctr");
     let id = "c0ffee".repeat(10) + "c0ff";
     assert_eq!(id.len(), 64);
@@ -532,7 +537,7 @@ fn a_container_runtime_is_listed_once_under_its_name() {
 
     // The limit report carries the container's name as the owner.
     ns.ip(&["link", "add", "rl0", "type", "veth", "peer", "name", "rl1"]);
-    let state = StateDir::new("ctr");
+    let state = state_dir("ctr");
     let (code, out, err) = common::raylimit_in(
         &state,
         &[
@@ -631,11 +636,12 @@ fn a_container_runtime_is_listed_once_under_its_name() {
 
 #[test]
 fn a_restarted_runtime_keeps_its_limits() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::VETH, need::V2RAY]]);
     let ns = Netns::new("restart");
     ns.ip(&["link", "add", "rl0", "type", "veth", "peer", "name", "rl1"]);
-    let state = StateDir::new("restart");
+    let state = state_dir("restart");
     let dir = temp_dir("restart");
-    fs::copy("/usr/bin/v2ray", dir.join("xray")).unwrap();
+    fs::copy(V2RAY_BIN, dir.join("xray")).unwrap();
     fs::write(
         dir.join("config.jsonc"),
         "// jsonc\n{\"inbounds\": [{\"tag\": \"s\", \"listen\": \"127.0.0.1\", \"port\": 22081, \"protocol\": \"socks\", \"settings\": {}}], \"outbounds\": [{\"protocol\": \"freedom\"}]}",

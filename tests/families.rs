@@ -73,7 +73,7 @@ impl Chain {
             .replace("ALICE", ALICE);
         std::fs::write(dir.join("server.json"), server_cfg).unwrap();
         std::fs::write(dir.join("client.json"), client_cfg).unwrap();
-        let v2ray = std::path::Path::new("/usr/bin/v2ray");
+        let v2ray = std::path::Path::new(V2RAY_BIN);
         let client_path = dir.join("client.json").to_string_lossy().into_owned();
         let server_path = dir.join("server.json").to_string_lossy().into_owned();
         let client_runtime =
@@ -94,7 +94,7 @@ impl Chain {
             runtime,
             _client_runtime: client_runtime,
             target,
-            state: StateDir::new(tag),
+            state: state_dir(tag),
         }
     }
 
@@ -177,6 +177,7 @@ fn inbound_args<'a>(direction: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
 
 #[test]
 fn inbound_limits_hold_in_both_directions_on_a_wildcard_listener() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
     let c = Chain::new("inb");
     let rate = 300_000.0;
     for (direction, command) in [("download", b'S'), ("upload", b'R')] {
@@ -230,6 +231,7 @@ fn inbound_limits_hold_in_both_directions_on_a_wildcard_listener() {
 
 #[test]
 fn an_ip_rule_wins_over_an_inbound_rule_and_a_baseline_is_warned_about() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let c = Chain::new("prec");
     let flow = c.flow(b'S', 25);
     let inbound = c.limit_json(&inbound_args(
@@ -325,6 +327,11 @@ fn outbound_args<'a>(direction: &'a str, rest: &[&'a str]) -> Vec<&'a str> {
 
 #[test]
 fn outbound_upload_holds_by_socket_mark_and_download_is_blocked_naming_connmark() {
+    require(&[
+        need::RUNTIME_HOST,
+        need::DOWNLOAD,
+        &[need::NFT, need::NF_TABLES],
+    ]);
     let c = Chain::new("outb");
     let rate = 300_000.0;
     let flow = c.flow(b'R', 25);

@@ -58,6 +58,7 @@ fn htb_root(ifindex: u32) -> Qdisc {
 
 #[test]
 fn htb_qdisc_and_classes_round_trip_and_change_in_place() {
+    require(&[need::NAMESPACE, &[need::TC, need::VETH, need::HTB]]);
     let (ns, mut sock, ifindex) = setup();
     let root = htb_root(ifindex);
     sock.request(root.request(Op::Create), "add qdisc").unwrap();
@@ -149,6 +150,7 @@ fn u32_filter(
 
 #[test]
 fn u32_filters_round_trip_with_tc_as_oracle() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::TC, need::VETH]]);
     let (ns, mut sock, ifindex) = setup();
     sock.request(htb_root(ifindex).request(Op::Create), "qdisc")
         .unwrap();
@@ -298,6 +300,7 @@ fn u32_filters_round_trip_with_tc_as_oracle() {
 
 #[test]
 fn u32_hash_tables_classify_into_buckets() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::TC, need::VETH]]);
     let (ns, mut sock, ifindex) = setup();
     sock.request(htb_root(ifindex).request(Op::Create), "qdisc")
         .unwrap();
@@ -364,6 +367,11 @@ fn u32_hash_tables_classify_into_buckets() {
 
 #[test]
 fn clsact_ingress_mirred_and_ifb_links() {
+    require(&[
+        need::NAMESPACE,
+        &[need::TC, need::VETH, need::U32],
+        need::REDIRECT,
+    ]);
     let (ns, mut sock, ifindex) = setup();
     let ifb = sock.create_ifb("rl-ifb-rt").unwrap();
     assert_eq!(ifb.kind.as_deref(), Some("ifb"));
@@ -430,6 +438,7 @@ fn clsact_ingress_mirred_and_ifb_links() {
 /// the feature named, matching what the capability probe predicted.
 #[test]
 fn optional_kinds_are_confirmed_by_the_kernel() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::VETH]]);
     let (_ns, mut sock, ifindex) = setup();
     sock.request(htb_root(ifindex).request(Op::Create), "qdisc")
         .unwrap();

@@ -227,6 +227,7 @@ fn same_kernel(a: &mut RtSocket, b: &mut RtSocket, ifb: &str, what: &str) {
 
 #[test]
 fn tc_batch_builds_and_removes_what_raylimit_does_from_the_printed_plans() {
+    require(&[need::NAMESPACE, need::UPLOAD, &[need::TC, need::VETH]]);
     let (ours_ns, mut ours, device) = host("tcours");
     let (theirs_ns, mut theirs, their_device) = host("tctheirs");
     assert_eq!(device.index, their_device.index, "IFB names follow ifindex");
@@ -263,6 +264,7 @@ fn tc_batch_builds_and_removes_what_raylimit_does_from_the_printed_plans() {
 
 #[test]
 fn a_failed_plan_is_undone_in_order_and_leaves_no_table_behind() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::VETH]]);
     let (_ns, mut kernel, device) = host("tcundo");
     let dl = Direction::Download;
     let conn = context(

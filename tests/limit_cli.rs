@@ -23,7 +23,7 @@ impl Host {
         Host {
             ns,
             runtime,
-            state: StateDir::new(tag),
+            state: state_dir(tag),
         }
     }
 
@@ -99,6 +99,7 @@ fn usage_error(host: &Host, args: &[&str], expected: &str) {
 
 #[test]
 fn every_invalid_request_is_one_line_exit_2_and_changes_nothing() {
+    require(&[need::RUNTIME_HOST]);
     let h = Host::new("val");
     let pid = h.runtime.pid();
     let p = pid.as_str();
@@ -417,6 +418,7 @@ fn every_invalid_request_is_one_line_exit_2_and_changes_nothing() {
 
 #[test]
 fn text_and_json_reports_carry_every_section() {
+    require(&[need::RUNTIME_HOST]);
     let h = Host::new("rep");
     let (code, out, err) = h.limit(&[
         "--ip",
@@ -519,7 +521,10 @@ fn text_and_json_reports_carry_every_section() {
     assert_eq!(v["rate_bytes_per_second"], 524288);
     assert_eq!(v["decision"]["kind"], "apply");
     assert_eq!(v["runtime"]["source"], "host_process");
-    assert_eq!(v["runtime"]["host_process"]["pid"], h.runtime.child.id());
+    assert_eq!(
+        v["runtime"]["host_process"]["pid"],
+        h.runtime.process.child.id()
+    );
     assert!(v["runtime"]["owner"]
         .as_str()
         .unwrap()
@@ -575,6 +580,7 @@ fn text_and_json_reports_carry_every_section() {
 
 #[test]
 fn textual_variants_of_one_address_are_one_rule() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let h = Host::new("var");
     let v = h.limit_json(&[
         "--ip",
@@ -630,6 +636,7 @@ fn textual_variants_of_one_address_are_one_rule() {
 
 #[test]
 fn another_runtimes_rule_is_not_touched() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let h = Host::new("own");
     h.limit_json(&[
         "--ip",
@@ -671,6 +678,7 @@ fn another_runtimes_rule_is_not_touched() {
 
 #[test]
 fn a_failed_step_is_undone_and_the_kernel_ends_as_it_began() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let h = Host::new("rb");
     // A managed root holding a u32 table raylimit did not make, with the id of raylimit's IPv4
     // band's first-level table, in the IPv6 band: observation is "not comparable", and creating
@@ -736,6 +744,7 @@ fn a_failed_step_is_undone_and_the_kernel_ends_as_it_began() {
 
 #[test]
 fn a_second_run_waits_for_the_lock() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let h = Host::new("lock");
     std::fs::create_dir_all(&h.state.0).unwrap();
     let lock = std::fs::OpenOptions::new()
@@ -781,6 +790,7 @@ fn a_second_run_waits_for_the_lock() {
 
 #[test]
 fn two_hundred_ips_apply_repeat_as_no_op_and_remove_cleanly() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
     let h = Host::new("200");
     let ips: Vec<String> = (0..200)
         .map(|i| format!("10.{}.{}.{}", 20 + i % 3, i / 7, i % 250 + 1))
@@ -854,6 +864,7 @@ fn two_hundred_ips_apply_repeat_as_no_op_and_remove_cleanly() {
 /// process but raylimit itself.
 #[test]
 fn limit_never_starts_another_process() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD, &[need::STRACE]]);
     let h = Host::new("nospawn");
     let pid = h.runtime.pid();
     for action in ["--rate=1000", "--remove"] {
@@ -886,6 +897,7 @@ fn limit_never_starts_another_process() {
 
 #[test]
 fn a_foreign_root_blocks_and_is_not_listed_as_managed() {
+    require(&[need::RUNTIME_HOST, &[need::HTB]]);
     let h = Host::new("foreign");
     h.ns.tc(&[
         "qdisc", "add", "dev", "veth-a", "root", "handle", "1:", "htb", "default", "0",
@@ -912,6 +924,7 @@ fn a_foreign_root_blocks_and_is_not_listed_as_managed() {
 
 #[test]
 fn a_missing_filter_is_repaired_in_place() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let h = Host::new("repair");
     let first = h.limit_json(&[
         "--ip",

@@ -37,7 +37,7 @@ impl Setup {
         Setup {
             pair,
             runtime,
-            state: StateDir::new(tag),
+            state: state_dir(tag),
         }
     }
 
@@ -240,11 +240,13 @@ fn specific_ip_lifecycle(direction: &str) {
 
 #[test]
 fn specific_ip_download_limit_change_and_remove() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     specific_ip_lifecycle("download");
 }
 
 #[test]
 fn specific_ip_upload_limit_change_and_remove() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
     specific_ip_lifecycle("upload");
 }
 
@@ -312,10 +314,12 @@ fn baseline_with_exception(direction: &str) {
 
 #[test]
 fn baseline_and_unlimited_exception_download() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     baseline_with_exception("download");
 }
 
 #[test]
 fn baseline_and_unlimited_exception_upload() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
     baseline_with_exception("upload");
 }

@@ -10,15 +10,11 @@ mod common;
 use std::net::{SocketAddrV4, TcpStream};
 use std::os::fd::FromRawFd;
 
-use common::{assert_within_10_percent, measure_tcp_with, Netns, Pair, CLIENT_IP};
+use common::{assert_within_10_percent, measure_tcp_with, need, require, Netns, Pair, CLIENT_IP};
 use raylimit::model::TcHandle;
 use raylimit::netlink::nft::{
     self, ManagedRule, NftOp, NftRule, NftState, Tag, CHAIN_CLASSIFY, CHAIN_SAVE,
 };
-
-fn path(ns: &Netns) -> String {
-    format!("/run/netns/{}", ns.name)
-}
 
 fn nft_cmd(ns: &Netns, args: &[&str]) -> String {
     let mut full = vec!["ip", "netns", "exec", &ns.name, "nft"];
@@ -43,10 +39,11 @@ fn scaffolding() -> Vec<NftOp> {
 
 #[test]
 fn table_chains_and_rules_round_trip_and_batches_are_atomic() {
+    require(&[need::NAMESPACE, &[need::NFT, need::VETH, need::NF_TABLES]]);
     let ns = Netns::new("nft");
     ns.ip(&["link", "add", "v0", "type", "veth", "peer", "name", "v1"]);
     let oif = ns.ifindex("v0");
-    let p = path(&ns);
+    let p = ns.path();
 
     // Nothing yet: a missing table is no error.
     assert_eq!(nft::dump(Some(&p)).unwrap(), NftState::default());
@@ -266,6 +263,10 @@ fn connect_marked(addr: SocketAddrV4, mark: Option<u32>) -> std::io::Result<TcpS
 
 #[test]
 fn meta_priority_in_postrouting_puts_marked_packets_in_the_htb_class() {
+    require(&[
+        need::NAMESPACE,
+        &[need::TC, need::NFT, need::VETH, need::HTB, need::NF_TABLES],
+    ]);
     const RATE: u64 = 250_000;
     const MARK: u32 = 0x2a;
     let pair = Pair::new("nftq");
@@ -299,7 +300,7 @@ fn meta_priority_in_postrouting_puts_marked_packets_in_the_htb_class() {
         },
         tag: tag("traffic"),
     });
-    let p = path(sender);
+    let p = sender.path();
     nft::apply(Some(&p), &ops).expect("apply");
     // Test-only oracle for the saved conntrack mark: the receiver's ACKs belong to the same
     // connection, so on input they carry the ct mark that save_mark wrote on output.

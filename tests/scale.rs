@@ -120,6 +120,7 @@ fn pair() -> Pair {
 
 #[test]
 fn ten_thousand_limits_read_back_as_decided_and_classify_each_client_alone() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::VETH]]);
     let started = Instant::now();
     let pair = pair();
     let server = &pair.server;

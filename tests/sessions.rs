@@ -74,7 +74,7 @@ impl Setup {
             .replace("ALICE", ALICE)
             .replace("BOB", BOB);
         std::fs::write(dir.join("client.json"), client_cfg).unwrap();
-        let v2ray = std::path::Path::new("/usr/bin/v2ray");
+        let v2ray = std::path::Path::new(V2RAY_BIN);
         let server_path = dir.join("server.json");
         let client_path = dir.join("client.json");
         let client = Launched::start(
@@ -99,7 +99,7 @@ impl Setup {
             server,
             _client: client,
             target,
-            state: StateDir::new(tag),
+            state: state_dir(tag),
         }
     }
 
@@ -184,6 +184,7 @@ fn per_ip_ips(s: &Setup) -> Vec<String> {
 
 #[test]
 fn per_ip_expands_to_exactly_the_live_clients_and_removal_covers_departed_ones() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let s = Setup::new("pip");
     // Nobody yet: the expansion is empty and says so.
     assert!(per_ip_ips(&s).is_empty());
@@ -289,6 +290,7 @@ fn per_ip_expands_to_exactly_the_live_clients_and_removal_covers_departed_ones()
 
 #[test]
 fn a_uuid_limit_holds_that_user_while_the_other_runs_unshaped() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let s = Setup::new("uid");
     let rate = 300_000.0;
     let alice = s.flow(ALICE_PORT, b'S', 25);
@@ -396,6 +398,7 @@ fn live_connection(s: &Setup, direction: &str) -> String {
 
 #[test]
 fn a_connection_limit_holds_one_connection_and_remove_cleans_up_after_it() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
     let s = Setup::new("con");
     for (direction, command, dev) in [
         ("download", b'S', "veth-s".to_string()),
@@ -507,6 +510,7 @@ fn a_connection_limit_holds_one_connection_and_remove_cleans_up_after_it() {
 
 #[test]
 fn watch_adds_a_new_client_and_drops_a_departed_one_after_the_grace_period() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let s = Setup::new("wat");
     let alice = s.flow(ALICE_PORT, b'H', 40);
     wait_for("alice live", 10, || per_ip_ips(&s) == [ALICE_IP]);
@@ -586,6 +590,7 @@ fn user<'a>(v: &'a Value, email: &str) -> &'a Value {
 
 #[test]
 fn xray_online_ip_api_attributes_users_and_shared_addresses_are_left_out() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD, &[need::STRACE]]);
     // No real Xray binary is available here: the API is a fake with Xray's messages and service
     // name (tests/common/fake_xray.rs) on the api.listen address the config names.
     use common::fake_xray::FakeXray;

@@ -11,7 +11,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{run, Netns};
+use common::{need, require, run, Netns};
 use raylimit::netlink::sock_diag::{
     self, state_mask, InetSocket, Transport, TCP_CLOSE, TCP_ESTABLISHED,
 };
@@ -52,10 +52,6 @@ fn connection(bind: &str, connect: &str) -> (TcpListener, TcpStream, TcpStream) 
     let client = TcpStream::connect_timeout(&target, Duration::from_secs(5)).unwrap();
     let accepted = accept(&listener);
     (listener, client, accepted)
-}
-
-fn netns_path(ns: &Netns) -> String {
-    format!("/run/netns/{}", ns.name)
 }
 
 fn dump(netns_path: Option<&str>, transport: Transport, states: u32) -> Vec<InetSocket> {
@@ -99,6 +95,7 @@ fn ss(ns: &Netns, args: &[&str]) -> Vec<SsLine> {
 
 #[test]
 fn established_tcp_sockets_match_the_sockets_procfs_and_ss() {
+    require(&[need::NAMESPACE, &[need::SS]]);
     let ns = Netns::new("sd");
     // IPv4, IPv6, and an IPv4 client accepted by a dual-stack IPv6 listener (a v4-mapped socket).
     let conns = in_netns(&ns.name, || {
@@ -110,7 +107,7 @@ fn established_tcp_sockets_match_the_sockets_procfs_and_ss() {
     })
     .unwrap();
     let dumped = dump(
-        Some(&netns_path(&ns)),
+        Some(&ns.path()),
         Transport::Tcp,
         state_mask(&[TCP_ESTABLISHED]),
     );
@@ -149,6 +146,7 @@ fn established_tcp_sockets_match_the_sockets_procfs_and_ss() {
 
 #[test]
 fn udp_sockets_connected_and_not() {
+    require(&[need::NAMESPACE, &[need::SS]]);
     let ns = Netns::new("sdu");
     let (unconnected, connected) = in_netns(&ns.name, || {
         let unconnected = UdpSocket::bind("127.0.0.1:0")?;
@@ -158,7 +156,7 @@ fn udp_sockets_connected_and_not() {
     })
     .unwrap();
     let dumped = dump(
-        Some(&netns_path(&ns)),
+        Some(&ns.path()),
         Transport::Udp,
         state_mask(&[TCP_ESTABLISHED, TCP_CLOSE]),
     );
@@ -192,6 +190,7 @@ fn udp_sockets_connected_and_not() {
 
 #[test]
 fn a_namespace_entered_by_path_shows_its_sockets_only() {
+    require(&[need::NAMESPACE]);
     let ns = Netns::new("sdp");
     let (_l, inside, _a) =
         in_netns(&ns.name, || Ok(connection("127.0.0.1:0", "127.0.0.1:0"))).unwrap();
@@ -210,7 +209,7 @@ fn a_namespace_entered_by_path_shows_its_sockets_only() {
     let task_path = format!("/proc/{}/task/{tid}/ns/net", std::process::id());
 
     let established = state_mask(&[TCP_ESTABLISHED]);
-    let by_name = inodes(&dump(Some(&netns_path(&ns)), Transport::Tcp, established));
+    let by_name = inodes(&dump(Some(&ns.path()), Transport::Tcp, established));
     let by_task = inodes(&dump(Some(&task_path), Transport::Tcp, established));
     done_tx.send(()).unwrap();
     parked.join().unwrap();

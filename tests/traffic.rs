@@ -53,6 +53,7 @@ fn htb_with_class(sock: &mut raylimit::netlink::RtSocket, ifindex: u32, sel: U32
 
 #[test]
 fn egress_class_holds_download_to_1_mb_per_s() {
+    require(&[need::NAMESPACE, need::DOWNLOAD, &[need::VETH]]);
     let pair = Pair::new("dl");
     let mut sock = pair.server.socket();
     let ifindex = pair.server.ifindex("veth-s");
@@ -71,6 +72,7 @@ fn egress_class_holds_download_to_1_mb_per_s() {
 
 #[test]
 fn ifb_class_holds_upload_to_1_mb_per_s() {
+    require(&[need::NAMESPACE, need::UPLOAD, &[need::VETH]]);
     let pair = Pair::new("ul");
     let mut sock = pair.server.socket();
     let veth = pair.server.ifindex("veth-s");

@@ -14,15 +14,11 @@ use std::net::{IpAddr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::time::{Duration, Instant};
 
 use common::fake_xray::{alice_online, FakeXray};
-use common::{temp_dir, Launched, Netns, Pair};
+use common::{need, require, temp_dir, Launched, Netns, Pair, V2RAY_BIN};
 use raylimit::xray::api::{ApiClient, ApiError, UserTraffic, V2RAY_SERVICE, XRAY_SERVICE};
 use raylimit::xray::locate::Flavour;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
-
-fn netns_path(ns: &Netns) -> String {
-    format!("/run/netns/{}", ns.name)
-}
 
 /// A loopback port nothing in this (the test's) namespace listens on.
 fn free_host_port() -> u16 {
@@ -39,6 +35,7 @@ fn v4(s: &str) -> IpAddr {
 
 #[test]
 fn xray_calls_through_the_namespace() {
+    require(&[need::NAMESPACE]);
     let ns = Netns::new("xapi");
     let port = free_host_port();
     let server = FakeXray::start(
@@ -46,7 +43,7 @@ fn xray_calls_through_the_namespace() {
         SocketAddr::from(([127, 0, 0, 1], port)),
         alice_online(),
     );
-    let path = netns_path(&ns);
+    let path = ns.path();
 
     let mut api = ApiClient::connect(server.addr, Some(&path), Flavour::Xray, TIMEOUT)
         .expect("connect inside the namespace");
@@ -140,6 +137,7 @@ fn xray_calls_through_the_namespace() {
 
 #[test]
 fn ipv6_endpoint() {
+    require(&[need::NAMESPACE]);
     let ns = Netns::new("xapi6");
     let server = FakeXray::start(
         &ns,
@@ -148,7 +146,7 @@ fn ipv6_endpoint() {
     );
     assert!(server.addr.is_ipv6());
     let mut api =
-        ApiClient::connect(server.addr, Some(&netns_path(&ns)), Flavour::Xray, TIMEOUT).unwrap();
+        ApiClient::connect(server.addr, Some(&ns.path()), Flavour::Xray, TIMEOUT).unwrap();
     assert_eq!(
         api.online_users().unwrap(),
         vec!["alice@example.com", "bob@example.com"]
@@ -157,6 +155,7 @@ fn ipv6_endpoint() {
 
 #[test]
 fn silent_listener_times_out() {
+    require(&[need::NAMESPACE]);
     // A listener that never accepts: the kernel completes the TCP handshake, but nothing ever
     // speaks HTTP/2, so the handshake or the first call runs out of time.
     let ns = Netns::new("xapis");
@@ -170,7 +169,7 @@ fn silent_listener_times_out() {
     let addr = rx.recv_timeout(Duration::from_secs(5)).unwrap();
     let timeout = Duration::from_millis(800);
     let start = Instant::now();
-    let result = ApiClient::connect(addr, Some(&netns_path(&ns)), Flavour::Xray, timeout)
+    let result = ApiClient::connect(addr, Some(&ns.path()), Flavour::Xray, timeout)
         .and_then(|mut api| api.user_traffic());
     let took = start.elapsed();
     match result {
@@ -224,7 +223,7 @@ fn start_v2ray(ns: &Netns) -> Launched {
     std::fs::write(dir.join("config.json"), config).unwrap();
     let rt = Launched::start(
         ns,
-        std::path::Path::new("/usr/bin/v2ray"),
+        std::path::Path::new(V2RAY_BIN),
         &["-config", "config.json"],
         &dir,
         &[],
@@ -292,6 +291,7 @@ fn alice_traffic(ns: &Netns, up: usize, down: usize) -> usize {
 
 #[test]
 fn real_v2ray_434() {
+    require(&[need::NAMESPACE, &[need::V2RAY]]);
     let ns = Netns::new("xapiv");
     let v2ray = start_v2ray(&ns);
     let proc_ns = format!("/proc/{}/ns/net", v2ray.pid());
@@ -339,7 +339,7 @@ fn real_v2ray_434() {
     // Over IPv6, through the namespace's bind mount this time.
     let mut api6 = ApiClient::connect(
         SocketAddr::from((Ipv6Addr::LOCALHOST, API_PORT)),
-        Some(&netns_path(&ns)),
+        Some(&ns.path()),
         Flavour::Xray,
         TIMEOUT,
     )
@@ -379,6 +379,7 @@ fn real_v2ray_434() {
 
 #[test]
 fn unanswered_connect_times_out() {
+    require(&[need::NAMESPACE, &[need::VETH]]);
     // The client's namespace sends to 10.99.0.77 through a permanent neighbour entry with a MAC
     // no one has: the SYN leaves and is dropped on the other side, so nothing ever answers.
     let pair = Pair::new("xapit");
@@ -397,7 +398,7 @@ fn unanswered_connect_times_out() {
     let start = Instant::now();
     let result = ApiClient::connect(
         SocketAddr::from(([10, 99, 0, 77], API_PORT)),
-        Some(&netns_path(&pair.client)),
+        Some(&pair.client.path()),
         Flavour::Xray,
         timeout,
     );

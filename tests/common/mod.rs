@@ -1,69 +1,30 @@
 //! Test support: private network namespaces (always removed), topology built with `ip` (tests may
-//! use iproute2; the product never does), and bounded TCP traffic between namespaces.
-#![allow(dead_code)]
+//! use iproute2; the product never does), and bounded TCP traffic between namespaces. The pieces
+//! benches share (what a test needs, namespaces, processes, directories) are in [`kit`]; what
+//! needs the raylimit library (netlink sockets inside a namespace) is added here.
+#![allow(dead_code, unused_imports)]
 
 mod connect_from;
 pub mod fake_xray;
+pub mod kit;
 pub mod plans;
 pub mod proxy;
 
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
 use std::process::Command;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use raylimit::netlink::socket::in_netns;
 use raylimit::netlink::RtSocket;
 
 pub use connect_from::connect_from;
+pub use kit::need::{self, require};
+pub use kit::process::{Process as Launched, V2RAY_BIN};
+pub use kit::{run, Netns, TempDir, V2ray};
 
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// Runs a command and returns stdout; panics with stderr on failure.
-pub fn run(args: &[&str]) -> String {
-    let out = Command::new(args[0])
-        .args(&args[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A network namespace that exists for the life of this value.
-pub struct Netns {
-    pub name: String,
-}
-
+/// raylimit's netlink socket and threads inside a test namespace.
 impl Netns {
-    pub fn new(tag: &str) -> Self {
-        let name = format!(
-            "rlt-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        run(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    pub fn ip(&self, args: &[&str]) -> String {
-        let mut full = vec!["ip", "-n", &self.name];
-        full.extend_from_slice(args);
-        run(&full)
-    }
-
-    pub fn tc(&self, args: &[&str]) -> String {
-        let mut full = vec!["tc", "-n", &self.name];
-        full.extend_from_slice(args);
-        run(&full)
-    }
-
     pub fn socket(&self) -> RtSocket {
         RtSocket::open_in(Some(&self.name)).expect("netlink socket in test namespace")
     }
@@ -82,16 +43,9 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 /// A namespace with a veth pair `veth-a`/`veth-b` (both up) to shape on, and a real runtime.
 pub fn veth_host(tag: &str) -> (Netns, V2ray) {
+    require(&[need::NAMESPACE, &[need::VETH, need::V2RAY]]);
     let ns = Netns::new(tag);
     ns.ip(&[
         "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
@@ -114,6 +68,7 @@ pub const CLIENT_IP: &str = "10.99.0.2";
 
 impl Pair {
     pub fn new(tag: &str) -> Self {
+        require(&[need::NAMESPACE, &[need::VETH]]);
         let server = Netns::new(&format!("{tag}s"));
         let client = Netns::new(&format!("{tag}c"));
         server.ip(&[
@@ -246,93 +201,17 @@ pub fn assert_within_10_percent(what: &str, measured: f64, target: f64) {
     );
 }
 
-/// A real V2Ray runtime (Debian's `v2ray`, Xray's config format) running inside a namespace for
-/// the life of this value, with a private config file.
-pub struct V2ray {
-    pub child: std::process::Child,
-    pub config: std::path::PathBuf,
-}
-
-impl V2ray {
-    pub fn start(ns: &Netns) -> Self {
-        let config = std::env::temp_dir().join(format!(
-            "{}-v2ray-{}.json",
-            ns.name,
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        std::fs::write(
-            &config,
-            r#"{"log":{"loglevel":"warning"},
-                "inbounds":[{"tag":"socks-in","listen":"127.0.0.1","port":PORT,"protocol":"socks","settings":{"udp":false}}],
-                "outbounds":[{"tag":"direct","protocol":"freedom"}]}"#
-                .replace("PORT", &(10000 + COUNTER.fetch_add(1, Ordering::SeqCst) % 50000).to_string()),
-        )
-        .unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &ns.name, "/usr/bin/v2ray", "-config"])
-            .arg(&config)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("v2ray is installed by scripts/setup.sh");
-        // Wait until the runtime is up (its comm is v2ray once ip netns exec has exec'd it).
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let comm =
-                std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap_or_default();
-            if comm.trim() == "v2ray" {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        V2ray { child, config }
-    }
-
-    pub fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-}
-
-impl Drop for V2ray {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_file(&self.config);
-    }
-}
-
 /// A private owner-annotation directory for one test (`RAYLIMIT_STATE_DIR`), removed on drop.
-pub struct StateDir(pub std::path::PathBuf);
+pub type StateDir = TempDir;
 
-impl StateDir {
-    pub fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!(
-            "raylimit-state-{tag}-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        ));
-        StateDir(p)
-    }
-}
-
-impl Drop for StateDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// `$TMPDIR/raylimit-state-TAG-PID-N`, not created (raylimit creates it).
+pub fn state_dir(tag: &str) -> StateDir {
+    TempDir::named(&format!("raylimit-state-{tag}"))
 }
 
 /// Runs the real binary with a state directory; returns (exit code, stdout, stderr).
 pub fn raylimit_in(state: &StateDir, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_raylimit"))
-        .args(args)
-        .env("RAYLIMIT_STATE_DIR", &state.0)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into(),
-        String::from_utf8_lossy(&out.stderr).into(),
-    )
+    raylimit_env(args, &[("RAYLIMIT_STATE_DIR", &state.0.to_string_lossy())])
 }
 
 /// Runs the real binary with `args` under `strace -f -e trace=execve`, with an empty environment
@@ -346,12 +225,9 @@ pub fn execve_trace(args: &[&str], state: Option<&StateDir>) -> Vec<String> {
 /// environment but for an empty PATH and `RAYLIMIT_STATE_DIR` (when given); asserts it succeeded
 /// and returns the trace lines of those calls.
 pub fn syscall_trace(args: &[&str], state: Option<&StateDir>, syscalls: &[&str]) -> Vec<String> {
-    let log = std::env::temp_dir().join(format!(
-        "raylimit-strace-{}-{}.log",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    let mut cmd = Command::new("/usr/bin/strace");
+    require(&[&[need::STRACE]]);
+    let log = std::env::temp_dir().join(format!("{}.log", kit::unique("raylimit-strace")));
+    let mut cmd = Command::new(kit::STRACE_BIN);
     cmd.args([
         "-f",
         "-qq",
@@ -370,7 +246,7 @@ pub fn syscall_trace(args: &[&str], state: Option<&StateDir>, syscalls: &[&str])
     }
     let status = cmd
         .status()
-        .expect("strace is installed by scripts/setup.sh");
+        .unwrap_or_else(|e| panic!("{}: {e}", kit::STRACE_BIN));
     let trace = std::fs::read_to_string(&log).unwrap_or_default();
     let _ = std::fs::remove_file(&log);
     assert!(status.success(), "{args:?} failed: {trace}");
@@ -381,84 +257,12 @@ pub fn syscall_trace(args: &[&str], state: Option<&StateDir>, syscalls: &[&str])
         .collect()
 }
 
-/// A runtime started in a namespace from any binary, directory and environment; killed on drop,
-/// and its directory (when given) removed.
-pub struct Launched {
-    pub child: std::process::Child,
-    pub dir: Option<std::path::PathBuf>,
-}
-
-impl Launched {
-    /// Starts `exe args` in `cwd` inside `ns` and waits until it runs under its own name and
-    /// has not exited (a config the runtime rejects fails the test here, not later).
-    pub fn start(
-        ns: &Netns,
-        exe: &std::path::Path,
-        args: &[&str],
-        cwd: &std::path::Path,
-        env: &[(&str, &str)],
-        dir: Option<std::path::PathBuf>,
-    ) -> Launched {
-        let mut child = Command::new("ip")
-            .args(["netns", "exec", &ns.name])
-            .arg(exe)
-            .args(args)
-            .current_dir(cwd)
-            .envs(env.iter().copied())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("ip netns exec");
-        let name: String = exe
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .chars()
-            .take(15)
-            .collect();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let comm =
-                std::fs::read_to_string(format!("/proc/{}/comm", child.id())).unwrap_or_default();
-            if comm.trim() == name {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "{} {args:?} exited at start: its config was rejected",
-            exe.display()
-        );
-        Launched { child, dir }
-    }
-
-    pub fn pid(&self) -> String {
-        self.child.id().to_string()
-    }
-}
-
-impl Drop for Launched {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(d) = &self.dir {
-            let _ = std::fs::remove_dir_all(d);
-        }
-    }
-}
-
-/// A private temporary directory, removed on drop.
+/// A private temporary directory `$TMPDIR/raylimit-TAG-PID-N`, created empty; the caller
+/// removes it (a [`Launched`] runtime given it as its `dir` does on drop).
 pub fn temp_dir(tag: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!(
-        "raylimit-{tag}-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    ));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    TempDir::fresh(std::env::temp_dir().join(kit::unique(&format!("raylimit-{tag}"))))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .keep()
 }
 
 /// Runs the real binary with extra environment; returns (exit code, stdout, stderr).

@@ -53,14 +53,15 @@ struct StateFile<T> {
     rules: T,
 }
 
-/// All annotations, by rule: (netns, shaped device, subject).
+/// All annotations, by rule: (netns, shaped device, subject key as written), so they list in
+/// the order the state file and earlier versions always gave.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Annotations {
-    entries: BTreeMap<(String, String, SubjectKey), Annotation>,
+    entries: BTreeMap<(String, String, String), Annotation>,
 }
 
-fn key(netns: &str, shaped_device: &str, subject: &SubjectKey) -> (String, String, SubjectKey) {
-    (netns.into(), shaped_device.into(), subject.clone())
+fn key(netns: &str, shaped_device: &str, subject: &SubjectKey) -> (String, String, String) {
+    (netns.into(), shaped_device.into(), subject.to_string())
 }
 
 impl Annotations {

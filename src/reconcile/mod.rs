@@ -248,13 +248,16 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
         Subject::Inbound { listener: None, .. } | Subject::Outbound { mark: None, .. }
     );
     if unresolved && req.want != Want::Remove {
+        // Nothing to plan without the listener or the mark; the caller says why it is missing.
         d.kind = DecisionKind::Apply;
-        d.reason = "the subject was not resolved from the runtime's config".into();
+        d.reason = format!(
+            "{} is not resolved from the runtime's config, so no rule can be planned",
+            req.subject
+        );
         d.blocked = Some(Blocked::Reason(format!(
             "{} could not be resolved",
             req.subject
         )));
-        d.observed_state = "unavailable";
         return d;
     }
     if let Some(e) = &obs.error {

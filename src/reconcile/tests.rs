@@ -911,3 +911,31 @@ fn reason(blocked: Option<Blocked>) -> String {
         other => panic!("not blocked for a reason in words: {other:?}"),
     }
 }
+
+#[test]
+fn an_unresolved_inbound_or_outbound_plans_nothing_but_is_removable() {
+    let mut k = FakeKernel::default();
+    for subject in [
+        Subject::Inbound {
+            tag: "nope".into(),
+            listener: None,
+        },
+        Subject::Outbound {
+            tag: "nope".into(),
+            mark: None,
+            mask: 0x0f00_0000,
+        },
+    ] {
+        let mut c = ip_limit("10.0.0.2");
+        c.request.subject = subject;
+        // Upload: an outbound's egress, where this kernel could classify it.
+        c.request.direction = Direction::Upload;
+        let d = decide(&c, &k.observe_for(&c.request));
+        assert!(d.steps.is_empty(), "{:?}", names(&d));
+        assert!(reason(d.blocked).contains("could not be resolved"));
+        // A removal needs no listener or mark: with nothing there it is a no_op, not blocked.
+        c.request.want = Want::Remove;
+        let d = run(&mut k, &c);
+        assert_eq!(d.kind, DecisionKind::NoOp);
+    }
+}

@@ -707,3 +707,104 @@ fn a_restarted_runtime_keeps_its_limits() {
     drop(second);
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Runs `inspect --pid PID --format json` in `ns` until `ready` holds for the runtime's entry
+/// (v2ray opens its listeners a moment after it starts), at most 5 s.
+fn inspect_until(ns: &Netns, pid: &str, ready: impl Fn(&Value) -> bool) -> Value {
+    let state = state_dir("scope");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, out, err) = raylimit_env(
+            &[
+                "--netns", &ns.name, "inspect", "--pid", pid, "--format", "json",
+            ],
+            &[NO_ENGINE, ("RAYLIMIT_STATE_DIR", state.0.to_str().unwrap())],
+        );
+        assert_eq!(code, 0, "{err}");
+        let v = json(&out);
+        let t = target(&v, pid).clone();
+        if ready(&t) || std::time::Instant::now() > deadline {
+            return t;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn inspect_shows_the_client_facing_sockets_the_runtime_holds() {
+    require(&[need::NAMESPACE, &[need::V2RAY]]);
+    let ns = Netns::new("scope");
+    let dir = temp_dir("scope");
+    // A socks inbound on one address with UDP, a wildcard vmess inbound, and the API's own
+    // inbound, which is not client-facing.
+    fs::write(
+        dir.join("config.json"),
+        r#"{"api": {"tag": "api", "services": ["StatsService"]},
+            "inbounds": [
+              {"tag": "socks-in", "listen": "127.0.0.1", "port": 23080, "protocol": "socks", "settings": {"udp": true}},
+              {"tag": "vmess-in", "port": 23081, "protocol": "vmess", "settings": {"clients": []}},
+              {"tag": "api-in", "listen": "127.0.0.1", "port": 23085, "protocol": "dokodemo-door", "settings": {"address": "127.0.0.1"}}],
+            "routing": {"rules": [{"type": "field", "inboundTag": ["api-in"], "outboundTag": "api"}]},
+            "outbounds": [{"tag": "direct", "protocol": "freedom"}]}"#,
+    )
+    .unwrap();
+    let rt = Launched::start(
+        &ns,
+        std::path::Path::new(V2RAY_BIN),
+        &["-config", "config.json"],
+        &dir,
+        &[],
+        None,
+    );
+    let pid = rt.pid();
+    let endpoints = |t: &Value| -> Vec<String> {
+        t["scope"]["endpoints"]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .map(|e| format!("{} {} {}", e["transport"], e["port"], e["inbound"]))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let t = inspect_until(&ns, &pid, |t| endpoints(t).len() >= 3);
+    assert_eq!(t["scope"]["kind"], "runtime_listeners", "{}", t["scope"]);
+    let mut got = endpoints(&t);
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            r#""tcp" 23080 "socks-in""#,
+            r#""tcp" 23081 "vmess-in""#,
+            r#""udp" 23080 "socks-in""#
+        ],
+        "{}",
+        t["scope"]
+    );
+    drop(rt);
+
+    // A transparent proxy's packets carry other hosts' addresses: no scope, and why.
+    fs::write(
+        dir.join("tproxy.json"),
+        r#"{"inbounds": [{"tag": "tp", "port": 23090, "protocol": "dokodemo-door",
+              "settings": {"network": "tcp", "followRedirect": true}}],
+            "outbounds": [{"tag": "direct", "protocol": "freedom"}]}"#,
+    )
+    .unwrap();
+    let rt = Launched::start(
+        &ns,
+        std::path::Path::new(V2RAY_BIN),
+        &["-config", "tproxy.json"],
+        &dir,
+        &[],
+        None,
+    );
+    let pid = rt.pid();
+    let t = inspect_until(&ns, &pid, |t| !t["scope"].is_null());
+    assert_eq!(t["scope"]["kind"], "unscoped", "{}", t["scope"]);
+    let why = t["scope"]["reason"].as_str().unwrap();
+    assert!(
+        why.contains("\"tp\" is a transparent proxy (dokodemo-door with followRedirect)"),
+        "{why}"
+    );
+}

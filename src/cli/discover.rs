@@ -8,6 +8,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::{Format, UsageError};
+use crate::evidence::scope::Scope;
 use crate::evidence::{self, Evidence};
 use crate::runtime::{self, Discovery, Options, Runtime, Selection};
 use crate::xray::config::{Listen, Mark, Port};
@@ -132,6 +133,8 @@ struct Inspected<'a> {
     config: Result<Loaded, String>,
     /// Live sessions, when the config could be read (the listeners and users come from it).
     sessions: Option<Evidence>,
+    /// The runtime's client-facing listening sockets, when the config could be read.
+    scope: Option<Scope>,
 }
 
 pub fn inspect(a: &InspectArgs) -> i32 {
@@ -180,14 +183,17 @@ pub fn inspect(a: &InspectArgs) -> i32 {
         .into_iter()
         .map(|r| {
             let config = r.load_config();
-            let sessions = config
-                .as_ref()
-                .ok()
-                .map(|c| evidence::gather(r, c, &evidence::Options::default()));
+            let opts = evidence::Options::default();
+            let sessions = config.as_ref().ok().map(|c| evidence::gather(r, c, &opts));
+            let scope = config.as_ref().ok().map(|c| {
+                let listeners = evidence::client_listeners(c);
+                evidence::scope::scope(r.pid(), c, &listeners, &opts.proc_root)
+            });
             Inspected {
                 runtime: r,
                 config,
                 sessions,
+                scope,
             }
         })
         .collect();
@@ -400,6 +406,9 @@ fn inspected_json(x: &Inspected) -> Value {
         "proxy_tag": o.proxy_tag, "dialer_proxy": o.dialer_proxy, "file": o.file,
         "limit": verdict_json(&outbound_verdict(cfg, &o.tag), |m| (m.describe(), m.notes.clone())),
     })).collect::<Vec<_>>());
+    if let Some(s) = &x.scope {
+        v["scope"] = s.to_json();
+    }
     if let Some(e) = &x.sessions {
         v["sessions"] = e.to_json();
     }
@@ -606,6 +615,9 @@ fn inspected_text(out: &mut String, x: &Inspected) {
         verdict_text(out, &outbound_verdict(cfg, &o.tag), |m| {
             (m.describe(), m.notes.clone())
         });
+    }
+    if let Some(s) = &x.scope {
+        let _ = writeln!(out, "     client-facing sockets: {}", s.describe());
     }
     if let Some(e) = &x.sessions {
         sessions_text(out, e);

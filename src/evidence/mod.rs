@@ -10,6 +10,7 @@
 //! of evidence says where it came from; one user's empty list never voids the others.
 
 pub mod access_log;
+pub mod scope;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};

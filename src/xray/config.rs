@@ -77,6 +77,9 @@ pub struct Inbound {
     /// What the listener accepts; `Err` names a transport raylimit does not know.
     pub l4: Result<Vec<L4>, String>,
     pub users: Vec<User>,
+    /// Why the inbound is a transparent proxy (`sockopt.tproxy`, dokodemo-door's
+    /// `followRedirect`): its packets carry other hosts' addresses, so no listener scopes them.
+    pub transparent: Option<String>,
     /// The file it came from, and the earlier files whose same-tag inbound it replaced.
     pub file: String,
     pub replaced: Vec<String>,
@@ -241,11 +244,30 @@ fn inbound(v: &Value, file: &str, env: &dyn Fn(&str) -> Option<String>) -> Inbou
         port: parse_port(v.get("port"), env),
         l4: listener_l4(&protocol, &transport, settings),
         users: users(settings),
+        transparent: transparent(&protocol, stream, settings),
         protocol,
         transport,
         file: file.to_string(),
         replaced: Vec::new(),
     }
+}
+
+/// Why an inbound receives traffic addressed to other hosts, if it does: `sockopt.tproxy` set to
+/// `tproxy` or `redirect`, or a dokodemo-door that follows redirects.
+fn transparent(protocol: &str, stream: Option<&Value>, settings: Option<&Value>) -> Option<String> {
+    let tproxy = stream
+        .and_then(|s| s.get("sockopt"))
+        .map(|o| text(o, "tproxy").to_ascii_lowercase())
+        .filter(|t| t == "tproxy" || t == "redirect");
+    if let Some(mode) = tproxy {
+        return Some(format!("streamSettings.sockopt.tproxy is {mode:?}"));
+    }
+    let follows = settings
+        .and_then(|s| s.get("followRedirect"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    (matches!(protocol, "dokodemo-door" | "tunnel") && follows)
+        .then(|| format!("{protocol} with followRedirect"))
 }
 
 fn parse_listen(s: &str) -> Listen {
@@ -500,6 +522,38 @@ mod tests {
 
     fn file(v: Value, name: &str) -> FileConfig {
         from_value(&v, name, &no_env).unwrap()
+    }
+
+    #[test]
+    fn transparent_inbounds_are_recognised() {
+        let f = file(
+            json!({"inbounds": [
+                {"tag": "tp", "protocol": "dokodemo-door", "port": 12345,
+                 "settings": {"network": "tcp,udp", "followRedirect": true},
+                 "streamSettings": {"sockopt": {"tproxy": "tproxy"}}},
+                {"tag": "redir", "protocol": "dokodemo-door", "port": 12346,
+                 "settings": {"followRedirect": true}},
+                {"tag": "forward", "protocol": "dokodemo-door", "port": 12347,
+                 "settings": {"address": "10.0.0.1", "port": 53}},
+                {"tag": "off", "protocol": "socks", "port": 1080,
+                 "streamSettings": {"sockopt": {"tproxy": "off"}}}
+            ]}),
+            "c.json",
+        );
+        let why: Vec<Option<&str>> = f
+            .inbounds
+            .iter()
+            .map(|i| i.transparent.as_deref())
+            .collect();
+        assert_eq!(
+            why,
+            [
+                Some("streamSettings.sockopt.tproxy is \"tproxy\""),
+                Some("dokodemo-door with followRedirect"),
+                None,
+                None
+            ]
+        );
     }
 
     #[test]

@@ -230,6 +230,7 @@ pub struct Engine<K: Kernel> {
     pub device: Link,
     pub execute: bool,
     allow_missing_state: bool,
+    /// The kernel (the engine tests read the in-memory one's state through it).
     pub(crate) kernel: K,
     live: Box<dyn Live>,
     state_dir: StateDir,

@@ -8,8 +8,8 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::{Format, UsageError};
-use crate::evidence::scope::Scope;
-use crate::evidence::{self, Evidence};
+use crate::engine::{self, inspect::Inspected};
+use crate::evidence::Evidence;
 use crate::runtime::{self, Discovery, Options, Runtime, Selection};
 use crate::xray::config::{Listen, Mark, Port};
 use crate::xray::verdict::{self, ApiView, Endpoint};
@@ -127,16 +127,6 @@ pub fn discover(format: Format) -> i32 {
     exit_code(&d)
 }
 
-/// The inspection of one runtime: its record plus everything read from its config.
-struct Inspected<'a> {
-    runtime: &'a Runtime,
-    config: Result<Loaded, String>,
-    /// Live sessions, when the config could be read (the listeners and users come from it).
-    sessions: Option<Evidence>,
-    /// The runtime's client-facing listening sockets, when the config could be read.
-    scope: Option<Scope>,
-}
-
 pub fn inspect(a: &InspectArgs) -> i32 {
     let sel = match super::limit::parse_selection(
         &a.runtime.pid,
@@ -179,24 +169,7 @@ pub fn inspect(a: &InspectArgs) -> i32 {
         );
         return 1;
     }
-    let inspected: Vec<Inspected> = matched
-        .into_iter()
-        .map(|r| {
-            let config = r.load_config();
-            let opts = evidence::Options::default();
-            let sessions = config.as_ref().ok().map(|c| evidence::gather(r, c, &opts));
-            let scope = config.as_ref().ok().map(|c| {
-                let listeners = evidence::client_listeners(c);
-                evidence::scope::scope(r.pid(), c, &listeners, &opts.proc_root)
-            });
-            Inspected {
-                runtime: r,
-                config,
-                sessions,
-                scope,
-            }
-        })
-        .collect();
+    let inspected: Vec<Inspected> = matched.into_iter().map(engine::inspect::inspect).collect();
     match a.format {
         Format::Json => println!(
             "{}",

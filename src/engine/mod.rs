@@ -10,6 +10,7 @@
 //! through the [`Kernel`] trait, so all of this runs against an in-memory kernel in unit tests.
 
 pub mod execute;
+pub mod inspect;
 pub mod kernel;
 pub mod prune;
 pub mod resolve;

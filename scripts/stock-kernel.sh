@@ -120,7 +120,7 @@ fi
 plans() { # DIRECTION FORM-LINE FILTER-LINE: the dry-run's kernel form and filter operation
     local plan=$HTMP/plan.$1
     RAYLIMIT_STATE_DIR=$HTMP/state "$BIN" --netns "$HNS" limit --pid "$HV2RAY" --device rl-cl \
-        --ip all --ip-aggregation shared --rate 1mbit --direction "$1" --format text > "$plan" || return 1
+        --ip all --ip-aggregation shared --scope device --rate 1mbit --direction "$1" --format text > "$plan" || return 1
     grep -E "^Kernel form: $2" "$plan" | sed 's/^/measured: /'
     grep -E "tc filter add .*$3" "$plan" | sed 's/^ */measured: /'
     grep -Eq "^Kernel form: $2: $form" "$plan" && grep -Eq "tc filter add .*$3" "$plan" &&

@@ -229,6 +229,78 @@ fn inbound_limits_hold_in_both_directions_on_a_wildcard_listener() {
     assert!(!c.server.ip(&["link", "show"]).contains("rlifb"));
 }
 
+/// `--ip all` limits the runtime's own clients: its flow through the runtime's listener holds the
+/// rate in both directions, while another service on the same device, reached from the same
+/// client address, runs unshaped. `--scope device` is the explicit opt-in to shape everything.
+#[test]
+fn the_baseline_shapes_the_runtimes_traffic_and_not_another_service() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
+    let c = Chain::new("scope");
+    // Another service on the server, not the runtime: a plain TCP target on 10.98.0.1:5202.
+    let other = Target::start(&c.server, "10.98.0.1:5202");
+    let other_addr = "10.98.0.1:5202".parse().unwrap();
+    let rate = 250_000.0;
+    for (direction, command) in [("download", b'S'), ("upload", b'R')] {
+        let args = |rest: &[&'static str]| -> Vec<&'static str> {
+            let dir: &'static str = if direction == "download" {
+                "download"
+            } else {
+                "upload"
+            };
+            limit_args(["--ip", "all"], "veth-s", dir, rest)
+        };
+        let v = c.limit_json(&args(&["--rate", "250000", "--execute"]));
+        assert_eq!(v["decision"]["kind"], "apply", "{v}");
+        assert_eq!(v["scope"]["match"], "runtime_listeners", "{}", v["scope"]);
+        let listeners = v["scope"]["listeners"].to_string();
+        assert!(listeners.contains(":10086/tcp"), "{listeners}");
+        let steps = v["plan"]["steps"].to_string();
+        assert!(!steps.contains("matchall"), "{steps}");
+        let class = v["plan"]["class_id"].as_str().unwrap().to_string();
+        let dev = if direction == "download" {
+            "veth-s".to_string()
+        } else {
+            v["scope"]["shaped_device"].as_str().unwrap().to_string()
+        };
+        let upload = direction == "upload";
+        let through = c.flow(command, 12);
+        assert_shaped(
+            &c.server,
+            &dev,
+            &class,
+            &through,
+            upload,
+            rate,
+            &format!("{direction} through the runtime"),
+        );
+        through.stop();
+        let direct = Flow::start_to(&c.client, other_addr, command, 6, other.received.clone());
+        std::thread::sleep(Duration::from_millis(500));
+        let unshaped = direct.rate(upload, 2.0);
+        eprintln!("{direction} of the other service: {unshaped:.0} B/s");
+        assert!(
+            unshaped > 10.0 * rate,
+            "{direction}: the other service was shaped: {unshaped:.0} B/s"
+        );
+        direct.stop();
+        let v = c.limit_json(&args(&["--remove", "--execute"]));
+        assert_eq!(v["decision"]["kind"], "remove", "{v}");
+    }
+    // The opt-in: one catch-all for the whole device, and the report says so.
+    let (code, out, err) = c.limit(&limit_args(
+        ["--ip", "all"],
+        "veth-s",
+        "download",
+        &["--rate", "250000", "--scope", "device"],
+    ));
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("Scope: device-wide (--scope device): every packet on veth-s"),
+        "{out}"
+    );
+    assert!(out.contains("baseline filter: u32 catch-all key"), "{out}");
+}
+
 #[test]
 fn an_ip_rule_wins_over_an_inbound_rule_and_a_baseline_is_warned_about() {
     require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
@@ -271,7 +343,8 @@ fn an_ip_rule_wins_over_an_inbound_rule_and_a_baseline_is_warned_about() {
     );
     flow.stop();
 
-    // A device-wide baseline is evaluated before the inbound band: the report says so.
+    // The baseline (here: the runtime's listeners, which include the inbound's) is evaluated
+    // before the inbound band: the report says so.
     c.limit_json(&[
         "--ip",
         "all",
@@ -286,7 +359,7 @@ fn an_ip_rule_wins_over_an_inbound_rule_and_a_baseline_is_warned_about() {
     let (code, out, _) = c.limit(&inbound_args("download", &["--rate", "500000"]));
     assert_eq!(code, 0);
     assert!(
-        out.contains("Warning: veth-s has a device-wide --ip all baseline"),
+        out.contains("Warning: veth-s has an --ip all baseline"),
         "{out}"
     );
     for args in [

@@ -250,13 +250,16 @@ fn specific_ip_upload_limit_change_and_remove() {
     specific_ip_lifecycle("upload");
 }
 
-/// `--ip all` shapes every client; `--ip X --unlimited` exempts one; removing either one leaves
-/// the other in place.
+/// `--ip all --scope device` shapes every client on the device (the traffic here does not pass
+/// through the runtime); `--ip X --unlimited` exempts one; removing either one leaves the other
+/// in place.
 fn baseline_with_exception(direction: &str) {
     let s = Setup::new(&format!("all{}", &direction[..2]));
     let baseline = s.limit(&[
         "--ip",
         "all",
+        "--scope",
+        "device",
         "--direction",
         direction,
         "--rate",

@@ -32,6 +32,10 @@ pub struct LimitArgs {
     /// One client connection, as IP:PORT.
     #[arg(long, value_name = "IP:PORT")]
     pub connection: Option<String>,
+    /// With `--ip all`: `runtime` (the default) matches only the runtime's own listeners;
+    /// `device` matches every packet on the device, whatever it belongs to.
+    #[arg(long, value_name = "runtime|device")]
+    pub scope: Option<String>,
     /// The mark bits raylimit reads and writes for --outbound (default 0x0f000000); other
     /// software's mark bits are left intact.
     #[arg(long, value_name = "MASK")]
@@ -92,6 +96,8 @@ pub struct RuntimeArgs {
 pub struct Validated {
     pub selection: Selection,
     pub wanted: Wanted,
+    /// `--scope device`: the `--ip all` baseline matches every packet on the device.
+    pub device_scope: bool,
 }
 
 fn given(v: &Option<String>) -> Option<&str> {
@@ -302,6 +308,16 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
         return usage("--allow-missing-tc-state only matters with --execute".into());
     }
     let target = target.expect("every target flag gives a target");
+    let device_scope = match given(&a.scope).map(str::to_ascii_lowercase).as_deref() {
+        None | Some("runtime") => false,
+        Some("device") => true,
+        Some(other) => return usage(format!("--scope must be runtime or device, not {other:?}")),
+    };
+    if a.scope.is_some() && target != Target::AllShared {
+        return usage(
+            "--scope applies to --ip all (shared); the other targets are their own scope".into(),
+        );
+    }
     if a.mark_mask.is_some() && !matches!(target, Target::Outbound { .. }) {
         return usage("--mark-mask only applies to --outbound".into());
     }
@@ -313,6 +329,7 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
             device: device.to_string(),
             want,
         },
+        device_scope,
     })
 }
 
@@ -351,15 +368,16 @@ pub fn open(
     netns: Option<&str>,
     selection: &Selection,
     device: &str,
-    execute: bool,
-    allow_missing_state: bool,
+    run: RunArgs,
+    device_scope: bool,
 ) -> Result<Engine<NetlinkKernel>, LimitError> {
     let runtime = runtime::select(selection)?;
     let kernel = NetlinkKernel::open(netns).map_err(OpenError::from)?;
     let options = engine::Options {
         netns: netns.map(str::to_string),
-        execute,
-        allow_missing_state,
+        execute: run.execute,
+        allow_missing_state: run.allow_missing_tc_state,
+        device_scope,
         state_dir: StateDir::from_env(),
     };
     Ok(Engine::open(kernel, runtime, device, options)?)
@@ -367,13 +385,7 @@ pub fn open(
 
 /// Runs `limit` up to a report (which the caller renders).
 pub fn run(netns: Option<&str>, a: &LimitArgs, v: Validated) -> Result<Report, LimitError> {
-    let mut engine = open(
-        netns,
-        &v.selection,
-        &v.wanted.device,
-        a.run.execute,
-        a.run.allow_missing_tc_state,
-    )?;
+    let mut engine = open(netns, &v.selection, &v.wanted.device, a.run, v.device_scope)?;
     let staged = engine.resolve(&v.wanted);
     let mut run = engine.commit();
     Ok(Report::build(&engine, &v.wanted, staged, &mut run))

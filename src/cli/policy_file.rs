@@ -48,7 +48,7 @@ pub struct ApplyArgs {
 }
 
 /// The keys one limit may have: `limit`'s flags without the dashes.
-const KEYS: [&str; 13] = [
+const KEYS: [&str; 14] = [
     "ip",
     "ip_aggregation",
     "inbound",
@@ -56,6 +56,7 @@ const KEYS: [&str; 13] = [
     "uuid",
     "connection",
     "mark_mask",
+    "scope",
     "device",
     "direction",
     "rate",
@@ -127,6 +128,7 @@ fn validate(policy: &Value, a: &ApplyArgs) -> Result<Vec<Validated>, UsageError>
             uuid: s("uuid"),
             connection: s("connection"),
             mark_mask: s("mark_mask"),
+            scope: s("scope"),
             device: s("device"),
             direction: s("direction"),
             rate: s("rate"),
@@ -174,13 +176,11 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             .iter()
             .find(|v| &v.wanted.device == device)
             .expect("every device comes from a limit");
-        let opened = limit::open(
-            netns,
-            &first.selection,
-            device,
-            a.run.execute,
-            a.run.allow_missing_tc_state,
-        );
+        // One baseline per runtime and device: its scope is the device's.
+        let device_scope = validated
+            .iter()
+            .any(|v| &v.wanted.device == device && v.device_scope);
+        let opened = limit::open(netns, &first.selection, device, a.run, device_scope);
         let mut engine = match opened {
             Ok(e) => e,
             Err(e) => {

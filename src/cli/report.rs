@@ -8,7 +8,9 @@ use serde_json::{json, Value};
 
 use super::resolution::{self, EvidenceView};
 use crate::engine::resolve::{PerIpExpansion, Staged};
-use crate::engine::{Committed, Decided, Engine, Kernel, Outcome, RootSeen, Status, StepResult};
+use crate::engine::{
+    Committed, Decided, Engine, Kernel, Outcome, RootSeen, ScopeUsed, Status, StepResult,
+};
 use crate::model::Link;
 use crate::policy::{Subject, Want, Wanted};
 use crate::reconcile::Blocked;
@@ -125,6 +127,9 @@ impl LimitReport {
         let _ = writeln!(w, "Target: {}", self.request().subject);
         if self.request().subject == Subject::AllShared {
             let _ = writeln!(w, "IP aggregation: shared");
+        }
+        if let Some(scope) = &self.decided.scope {
+            let _ = writeln!(w, "Scope: {}", scope_text(scope, &self.request().device));
         }
         let _ = writeln!(w, "\nRequested state:\n{}", self.requested());
         if let Some(e) = &self.evidence {
@@ -272,6 +277,17 @@ impl LimitReport {
             "execution_blocked": d.blocked.is_some(),
             "outcome": self.decided.outcome.name(),
         });
+        if let Some(scope) = &self.decided.scope {
+            v["scope"]["match"] = json!(match scope {
+                ScopeUsed::Device => "device",
+                ScopeUsed::Runtime(_) => "runtime_listeners",
+            });
+            if let ScopeUsed::Runtime(endpoints) = scope {
+                v["scope"]["listeners"] =
+                    json!(endpoints.iter().map(|e| e.to_string()).collect::<Vec<_>>());
+            }
+            v["scope"]["description"] = json!(scope_text(scope, &r.device));
+        }
         match r.want {
             Want::Limit(rate) => v["rate_bytes_per_second"] = json!(rate),
             Want::Unlimited => v["unlimited"] = json!(true),
@@ -334,6 +350,21 @@ impl LimitReport {
     }
 }
 
+/// Which packets a rule matches, in words.
+fn scope_text(scope: &ScopeUsed, device: &str) -> String {
+    match scope {
+        ScopeUsed::Device => {
+            format!(
+                "device-wide (--scope device): every packet on {device}, whatever it belongs to"
+            )
+        }
+        ScopeUsed::Runtime(endpoints) => {
+            let list: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
+            format!("runtime listeners {}", list.join(", "))
+        }
+    }
+}
+
 /// Why a decision was blocked, in words that name the flag that changes it.
 pub fn blocked_text(b: &Blocked) -> String {
     match b {
@@ -349,6 +380,9 @@ pub fn blocked_text(b: &Blocked) -> String {
             filter,
         } => format!(
             "the outbound band of {device} already reads marks under mask {mask:#010x} ({filter}), and one fw priority holds one mask; use the same --mark-mask for every outbound on a device"
+        ),
+        Blocked::Unscoped { device, why } => format!(
+            "--ip all limits the runtime's own clients, and {why}; rerun with --scope device to match every packet on {device}, whatever it belongs to"
         ),
         Blocked::Reason(text) => text.clone(),
     }

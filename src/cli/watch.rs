@@ -113,7 +113,11 @@ pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
     let mut watcher = Watcher::new(w.clone(), grace);
     let mut code = 0;
     while !STOP.load(Ordering::SeqCst) {
-        match limit::open(netns, &v.selection, &w.device, execute, false) {
+        let run = limit::RunArgs {
+            execute,
+            ..Default::default()
+        };
+        match limit::open(netns, &v.selection, &w.device, run, false) {
             Ok(mut engine) => {
                 let evidence = engine.gather();
                 let round = watcher.round(&mut engine, &evidence, Instant::now());

@@ -30,6 +30,7 @@ use std::rc::Rc;
 pub use execute::{execute, Execution, Status, StepResult};
 pub use kernel::{Kernel, NetlinkKernel};
 
+use crate::evidence::scope::{ListenEndpoint, Scope};
 use crate::evidence::{self, Evidence};
 use crate::model::u32::End;
 use crate::model::Link;
@@ -41,7 +42,7 @@ use crate::reconcile::observe::{Hook, Observation, RootState, ShapedRoot};
 use crate::reconcile::plan::{Operation, Step};
 use crate::reconcile::{self, Context, Decision};
 use crate::runtime::Runtime;
-use crate::shaping::{self, CatchAll};
+use crate::shaping::{self, CatchAll, ListenerMatch};
 use crate::xray::Loaded;
 
 /// The set name per_ip rules are annotated with.
@@ -69,6 +70,8 @@ pub trait Live {
     fn config(&self) -> Result<Loaded, String>;
     /// The runtime's live sessions, read with its config.
     fn evidence(&self, cfg: &Loaded) -> Evidence;
+    /// The runtime's client-facing listening sockets, read with its config.
+    fn scope(&self, cfg: &Loaded) -> Scope;
 }
 
 /// The running runtime, read through procfs, sock_diag and its API.
@@ -82,6 +85,12 @@ impl Live for RuntimeLive {
     fn evidence(&self, cfg: &Loaded) -> Evidence {
         evidence::gather(&self.0, cfg, &evidence::Options::default())
     }
+
+    fn scope(&self, cfg: &Loaded) -> Scope {
+        let listeners = evidence::client_listeners(cfg);
+        let proc_root = evidence::Options::default().proc_root;
+        evidence::scope::scope(self.0.pid(), cfg, &listeners, &proc_root)
+    }
 }
 
 /// How a run is made.
@@ -93,6 +102,8 @@ pub struct Options {
     pub execute: bool,
     /// Go ahead when the tc state could not be observed or compared.
     pub allow_missing_state: bool,
+    /// `--ip all` matches every packet on the device (`--scope device`), not only the runtime's.
+    pub device_scope: bool,
     pub state_dir: StateDir,
 }
 
@@ -150,6 +161,15 @@ impl RootSeen {
     }
 }
 
+/// Which of the device's packets a rule matches.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ScopeUsed {
+    /// Every packet on the device, as the operator asked.
+    Device,
+    /// Only the packets of these runtime listeners.
+    Runtime(Vec<ListenEndpoint>),
+}
+
 /// Something a report should say beside its decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Warning {
@@ -169,7 +189,7 @@ impl fmt::Display for Warning {
         match self {
             Warning::Shadowed { shaped_device, kind } => write!(
                 f,
-                "{shaped_device} has a device-wide --ip all baseline (band {}), which is evaluated first: traffic it matches never reaches the {kind} rule",
+                "{shaped_device} has an --ip all baseline (band {}), which is evaluated first: traffic it matches never reaches the {kind} rule",
                 shaping::BAND_IP_BASELINE
             ),
             Warning::RunUndone => f.write_str(
@@ -187,6 +207,8 @@ impl fmt::Display for Warning {
 #[derive(Debug, Clone)]
 pub struct Decided {
     pub request: Request,
+    /// Which packets the rule may match, for the families that choose it (`--ip all`).
+    pub scope: Option<ScopeUsed>,
     pub shaped_device: String,
     pub root: RootSeen,
     pub decision: Decision,
@@ -231,6 +253,9 @@ pub struct Engine<K: Kernel> {
     pub device: Link,
     pub execute: bool,
     allow_missing_state: bool,
+    device_scope: bool,
+    /// The runtime's scope, read when a request first needs it.
+    scope: Option<Scope>,
     /// The kernel (the engine tests read the in-memory one's state through it).
     pub(crate) kernel: K,
     live: Box<dyn Live>,
@@ -281,6 +306,8 @@ impl<K: Kernel> Engine<K> {
             device,
             execute: options.execute,
             allow_missing_state: options.allow_missing_state,
+            device_scope: options.device_scope,
+            scope: None,
             kernel,
             annotations: options.state_dir.load(),
             annotations_changed: false,
@@ -377,6 +404,7 @@ impl<K: Kernel> Engine<K> {
         } else {
             (CatchAll::choose(false), false, false)
         };
+        let (rule_scope, scope_used, unscoped) = self.rule_scope(&request);
         let ctx = Context {
             request: request.clone(),
             catch_all,
@@ -390,20 +418,29 @@ impl<K: Kernel> Engine<K> {
             netns_path: self.netns_path.clone(),
             has_connmark,
             has_fw,
+            scope: rule_scope,
         };
         self.observe_once(&request);
         let egress = request.on_egress();
         let observation = &self.observed[&egress];
         let shadowed = matches!(request.subject, Subject::Inbound { .. })
             && request.want != Want::Remove
-            && observation
-                .shaped
-                .as_ref()
-                .is_some_and(|s| s.baseline.is_some());
+            && observation.shaped.as_ref().is_some_and(|s| {
+                s.baseline.is_some()
+                    || s.listeners
+                        .iter()
+                        .any(|n| n.band == shaping::ListenerBand::Baseline)
+            });
         let root = RootSeen::of(observation);
         let mut decision = reconcile::decide(&ctx, observation);
         if let Some(why) = blocked {
             decision.blocked = Some(reconcile::Blocked::Reason(why));
+        }
+        if let Some(why) = unscoped {
+            decision.blocked = Some(reconcile::Blocked::Unscoped {
+                device: self.device.name.clone(),
+                why,
+            });
         }
         // The decision describes what was observed before it; then its steps count as done for
         // the decisions after it.
@@ -453,6 +490,7 @@ impl<K: Kernel> Engine<K> {
         }
         self.staged.push(Decided {
             request,
+            scope: scope_used,
             shaped_device,
             root,
             decision,
@@ -461,6 +499,49 @@ impl<K: Kernel> Engine<K> {
             outcome,
         });
         ticket
+    }
+
+    /// Which packets a request's rule may match: the runtime's listeners for an `--ip all`
+    /// limit (or every packet, with `--scope device`), with what the report shows and, when the
+    /// runtime's traffic cannot be scoped, why. Other families match as their subject says.
+    fn rule_scope(
+        &mut self,
+        request: &Request,
+    ) -> (reconcile::RuleScope, Option<ScopeUsed>, Option<String>) {
+        use reconcile::RuleScope;
+        if request.subject != Subject::AllShared || request.want == Want::Remove {
+            return (RuleScope::Device, None, None);
+        }
+        if self.device_scope {
+            return (RuleScope::Device, Some(ScopeUsed::Device), None);
+        }
+        let scope = match &self.scope {
+            Some(s) => s.clone(),
+            None => {
+                let s = match self.live.config() {
+                    Ok(cfg) => self.live.scope(&cfg),
+                    Err(e) => {
+                        Scope::Unscoped(format!("the runtime's config could not be read: {e}"))
+                    }
+                };
+                self.scope = Some(s.clone());
+                s
+            }
+        };
+        match scope {
+            Scope::Listeners(endpoints) => {
+                let matches = endpoints
+                    .iter()
+                    .flat_map(|e| ListenerMatch::of_socket(e.local.ip(), e.local.port()))
+                    .collect();
+                (
+                    RuleScope::Listeners(matches),
+                    Some(ScopeUsed::Runtime(endpoints)),
+                    None,
+                )
+            }
+            Scope::Unscoped(why) => (RuleScope::Device, None, Some(why)),
+        }
     }
 
     fn record(&mut self, change: AnnotationChange) {

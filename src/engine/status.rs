@@ -13,7 +13,7 @@ use crate::ownership::StateDir;
 use crate::policy::SubjectKey;
 use crate::reconcile::observe::{classid_of, RootState, ShapedRoot};
 use crate::runtime::{self, Selection};
-use crate::shaping::{self, Band, IFB_PREFIX};
+use crate::shaping::{self, Band, ListenerBand, IFB_PREFIX};
 use crate::xray::api::UserTraffic;
 use std::collections::BTreeMap;
 
@@ -146,14 +146,20 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
                 Band::Ip => subjects.push((format!("ip {}", n.matched), Vec::new(), &n.entry)),
             }
         }
-        // So do an inbound's listener nodes ("clients" lists the listeners).
+        // So do an inbound's listener nodes, and a runtime-scoped baseline's ("clients" lists
+        // the listeners).
         let mut inbounds: std::collections::BTreeMap<Option<TcHandle>, (Vec<String>, _)> =
             Default::default();
+        let mut baselines = inbounds.clone();
         for n in &shaped.listeners {
-            let e = inbounds.entry(n.classid).or_insert((Vec::new(), &n.entry));
+            let groups = match n.band {
+                ListenerBand::Inbound => &mut inbounds,
+                ListenerBand::Baseline => &mut baselines,
+            };
+            let e = groups.entry(n.classid).or_insert((Vec::new(), &n.entry));
             e.0.push(n.matched.to_string());
         }
-        for (kind, groups) in [("uuid", users), ("inbound", inbounds)] {
+        for (kind, groups) in [("uuid", users), ("inbound", inbounds), ("ip", baselines)] {
             for (class, (clients, entry)) in groups {
                 let subject = class
                     .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))

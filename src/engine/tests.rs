@@ -62,6 +62,7 @@ fn engine(kernel: Fake, state: &TempState, execute: bool) -> Engine<Fake> {
         netns: None,
         execute,
         allow_missing_state: false,
+        device_scope: false,
         state_dir: state.dir(),
     };
     Engine::open(kernel, runtime(), DEV_NAME, options).expect("the fake device exists")
@@ -411,4 +412,87 @@ fn a_dry_run_plans_and_changes_nothing() {
         !state.0.exists(),
         "a dry-run takes no lock and writes no state"
     );
+}
+
+/// A runtime whose config and scope are given: no process, no sockets.
+struct Scripted {
+    scope: crate::evidence::scope::Scope,
+    reads: std::rc::Rc<std::cell::Cell<u32>>,
+}
+
+impl Live for Scripted {
+    fn config(&self) -> Result<Loaded, String> {
+        Ok(Loaded {
+            located: crate::xray::locate::Located {
+                origin: crate::xray::locate::Origin::Flags,
+                files: Vec::new(),
+                format: None,
+            },
+            files: Vec::new(),
+            merged: Default::default(),
+        })
+    }
+
+    fn evidence(&self, _: &Loaded) -> Evidence {
+        evidence(&[])
+    }
+
+    fn scope(&self, _: &Loaded) -> crate::evidence::scope::Scope {
+        self.reads.set(self.reads.get() + 1);
+        self.scope.clone()
+    }
+}
+
+#[test]
+fn the_baseline_takes_the_runtimes_scope_or_blocks_when_there_is_none() {
+    use crate::evidence::scope::{ListenEndpoint, Scope};
+    use crate::netlink::sock_diag::Transport;
+    let state = TempState::new();
+    let reads = std::rc::Rc::new(std::cell::Cell::new(0));
+    let endpoints = vec![ListenEndpoint {
+        transport: Transport::Tcp,
+        local: "10.9.0.1:9000".parse().unwrap(),
+        inbound: "in".into(),
+    }];
+    let live = Scripted {
+        scope: Scope::Listeners(endpoints.clone()),
+        reads: reads.clone(),
+    };
+    let mut e = engine(Fake::default(), &state, true).with_live(Box::new(live));
+    let all = |want| wanted(Target::AllShared, want).resolved(Subject::AllShared);
+    let t = e.stage(all(Want::Limit(1_000)), None, None);
+    let d = e.decided(t);
+    assert_eq!(d.scope, Some(ScopeUsed::Runtime(endpoints.clone())));
+    assert!(d.decision.blocked.is_none());
+    // An address limit needs no scope, and the scope is read once per run.
+    e.stage(limit("10.0.0.2", 1_000), None, None);
+    e.stage(all(Want::Limit(2_000)), None, None);
+    assert_eq!(reads.get(), 1);
+    e.commit();
+    let nodes = &e.kernel.kernel.device.filters;
+    assert!(
+        nodes
+            .iter()
+            .any(|f| f.filter.priority == shaping::BAND_IP_BASELINE),
+        "{nodes:?}"
+    );
+
+    // A runtime whose traffic cannot be told apart: blocked, naming why.
+    let state = TempState::new();
+    let live = Scripted {
+        scope: Scope::Unscoped("inbound \"tp\" is a transparent proxy".into()),
+        reads,
+    };
+    let mut e = engine(Fake::default(), &state, true).with_live(Box::new(live));
+    let t = e.stage(all(Want::Limit(1_000)), None, None);
+    let d = e.decided(t);
+    assert!(
+        matches!(&d.decision.blocked, Some(crate::reconcile::Blocked::Unscoped { why, .. }) if why.contains("transparent")),
+        "{:?}",
+        d.decision.blocked
+    );
+    assert_eq!(d.outcome, Outcome::Blocked);
+    // A removal needs no scope.
+    let t = e.stage(all(Want::Remove), None, None);
+    assert!(e.decided(t).decision.blocked.is_none());
 }

@@ -122,7 +122,9 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
     d.expected_class = (target_class.minor() != 0).then_some(target_class);
 
     match rule {
-        Rule::Baseline => {
+        Rule::Baseline { scope: None } => {
+            // Device-wide: the runtime-scoped nodes, if any, give way to the catch-all.
+            delete_listener_nodes(&held, shaped, (&dev, ifindex), &mut steps, &mut changes);
             let want = shaping::baseline(ifindex, target_class, ctx.catch_all);
             match held.filters.first() {
                 Some((_, old)) if same_filter(old, &want) => {}
@@ -141,8 +143,47 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
                 }
                 None => steps.push(Step::create("create-filter", &dev, want)),
             }
-            d.forms
-                .push(format!("baseline filter: {}", ctx.catch_all.reason()));
+            d.forms.push(format!(
+                "baseline filter: {}, device-wide as asked",
+                ctx.catch_all.reason()
+            ));
+        }
+        Rule::Baseline {
+            scope: Some(matches),
+        } => {
+            // Scoped: a device-wide catch-all goes first (it would match everything before the
+            // nodes), then one node per runtime listener.
+            if let Some((_, old)) = held.filters.first() {
+                let mut before = old.clone();
+                before.ifindex = ifindex;
+                let delete = Filter {
+                    handle: 0,
+                    ..before.clone()
+                };
+                changes
+                    .push("the device-wide baseline gives way to the runtime's listeners".into());
+                steps.push(
+                    Step::tc("delete-filter", Op::Delete, &dev, delete).undone_by(vec![Step::tc(
+                        "restore-filter",
+                        Op::Create,
+                        &dev,
+                        before,
+                    )]),
+                );
+            }
+            plan_listeners(
+                (ListenerBand::Baseline, matches),
+                &held,
+                shaped,
+                (&dev, ifindex, shaping::listener_end(req.direction)),
+                target_class,
+                &mut steps,
+                &mut changes,
+            );
+            d.forms.push(
+                "baseline filter: one u32 node per runtime listener (its port, and its address when concrete)"
+                    .into(),
+            );
         }
         Rule::Mark { value: None, .. } => {
             unreachable!("an unresolved outbound is blocked before it is planned")
@@ -216,7 +257,7 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
             ));
         }
         Rule::Listener { matches } => plan_listeners(
-            matches,
+            (ListenerBand::Inbound, matches),
             &held,
             shaped,
             (&dev, ifindex, shaping::listener_end(req.direction)),
@@ -274,4 +315,30 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
         _ => changes.join("; "),
     };
     d.steps = steps;
+}
+
+/// Deletes every listener node `held` has (a scoped baseline's, when it becomes device-wide),
+/// and the priorities they leave empty.
+fn delete_listener_nodes(
+    held: &Held,
+    shaped: Option<&ShapedRoot>,
+    (dev, ifindex): (&Dev, u32),
+    steps: &mut Vec<Step>,
+    changes: &mut Vec<String>,
+) {
+    let mut removed = BTreeSet::new();
+    for (m, old) in &held.listeners {
+        let mut before = old.clone();
+        before.ifindex = ifindex;
+        changes.push(format!(
+            "listener {m} gives way to the device-wide baseline"
+        ));
+        removed.insert((old.priority, old.handle));
+        steps.push(delete_in_root_table("delete-filter", dev, before));
+    }
+    if let Some(shaped) = shaped {
+        for prio in emptied_listener_priorities(shaped, &removed, &BTreeSet::new()) {
+            steps.push(delete_priority(ifindex, prio, dev));
+        }
+    }
 }

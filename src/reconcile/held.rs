@@ -28,10 +28,20 @@ pub(super) fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) ->
         .map(|m| TcHandle::new(ROOT_MAJOR, m));
     let mut h = Held::default();
     match rule {
-        Rule::Baseline => {
+        // The baseline in either form: the device-wide catch-all, and the nodes of the
+        // runtime-scoped baseline band (a scope change moves from one to the other).
+        Rule::Baseline { .. } => {
             if let Some(f) = &shaped.baseline {
                 h.class = leaf(classid_of(&f.filter));
                 h.filters.push((None, f.filter.clone()));
+            }
+            for n in shaped
+                .listeners
+                .iter()
+                .filter(|n| n.band == ListenerBand::Baseline)
+            {
+                h.class = h.class.or(leaf(n.classid));
+                h.listeners.push((n.matched, n.entry.filter.clone()));
             }
             h.class = h.class.or(remembered);
         }
@@ -75,13 +85,17 @@ pub(super) fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) ->
         // An inbound's nodes: those matching its listener now, and those still sending to its
         // class (a listener whose port changed in the config).
         Rule::Listener { matches } => {
-            h.class = shaped
-                .listeners
-                .iter()
+            let inbound = || {
+                shaped
+                    .listeners
+                    .iter()
+                    .filter(|n| n.band == ListenerBand::Inbound)
+            };
+            h.class = inbound()
                 .filter(|n| matches.contains(&n.matched))
                 .find_map(|n| leaf(n.classid))
                 .or(remembered);
-            for n in &shaped.listeners {
+            for n in inbound() {
                 if matches.contains(&n.matched) || (h.class.is_some() && n.classid == h.class) {
                     h.listeners.push((n.matched, n.entry.filter.clone()));
                 }

@@ -1,11 +1,12 @@
-//! An inbound's listener nodes in the inbound band, and deleting what is left of a priority.
+//! Listener nodes (an inbound's, or the runtime-scoped baseline's), and deleting what is left of
+//! a priority.
 
 use super::*;
 
-/// An inbound's listener nodes: each wanted one kept, repaired or created (node ids free in the
+/// The listener nodes of `band`: each wanted one kept, repaired or created (node ids free in the
 /// band's priority), nodes no longer wanted deleted, and a priority left empty deleted whole.
 pub(super) fn plan_listeners(
-    matches: &BTreeSet<ListenerMatch>,
+    (band, matches): (ListenerBand, &BTreeSet<ListenerMatch>),
     held: &Held,
     shaped: Option<&ShapedRoot>,
     (dev, ifindex, end): (&Dev, u32, End),
@@ -27,14 +28,17 @@ pub(super) fn plan_listeners(
         })
         .unwrap_or_default();
     for m in matches {
-        let prio = shaping::inbound_priority(m.family);
+        let prio = band.priority(m.family);
+        let key = match band {
+            ListenerBand::Inbound => format!("inbound {m}"),
+            ListenerBand::Baseline => format!("baseline {m}"),
+        };
         let node = match held.listeners.iter().find(|(hm, _)| hm == m) {
             Some((_, f)) => U32Handle(f.handle).node(),
-            None => shaping::allocate_node(&format!("inbound {m}"), |n| used.contains(&(prio, n)))
-                .unwrap_or(1),
+            None => shaping::allocate_node(&key, |n| used.contains(&(prio, n))).unwrap_or(1),
         };
         used.insert((prio, node));
-        let want = shaping::listener_node(ifindex, *m, end, node, target_class);
+        let want = shaping::listener_node(ifindex, band, *m, end, node, target_class);
         match held.listeners.iter().find(|(hm, _)| hm == m) {
             Some((_, old)) if same_filter(old, &want) => {}
             Some((_, old)) => {
@@ -52,30 +56,30 @@ pub(super) fn plan_listeners(
     for (m, old) in held.listeners.iter().filter(|(m, _)| !matches.contains(m)) {
         let mut before = old.clone();
         before.ifindex = ifindex;
-        changes.push(format!("listener {m} is no longer the inbound's"));
+        changes.push(match band {
+            ListenerBand::Inbound => format!("listener {m} is no longer the inbound's"),
+            ListenerBand::Baseline => format!("listener {m} is no longer the runtime's"),
+        });
         removed.insert((old.priority, old.handle));
         steps.push(delete_in_root_table("delete-filter", dev, before));
     }
     if let Some(shaped) = shaped {
-        let wanted: BTreeSet<u16> = matches
-            .iter()
-            .map(|m| shaping::inbound_priority(m.family))
-            .collect();
+        let wanted: BTreeSet<u16> = matches.iter().map(|m| band.priority(m.family)).collect();
         for prio in emptied_listener_priorities(shaped, &removed, &wanted) {
             steps.push(delete_priority(ifindex, prio, dev));
         }
     }
 }
 
-/// Inbound-band priorities left with no node once `removed` are gone.
+/// Listener-band priorities left with no node once `removed` are gone.
 pub(super) fn emptied_listener_priorities(
     shaped: &ShapedRoot,
     removed: &BTreeSet<(u16, u32)>,
     kept: &BTreeSet<u16>,
 ) -> Vec<u16> {
-    [Family::V4, Family::V6]
+    [ListenerBand::Baseline, ListenerBand::Inbound]
         .into_iter()
-        .map(shaping::inbound_priority)
+        .flat_map(|b| [b.priority(Family::V4), b.priority(Family::V6)])
         .filter(|prio| {
             removed.iter().any(|(p, _)| p == prio)
                 && !kept.contains(prio)

@@ -25,7 +25,7 @@ use crate::model::u32::{End, Family, U32Filter};
 use crate::model::Link;
 use crate::model::{TcHandle, U32Handle};
 use crate::policy::{Direction, Endpoint, Request, Subject, Want};
-use crate::shaping::{self, Band, CatchAll, ClientMatch, ListenerMatch, ROOT_MAJOR};
+use crate::shaping::{self, Band, CatchAll, ClientMatch, ListenerBand, ListenerMatch, ROOT_MAJOR};
 use observe::{classid_of, restores_mark, Node, Observation, RootState, ShapedRoot};
 use plan::{Dev, Operation, Step, TcObject};
 
@@ -76,6 +76,18 @@ pub struct Context {
     pub has_connmark: bool,
     /// The kernel has `cls_fw` (outbounds are classified by their mark in tc, not in nft).
     pub has_fw: bool,
+    /// Which packets the runtime's `--ip all` baseline may match.
+    pub scope: RuleScope,
+}
+
+/// Which of a device's packets a runtime's rule may match.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum RuleScope {
+    /// Every packet on the device (the operator asked for it).
+    #[default]
+    Device,
+    /// Only packets of the runtime's listeners (to them on upload, from them on download).
+    Listeners(BTreeSet<ListenerMatch>),
 }
 
 /// Why a decision must not be executed. The reasons that the operator can override, or that
@@ -95,6 +107,9 @@ pub enum Blocked {
         mask: u32,
         filter: String,
     },
+    /// The runtime's traffic cannot be told apart from the rest of the device (why); a
+    /// device-wide rule needs the operator's explicit choice.
+    Unscoped { device: String, why: String },
     /// Any other reason, in words an operator can act on.
     Reason(String),
 }
@@ -136,9 +151,7 @@ enum Rule {
         matches: BTreeSet<ClientMatch>,
     },
     /// Listener nodes of the inbound band (one per family a wildcard listener covers).
-    Listener {
-        matches: BTreeSet<ListenerMatch>,
-    },
+    Listener { matches: BTreeSet<ListenerMatch> },
     /// An outbound's socket mark (under the mask): an fw filter on the shaped root where the
     /// kernel has cls_fw, else (upload only) an nft rule that sets the packet's priority.
     Mark {
@@ -146,7 +159,11 @@ enum Rule {
         value: Option<u32>,
         mask: u32,
     },
-    Baseline,
+    /// The `--ip all` baseline: device-wide (one catch-all) when `scope` is `None`, else one
+    /// node per runtime listener in the baseline's priorities.
+    Baseline {
+        scope: Option<BTreeSet<ListenerMatch>>,
+    },
 }
 
 /// Decides for one request.
@@ -241,7 +258,12 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
                 mask: *mask,
             }
         }
-        Subject::AllShared => Rule::Baseline,
+        Subject::AllShared => Rule::Baseline {
+            scope: match &ctx.scope {
+                RuleScope::Device => None,
+                RuleScope::Listeners(set) => Some(set.clone()),
+            },
+        },
     };
     let unresolved = matches!(
         req.subject,

@@ -6,13 +6,13 @@ use std::net::IpAddr;
 
 use crate::model::action::{Action, MirredMode};
 use crate::model::tc::{ClassEntry, Filter, FilterEntry, FilterKind, QdiscEntry, QdiscKind};
-use crate::model::u32::{End, Family};
+use crate::model::u32::End;
 use crate::model::DeviceTc;
 use crate::model::Link;
 use crate::model::{TcHandle, U32Handle};
 use crate::shaping::{
-    self, Band, ClientMatch, ListenerMatch, BAND_CONNECTION, BAND_INBOUND, BAND_IP_BASELINE,
-    BAND_OUTBOUND, PRIO_REDIRECT, ROOT_MAJOR,
+    self, Band, ClientMatch, ListenerBand, ListenerMatch, BAND_CONNECTION, BAND_INBOUND,
+    BAND_IP_BASELINE, BAND_OUTBOUND, PRIO_REDIRECT, ROOT_MAJOR,
 };
 
 /// What sits on a device's egress root.
@@ -41,9 +41,10 @@ impl Node {
     }
 }
 
-/// One listener node of the inbound band.
+/// One listener node: of the inbound band, or of the runtime-scoped baseline.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerNode {
+    pub band: ListenerBand,
     pub matched: ListenerMatch,
     pub entry: FilterEntry,
     pub classid: Option<TcHandle>,
@@ -69,7 +70,7 @@ pub struct ShapedRoot {
     by_match: BTreeSet<(Band, ClientMatch, FilterKey)>,
     /// The same nodes by (band, the class they send to).
     by_class: BTreeSet<(Band, Option<TcHandle>, FilterKey)>,
-    /// Listener nodes of the inbound band.
+    /// Listener nodes of the inbound band and of the runtime-scoped baseline.
     pub listeners: Vec<ListenerNode>,
     /// The root table the kernel made for each u32 priority of raylimit's bands.
     pub root_tables: BTreeMap<u16, u32>,
@@ -238,19 +239,17 @@ impl ShapedRoot {
             self.marks.insert(f.filter.handle, f.clone());
             return true;
         }
-        if prio == BAND_IP_BASELINE {
+        // The device-wide baseline: one catch-all for every protocol.
+        if prio == BAND_IP_BASELINE && f.filter.protocol == crate::model::tc::ETH_P_ALL {
             if classid_of(&f.filter).is_none() {
                 return false;
             }
             self.baseline = Some(f.clone());
             return true;
         }
-        if let (Some(family), FilterKind::U32(u)) = (
-            [Family::V4, Family::V6]
-                .into_iter()
-                .find(|f| shaping::inbound_priority(*f) == prio),
-            &f.filter.kind,
-        ) {
+        if let (Some((band, family)), FilterKind::U32(u)) =
+            (ListenerBand::of(prio, f.filter.protocol), &f.filter.kind)
+        {
             let end = match end {
                 End::Source => End::Destination,
                 End::Destination => End::Source,
@@ -258,6 +257,7 @@ impl ShapedRoot {
             return match shaping::listener_match(u, family, end) {
                 Some(matched) => {
                     self.listeners.push(ListenerNode {
+                        band,
                         matched,
                         entry: f.clone(),
                         classid: u.classid,

@@ -54,7 +54,7 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
         // The baseline is alone in its priority: the priority goes with it, kernel table too.
         // The delete names the observed kind (matchall or u32): the kernel refuses another.
         let delete = match rule {
-            Rule::Baseline => Filter {
+            Rule::Baseline { .. } => Filter {
                 handle: 0,
                 ..before.clone()
             },

@@ -10,6 +10,8 @@ use crate::model::stats::TcStats;
 use crate::model::tc::QdiscEntry;
 use crate::model::DeviceTc;
 use crate::policy::Endpoint;
+use crate::shaping::ListenerBand;
+use std::net::IpAddr;
 
 fn ctx(subject: &str, direction: Direction, want: Want) -> Context {
     Context {
@@ -30,6 +32,7 @@ fn ctx(subject: &str, direction: Direction, want: Want) -> Context {
         netns_path: None,
         has_connmark: false,
         has_fw: false,
+        scope: Default::default(),
     }
 }
 
@@ -166,6 +169,7 @@ fn user_ctx(uuid: &str, ips: &[&str], want: Want, remembered: Option<u16>) -> Co
         netns_path: None,
         has_connmark: false,
         has_fw: false,
+        scope: Default::default(),
     }
 }
 
@@ -358,7 +362,7 @@ fn an_inbound_is_one_class_with_a_listener_node_per_family() {
         run(&mut k, &ctx("10.0.0.2", direction, Want::Remove));
         let gone = run(&mut k, &concrete_remove(concrete));
         assert_eq!(gone.kind, DecisionKind::Remove);
-        assert!(k.device.qdiscs.is_empty() || direction == Direction::Upload);
+        assert!(k.device.qdiscs.is_empty(), "{:?}", k.device.qdiscs);
         assert!(k.ifb.is_none());
     }
 }
@@ -938,4 +942,96 @@ fn an_unresolved_inbound_or_outbound_plans_nothing_but_is_removable() {
         let d = run(&mut k, &c);
         assert_eq!(d.kind, DecisionKind::NoOp);
     }
+}
+
+fn scoped(mut c: Context, listeners: &[(Option<&str>, u16)]) -> Context {
+    c.scope = RuleScope::Listeners(
+        listeners
+            .iter()
+            .flat_map(|(a, port)| {
+                let ip: IpAddr = a.unwrap_or("::").parse().unwrap();
+                ListenerMatch::of_socket(ip, *port)
+            })
+            .collect(),
+    );
+    c
+}
+
+#[test]
+fn a_runtime_scoped_baseline_is_a_node_per_listener_and_trades_places_with_the_device_wide_one() {
+    for direction in [Direction::Download, Direction::Upload] {
+        let mut k = FakeKernel::default();
+        let listeners = [(Some("10.9.0.1"), 9000), (None, 443)];
+        let first = run(
+            &mut k,
+            &scoped(ctx("all", direction, Want::Limit(500_000)), &listeners),
+        );
+        assert_eq!(first.kind, DecisionKind::Apply);
+        let obs = k.observe_for(&first_request(direction));
+        let s = obs.shaped.as_ref().unwrap();
+        assert!(s.baseline.is_none(), "no device-wide catch-all");
+        // 10.9.0.1:9000, and the wildcard :443 in both families.
+        let mut nodes: Vec<String> = s
+            .listeners
+            .iter()
+            .map(|n| {
+                assert_eq!(n.band, ListenerBand::Baseline);
+                assert_eq!(n.classid, first.expected_class);
+                format!("{} pref {}", n.matched, n.entry.filter.priority)
+            })
+            .collect();
+        nodes.sort();
+        assert_eq!(
+            nodes,
+            [
+                "0.0.0.0:443 pref 400",
+                "10.9.0.1:9000 pref 400",
+                "[::]:443 pref 401"
+            ]
+        );
+        // Again: no_op. A listener gone: its node goes, the class stays.
+        let again = run(
+            &mut k,
+            &scoped(ctx("all", direction, Want::Limit(500_000)), &listeners),
+        );
+        assert_eq!(again.kind, DecisionKind::NoOp, "{:?}", names(&again));
+        let moved = run(
+            &mut k,
+            &scoped(ctx("all", direction, Want::Limit(500_000)), &listeners[..1]),
+        );
+        assert_eq!(moved.kind, DecisionKind::Replace);
+        assert!(
+            !names(&moved).contains(&"create-class"),
+            "{:?}",
+            names(&moved)
+        );
+        assert!(
+            names(&moved).contains(&"delete-priority"),
+            "{:?}",
+            names(&moved)
+        );
+        // Device-wide as asked: the nodes give way to one catch-all, in the same class.
+        let device = run(&mut k, &ctx("all", direction, Want::Limit(500_000)));
+        assert_eq!(device.expected_class, first.expected_class);
+        let obs = k.observe_for(&first_request(direction));
+        let s = obs.shaped.as_ref().unwrap();
+        assert!(s.baseline.is_some());
+        assert!(s.listeners.is_empty());
+        // And back; then one removal takes whichever form is there, and the root with it.
+        run(
+            &mut k,
+            &scoped(ctx("all", direction, Want::Limit(500_000)), &listeners),
+        );
+        let removed = run(&mut k, &ctx("all", direction, Want::Remove));
+        assert_eq!(removed.kind, DecisionKind::Remove);
+        assert!(k.device.qdiscs.is_empty(), "{:?}", k.device.qdiscs);
+        assert!(k.ifb.is_none());
+        if direction == Direction::Download {
+            assert!(k.device.filters.is_empty(), "{:?}", k.device.filters);
+        }
+    }
+}
+
+fn first_request(direction: Direction) -> Request {
+    ctx("all", direction, Want::Limit(1)).request
 }

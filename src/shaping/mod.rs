@@ -464,9 +464,58 @@ impl std::fmt::Display for ListenerMatch {
 
 /// The priority of the inbound band for a family.
 pub fn inbound_priority(family: Family) -> u16 {
-    match family {
-        Family::V4 => BAND_INBOUND,
-        Family::V6 => BAND_INBOUND + 1,
+    ListenerBand::Inbound.priority(family)
+}
+
+/// The bands whose nodes match one of the runtime's listeners: an inbound's own listener, and
+/// the runtime-scoped `--ip all` baseline (every listener of the runtime -> the baseline class).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ListenerBand {
+    Baseline,
+    Inbound,
+}
+
+impl ListenerBand {
+    pub fn priority(self, family: Family) -> u16 {
+        let band = match self {
+            ListenerBand::Baseline => BAND_IP_BASELINE,
+            ListenerBand::Inbound => BAND_INBOUND,
+        };
+        match family {
+            Family::V4 => band,
+            Family::V6 => band + 1,
+        }
+    }
+
+    /// The band and family of a listener node's priority and protocol. The device-wide
+    /// baseline (protocol all at the baseline's priority) is not a listener node.
+    pub fn of(priority: u16, protocol: u16) -> Option<(ListenerBand, Family)> {
+        [ListenerBand::Baseline, ListenerBand::Inbound]
+            .into_iter()
+            .flat_map(|b| [(b, Family::V4), (b, Family::V6)])
+            .find(|(b, f)| b.priority(*f) == priority && protocol == ethertype(*f))
+    }
+}
+
+impl ListenerMatch {
+    /// What a listening socket bound to `address`:`port` is matched by: its address and port,
+    /// or, bound to every address, the port in its family (in both, for `::`, which also takes
+    /// IPv4 unless the socket is IPv6-only).
+    pub fn of_socket(address: IpAddr, port: u16) -> Vec<ListenerMatch> {
+        let wildcard = |family| ListenerMatch {
+            family,
+            address: None,
+            port,
+        };
+        match address {
+            IpAddr::V4(a) if a.is_unspecified() => vec![wildcard(Family::V4)],
+            IpAddr::V6(a) if a.is_unspecified() => vec![wildcard(Family::V4), wildcard(Family::V6)],
+            a => vec![ListenerMatch {
+                family: family_of(a),
+                address: Some(a),
+                port,
+            }],
+        }
     }
 }
 
@@ -483,6 +532,7 @@ pub fn listener_end(direction: Direction) -> End {
 /// kernel), to `classid`.
 pub fn listener_node(
     ifindex: u32,
+    band: ListenerBand,
     m: ListenerMatch,
     end: End,
     node: u32,
@@ -502,7 +552,7 @@ pub fn listener_node(
     Filter {
         ifindex,
         parent: root_handle(),
-        priority: inbound_priority(m.family),
+        priority: band.priority(m.family),
         protocol: ethertype(m.family),
         handle: U32Handle::new(0, 0, node).0,
         kind: FilterKind::U32(U32Filter::to_class(s, classid)),
@@ -784,7 +834,14 @@ mod tests {
                     address,
                     port: 10086,
                 };
-                let f = listener_node(1, m, end, 3, TcHandle::new(ROOT_MAJOR, 0x100));
+                let f = listener_node(
+                    1,
+                    ListenerBand::Inbound,
+                    m,
+                    end,
+                    3,
+                    TcHandle::new(ROOT_MAJOR, 0x100),
+                );
                 let FilterKind::U32(u) = &f.kind else {
                     panic!()
                 };

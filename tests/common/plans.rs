@@ -28,6 +28,7 @@ pub fn context(subject: Subject, direction: Direction, want: Want, device: &str)
         netns_path: None,
         has_connmark: false,
         has_fw: false,
+        scope: Default::default(),
     }
 }
 

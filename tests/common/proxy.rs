@@ -108,11 +108,22 @@ impl Flow {
         secs: u64,
         target_received: Arc<AtomicU64>,
     ) -> Flow {
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        Flow::start_to(ns, addr, command, secs, target_received)
+    }
+
+    /// A flow to `addr` itself (a service reached directly, not through a runtime).
+    pub fn start_to(
+        ns: &Netns,
+        addr: SocketAddr,
+        command: u8,
+        secs: u64,
+        target_received: Arc<AtomicU64>,
+    ) -> Flow {
         let received = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let (r, s) = (received.clone(), stop.clone());
         let handle = ns.spawn(move || {
-            let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
             let mut conn =
                 TcpStream::connect_timeout(&addr, Duration::from_secs(5)).expect("connect");
             conn.set_read_timeout(Some(Duration::from_millis(200)))

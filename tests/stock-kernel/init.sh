@@ -149,7 +149,7 @@ snapshot() {
 }
 snapshot > /tmp/before
 
-plans_matchall() { rl --ip all --ip-aggregation shared --direction download --rate 1mbit | grep 'baseline filter: matchall'; }
+plans_matchall() { rl --ip all --ip-aggregation shared --scope device --direction download --rate 1mbit | grep 'baseline filter: matchall'; }
 through_v2ray() {
     transfer get 10.77.0.2 fast 10.77.0.1:10800 || return 1
     grep 'accepted tcp:10.78.0.2:9000' /tmp/v2ray.log | sed 's/^/measured: v2ray: /'
@@ -209,7 +209,7 @@ static_refuses_download() {
 
 # Left in place for the last check, which removes them.
 baseline_with_exception() {
-    rl --ip all --ip-aggregation shared --direction download --rate "$RATE" --execute >/dev/null &&
+    rl --ip all --ip-aggregation shared --scope device --direction download --rate "$RATE" --execute >/dev/null &&
         rl --ip 10.77.0.3 --unlimited --direction download --execute >/dev/null || return 1
     raylimit status > /tmp/status
     sed -n 's/^ *\(ip 10.77.0.3 .*unlimited[^;]*\);.*/measured: status: \1/p' /tmp/status

@@ -291,6 +291,14 @@ fn every_invalid_request_is_one_line_exit_2_and_changes_nothing() {
         ),
         (base(&["--ip", "all", "--unlimited"]), "needs --ip ADDRESS"),
         (
+            base(&["--ip", "all", "--scope", "wide", "--rate", "5"]),
+            "--scope must be runtime or device, not \"wide\"",
+        ),
+        (
+            base(&["--ip", "10.0.0.1", "--scope", "device", "--rate", "5"]),
+            "--scope applies to --ip all (shared)",
+        ),
+        (
             base(&["--ip", "10.0.0.1", "--remove", "--rate", "5"]),
             "no meaning with --remove",
         ),

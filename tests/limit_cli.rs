@@ -982,3 +982,104 @@ fn a_missing_filter_is_repaired_in_place() {
     ]);
     assert_eq!(again["decision"]["kind"], "no_op");
 }
+
+/// A runtime restarted on another port: `status` says its scoped baseline no longer matches its
+/// sockets, and repeating the limit repairs it in place (same class).
+#[test]
+fn a_moved_listener_is_flagged_by_status_and_repaired_in_place() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let (ns, runtime) = veth_host("moved");
+    let state = state_dir("moved");
+    let config = runtime.config.clone();
+    let old_port = serde_json::from_str::<Value>(&std::fs::read_to_string(&config).unwrap())
+        .unwrap()["inbounds"][0]["port"]
+        .as_u64()
+        .unwrap();
+    let limit = |pid: &str| -> Value {
+        let (code, out, err) = raylimit_in(
+            &state,
+            &[
+                "--netns",
+                &ns.name,
+                "limit",
+                "--pid",
+                pid,
+                "--ip",
+                "all",
+                "--device",
+                "veth-a",
+                "--direction",
+                "download",
+                "--rate",
+                "100000",
+                "--execute",
+                "--format",
+                "json",
+            ],
+        );
+        assert_eq!(code, 0, "{err}\n{out}");
+        serde_json::from_str(&out).unwrap()
+    };
+    // v2ray opens its listener a moment after it starts.
+    let listening = |port: u64| {
+        let want = format!("127.0.0.1:{port}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !ns
+            .exec("ss")
+            .args(["-ltn"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&want))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{want} never listened"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    let status = || -> Value {
+        let (code, out, err) =
+            raylimit_in(&state, &["--netns", &ns.name, "status", "--format", "json"]);
+        assert_eq!(code, 0, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        v["roots"][0]["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["subject"] == "ip all")
+            .cloned()
+            .unwrap_or_else(|| panic!("no ip all rule: {v}"))
+    };
+    listening(old_port);
+    let first = limit(&runtime.pid());
+    assert_eq!(first["scope"]["match"], "runtime_listeners", "{first}");
+    let class = first["plan"]["class_id"].clone();
+    let rule = status();
+    assert_eq!(
+        rule["clients"],
+        serde_json::json!([format!("127.0.0.1:{old_port}")])
+    );
+    assert!(rule["scope_drift"].is_null(), "{rule}");
+
+    // The same runtime (binary and config path), restarted on another port.
+    drop(runtime);
+    let new_port = old_port as u16 + 1;
+    let runtime = V2ray::start_with(&ns, config, new_port, &|| false).unwrap();
+    listening(u64::from(new_port));
+    let drift = status()["scope_drift"].as_str().map(str::to_string);
+    assert!(
+        drift
+            .as_deref()
+            .is_some_and(|d| d.contains(&format!("127.0.0.1:{new_port}"))),
+        "{drift:?}"
+    );
+    let repaired = limit(&runtime.pid());
+    assert_eq!(repaired["decision"]["kind"], "replace", "{repaired}");
+    assert_eq!(repaired["plan"]["class_id"], class);
+    let rule = status();
+    assert_eq!(
+        rule["clients"],
+        serde_json::json!([format!("127.0.0.1:{new_port}")])
+    );
+    assert!(rule["scope_drift"].is_null(), "{rule}");
+}

@@ -117,6 +117,9 @@ fn text(roots: &[Root]) -> String {
             if !rule.clients.is_empty() {
                 let _ = writeln!(s, "    clients: {}", rule.clients.join(", "));
             }
+            if let Some(d) = &rule.scope_drift {
+                let _ = writeln!(s, "    scope: stale: {d}");
+            }
             if let Some(t) = &rule.user_traffic {
                 let _ = writeln!(s, "    user traffic (StatsService): {t}");
             }
@@ -142,6 +145,7 @@ fn root_json(r: &Root) -> Value {
             "subject": x.subject,
             "clients": x.clients,
             "user_traffic": x.user_traffic,
+            "scope_drift": x.scope_drift,
             "priority": x.priority,
             "class_id": x.class.map(|c| c.to_string()),
             "unlimited": x.class.is_some_and(|c| c.minor() == 0),

@@ -3,6 +3,7 @@
 //! raylimit's nft table.
 
 use crate::evidence;
+use crate::evidence::scope::Scope;
 use crate::model::tc::{ClassKind, TcEntry};
 use crate::model::u32::End;
 use crate::model::Link;
@@ -13,9 +14,9 @@ use crate::ownership::StateDir;
 use crate::policy::SubjectKey;
 use crate::reconcile::observe::{classid_of, RootState, ShapedRoot};
 use crate::runtime::{self, Selection};
-use crate::shaping::{self, Band, ListenerBand, IFB_PREFIX};
+use crate::shaping::{self, Band, ListenerBand, ListenerMatch, IFB_PREFIX};
 use crate::xray::api::UserTraffic;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// One managed rule as the kernel holds it.
 pub struct Rule {
@@ -24,6 +25,8 @@ pub struct Rule {
     pub clients: Vec<String>,
     /// A user's byte counters from the runtime's StatsService, or why there are none.
     pub user_traffic: Option<String>,
+    /// A runtime-scoped rule whose listeners are no longer the runtime's: what they are now.
+    pub scope_drift: Option<String>,
     /// The tc filter priority; none for a rule classified by nft.
     pub priority: Option<u16>,
     pub class: Option<TcHandle>,
@@ -52,6 +55,7 @@ impl Rule {
             subject,
             clients,
             user_traffic: None,
+            scope_drift: None,
             priority,
             class,
             rate: class_entry.and_then(|c| match &c.class.kind {
@@ -245,6 +249,7 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
         });
     }
     add_user_traffic(&mut roots);
+    check_scopes(&mut roots);
     Ok(Status { roots, nft })
 }
 
@@ -256,6 +261,51 @@ fn user_of(rule: &Rule) -> Option<String> {
     match rule.subject.parse() {
         Ok(SubjectKey::User(uuid)) => Some(uuid),
         _ => None,
+    }
+}
+
+/// For each runtime-scoped baseline, whether its listener nodes are still the owning runtime's
+/// listening sockets (a runtime restarted on another port, say); a rule whose runtime is not
+/// running is left as it is.
+fn check_scopes(roots: &mut [Root]) {
+    let scoped = |r: &Rule| r.subject == "ip all" && !r.clients.is_empty() && r.owner.is_some();
+    if !roots.iter().flat_map(|r| &r.rules).any(scoped) {
+        return;
+    }
+    let found = runtime::discover(&runtime::Options::from_env(&Selection::default()));
+    let mut now: BTreeMap<String, Option<BTreeSet<String>>> = BTreeMap::new();
+    for rule in roots.iter_mut().flat_map(|r| r.rules.iter_mut()) {
+        if !scoped(rule) {
+            continue;
+        }
+        let owner = rule.owner.clone().unwrap_or_default();
+        let listening = now.entry(owner.clone()).or_insert_with(|| {
+            let rt = found.runtimes.iter().find(|r| r.owner() == owner)?;
+            let cfg = rt.load_config().ok()?;
+            let listeners = evidence::client_listeners(&cfg);
+            let proc_root = evidence::Options::default().proc_root;
+            match evidence::scope::scope(rt.pid(), &cfg, &listeners, &proc_root) {
+                Scope::Listeners(endpoints) => Some(
+                    endpoints
+                        .iter()
+                        .flat_map(|e| ListenerMatch::of_socket(e.local.ip(), e.local.port()))
+                        .map(|m| m.to_string())
+                        .collect(),
+                ),
+                Scope::Unscoped(_) => None,
+            }
+        });
+        let Some(listening) = listening else {
+            continue;
+        };
+        let held: BTreeSet<String> = rule.clients.iter().cloned().collect();
+        if &held != listening {
+            let list: Vec<&str> = listening.iter().map(String::as_str).collect();
+            rule.scope_drift = Some(format!(
+                "the runtime now listens on {}; repeat its --ip all limit to repair",
+                list.join(", ")
+            ));
+        }
     }
 }
 

@@ -183,6 +183,7 @@ fn inbound_limits_hold_in_both_directions_on_a_wildcard_listener() {
     for (direction, command) in [("download", b'S'), ("upload", b'R')] {
         let plan = c.limit_json(&inbound_args(direction, &["--rate", "300000"]));
         assert_eq!(plan["evidence"]["concrete"], true, "{plan}");
+        assert_eq!(plan["scope"]["match"], "inbound_listener", "{plan}");
         assert_eq!(plan["decision"]["kind"], "apply");
         let steps = plan["plan"]["steps"].to_string();
         let port = if direction == "download" {

@@ -526,6 +526,15 @@ fn text_and_json_reports_carry_every_section() {
         serde_json::json!({"kind": "ip", "value": "10.9.0.7"})
     );
     assert_eq!(v["scope"]["direction"], "upload");
+    // An address rule still matches the address device-wide, and the report says so.
+    assert_eq!(v["scope"]["match"], "client_address");
+    assert!(
+        v["scope"]["description"].as_str().is_some_and(
+            |d| d.starts_with("device-wide: every packet to or from the client's address")
+        ),
+        "{}",
+        v["scope"]
+    );
     assert_eq!(v["rate_bytes_per_second"], 524288);
     assert_eq!(v["decision"]["kind"], "apply");
     assert_eq!(v["runtime"]["source"], "host_process");

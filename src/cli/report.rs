@@ -281,6 +281,9 @@ impl LimitReport {
             v["scope"]["match"] = json!(match scope {
                 ScopeUsed::Device => "device",
                 ScopeUsed::Runtime(_) => "runtime_listeners",
+                ScopeUsed::ClientAddress => "client_address",
+                ScopeUsed::InboundListener => "inbound_listener",
+                ScopeUsed::SocketMark => "socket_mark",
             });
             if let ScopeUsed::Runtime(endpoints) = scope {
                 v["scope"]["listeners"] =
@@ -362,6 +365,11 @@ fn scope_text(scope: &ScopeUsed, device: &str) -> String {
             let list: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
             format!("runtime listeners {}", list.join(", "))
         }
+        ScopeUsed::ClientAddress => format!(
+            "device-wide: every packet to or from the client's address on {device}, whatever it belongs to (address rules are not yet limited to the runtime's listeners)"
+        ),
+        ScopeUsed::InboundListener => "the inbound's own listener".into(),
+        ScopeUsed::SocketMark => "the outbound's socket mark".into(),
     }
 }
 

@@ -168,6 +168,13 @@ pub enum ScopeUsed {
     Device,
     /// Only the packets of these runtime listeners.
     Runtime(Vec<ListenEndpoint>),
+    /// Every packet to or from the client's address on the device (address rules are not yet
+    /// limited to the runtime's listeners).
+    ClientAddress,
+    /// The inbound's own listener.
+    InboundListener,
+    /// The outbound's socket mark.
+    SocketMark,
 }
 
 /// Something a report should say beside its decision.
@@ -509,8 +516,19 @@ impl<K: Kernel> Engine<K> {
         request: &Request,
     ) -> (reconcile::RuleScope, Option<ScopeUsed>, Option<String>) {
         use reconcile::RuleScope;
-        if request.subject != Subject::AllShared || request.want == Want::Remove {
+        if request.want == Want::Remove {
             return (RuleScope::Device, None, None);
+        }
+        let used = match request.subject {
+            Subject::AllShared => None,
+            Subject::Ip(_) | Subject::User { .. } | Subject::Connection(_) => {
+                Some(ScopeUsed::ClientAddress)
+            }
+            Subject::Inbound { .. } => Some(ScopeUsed::InboundListener),
+            Subject::Outbound { .. } => Some(ScopeUsed::SocketMark),
+        };
+        if used.is_some() {
+            return (RuleScope::Device, used, None);
         }
         if self.device_scope {
             return (RuleScope::Device, Some(ScopeUsed::Device), None);

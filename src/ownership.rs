@@ -53,15 +53,26 @@ struct StateFile<T> {
     rules: T,
 }
 
-/// All annotations, by rule: (netns, shaped device, subject key as written), so they list in
-/// the order the state file and earlier versions always gave.
+/// All annotations, by rule: (netns, shaped device, subject key as written, owner), so they list
+/// in the order the state file and earlier versions always gave. Two runtimes may each hold a
+/// rule for the same subject on one device (each scoped to its own listeners).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Annotations {
-    entries: BTreeMap<(String, String, String), Annotation>,
+    entries: BTreeMap<(String, String, String, String), Annotation>,
 }
 
-fn key(netns: &str, shaped_device: &str, subject: &SubjectKey) -> (String, String, String) {
-    (netns.into(), shaped_device.into(), subject.to_string())
+fn key(
+    netns: &str,
+    shaped_device: &str,
+    subject: &SubjectKey,
+    owner: &str,
+) -> (String, String, String, String) {
+    (
+        netns.into(),
+        shaped_device.into(),
+        subject.to_string(),
+        owner.into(),
+    )
 }
 
 impl Annotations {
@@ -69,13 +80,30 @@ impl Annotations {
         self.entries.values()
     }
 
+    /// The owner's annotation of its rule for `subject`.
     pub fn find(
         &self,
         netns: &str,
         shaped_device: &str,
         subject: &SubjectKey,
+        owner: &str,
     ) -> Option<&Annotation> {
-        self.entries.get(&key(netns, shaped_device, subject))
+        self.entries.get(&key(netns, shaped_device, subject, owner))
+    }
+
+    /// Every owner's annotation of a rule for `subject`.
+    pub fn for_subject<'a>(
+        &'a self,
+        netns: &'a str,
+        shaped_device: &'a str,
+        subject: &SubjectKey,
+    ) -> impl Iterator<Item = &'a Annotation> + 'a {
+        let text = subject.to_string();
+        let from = (netns.to_string(), shaped_device.to_string(), text.clone());
+        self.entries
+            .range((from.0, from.1, from.2, String::new())..)
+            .take_while(move |((n, d, s, _), _)| n == netns && d == shaped_device && *s == text)
+            .map(|(_, a)| a)
     }
 
     /// The annotation of the rule whose class is `minor` on `shaped_device`.
@@ -103,11 +131,12 @@ impl Annotations {
 
     pub fn upsert(&mut self, a: Annotation) {
         self.entries
-            .insert(key(&a.netns, &a.shaped_device, &a.subject), a);
+            .insert(key(&a.netns, &a.shaped_device, &a.subject, &a.owner), a);
     }
 
-    pub fn remove(&mut self, netns: &str, shaped_device: &str, subject: &SubjectKey) {
-        self.entries.remove(&key(netns, shaped_device, subject));
+    pub fn remove(&mut self, netns: &str, shaped_device: &str, subject: &SubjectKey, owner: &str) {
+        self.entries
+            .remove(&key(netns, shaped_device, subject, owner));
     }
 }
 

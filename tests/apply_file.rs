@@ -228,7 +228,9 @@ fn a_failure_in_one_limit_undoes_the_whole_run() {
         "handle", &id, "u32", "divisor", "1",
     ]);
     let before = h.kernel() + &h.ns.tc(&["class", "show", "dev", "veth-a"]);
-    let v6 = r#"{"ip": "fd00::7", "device": "veth-a", "direction": "download", "rate": "1mbit"}"#;
+    // Device-wide: the runtime here listens on 127.0.0.1 only, so a runtime-scoped IPv6 rule
+    // would be refused before it reached the kernel.
+    let v6 = r#"{"ip": "fd00::7", "device": "veth-a", "direction": "download", "rate": "1mbit", "scope": "device"}"#;
     let policy = many(20, "1mbit", v6);
     let (code, out, err) = h.apply(
         "p.json",

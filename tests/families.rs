@@ -24,7 +24,17 @@ struct Chain {
     _client_runtime: Launched,
     target: Target,
     state: StateDir,
+    dir: std::path::PathBuf,
 }
+
+/// A second runtime on the same server (vmess on 10.98.0.1:10087) with its own client-side
+/// forwarder on 127.0.0.1:15202.
+struct Second {
+    runtime: Launched,
+    _client_runtime: Launched,
+}
+
+const SECOND_CLIENT_PORT: u16 = 15202;
 
 fn veth(a: &Netns, a_dev: &str, a_ip: &str, b: &Netns, b_dev: &str, b_ip: &str) {
     a.ip(&[
@@ -95,6 +105,43 @@ impl Chain {
             _client_runtime: client_runtime,
             target,
             state: state_dir(tag),
+            dir,
+        }
+    }
+
+    /// Starts a second runtime: the same configs on port 10087 and, client-side, 15202.
+    fn second(&self) -> Second {
+        let v2ray = std::path::Path::new(V2RAY_BIN);
+        let mut paths = Vec::new();
+        for name in ["server", "client"] {
+            let text = std::fs::read_to_string(self.dir.join(format!("{name}.json")))
+                .unwrap()
+                .replace("10086", "10087")
+                .replace("15201", &SECOND_CLIENT_PORT.to_string());
+            let path = self.dir.join(format!("{name}-b.json"));
+            std::fs::write(&path, text).unwrap();
+            paths.push(path.to_string_lossy().into_owned());
+        }
+        let client_runtime = Launched::start(
+            &self.client,
+            v2ray,
+            &["-config", &paths[1]],
+            &self.dir,
+            &[],
+            None,
+        );
+        let runtime = Launched::start(
+            &self.server,
+            v2ray,
+            &["-config", &paths[0]],
+            &self.dir,
+            &[],
+            None,
+        );
+        runtime.wait_listening(10087, &|| false).unwrap();
+        Second {
+            runtime,
+            _client_runtime: client_runtime,
         }
     }
 
@@ -234,58 +281,63 @@ fn inbound_limits_hold_in_both_directions_on_a_wildcard_listener() {
 /// rate in both directions, while another service on the same device, reached from the same
 /// client address, runs unshaped. `--scope device` is the explicit opt-in to shape everything.
 #[test]
-fn the_baseline_shapes_the_runtimes_traffic_and_not_another_service() {
+fn client_rules_shape_the_runtimes_traffic_and_not_another_service() {
     require(&[need::RUNTIME_HOST, need::UPLOAD]);
     let c = Chain::new("scope");
-    // Another service on the server, not the runtime: a plain TCP target on 10.98.0.1:5202.
+    // Another service on the server, not the runtime: a plain TCP target on 10.98.0.1:5202,
+    // reached from the same client address as the runtime.
     let other = Target::start(&c.server, "10.98.0.1:5202");
     let other_addr = "10.98.0.1:5202".parse().unwrap();
     let rate = 250_000.0;
-    for (direction, command) in [("download", b'S'), ("upload", b'R')] {
-        let args = |rest: &[&'static str]| -> Vec<&'static str> {
-            let dir: &'static str = if direction == "download" {
-                "download"
-            } else {
-                "upload"
+    for subject in ["all", "10.98.0.2"] {
+        for (direction, command) in [("download", b'S'), ("upload", b'R')] {
+            let args = |rest: &[&'static str]| -> Vec<&'static str> {
+                let dir: &'static str = if direction == "download" {
+                    "download"
+                } else {
+                    "upload"
+                };
+                let subject: &'static str = if subject == "all" { "all" } else { "10.98.0.2" };
+                limit_args(["--ip", subject], "veth-s", dir, rest)
             };
-            limit_args(["--ip", "all"], "veth-s", dir, rest)
-        };
-        let v = c.limit_json(&args(&["--rate", "250000", "--execute"]));
-        assert_eq!(v["decision"]["kind"], "apply", "{v}");
-        assert_eq!(v["scope"]["match"], "runtime_listeners", "{}", v["scope"]);
-        let listeners = v["scope"]["listeners"].to_string();
-        assert!(listeners.contains(":10086/tcp"), "{listeners}");
-        let steps = v["plan"]["steps"].to_string();
-        assert!(!steps.contains("matchall"), "{steps}");
-        let class = v["plan"]["class_id"].as_str().unwrap().to_string();
-        let dev = if direction == "download" {
-            "veth-s".to_string()
-        } else {
-            v["scope"]["shaped_device"].as_str().unwrap().to_string()
-        };
-        let upload = direction == "upload";
-        let through = c.flow(command, 12);
-        assert_shaped(
-            &c.server,
-            &dev,
-            &class,
-            &through,
-            upload,
-            rate,
-            &format!("{direction} through the runtime"),
-        );
-        through.stop();
-        let direct = Flow::start_to(&c.client, other_addr, command, 6, other.received.clone());
-        std::thread::sleep(Duration::from_millis(500));
-        let unshaped = direct.rate(upload, 2.0);
-        eprintln!("{direction} of the other service: {unshaped:.0} B/s");
-        assert!(
-            unshaped > 10.0 * rate,
-            "{direction}: the other service was shaped: {unshaped:.0} B/s"
-        );
-        direct.stop();
-        let v = c.limit_json(&args(&["--remove", "--execute"]));
-        assert_eq!(v["decision"]["kind"], "remove", "{v}");
+            let what = format!("--ip {subject} {direction}");
+            let v = c.limit_json(&args(&["--rate", "250000", "--execute"]));
+            assert_eq!(v["decision"]["kind"], "apply", "{v}");
+            assert_eq!(v["scope"]["match"], "runtime_listeners", "{}", v["scope"]);
+            let listeners = v["scope"]["listeners"].to_string();
+            assert!(listeners.contains(":10086/tcp"), "{listeners}");
+            let steps = v["plan"]["steps"].to_string();
+            assert!(!steps.contains("matchall"), "{steps}");
+            let class = v["plan"]["class_id"].as_str().unwrap().to_string();
+            let dev = if direction == "download" {
+                "veth-s".to_string()
+            } else {
+                v["scope"]["shaped_device"].as_str().unwrap().to_string()
+            };
+            let upload = direction == "upload";
+            let through = c.flow(command, 12);
+            assert_shaped(
+                &c.server,
+                &dev,
+                &class,
+                &through,
+                upload,
+                rate,
+                &format!("{what} through the runtime"),
+            );
+            through.stop();
+            let direct = Flow::start_to(&c.client, other_addr, command, 6, other.received.clone());
+            std::thread::sleep(Duration::from_millis(500));
+            let unshaped = direct.rate(upload, 2.0);
+            eprintln!("{what} of the other service: {unshaped:.0} B/s");
+            assert!(
+                unshaped > 10.0 * rate,
+                "{what}: the other service was shaped: {unshaped:.0} B/s"
+            );
+            direct.stop();
+            let v = c.limit_json(&args(&["--remove", "--execute"]));
+            assert_eq!(v["decision"]["kind"], "remove", "{v}");
+        }
     }
     // The opt-in: one catch-all for the whole device, and the report says so.
     let (code, out, err) = c.limit(&limit_args(
@@ -300,6 +352,103 @@ fn the_baseline_shapes_the_runtimes_traffic_and_not_another_service() {
         "{out}"
     );
     assert!(out.contains("baseline filter: u32 catch-all key"), "{out}");
+}
+
+/// Two runtimes on one device, each with its own rule for the same client address: each holds
+/// its own rate, and removing one leaves the other's class, filters and counters.
+#[test]
+fn two_runtimes_hold_their_own_limits_for_the_same_client() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
+    let c = Chain::new("two");
+    c.runtime.wait_listening(10086, &|| false).unwrap();
+    let b = c.second();
+    let b_pid = b.runtime.pid();
+    let limit_b = |args: &[&str]| {
+        let mut full = vec!["--netns", &c.server.name, "limit", "--pid", &b_pid];
+        full.extend_from_slice(args);
+        full.extend(["--format", "json"]);
+        let (code, out, err) = raylimit_in(&c.state, &full);
+        assert_eq!(code, 0, "{args:?}: {err}\n{out}");
+        serde_json::from_str::<Value>(&out).unwrap()
+    };
+    for (direction, command) in [("download", b'S'), ("upload", b'R')] {
+        let ip = |rate: &'static str| -> Vec<&str> {
+            limit_args(
+                ["--ip", "10.98.0.2"],
+                "veth-s",
+                direction,
+                &["--rate", rate, "--execute"],
+            )
+        };
+        let a = c.limit_json(&ip("250000"));
+        let bv = limit_b(&ip("500000"));
+        assert_eq!(a["decision"]["kind"], "apply", "{a}");
+        assert_eq!(bv["decision"]["kind"], "apply", "{bv}");
+        assert!(bv["scope"]["listeners"].to_string().contains(":10087/tcp"));
+        let (class_a, class_b) = (
+            a["plan"]["class_id"].as_str().unwrap().to_string(),
+            bv["plan"]["class_id"].as_str().unwrap().to_string(),
+        );
+        assert_ne!(class_a, class_b);
+        let dev = a["scope"]["shaped_device"].as_str().unwrap().to_string();
+        let flow_a = c.flow(command, 12);
+        let flow_b = Flow::start(
+            &c.client,
+            SECOND_CLIENT_PORT,
+            command,
+            12,
+            c.target.received.clone(),
+        );
+        std::thread::sleep(Duration::from_millis(2000));
+        let (a0, b0, start) = (
+            class_bytes(&c.server, &dev, &class_a),
+            class_bytes(&c.server, &dev, &class_b),
+            Instant::now(),
+        );
+        std::thread::sleep(Duration::from_secs(4));
+        let secs = start.elapsed().as_secs_f64();
+        let a_rate = (class_bytes(&c.server, &dev, &class_a) - a0) as f64 / secs;
+        let b_rate = (class_bytes(&c.server, &dev, &class_b) - b0) as f64 / secs;
+        assert_within_10_percent(&format!("runtime A {direction}"), a_rate, 250_000.0);
+        assert_within_10_percent(&format!("runtime B {direction}"), b_rate, 500_000.0);
+        flow_a.stop();
+        flow_b.stop();
+
+        // Removing A's rule leaves B's class (and its counters) and filters as they were.
+        let b_filters = |text: String| -> Vec<String> {
+            text.lines()
+                .filter(|l| l.contains(&format!("flowid {class_b}")))
+                .map(String::from)
+                .collect()
+        };
+        let filters_before = b_filters(c.server.tc(&["filter", "show", "dev", &dev]));
+        assert!(!filters_before.is_empty());
+        let bytes_before = class_bytes(&c.server, &dev, &class_b);
+        let removed = c.limit_json(&limit_args(
+            ["--ip", "10.98.0.2"],
+            "veth-s",
+            direction,
+            &["--remove", "--execute"],
+        ));
+        assert_eq!(removed["decision"]["kind"], "remove", "{removed}");
+        assert_eq!(
+            b_filters(c.server.tc(&["filter", "show", "dev", &dev])),
+            filters_before
+        );
+        assert!(class_bytes(&c.server, &dev, &class_b) >= bytes_before);
+        assert!(!c
+            .server
+            .tc(&["class", "show", "dev", &dev])
+            .contains(&format!("class htb {class_a} ")));
+        let again = limit_b(&ip("500000"));
+        assert_eq!(again["decision"]["kind"], "no_op", "{again}");
+        limit_b(&limit_args(
+            ["--ip", "10.98.0.2"],
+            "veth-s",
+            direction,
+            &["--remove", "--execute"],
+        ));
+    }
 }
 
 #[test]

@@ -295,8 +295,8 @@ fn every_invalid_request_is_one_line_exit_2_and_changes_nothing() {
             "--scope must be runtime or device, not \"wide\"",
         ),
         (
-            base(&["--ip", "10.0.0.1", "--scope", "device", "--rate", "5"]),
-            "--scope applies to --ip all (shared)",
+            base(&["--inbound", "socks-in", "--scope", "device", "--rate", "5"]),
+            "--scope applies to client rules",
         ),
         (
             base(&["--ip", "10.0.0.1", "--remove", "--rate", "5"]),
@@ -526,12 +526,13 @@ fn text_and_json_reports_carry_every_section() {
         serde_json::json!({"kind": "ip", "value": "10.9.0.7"})
     );
     assert_eq!(v["scope"]["direction"], "upload");
-    // An address rule still matches the address device-wide, and the report says so.
-    assert_eq!(v["scope"]["match"], "client_address");
+    // An address rule matches the client's packets on the runtime's listeners, and the report
+    // names them.
+    assert_eq!(v["scope"]["match"], "runtime_listeners");
     assert!(
-        v["scope"]["description"].as_str().is_some_and(
-            |d| d.starts_with("device-wide: every packet to or from the client's address")
-        ),
+        v["scope"]["description"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("runtime listeners 127.0.0.1:")),
         "{}",
         v["scope"]
     );
@@ -621,6 +622,8 @@ fn textual_variants_of_one_address_are_one_rule() {
         ])["decision"]["kind"],
         "no_op"
     );
+    // The runtime listens on 127.0.0.1 only: an IPv6 client reaches it on no listener, so its
+    // rule is device-wide here.
     h.limit_json(&[
         "--ip",
         "fd00:99::7",
@@ -628,6 +631,8 @@ fn textual_variants_of_one_address_are_one_rule() {
         "download",
         "--rate",
         "1000",
+        "--scope",
+        "device",
         "--execute",
     ]);
     let v = h.limit_json(&[
@@ -637,6 +642,8 @@ fn textual_variants_of_one_address_are_one_rule() {
         "download",
         "--rate",
         "1000",
+        "--scope",
+        "device",
     ]);
     assert_eq!(v["decision"]["kind"], "no_op", "{v}");
     // The IPv6 rule sits in its own priority (301) next to IPv4's (300).
@@ -679,9 +686,34 @@ fn another_runtimes_rule_is_not_touched() {
         "--remove",
         "--execute",
     ]);
+    // The other runtime has no rule of its own for the address: nothing to remove, and the
+    // first runtime's rule (on its own listener) is left as it was.
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert!(
+        out.contains("no rule for ip 10.9.0.7 download was observed"),
+        "{out}"
+    );
+    same_state(&h.kernel_state(), &before, "another runtime's remove");
+    // Device-wide, the same address cannot be told apart by listener: refused.
+    let (code, out, err) = h.run(&[
+        "limit",
+        "--pid",
+        &other.pid(),
+        "--device",
+        "veth-a",
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "download",
+        "--rate",
+        "2000",
+        "--scope",
+        "device",
+        "--execute",
+    ]);
     assert_eq!(code, 1, "{out}");
     assert!(err.contains("managed for another runtime"), "{err}");
-    same_state(&h.kernel_state(), &before, "refused remove");
+    same_state(&h.kernel_state(), &before, "refused device-wide limit");
     // The owner shows in status.
     let (_, out, _) = h.run(&["status"]);
     assert!(
@@ -1065,7 +1097,7 @@ fn a_moved_listener_is_flagged_by_status_and_repaired_in_place() {
     let class = first["plan"]["class_id"].clone();
     let rule = status();
     assert_eq!(
-        rule["clients"],
+        rule["listeners"],
         serde_json::json!([format!("127.0.0.1:{old_port}")])
     );
     assert!(rule["scope_drift"].is_null(), "{rule}");
@@ -1087,7 +1119,7 @@ fn a_moved_listener_is_flagged_by_status_and_repaired_in_place() {
     assert_eq!(repaired["plan"]["class_id"], class);
     let rule = status();
     assert_eq!(
-        rule["clients"],
+        rule["listeners"],
         serde_json::json!([format!("127.0.0.1:{new_port}")])
     );
     assert!(rule["scope_drift"].is_null(), "{rule}");

@@ -56,6 +56,12 @@ impl Setup {
             "json",
         ];
         full.extend_from_slice(args);
+        // The streams here go to a plain server on the runtime's host, not through the
+        // runtime: an address rule matches them only device-wide (`--scope device`). Scoping to
+        // the runtime's own traffic is proven in tests/families.rs.
+        if args.contains(&"--ip") && !args.contains(&"--scope") {
+            full.extend(["--scope", "device"]);
+        }
         let (code, out, err) = raylimit_in(&self.state, &full);
         assert_eq!(code, 0, "{full:?}: {err}\n{out}");
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))

@@ -32,8 +32,9 @@ pub struct LimitArgs {
     /// One client connection, as IP:PORT.
     #[arg(long, value_name = "IP:PORT")]
     pub connection: Option<String>,
-    /// With `--ip all`: `runtime` (the default) matches only the runtime's own listeners;
-    /// `device` matches every packet on the device, whatever it belongs to.
+    /// For client rules (`--ip`, `--uuid`, `--connection`): `runtime` (the default) matches only
+    /// packets of the runtime's own listeners; `device` matches every packet of the client (or,
+    /// for `--ip all`, every packet) on the device, whatever it belongs to.
     #[arg(long, value_name = "runtime|device")]
     pub scope: Option<String>,
     /// The mark bits raylimit reads and writes for --outbound (default 0x0f000000); other
@@ -96,7 +97,8 @@ pub struct RuntimeArgs {
 pub struct Validated {
     pub selection: Selection,
     pub wanted: Wanted,
-    /// `--scope device`: the `--ip all` baseline matches every packet on the device.
+    /// `--scope device`: the client rule matches every packet on the device, not only the
+    /// runtime's.
     pub device_scope: bool,
 }
 
@@ -313,9 +315,9 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
         Some("device") => true,
         Some(other) => return usage(format!("--scope must be runtime or device, not {other:?}")),
     };
-    if a.scope.is_some() && target != Target::AllShared {
+    if a.scope.is_some() && matches!(target, Target::Inbound(_) | Target::Outbound { .. }) {
         return usage(
-            "--scope applies to --ip all (shared); the other targets are their own scope".into(),
+            "--scope applies to client rules (--ip, --uuid, --connection); an inbound or outbound is its own scope".into(),
         );
     }
     if a.mark_mask.is_some() && !matches!(target, Target::Outbound { .. }) {

@@ -366,7 +366,7 @@ fn scope_text(scope: &ScopeUsed, device: &str) -> String {
             format!("runtime listeners {}", list.join(", "))
         }
         ScopeUsed::ClientAddress => format!(
-            "device-wide: every packet to or from the client's address on {device}, whatever it belongs to (address rules are not yet limited to the runtime's listeners)"
+            "device-wide (--scope device): every packet to or from the client's address on {device}, whatever it belongs to"
         ),
         ScopeUsed::InboundListener => "the inbound's own listener".into(),
         ScopeUsed::SocketMark => "the outbound's socket mark".into(),

@@ -117,6 +117,13 @@ fn text(roots: &[Root]) -> String {
             if !rule.clients.is_empty() {
                 let _ = writeln!(s, "    clients: {}", rule.clients.join(", "));
             }
+            if !rule.listeners.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "    scope: runtime listeners {}",
+                    rule.listeners.join(", ")
+                );
+            }
             if let Some(d) = &rule.scope_drift {
                 let _ = writeln!(s, "    scope: stale: {d}");
             }
@@ -144,6 +151,7 @@ fn root_json(r: &Root) -> Value {
         "rules": r.rules.iter().map(|x| json!({
             "subject": x.subject,
             "clients": x.clients,
+            "listeners": x.listeners,
             "user_traffic": x.user_traffic,
             "scope_drift": x.scope_drift,
             "priority": x.priority,

@@ -23,7 +23,7 @@ pub mod fake;
 mod tests;
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::rc::Rc;
 
@@ -102,7 +102,8 @@ pub struct Options {
     pub execute: bool,
     /// Go ahead when the tc state could not be observed or compared.
     pub allow_missing_state: bool,
-    /// `--ip all` matches every packet on the device (`--scope device`), not only the runtime's.
+    /// Client rules and `--ip all` match every packet on the device (`--scope device`), not
+    /// only the runtime's.
     pub device_scope: bool,
     pub state_dir: StateDir,
 }
@@ -168,8 +169,7 @@ pub enum ScopeUsed {
     Device,
     /// Only the packets of these runtime listeners.
     Runtime(Vec<ListenEndpoint>),
-    /// Every packet to or from the client's address on the device (address rules are not yet
-    /// limited to the runtime's listeners).
+    /// Every packet to or from the client's address on the device, as the operator asked.
     ClientAddress,
     /// The inbound's own listener.
     InboundListener,
@@ -251,6 +251,7 @@ enum AnnotationChange {
     Remove {
         shaped_device: String,
         subject: SubjectKey,
+        owner: String,
     },
 }
 
@@ -263,6 +264,8 @@ pub struct Engine<K: Kernel> {
     device_scope: bool,
     /// The runtime's scope, read when a request first needs it.
     scope: Option<Scope>,
+    /// Per shaped device, the class minors other runtimes' rules own.
+    foreign_classes: BTreeMap<String, Rc<BTreeSet<u16>>>,
     /// The kernel (the engine tests read the in-memory one's state through it).
     pub(crate) kernel: K,
     live: Box<dyn Live>,
@@ -315,6 +318,7 @@ impl<K: Kernel> Engine<K> {
             allow_missing_state: options.allow_missing_state,
             device_scope: options.device_scope,
             scope: None,
+            foreign_classes: BTreeMap::new(),
             kernel,
             annotations: options.state_dir.load(),
             annotations_changed: false,
@@ -332,6 +336,7 @@ impl<K: Kernel> Engine<K> {
     /// Reads the runtime's config and evidence from `live` instead of the runtime itself.
     pub fn with_live(mut self, live: Box<dyn Live>) -> Self {
         self.live = live;
+        self.scope = None;
         self
     }
 
@@ -386,11 +391,22 @@ impl<K: Kernel> Engine<K> {
     ) -> Ticket {
         let shaped_device = self.shaped_device(request.on_egress());
         let subject_key = request.subject.key();
+        let owner = self.runtime.owner();
         let annotation = self
             .annotations
-            .find(&self.netns_key, &shaped_device, &subject_key)
+            .find(&self.netns_key, &shaped_device, &subject_key, &owner)
             .cloned();
-        let owner = self.runtime.owner();
+        // Two runtimes' rules for one subject are told apart by their listeners; a device-wide
+        // rule or an outbound's mark cannot be, so another runtime's rule there is a conflict.
+        let exclusive = self.device_scope || matches!(request.subject, Subject::Outbound { .. });
+        let owned_by_other = exclusive
+            .then(|| {
+                self.annotations
+                    .for_subject(&self.netns_key, &shaped_device, &subject_key)
+                    .find(|a| a.owner != owner)
+                    .map(|a| a.owner.clone())
+            })
+            .flatten();
         // Only a catch-all (the baseline, the upload redirect) or an outbound depends on
         // optional kernel features; a specific client's rule does not, and skips the probe.
         let needs_features = !request.on_egress()
@@ -416,16 +432,14 @@ impl<K: Kernel> Engine<K> {
             request: request.clone(),
             catch_all,
             allow_missing_state: self.allow_missing_state,
-            owned_by_other: annotation
-                .as_ref()
-                .filter(|x| x.owner != owner)
-                .map(|x| x.owner.clone()),
+            owned_by_other,
             remembered_minor: annotation.as_ref().and_then(|x| x.class_minor),
             owner: owner.clone(),
             netns_path: self.netns_path.clone(),
             has_connmark,
             has_fw,
             scope: rule_scope,
+            foreign_classes: self.foreign_classes(&shaped_device, &owner),
         };
         self.observe_once(&request);
         let egress = request.on_egress();
@@ -477,6 +491,7 @@ impl<K: Kernel> Engine<K> {
                 Want::Remove => AnnotationChange::Remove {
                     shaped_device: shaped_device.clone(),
                     subject: subject_key,
+                    owner,
                 },
                 _ => AnnotationChange::Upsert(Annotation {
                     netns: self.netns_key.clone(),
@@ -508,9 +523,10 @@ impl<K: Kernel> Engine<K> {
         ticket
     }
 
-    /// Which packets a request's rule may match: the runtime's listeners for an `--ip all`
-    /// limit (or every packet, with `--scope device`), with what the report shows and, when the
-    /// runtime's traffic cannot be scoped, why. Other families match as their subject says.
+    /// Which packets a request's rule may match: a client rule's (and the `--ip all` baseline's)
+    /// the runtime's listeners (or, with `--scope device`, every packet of the client on the
+    /// device), with what the report shows and, when the runtime's traffic cannot be scoped,
+    /// why. An inbound or outbound matches as its subject says.
     fn rule_scope(
         &mut self,
         request: &Request,
@@ -519,19 +535,20 @@ impl<K: Kernel> Engine<K> {
         if request.want == Want::Remove {
             return (RuleScope::Device, None, None);
         }
-        let used = match request.subject {
-            Subject::AllShared => None,
-            Subject::Ip(_) | Subject::User { .. } | Subject::Connection(_) => {
-                Some(ScopeUsed::ClientAddress)
+        match request.subject {
+            Subject::Inbound { .. } => {
+                return (RuleScope::Device, Some(ScopeUsed::InboundListener), None)
             }
-            Subject::Inbound { .. } => Some(ScopeUsed::InboundListener),
-            Subject::Outbound { .. } => Some(ScopeUsed::SocketMark),
-        };
-        if used.is_some() {
-            return (RuleScope::Device, used, None);
-        }
-        if self.device_scope {
-            return (RuleScope::Device, Some(ScopeUsed::Device), None);
+            Subject::Outbound { .. } => {
+                return (RuleScope::Device, Some(ScopeUsed::SocketMark), None)
+            }
+            Subject::AllShared if self.device_scope => {
+                return (RuleScope::Device, Some(ScopeUsed::Device), None)
+            }
+            _ if self.device_scope => {
+                return (RuleScope::Device, Some(ScopeUsed::ClientAddress), None)
+            }
+            _ => {}
         }
         let scope = match &self.scope {
             Some(s) => s.clone(),
@@ -562,12 +579,30 @@ impl<K: Kernel> Engine<K> {
         }
     }
 
+    /// The class minors on `shaped_device` that other runtimes' rules own.
+    fn foreign_classes(&mut self, shaped_device: &str, owner: &str) -> Rc<BTreeSet<u16>> {
+        let (annotations, netns) = (&self.annotations, &self.netns_key);
+        self.foreign_classes
+            .entry(shaped_device.to_string())
+            .or_insert_with(|| {
+                Rc::new(
+                    annotations
+                        .iter()
+                        .filter(|a| a.netns == *netns && a.shaped_device == shaped_device)
+                        .filter(|a| a.owner != owner)
+                        .filter_map(|a| a.class_minor)
+                        .collect(),
+                )
+            })
+            .clone()
+    }
+
     fn record(&mut self, change: AnnotationChange) {
         match change {
             AnnotationChange::Upsert(a) => {
                 let known = self
                     .annotations
-                    .find(&a.netns, &a.shaped_device, &a.subject);
+                    .find(&a.netns, &a.shaped_device, &a.subject, &a.owner);
                 if known != Some(&a) {
                     self.annotations.upsert(a);
                     self.annotations_changed = true;
@@ -576,14 +611,15 @@ impl<K: Kernel> Engine<K> {
             AnnotationChange::Remove {
                 shaped_device,
                 subject,
+                owner,
             } => {
                 if self
                     .annotations
-                    .find(&self.netns_key, &shaped_device, &subject)
+                    .find(&self.netns_key, &shaped_device, &subject, &owner)
                     .is_some()
                 {
                     self.annotations
-                        .remove(&self.netns_key, &shaped_device, &subject);
+                        .remove(&self.netns_key, &shaped_device, &subject, &owner);
                     self.annotations_changed = true;
                 }
             }
@@ -596,6 +632,8 @@ impl<K: Kernel> Engine<K> {
     /// decision observes the kernel afresh. Returns every decision staged since the last commit.
     pub fn commit(&mut self) -> Committed {
         self.observed.clear();
+        // The next run (a watch round) reads the runtime's listeners again: they may move.
+        self.scope = None;
         let mut staged = std::mem::take(&mut self.staged);
         let pending = std::mem::take(&mut self.pending);
         if pending.is_empty() {

@@ -159,9 +159,11 @@ impl PerIpSet {
                 .in_set(netns, &shaped, &owner, PER_IP)
                 .filter_map(|a| a.subject.ip())
                 .collect(),
+            // Another runtime's rule for the same address is on its own listeners.
             explicit: annotations
                 .iter()
                 .filter(|a| a.netns == netns && a.shaped_device == shaped && a.set.is_none())
+                .filter(|a| a.owner == owner)
                 .filter_map(|a| Some((a.subject.ip()?, a.owner.clone())))
                 .collect(),
         }

@@ -21,8 +21,10 @@ use std::collections::{BTreeMap, BTreeSet};
 /// One managed rule as the kernel holds it.
 pub struct Rule {
     pub subject: String,
-    /// A user's client addresses (one node each, one class).
+    /// A user's client addresses (an inbound's: its listener).
     pub clients: Vec<String>,
+    /// The runtime listeners a runtime-scoped rule matches; none when it is device-wide.
+    pub listeners: Vec<String>,
     /// A user's byte counters from the runtime's StatsService, or why there are none.
     pub user_traffic: Option<String>,
     /// A runtime-scoped rule whose listeners are no longer the runtime's: what they are now.
@@ -54,6 +56,7 @@ impl Rule {
         Rule {
             subject,
             clients,
+            listeners: Vec::new(),
             user_traffic: None,
             scope_drift: None,
             priority,
@@ -134,46 +137,64 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
         };
         let mut rules = Vec::new();
         let mut referenced = std::collections::BTreeSet::new();
-        // A user's nodes share one class: they are one rule, named by its annotation.
-        let mut users: std::collections::BTreeMap<Option<TcHandle>, (Vec<String>, _)> =
-            Default::default();
-        let mut subjects = Vec::new();
+        // A rule's nodes (one per client and runtime listener) share one class: one rule per
+        // class, listing its clients (a user's addresses) and the listeners it is scoped to.
+        type Group<'a> = (
+            Vec<String>,
+            BTreeSet<String>,
+            &'a crate::model::tc::FilterEntry,
+        );
+        let mut groups: BTreeMap<(String, Option<TcHandle>), Group> = BTreeMap::new();
         for n in shaped.nodes() {
-            match n.band {
-                Band::User => {
-                    let e = users.entry(n.classid).or_insert((Vec::new(), &n.entry));
-                    e.0.push(n.matched.to_string());
-                }
-                Band::Connection => {
-                    subjects.push((format!("connection {}", n.matched), Vec::new(), &n.entry))
-                }
-                Band::Ip => subjects.push((format!("ip {}", n.matched), Vec::new(), &n.entry)),
+            let client = n.matched.client().to_string();
+            let subject = match n.band {
+                Band::User => "uuid".to_string(),
+                Band::Connection => format!("connection {client}"),
+                Band::Ip => format!("ip {client}"),
+            };
+            let g = groups.entry((subject, n.classid)).or_insert((
+                Vec::new(),
+                BTreeSet::new(),
+                &n.entry,
+            ));
+            if n.band == Band::User && !g.0.contains(&client) {
+                g.0.push(client);
+            }
+            g.1.extend(n.matched.listener.map(|l| l.to_string()));
+        }
+        // So do an inbound's listener nodes ("clients" lists its listener), and a
+        // runtime-scoped baseline's.
+        for n in &shaped.listeners {
+            let (subject, g) = match n.band {
+                ListenerBand::Inbound => ("inbound", 0),
+                ListenerBand::Baseline => ("ip", 1),
+            };
+            let e = groups.entry((subject.to_string(), n.classid)).or_insert((
+                Vec::new(),
+                BTreeSet::new(),
+                &n.entry,
+            ));
+            if g == 0 {
+                e.0.push(n.matched.to_string());
+            } else {
+                e.1.insert(n.matched.to_string());
             }
         }
-        // So do an inbound's listener nodes, and a runtime-scoped baseline's ("clients" lists
-        // the listeners).
-        let mut inbounds: std::collections::BTreeMap<Option<TcHandle>, (Vec<String>, _)> =
-            Default::default();
-        let mut baselines = inbounds.clone();
-        for n in &shaped.listeners {
-            let groups = match n.band {
-                ListenerBand::Inbound => &mut inbounds,
-                ListenerBand::Baseline => &mut baselines,
-            };
-            let e = groups.entry(n.classid).or_insert((Vec::new(), &n.entry));
-            e.0.push(n.matched.to_string());
-        }
-        for (kind, groups) in [("uuid", users), ("inbound", inbounds), ("ip", baselines)] {
-            for (class, (clients, entry)) in groups {
-                let subject = class
+        let mut subjects = Vec::new();
+        for ((subject, class), (clients, listeners, entry)) in groups {
+            // A user, an inbound and the baseline are named by their class's annotation.
+            let subject = if subject.contains(' ') {
+                subject
+            } else {
+                class
                     .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
                     .map(|a| a.subject.to_string())
-                    .unwrap_or_else(|| format!("{kind} (unknown)"));
-                subjects.push((subject, clients, entry));
-            }
+                    .unwrap_or_else(|| format!("{subject} (unknown)"))
+            };
+            subjects.push((subject, clients, listeners.into_iter().collect(), entry));
         }
         if let Some(f) = &shaped.baseline {
-            subjects.push(("ip all".to_string(), Vec::new(), f));
+            subjects.push(("ip all".to_string(), Vec::new(), Vec::new(), f));
         }
         // An outbound's fw filter (where the kernel has cls_fw) is known by its class.
         for entry in shaped.marks.values() {
@@ -181,7 +202,7 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
                 .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
                 .map(|a| a.subject.to_string())
                 .unwrap_or_else(|| "outbound (unknown)".into());
-            subjects.push((subject, Vec::new(), entry));
+            subjects.push((subject, Vec::new(), Vec::new(), entry));
         }
         // Without cls_fw, outbound rules classify in nft (meta priority), not in a tc filter.
         for r in nft.iter().flat_map(|n| &n.rules) {
@@ -208,24 +229,29 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
                 owner,
             ));
         }
-        for (subject, clients, entry) in subjects {
+        for (subject, clients, listeners, entry) in subjects {
             let class = classid_of(&entry.filter);
             if let Some(c) = class {
                 referenced.insert(c.minor());
             }
-            let owner = subject
-                .parse::<SubjectKey>()
-                .ok()
-                .and_then(|k| annotations.find(netns_key, &link.name, &k))
+            // The class names the rule's owner (two runtimes may hold the same subject).
+            let owner = class
+                .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
+                .or_else(|| {
+                    let k = subject.parse::<SubjectKey>().ok()?;
+                    annotations.for_subject(netns_key, &link.name, &k).next()
+                })
                 .map(|a| a.owner.clone());
-            rules.push(Rule::new(
+            let mut rule = Rule::new(
                 &shaped,
                 subject,
                 clients,
                 Some(entry.filter.priority),
                 class,
                 owner,
-            ));
+            );
+            rule.listeners = listeners;
+            rules.push(rule);
         }
         roots.push(Root {
             device: owner_device.to_string(),
@@ -268,7 +294,7 @@ fn user_of(rule: &Rule) -> Option<String> {
 /// listening sockets (a runtime restarted on another port, say); a rule whose runtime is not
 /// running is left as it is.
 fn check_scopes(roots: &mut [Root]) {
-    let scoped = |r: &Rule| r.subject == "ip all" && !r.clients.is_empty() && r.owner.is_some();
+    let scoped = |r: &Rule| !r.listeners.is_empty() && r.owner.is_some();
     if !roots.iter().flat_map(|r| &r.rules).any(scoped) {
         return;
     }
@@ -298,12 +324,21 @@ fn check_scopes(roots: &mut [Root]) {
         let Some(listening) = listening else {
             continue;
         };
-        let held: BTreeSet<String> = rule.clients.iter().cloned().collect();
-        if &held != listening {
+        let held: BTreeSet<String> = rule.listeners.iter().cloned().collect();
+        // A client rule holds the listeners of its client's family only.
+        let family_of = |l: &str| l.starts_with('[');
+        let families: BTreeSet<bool> = held.iter().map(|l| family_of(l)).collect();
+        let wanted: BTreeSet<String> = listening
+            .iter()
+            .filter(|l| rule.subject == "ip all" || families.contains(&family_of(l)))
+            .cloned()
+            .collect();
+        if held != wanted {
             let list: Vec<&str> = listening.iter().map(String::as_str).collect();
             rule.scope_drift = Some(format!(
-                "the runtime now listens on {}; repeat its --ip all limit to repair",
-                list.join(", ")
+                "the runtime now listens on {}; repeat its {} limit to repair",
+                list.join(", "),
+                rule.subject
             ));
         }
     }

@@ -65,7 +65,9 @@ fn engine(kernel: Fake, state: &TempState, execute: bool) -> Engine<Fake> {
         device_scope: false,
         state_dir: state.dir(),
     };
-    Engine::open(kernel, runtime(), DEV_NAME, options).expect("the fake device exists")
+    Engine::open(kernel, runtime(), DEV_NAME, options)
+        .expect("the fake device exists")
+        .with_live(Box::new(Scripted::listening(&["[::]:9000"])))
 }
 
 fn ip(s: &str) -> IpAddr {
@@ -420,6 +422,26 @@ struct Scripted {
     reads: std::rc::Rc<std::cell::Cell<u32>>,
 }
 
+impl Scripted {
+    /// A runtime listening (TCP) on `addresses`.
+    fn listening(addresses: &[&str]) -> Self {
+        use crate::evidence::scope::{ListenEndpoint, Scope};
+        Scripted {
+            scope: Scope::Listeners(
+                addresses
+                    .iter()
+                    .map(|a| ListenEndpoint {
+                        transport: crate::netlink::sock_diag::Transport::Tcp,
+                        local: a.parse().unwrap(),
+                        inbound: "in".into(),
+                    })
+                    .collect(),
+            ),
+            reads: Default::default(),
+        }
+    }
+}
+
 impl Live for Scripted {
     fn config(&self) -> Result<Loaded, String> {
         Ok(Loaded {
@@ -464,7 +486,7 @@ fn the_baseline_takes_the_runtimes_scope_or_blocks_when_there_is_none() {
     let d = e.decided(t);
     assert_eq!(d.scope, Some(ScopeUsed::Runtime(endpoints.clone())));
     assert!(d.decision.blocked.is_none());
-    // An address limit needs no scope, and the scope is read once per run.
+    // An address limit is scoped the same way, and the scope is read once per run.
     e.stage(limit("10.0.0.2", 1_000), None, None);
     e.stage(all(Want::Limit(2_000)), None, None);
     assert_eq!(reads.get(), 1);
@@ -495,4 +517,116 @@ fn the_baseline_takes_the_runtimes_scope_or_blocks_when_there_is_none() {
     // A removal needs no scope.
     let t = e.stage(all(Want::Remove), None, None);
     assert!(e.decided(t).decision.blocked.is_none());
+}
+
+/// The client nodes on the fake device, read back as raylimit reads them.
+fn client_nodes(e: &Engine<Fake>) -> Vec<crate::reconcile::observe::Node> {
+    let end = shaping::client_end(Direction::Download);
+    let shaped = crate::reconcile::observe::ShapedRoot::read(&e.kernel.kernel.device, end);
+    shaped.nodes().cloned().collect()
+}
+
+#[test]
+fn a_client_rule_matches_only_the_runtimes_listeners_and_follows_them_when_they_move() {
+    let state = TempState::new();
+    let live = Scripted::listening(&["10.9.0.1:9000", "[::]:443"]);
+    let mut e = engine(Fake::default(), &state, true).with_live(Box::new(live));
+    let t = e.stage(limit("10.0.0.2", 1_000), None, None);
+    let mut run = e.commit();
+    let d = run.take(t);
+    assert_eq!(d.outcome, Outcome::Executed, "{:?}", d.decision.blocked);
+    assert!(matches!(d.scope, Some(ScopeUsed::Runtime(ref l)) if l.len() == 2));
+    // One node per listener of the client's family (the IPv6 wildcard takes IPv4 too), each
+    // with the listener's port (and address when concrete), all to one class.
+    let nodes = client_nodes(&e);
+    let listeners: BTreeSet<String> = nodes
+        .iter()
+        .map(|n| n.matched.listener.unwrap().to_string())
+        .collect();
+    assert_eq!(
+        listeners,
+        ["0.0.0.0:443", "10.9.0.1:9000"].map(String::from).into()
+    );
+    let classes: BTreeSet<_> = nodes.iter().map(|n| n.classid).collect();
+    assert_eq!(classes.len(), 1);
+    let handles: BTreeSet<u32> = nodes.iter().map(|n| n.entry.filter.handle).collect();
+
+    // The runtime restarts listening on 9001 instead of 9000: the node moves in place.
+    let mut e = e.with_live(Box::new(Scripted::listening(&[
+        "10.9.0.1:9001",
+        "[::]:443",
+    ])));
+    let sent = e.kernel.calls.steps.len();
+    let t = e.stage(limit("10.0.0.2", 1_000), None, None);
+    let mut run = e.commit();
+    let d = run.take(t);
+    assert_eq!(
+        d.decision.kind,
+        DecisionKind::Replace,
+        "{}",
+        d.decision.reason
+    );
+    assert!(
+        d.decision.reason.contains("10.9.0.1:9001"),
+        "{}",
+        d.decision.reason
+    );
+    assert_eq!(e.kernel.calls.steps[sent..], ["replace-filter"]);
+    let moved = client_nodes(&e);
+    let now: BTreeSet<u32> = moved.iter().map(|n| n.entry.filter.handle).collect();
+    assert_eq!(now, handles, "the same node handles");
+    assert_eq!(
+        moved.iter().map(|n| n.classid).collect::<BTreeSet<_>>(),
+        classes,
+        "the same class"
+    );
+    assert!(moved
+        .iter()
+        .any(|n| n.matched.listener.unwrap().to_string() == "10.9.0.1:9001"));
+
+    // A client of a family the runtime does not listen in is refused, naming its listeners.
+    let mut e = e.with_live(Box::new(Scripted::listening(&["10.9.0.1:9001"])));
+    let t = e.stage(limit("2001:db8::7", 1_000), None, None);
+    let d = e.decided(t);
+    assert!(
+        matches!(&d.decision.blocked, Some(crate::reconcile::Blocked::Reason(r)) if r.contains("10.9.0.1:9001 only")),
+        "{:?}",
+        d.decision.blocked
+    );
+
+    // Removal finds the rule's nodes whatever their listeners.
+    let t = e.stage(
+        {
+            let mut r = limit("10.0.0.2", 1_000);
+            r.want = Want::Remove;
+            r
+        },
+        None,
+        None,
+    );
+    let mut run = e.commit();
+    assert_eq!(run.take(t).outcome, Outcome::Executed);
+    assert!(client_nodes(&e).is_empty());
+    assert!(e.kernel.kernel.device.classes.is_empty());
+}
+
+#[test]
+fn a_device_scoped_client_rule_matches_the_address_alone() {
+    let state = TempState::new();
+    let options = Options {
+        netns: None,
+        execute: true,
+        allow_missing_state: false,
+        device_scope: true,
+        state_dir: state.dir(),
+    };
+    let mut e = Engine::open(Fake::default(), runtime(), DEV_NAME, options).unwrap();
+    let t = e.stage(limit("10.0.0.2", 1_000), None, None);
+    let mut run = e.commit();
+    let d = run.take(t);
+    assert_eq!(d.outcome, Outcome::Executed);
+    assert_eq!(d.scope, Some(ScopeUsed::ClientAddress));
+    let nodes = client_nodes(&e);
+    assert_eq!(nodes.len(), 1);
+    assert_eq!(nodes[0].matched, shaping::ClientMatch::ip(ip("10.0.0.2")));
 }

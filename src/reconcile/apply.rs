@@ -23,9 +23,7 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
             return;
         }
     }
-    let mut held = shaped
-        .map(|s| held(s, rule, ctx.remembered_minor))
-        .unwrap_or_default();
+    let mut held = shaped.map(|s| held(s, rule, ctx)).unwrap_or_default();
     let marks = held.add_marks(
         rule,
         obs,

@@ -36,23 +36,53 @@ pub(super) fn plan_nodes(
             plan_band(band, family, shaped, (dev, ifindex, end), steps, changes);
         }
     }
+    // Held nodes the rule no longer wants; one of the same client is reused in place for a
+    // wanted node it lacks (a listener that moved), keeping its handle.
+    let mut unwanted: Vec<&(Option<ClientMatch>, Filter)> = held
+        .filters
+        .iter()
+        .filter(|(hm, _)| hm.is_some_and(|m| !matches.contains(&m)))
+        .collect();
     let mut planned = BTreeSet::new();
     let mut scaffolded = BTreeSet::new();
     for m in matches {
         if scaffolded.insert(bucket_of(band, m)) {
             plan_bucket(band, m, shaped, (dev, ifindex, end), steps, changes);
         }
-        let want = node_filter(ctx, band, *m, ifindex, shaped, &planned, target_class);
+        let exact = held.filters.iter().find(|(hm, _)| *hm == Some(*m));
+        let reused = match exact {
+            Some(_) => None,
+            None => unwanted
+                .iter()
+                .position(|(hm, _)| hm.is_some_and(|h| h.client() == m.client()))
+                .map(|i| unwanted.remove(i)),
+        };
+        let old = exact.or(reused).map(|(_, f)| f);
+        let node = old.map(|f| U32Handle(f.handle).node());
+        let want = node_filter(
+            ctx,
+            band,
+            *m,
+            ifindex,
+            (shaped, node),
+            &planned,
+            target_class,
+        );
         planned.insert((want.priority, want.handle));
-        match held.filters.iter().find(|(hm, _)| *hm == Some(*m)) {
-            Some((_, old)) if same_filter(old, &want) => {}
-            Some((_, old)) => {
+        match (old, reused) {
+            (Some(old), _) if same_filter(old, &want) => {}
+            (Some(old), Some((Some(was), _))) => {
+                let (replace, _) = replace_filter(dev, ifindex, old, want, "");
+                changes.push(format!("{} is now matched as {m}", was));
+                steps.push(replace);
+            }
+            (Some(old), _) => {
                 let (replace, change) =
                     replace_filter(dev, ifindex, old, want, &format!(" for {m}"));
                 changes.push(change);
                 steps.push(replace);
             }
-            None => {
+            (None, _) => {
                 if !held.filters.is_empty() {
                     changes.push(format!("client {m} joins the rule"));
                 }
@@ -61,10 +91,8 @@ pub(super) fn plan_nodes(
         }
     }
     let mut removed = BTreeSet::new();
-    for (hm, old) in &held.filters {
-        let Some(m) = hm.filter(|m| !matches.contains(m)) else {
-            continue;
-        };
+    for (hm, old) in unwanted {
+        let Some(m) = hm else { continue };
         let mut before = old.clone();
         before.ifindex = ifindex;
         changes.push(format!("client {m} has left the rule"));
@@ -158,22 +186,21 @@ fn plan_bucket(
     }
 }
 
-/// The node a client match wants on `ifindex`, keeping the node id it already has, else a free
-/// stable one in its bucket (`planned` holds nodes this plan has already placed).
+/// The node a client match wants on `ifindex`, with the node id it already has (`node`), else a
+/// free stable one in its bucket (`planned` holds nodes this plan has already placed).
 fn node_filter(
     ctx: &Context,
     band: Band,
     m: ClientMatch,
     ifindex: u32,
-    shaped: Option<&ShapedRoot>,
+    (shaped, node): (Option<&ShapedRoot>, Option<u32>),
     planned: &BTreeSet<FilterKey>,
     classid: TcHandle,
 ) -> Filter {
     let end = shaping::client_end(ctx.request.direction);
     let prio = band.priority(shaping::family_of(m.ip));
     let place = shaping::client_place(band, m.ip);
-    let node = shaped
-        .and_then(|s| s.node_for(band, m).map(|n| n.handle().node()))
+    let node = node
         .or_else(|| {
             let used = |id: u32| {
                 let handle = U32Handle::new(place.table(), place.bucket(), id).0;

@@ -22,29 +22,51 @@ pub(super) fn leaf(c: Option<TcHandle>) -> Option<TcHandle> {
 
 /// Reads the subject's rule from a managed root. A user's rule is known by its class (from the
 /// annotations); an IP's or a connection's by what its node matches.
-pub(super) fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) -> Held {
-    let remembered = remembered
+/// Filters that send to a class another runtime's rule owns are never this rule's.
+pub(super) fn held(shaped: &ShapedRoot, rule: &Rule, ctx: &Context) -> Held {
+    let remembered = ctx
+        .remembered_minor
         .filter(|m| shaped.classes.contains_key(m))
         .map(|m| TcHandle::new(ROOT_MAJOR, m));
+    let foreign = |c: Option<TcHandle>| c.is_some_and(|c| ctx.foreign_classes.contains(&c.minor()));
     let mut h = Held::default();
     match rule {
         // The baseline in either form: the device-wide catch-all, and the nodes of the
-        // runtime-scoped baseline band (a scope change moves from one to the other).
-        Rule::Baseline { .. } => {
-            if let Some(f) = &shaped.baseline {
-                h.class = leaf(classid_of(&f.filter));
-                h.filters.push((None, f.filter.clone()));
+        // runtime-scoped baseline band (a scope change moves from one to the other). Another
+        // runtime's baseline in the other form would share the priority with another protocol,
+        // which the kernel refuses.
+        Rule::Baseline { scope } => {
+            let baseline_nodes = || {
+                shaped
+                    .listeners
+                    .iter()
+                    .filter(|n| n.band == ListenerBand::Baseline)
+            };
+            match &shaped.baseline {
+                Some(f) if !foreign(classid_of(&f.filter)) => {
+                    h.class = leaf(classid_of(&f.filter));
+                    h.filters.push((None, f.filter.clone()));
+                }
+                Some(f) if scope.is_some() => h.conflicts.push(format!(
+                    "everything, device-wide, for another runtime ({})",
+                    f.filter
+                )),
+                _ => {}
             }
-            for n in shaped
-                .listeners
-                .iter()
-                .filter(|n| n.band == ListenerBand::Baseline)
-            {
-                h.class = h.class.or(leaf(n.classid));
-                h.listeners.push((n.matched, n.entry.filter.clone()));
+            for n in baseline_nodes() {
+                if !foreign(n.classid) {
+                    h.class = h.class.or(leaf(n.classid));
+                    h.listeners.push((n.matched, n.entry.filter.clone()));
+                } else if scope.is_none() {
+                    h.conflicts.push(format!(
+                        "listener {} for another runtime's baseline",
+                        n.matched
+                    ));
+                }
             }
             h.class = h.class.or(remembered);
         }
+        // A user's rule is known by its class, whichever addresses it had.
         Rule::Nodes { band, matches } if *band == Band::User => {
             h.class = remembered;
             if let Some(class) = h.class {
@@ -52,26 +74,39 @@ pub(super) fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) ->
                     h.filters.push((Some(n.matched), n.entry.filter.clone()));
                 }
             }
-            let ours = |n: &&Node| h.class.is_some() && n.classid == h.class;
-            for m in matches {
-                let Some(n) = shaped.node_for(*band, *m).filter(|n| !ours(n)) else {
-                    continue;
-                };
-                h.conflicts.push(format!(
-                    "{} (sent to {})",
-                    n.matched,
-                    n.classid.map(|c| c.to_string()).unwrap_or("nothing".into())
-                ));
-            }
+            h.conflicts = conflicts(shaped, *band, matches, h.class);
         }
+        // An IP's or a connection's nodes: those matching what the rule wants, and those of the
+        // same client still sending to its class (a listener that moved). Without a class of its
+        // own (a removal after the annotations were lost), the client's nodes are the rule's
+        // when they all send to one class.
         Rule::Nodes { band, matches } => {
-            for m in matches {
-                if let Some(n) = shaped.node_for(*band, *m) {
-                    h.class = h.class.or(leaf(n.classid));
-                    h.filters.push((Some(*m), n.entry.filter.clone()));
+            h.class = remembered.or_else(|| {
+                matches
+                    .iter()
+                    .filter_map(|m| shaped.node_for(*band, *m))
+                    .find(|n| !foreign(n.classid))
+                    .and_then(|n| leaf(n.classid))
+            });
+            let clients: BTreeSet<ClientMatch> = matches.iter().map(|m| m.client()).collect();
+            for c in clients {
+                let nodes: Vec<&Node> = shaped
+                    .nodes_of_client(*band, c)
+                    .filter(|n| !foreign(n.classid))
+                    .collect();
+                if h.class.is_none() && matches.iter().all(|m| m.listener.is_none()) {
+                    let classes: BTreeSet<_> = nodes.iter().map(|n| n.classid).collect();
+                    if let [only] = classes.into_iter().collect::<Vec<_>>()[..] {
+                        h.class = leaf(only);
+                    }
+                }
+                for n in nodes {
+                    if matches.contains(&n.matched) || (h.class.is_some() && n.classid == h.class) {
+                        h.filters.push((Some(n.matched), n.entry.filter.clone()));
+                    }
                 }
             }
-            h.class = h.class.or(remembered);
+            h.conflicts = conflicts(shaped, *band, matches, h.class);
         }
         // An outbound's class is known from its fw filter, its nft rule (see `held_marks`) or
         // the annotations.
@@ -92,10 +127,10 @@ pub(super) fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) ->
                     .filter(|n| n.band == ListenerBand::Inbound)
             };
             h.class = inbound()
-                .filter(|n| matches.contains(&n.matched))
+                .filter(|n| matches.contains(&n.matched) && !foreign(n.classid))
                 .find_map(|n| leaf(n.classid))
                 .or(remembered);
-            for n in inbound() {
+            for n in inbound().filter(|n| !foreign(n.classid)) {
                 if matches.contains(&n.matched) || (h.class.is_some() && n.classid == h.class) {
                     h.listeners.push((n.matched, n.entry.filter.clone()));
                 }
@@ -103,6 +138,47 @@ pub(super) fn held(shaped: &ShapedRoot, rule: &Rule, remembered: Option<u16>) ->
         }
     }
     h
+}
+
+/// Nodes of another rule in the band that would catch packets the rule wants (`ours`: its
+/// class): the same client on an overlapping listener, or on every listener.
+fn conflicts(
+    shaped: &ShapedRoot,
+    band: Band,
+    matches: &BTreeSet<ClientMatch>,
+    ours: Option<TcHandle>,
+) -> Vec<String> {
+    let mut found = Vec::new();
+    for m in matches {
+        for n in shaped.nodes_of_client(band, *m) {
+            let mine = ours.is_some() && n.classid == ours;
+            if mine || !overlap(n.matched, *m) || found.iter().any(|(k, _)| *k == n.handle()) {
+                continue;
+            }
+            let to = n.classid.map(|c| c.to_string());
+            found.push((
+                n.handle(),
+                format!(
+                    "{} (sent to {})",
+                    n.matched,
+                    to.as_deref().unwrap_or("nothing")
+                ),
+            ));
+        }
+    }
+    found.into_iter().map(|(_, text)| text).collect()
+}
+
+/// Two nodes of one client catch some of the same packets: either has no listener, or their
+/// listeners share a port and an address (or a wildcard).
+fn overlap(a: ClientMatch, b: ClientMatch) -> bool {
+    match (a.listener, b.listener) {
+        (Some(x), Some(y)) => {
+            x.port == y.port
+                && (x.address.is_none() || y.address.is_none() || x.address == y.address)
+        }
+        _ => true,
+    }
 }
 
 /// The subject's rules in raylimit's nft table, tagged with its key, for this device: the mark

@@ -76,8 +76,11 @@ pub struct Context {
     pub has_connmark: bool,
     /// The kernel has `cls_fw` (outbounds are classified by their mark in tc, not in nft).
     pub has_fw: bool,
-    /// Which packets the runtime's `--ip all` baseline may match.
+    /// Which packets the runtime's rule may match (client rules and the `--ip all` baseline).
     pub scope: RuleScope,
+    /// Class minors on the shaped root that other runtimes' rules own (from the annotations):
+    /// their filters are never taken for this rule's.
+    pub foreign_classes: std::rc::Rc<BTreeSet<u16>>,
 }
 
 /// Which of a device's packets a runtime's rule may match.
@@ -88,6 +91,22 @@ pub enum RuleScope {
     Device,
     /// Only packets of the runtime's listeners (to them on upload, from them on download).
     Listeners(BTreeSet<ListenerMatch>),
+}
+
+/// A client's nodes under a rule's scope: one per runtime listener of the client's family (none
+/// when the runtime has none there), or the client alone when the rule is device-wide.
+fn scoped(client: ClientMatch, scope: &RuleScope) -> BTreeSet<ClientMatch> {
+    match scope {
+        RuleScope::Device => [client].into(),
+        RuleScope::Listeners(listeners) => listeners
+            .iter()
+            .filter(|l| l.family == shaping::family_of(client.ip))
+            .map(|l| ClientMatch {
+                listener: Some(*l),
+                ..client
+            })
+            .collect(),
+    }
 }
 
 /// Why a decision must not be executed. The reasons that the operator can override, or that
@@ -185,19 +204,24 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
     let rule = match &req.subject {
         Subject::Ip(ip) => Rule::Nodes {
             band: Band::Ip,
-            matches: [ClientMatch::ip(*ip)].into(),
+            matches: scoped(ClientMatch::ip(*ip), &ctx.scope),
         },
         Subject::Connection(c) => Rule::Nodes {
             band: Band::Connection,
-            matches: [ClientMatch {
-                ip: c.ip(),
-                port: Some(c.port()),
-            }]
-            .into(),
+            matches: scoped(
+                ClientMatch {
+                    port: Some(c.port()),
+                    ..ClientMatch::ip(c.ip())
+                },
+                &ctx.scope,
+            ),
         },
         Subject::User { ips, .. } => Rule::Nodes {
             band: Band::User,
-            matches: ips.iter().map(|ip| ClientMatch::ip(*ip)).collect(),
+            matches: ips
+                .iter()
+                .flat_map(|ip| scoped(ClientMatch::ip(*ip), &ctx.scope))
+                .collect(),
         },
         // An unresolved listener (a removal) matches nothing: the rule is found by its class.
         Subject::Inbound { listener, .. } => Rule::Listener {
@@ -265,6 +289,21 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
             },
         },
     };
+    if let (Rule::Nodes { matches, .. }, RuleScope::Listeners(listeners)) = (&rule, &ctx.scope) {
+        let has_clients = !matches!(&req.subject, Subject::User { ips, .. } if ips.is_empty());
+        if matches.is_empty() && req.want != Want::Remove && has_clients {
+            // The runtime cannot be reached at these addresses: no listener of their family.
+            d.kind = DecisionKind::Apply;
+            d.reason = "the rule matches the client's packets on the runtime's listeners".into();
+            let list: Vec<String> = listeners.iter().map(|l| l.to_string()).collect();
+            d.blocked = Some(Blocked::Reason(format!(
+                "the runtime listens on {} only, so {} never reaches it",
+                list.join(", "),
+                req.subject
+            )));
+            return d;
+        }
+    }
     let unresolved = matches!(
         req.subject,
         Subject::Inbound { listener: None, .. } | Subject::Outbound { mark: None, .. }

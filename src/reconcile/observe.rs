@@ -366,6 +366,16 @@ impl ShapedRoot {
             .and_then(|(_, _, k)| self.nodes.get(k))
     }
 
+    /// The nodes of a band for one client (address, and port for a connection), on any
+    /// listener or none.
+    pub fn nodes_of_client(&self, band: Band, client: ClientMatch) -> impl Iterator<Item = &Node> {
+        let client = client.client();
+        self.by_match
+            .range((band, client, (0, 0))..)
+            .take_while(move |(b, m, _)| *b == band && m.client() == client)
+            .filter_map(|(_, _, k)| self.nodes.get(k))
+    }
+
     /// The specific-IP node of an address.
     pub fn ip_node(&self, ip: IpAddr) -> Option<&Node> {
         self.node_for(Band::Ip, ClientMatch::ip(ip))

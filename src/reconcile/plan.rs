@@ -334,6 +334,14 @@ fn render_u32(u: &U32Filter) -> String {
                 if let Some(port) = m.port {
                     let _ = write!(s, " match {word} {}port {port} 0xffff", &side[..1]);
                 }
+                // A runtime-scoped node: the runtime's listener at the other end.
+                if let Some(l) = m.listener {
+                    let far = if end == End::Source { "dst" } else { "src" };
+                    if let Some(a) = l.address {
+                        let _ = write!(s, " match {word} {far} {a}/{len}");
+                    }
+                    let _ = write!(s, " match {word} {}port {} 0xffff", &far[..1], l.port);
+                }
             }
             // A wildcard listener: the port alone.
             None if sel.keys.len() == 1 => {

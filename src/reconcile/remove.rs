@@ -17,7 +17,7 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
     };
     // A removal takes the subject's own filters only: a user's by its class, never by the
     // addresses it has now (another user may hold one of them).
-    let mut held = held(shaped, rule, ctx.remembered_minor);
+    let mut held = held(shaped, rule, ctx);
     held.conflicts.clear();
     let marks = held.add_marks(
         rule,

@@ -33,6 +33,7 @@ fn ctx(subject: &str, direction: Direction, want: Want) -> Context {
         has_connmark: false,
         has_fw: false,
         scope: Default::default(),
+        foreign_classes: Default::default(),
     }
 }
 
@@ -170,6 +171,7 @@ fn user_ctx(uuid: &str, ips: &[&str], want: Want, remembered: Option<u16>) -> Co
         has_connmark: false,
         has_fw: false,
         scope: Default::default(),
+        foreign_classes: Default::default(),
     }
 }
 

@@ -154,24 +154,43 @@ impl Band {
     }
 }
 
-/// What one node of a client band matches: the client address, and for a connection its port.
+/// What one node of a client band matches: the client address, for a connection its port, and
+/// for a runtime-scoped rule the runtime listener the packet belongs to (its port, and its
+/// address when concrete), so that another process's traffic with the same client never matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ClientMatch {
     pub ip: IpAddr,
     pub port: Option<u16>,
+    pub listener: Option<ListenerMatch>,
 }
 
 impl ClientMatch {
     pub fn ip(ip: IpAddr) -> Self {
-        ClientMatch { ip, port: None }
+        ClientMatch {
+            ip,
+            port: None,
+            listener: None,
+        }
+    }
+
+    /// The same client, without the listener: what the operator named.
+    pub fn client(self) -> Self {
+        ClientMatch {
+            listener: None,
+            ..self
+        }
     }
 }
 
 impl std::fmt::Display for ClientMatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.port {
-            Some(p) => write!(f, "{}", std::net::SocketAddr::new(self.ip, p)),
-            None => write!(f, "{}", self.ip),
+            Some(p) => write!(f, "{}", std::net::SocketAddr::new(self.ip, p))?,
+            None => write!(f, "{}", self.ip)?,
+        }
+        match self.listener {
+            Some(l) => write!(f, " on listener {l}"),
+            None => Ok(()),
         }
     }
 }
@@ -366,7 +385,8 @@ pub fn bucket_link(ifindex: u32, band: Band, family: Family, end: End, byte: u32
     link_node(ifindex, band, family, end, handle, link, 0x0000_00ff)
 }
 
-/// The selector matching one client (address, and port when given) at `end`.
+/// The selector matching one client (address, and port when given) at `end`, and the runtime
+/// listener when given at the other end.
 pub fn client_selector(m: ClientMatch, end: End) -> U32Selector {
     let mut s = U32Selector::default();
     match m.ip {
@@ -376,7 +396,31 @@ pub fn client_selector(m: ClientMatch, end: End) -> U32Selector {
     if let Some(port) = m.port {
         s.port(family_of(m.ip), end, port);
     }
+    if let Some(l) = m.listener {
+        add_listener(&mut s, l, other_end(end));
+    }
     s
+}
+
+/// The keys of a listener at `end`: its address when concrete, then its port.
+fn add_listener(s: &mut U32Selector, l: ListenerMatch, end: End) {
+    match l.address {
+        Some(IpAddr::V4(a)) => {
+            s.ipv4(end, a, 32);
+        }
+        Some(IpAddr::V6(a)) => {
+            s.ipv6(end, a, 128);
+        }
+        None => {}
+    }
+    s.port(l.family, end, l.port);
+}
+
+fn other_end(end: End) -> End {
+    match end {
+        End::Source => End::Destination,
+        End::Destination => End::Source,
+    }
 }
 
 /// One client's node in a band: in its second-level bucket, with an explicit node id, to
@@ -396,51 +440,56 @@ pub fn client_node(
     band_filter(ifindex, band, family_of(m.ip), handle, u)
 }
 
-/// What a node of a client band matches, if it has that shape: exactly the address keys, plus
-/// the port key when `with_port`.
+/// What a node of a client band matches, if it has exactly that shape: the address keys, the
+/// client port key when `with_port`, and the keys of a runtime listener when it has one. The
+/// candidate is read from the keys, then rebuilt and compared, so any other shape is refused.
 pub fn node_match(
     filter: &U32Filter,
     family: Family,
     end: End,
     with_port: bool,
 ) -> Option<ClientMatch> {
-    let sel = filter.selector.as_ref()?;
-    let (first, words) = match (family, end) {
-        (Family::V4, End::Source) => (12, 1),
-        (Family::V4, End::Destination) => (16, 1),
-        (Family::V6, End::Source) => (8, 4),
-        (Family::V6, End::Destination) => (24, 4),
-    };
-    if sel.keys.len() != words + usize::from(with_port) {
-        return None;
-    }
-    let mut bytes = Vec::with_capacity(words * 4);
-    for (i, k) in sel.keys.iter().take(words).enumerate() {
-        if k.mask != u32::MAX || k.offset != first + 4 * i as i32 || k.offmask != 0 {
-            return None;
-        }
-        bytes.extend_from_slice(&k.value.to_be_bytes());
-    }
-    let ip = match family {
-        Family::V4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
-        Family::V6 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
-    };
-    let port = match sel.keys.get(words) {
-        None => None,
-        Some(k) => {
-            let l4 = if family == Family::V4 { 20 } else { 40 };
-            let (mask, shift) = if end == End::Source {
-                (0xffff_0000, 16)
-            } else {
-                (0x0000_ffff, 0)
-            };
-            if k.offset != l4 || k.mask != mask || k.offmask != 0 {
-                return None;
+    let keys = &filter.selector.as_ref()?.keys;
+    let word = |offset: i32| keys.iter().find(|k| k.offset == offset && k.offmask == 0);
+    let address = |end: End| -> Option<IpAddr> {
+        match family {
+            Family::V4 => {
+                let k = word(if end == End::Source { 12 } else { 16 })?;
+                Some(IpAddr::from(std::net::Ipv4Addr::from(k.value)))
             }
-            Some((k.value >> shift) as u16)
+            Family::V6 => {
+                let base = if end == End::Source { 8 } else { 24 };
+                let mut bytes = [0u8; 16];
+                for i in 0..4 {
+                    let k = word(base + 4 * i as i32)?;
+                    bytes[4 * i..4 * i + 4].copy_from_slice(&k.value.to_be_bytes());
+                }
+                Some(IpAddr::from(bytes))
+            }
         }
     };
-    Some(ClientMatch { ip, port })
+    // Both ports share the transport header's first word: source high, destination low.
+    let ports = word(if family == Family::V4 { 20 } else { 40 });
+    let port = |end: End| {
+        let (mask, shift) = match end {
+            End::Source => (0xffff_0000, 16),
+            End::Destination => (0x0000_ffff, 0),
+        };
+        ports
+            .filter(|k| k.mask & mask == mask)
+            .map(|k| (k.value >> shift) as u16)
+    };
+    let far = other_end(end);
+    let candidate = ClientMatch {
+        ip: address(end)?,
+        port: if with_port { Some(port(end)?) } else { None },
+        listener: port(far).map(|p| ListenerMatch {
+            family,
+            address: address(far),
+            port: p,
+        }),
+    };
+    (client_selector(candidate, end).keys == *keys).then_some(candidate)
 }
 
 /// What an inbound rule matches: the listener's port, and its address when it is concrete. A
@@ -539,16 +588,7 @@ pub fn listener_node(
     classid: TcHandle,
 ) -> Filter {
     let mut s = U32Selector::default();
-    match m.address {
-        Some(IpAddr::V4(a)) => {
-            s.ipv4(end, a, 32);
-        }
-        Some(IpAddr::V6(a)) => {
-            s.ipv6(end, a, 128);
-        }
-        None => {}
-    }
-    s.port(m.family, end, m.port);
+    add_listener(&mut s, m, end);
     Filter {
         ifindex,
         parent: root_handle(),
@@ -805,8 +845,8 @@ mod tests {
             );
             assert_eq!(node_match(u, family_of(ip), end, true), None);
             let m = ClientMatch {
-                ip,
                 port: Some(40123),
+                ..ClientMatch::ip(ip)
             };
             let c = client_node(
                 1,
@@ -849,6 +889,49 @@ mod tests {
                 assert_eq!(listener_match(u, family_of(ip), other), None);
             }
             assert_eq!(U32Handle(f.handle).bucket(), hash_bytes(ip).1);
+        }
+    }
+
+    /// Runtime-scoped client nodes carry the listener at the other end: with and without its
+    /// address, with and without the client's port (both ports then share one merged key).
+    #[test]
+    fn scoped_client_nodes_round_trip() {
+        for (ip, listener, end) in [
+            ("10.99.0.2", "10.33.0.1", End::Destination),
+            ("10.99.0.2", "10.33.0.1", End::Source),
+            ("fd00:99::2", "fd00:33::1", End::Destination),
+            ("2001:db8::10", "2001:db8::1", End::Source),
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            let family = family_of(ip);
+            for address in [Some(listener.parse().unwrap()), None] {
+                for (band, port) in [(Band::Ip, None), (Band::Connection, Some(40123))] {
+                    let m = ClientMatch {
+                        ip,
+                        port,
+                        listener: Some(ListenerMatch {
+                            family,
+                            address,
+                            port: 9000,
+                        }),
+                    };
+                    let f = client_node(1, band, m, end, 7, TcHandle::new(ROOT_MAJOR, 0x100));
+                    let FilterKind::U32(u) = &f.kind else {
+                        panic!()
+                    };
+                    assert_eq!(node_match(u, family, end, port.is_some()), Some(m), "{m}");
+                    assert_eq!(node_match(u, family, end, port.is_none()), None, "{m}");
+                    // The listener is the client's peer: a node built for the other direction
+                    // is not this one.
+                    assert_ne!(node_match(u, family, other_end(end), false), Some(m));
+                    if port.is_some() {
+                        let keys = &u.selector.as_ref().unwrap().keys;
+                        let l4 = if family == Family::V4 { 20 } else { 40 };
+                        let word = keys.iter().find(|k| k.offset == l4).unwrap();
+                        assert_eq!(word.mask, u32::MAX, "both ports in one key");
+                    }
+                }
+            }
         }
     }
 }

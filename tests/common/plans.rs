@@ -29,6 +29,7 @@ pub fn context(subject: Subject, direction: Direction, want: Want, device: &str)
         has_connmark: false,
         has_fw: false,
         scope: Default::default(),
+        foreign_classes: Default::default(),
     }
 }
 

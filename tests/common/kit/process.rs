@@ -185,6 +185,34 @@ impl Process {
         self.child.id().to_string()
     }
 
+    /// Waits (up to 5 s) until the process's namespace has a TCP socket listening on `port`:
+    /// a rule scoped to the runtime's listeners needs them to exist.
+    pub fn wait_listening(&self, port: u16, abort: &dyn Fn() -> bool) -> Result<(), String> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let wanted = format!(":{port:04X} ");
+        loop {
+            let listening = ["tcp", "tcp6"].iter().any(|table| {
+                let path = format!("/proc/{}/net/{table}", self.child.id());
+                std::fs::read_to_string(path)
+                    .unwrap_or_default()
+                    .lines()
+                    .any(|l| {
+                        let fields: Vec<&str> = l.split_whitespace().collect();
+                        fields.len() > 3
+                            && format!("{} ", fields[1]).ends_with(&wanted)
+                            && fields[3] == "0A"
+                    })
+            });
+            if listening {
+                return Ok(());
+            }
+            if abort() || Instant::now() >= deadline {
+                return Err(format!("{} is not listening on port {port}", self.comm()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn comm(&self) -> String {
         std::fs::read_to_string(format!("/proc/{}/comm", self.child.id()))
             .unwrap_or_default()
@@ -247,6 +275,7 @@ impl V2ray {
             let _ = std::fs::remove_file(&config);
         })?;
         process.remove = Some(config.clone());
+        process.wait_listening(port, abort)?;
         Ok(V2ray { process, config })
     }
 

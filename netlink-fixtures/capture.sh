@@ -546,6 +546,14 @@ f; pre_hashtab
 capture u32_hash_link tc "tc filter add dev veth0 parent 1: protocol ip prio 20 handle 800::1 u32 ht 800:: match ip dst 10.99.0.0/16 hashkey mask 0x000000ff at 16 link 2:" "$FSHOW"
 f; pre_hashtab
 capture u32_hash_bucket_entry tc "tc filter add dev veth0 parent 1: protocol ip prio 20 handle 2:5:1 u32 ht 2:5: match ip dst 10.99.0.5/32 flowid 1:10" "$FSHOW"
+# Runtime-scoped client nodes: the client's address, then the runtime listener at the other end
+# (its address when concrete, its port); a connection's two ports merge into one key.
+f; pre_hashtab
+capture u32_scoped_client tc "tc filter add dev veth0 parent 1: protocol ip prio 20 handle 2:5:1 u32 ht 2:5: match ip dst 10.99.0.5/32 match ip src 10.99.0.1/32 match ip sport 10086 0xffff flowid 1:10" "$FSHOW"
+f; pre_hashtab
+capture u32_scoped_connection tc "tc filter add dev veth0 parent 1: protocol ip prio 20 handle 2:5:2 u32 ht 2:5: match ip dst 10.99.0.5/32 match ip dport 40123 0xffff match ip sport 443 0xffff flowid 1:10" "$FSHOW"
+f; q tc filter add dev veth0 parent 1: protocol ipv6 prio 21 handle 3: u32 divisor 256
+capture u32_scoped_client_ipv6 tc "tc filter add dev veth0 parent 1: protocol ipv6 prio 21 handle 3:7:1 u32 ht 3:7: match ip6 src 2001:db8::7/128 match ip6 dport 443 0xffff flowid 1:10" "$FSHOW"
 f; q tc filter add dev veth0 parent 1: protocol ip prio 10 handle 800::801 u32 match ip dst 10.99.0.3/32 flowid 1:10
 capture u32_delete tc "tc filter del dev veth0 parent 1: protocol ip prio 10 handle 800::801 u32" "$FSHOW"
 

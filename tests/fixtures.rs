@@ -602,6 +602,94 @@ fn u32_hash_tables_and_links() {
     );
 }
 
+/// Runtime-scoped client nodes as raylimit builds them (`shaping::client_selector`) are the bytes
+/// iproute2 sends for the same matches, and the kernel's dump of them reads back as the same
+/// client and listener.
+#[test]
+fn u32_scoped_client_nodes() {
+    use raylimit::shaping::{client_selector, node_match, ClientMatch, ListenerMatch};
+    let cases = [
+        (
+            "u32_scoped_client",
+            ETH_P_IP,
+            20,
+            U32Handle::new(2, 5, 1),
+            End::Destination,
+            ClientMatch {
+                ip: "10.99.0.5".parse().unwrap(),
+                port: None,
+                listener: Some(ListenerMatch {
+                    family: Family::V4,
+                    address: Some("10.99.0.1".parse().unwrap()),
+                    port: 10086,
+                }),
+            },
+        ),
+        (
+            "u32_scoped_connection",
+            ETH_P_IP,
+            20,
+            U32Handle::new(2, 5, 2),
+            End::Destination,
+            ClientMatch {
+                ip: "10.99.0.5".parse().unwrap(),
+                port: Some(40123),
+                listener: Some(ListenerMatch {
+                    family: Family::V4,
+                    address: None,
+                    port: 443,
+                }),
+            },
+        ),
+        (
+            "u32_scoped_client_ipv6",
+            ETH_P_IPV6,
+            21,
+            U32Handle::new(3, 7, 1),
+            End::Source,
+            ClientMatch {
+                ip: "2001:db8::7".parse().unwrap(),
+                port: None,
+                listener: Some(ListenerMatch {
+                    family: Family::V6,
+                    address: None,
+                    port: 443,
+                }),
+            },
+        ),
+    ];
+    for (name, protocol, prio, handle, end, m) in cases {
+        let mut node = U32Filter::to_class(client_selector(m, end), TcHandle::new(1, 0x10));
+        node.hash = Some(U32Handle::new(handle.table(), handle.bucket(), 0));
+        let ours = filter(
+            TcHandle::new(1, 0),
+            prio,
+            protocol,
+            handle.0,
+            FilterKind::U32(node),
+        );
+        let f = load(name);
+        assert_eq!(f.result, "0", "{name}");
+        assert_request(&f, ours.request(Op::Create));
+        let dumped = decoded_dump(&f)
+            .into_iter()
+            .find_map(|e| match e {
+                TcEntry::Filter(d) if d.filter.handle == handle.0 => Some(d.filter),
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{name}: the node is in the dump"));
+        let FilterKind::U32(u) = &dumped.kind else {
+            panic!("{name}: u32")
+        };
+        let family = if protocol == ETH_P_IP {
+            Family::V4
+        } else {
+            Family::V6
+        };
+        assert_eq!(node_match(u, family, end, m.port.is_some()), Some(m), "{name}");
+    }
+}
+
 #[test]
 fn u32_with_mirred_to_ifb() {
     let f = load("u32_mirred_ingress");

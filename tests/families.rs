@@ -19,7 +19,7 @@ const MARK: u32 = 0x0100_0000;
 struct Chain {
     client: Netns,
     server: Netns,
-    _remote: Netns,
+    remote: Netns,
     runtime: Launched,
     _client_runtime: Launched,
     target: Target,
@@ -70,7 +70,9 @@ impl Chain {
         let dir = temp_dir(&format!("{tag}-chain"));
         let server_cfg = r#"{"log":{"loglevel":"warning"},
  "inbounds":[{"tag":"vmess-in","listen":"0.0.0.0","port":10086,"protocol":"vmess",
-   "settings":{"clients":[{"id":"ALICE","alterId":0,"email":"alice@example.com"}]}}],
+   "settings":{"clients":[{"id":"ALICE","alterId":0,"email":"alice@example.com"}]}},
+  {"tag":"udp-in","listen":"10.98.0.1","port":10090,"protocol":"dokodemo-door",
+   "settings":{"address":"10.97.0.2","port":5300,"network":"udp"}}],
  "outbounds":[{"tag":"marked","protocol":"freedom","settings":{},
    "streamSettings":{"sockopt":{"mark":MARK}}}]}"#
             .replace("ALICE", ALICE)
@@ -100,7 +102,7 @@ impl Chain {
         Chain {
             client,
             server,
-            _remote: remote,
+            remote,
             runtime,
             _client_runtime: client_runtime,
             target,
@@ -352,6 +354,80 @@ fn client_rules_shape_the_runtimes_traffic_and_not_another_service() {
         "{out}"
     );
     assert!(out.contains("baseline filter: u32 catch-all key"), "{out}");
+}
+
+/// UDP through the runtime's UDP listener (dokodemo-door to an echo server on the remote), with
+/// the client sending well above the limit: `--ip` shapes it in both directions, at the rate.
+#[test]
+fn udp_through_a_udp_listener_is_shaped() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
+    let c = Chain::new("udp");
+    // The remote echoes every datagram back until told to stop, for at most 60 s.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let echo = c.remote.spawn(move || {
+        let sock = std::net::UdpSocket::bind("10.97.0.2:5300").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut buf = [0u8; 2048];
+        while Instant::now() < deadline && !stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            if let Ok((n, from)) = sock.recv_from(&mut buf) {
+                let _ = sock.send_to(&buf[..n], from);
+            }
+        }
+    });
+    let rate = 250_000.0;
+    for direction in ["download", "upload"] {
+        let v = c.limit_json(&limit_args(
+            ["--ip", "10.98.0.2"],
+            "veth-s",
+            direction,
+            &["--rate", "250000", "--execute"],
+        ));
+        let listeners = v["scope"]["listeners"].to_string();
+        assert!(listeners.contains("10.98.0.1:10090/udp"), "{listeners}");
+        let class = v["plan"]["class_id"].as_str().unwrap().to_string();
+        let dev = if direction == "download" {
+            "veth-s".to_string()
+        } else {
+            v["scope"]["shaped_device"].as_str().unwrap().to_string()
+        };
+        // 1 MB/s of 1000-byte datagrams for 8 s: four times the limit.
+        let sender = c.client.spawn(|| {
+            let sock = std::net::UdpSocket::bind("10.98.0.2:0").unwrap();
+            sock.connect("10.98.0.1:10090").unwrap();
+            let payload = [0x5au8; 1000];
+            let start = Instant::now();
+            let mut sent = 0u64;
+            while start.elapsed() < Duration::from_secs(8) {
+                let due = start.elapsed().as_secs_f64() * 1_000_000.0;
+                if (sent as f64) < due {
+                    let _ = sock.send(&payload);
+                    sent += payload.len() as u64;
+                } else {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            }
+        });
+        std::thread::sleep(Duration::from_secs(2));
+        let before = class_bytes(&c.server, &dev, &class);
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_secs(4));
+        let wire =
+            (class_bytes(&c.server, &dev, &class) - before) as f64 / start.elapsed().as_secs_f64();
+        assert_within_10_percent(&format!("UDP {direction} through the runtime"), wire, rate);
+        sender.join().unwrap();
+        let v = c.limit_json(&limit_args(
+            ["--ip", "10.98.0.2"],
+            "veth-s",
+            direction,
+            &["--remove", "--execute"],
+        ));
+        assert_eq!(v["decision"]["kind"], "remove", "{v}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    echo.join().unwrap();
 }
 
 /// Two runtimes on one device, each with its own rule for the same client address: each holds

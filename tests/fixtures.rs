@@ -686,7 +686,11 @@ fn u32_scoped_client_nodes() {
         } else {
             Family::V6
         };
-        assert_eq!(node_match(u, family, end, m.port.is_some()), Some(m), "{name}");
+        assert_eq!(
+            node_match(u, family, end, m.port.is_some()),
+            Some(m),
+            "{name}"
+        );
     }
 }
 

@@ -7,13 +7,11 @@
 mod common;
 
 use std::fs;
-use std::io::{Read, Write};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
+use common::container::{ContainerCgroup, FakeEngine};
 use common::{need, raylimit_env, require, state_dir, temp_dir, Launched, Netns, V2RAY_BIN};
 use serde_json::Value;
 
@@ -368,105 +366,6 @@ fn discover_and_inspect_real_runtimes() {
     blocked(&t["outbounds"], "shared-a", "cannot be checked");
 }
 
-/// A fake Docker Engine API on a unix socket: lists one container and describes it.
-struct FakeEngine {
-    path: PathBuf,
-    stop: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl FakeEngine {
-    fn start(id: &str, name: &str, pid: u32) -> FakeEngine {
-        let path = temp_dir("engine").join("docker.sock");
-        let listener = UnixListener::bind(&path).unwrap();
-        listener.set_nonblocking(true).unwrap();
-        let stop = Arc::new(AtomicBool::new(false));
-        let (stop2, id, name) = (stop.clone(), id.to_string(), name.to_string());
-        let thread = std::thread::spawn(move || {
-            while !stop2.load(Ordering::Relaxed) {
-                let Ok((mut s, _)) = listener.accept() else {
-                    std::thread::sleep(Duration::from_millis(10));
-                    continue;
-                };
-                s.set_nonblocking(false).unwrap();
-                let mut buf = [0u8; 4096];
-                let n = s.read(&mut buf).unwrap_or(0);
-                let req = String::from_utf8_lossy(&buf[..n]).to_string();
-                let body = if req.starts_with("GET /containers/json ") {
-                    format!(
-                        r#"[{{"Id":"{id}","Names":["/{name}"],"Image":"example/proxy:1","Command":"/bin/sh -c run","State":"running","Status":"Up 2 minutes","Labels":{{}}}}]"#
-                    )
-                } else if req.starts_with(&format!("GET /containers/{id}/json ")) {
-                    format!(
-                        r#"{{"Id":"{id}","Name":"/{name}","Path":"/bin/sh","Args":["-c","run"],"State":{{"Status":"running","Pid":{pid}}},"HostConfig":{{"NetworkMode":"bridge"}},"NetworkSettings":{{"Ports":{{"21085/tcp":[{{"HostIp":"","HostPort":"31085"}}]}}}}}}"#
-                    )
-                } else {
-                    r#"{"message":"no such thing"}"#.to_string()
-                };
-                let status = if body.contains("no such thing") {
-                    "404 Not Found"
-                } else {
-                    "200 OK"
-                };
-                let _ = write!(s, "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len());
-            }
-        });
-        FakeEngine {
-            path,
-            stop,
-            thread: Some(thread),
-        }
-    }
-
-    fn docker_host(&self) -> String {
-        format!("unix://{}", self.path.display())
-    }
-}
-
-impl Drop for FakeEngine {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        let _ = fs::remove_dir_all(self.path.parent().unwrap());
-    }
-}
-
-/// A cgroup (v1 `pids` hierarchy) whose path names a container id, as docker's do.
-struct ContainerCgroup(PathBuf);
-
-impl ContainerCgroup {
-    fn enter(id: &str, pid: &str) -> ContainerCgroup {
-        let parent = PathBuf::from(format!(
-            "/sys/fs/cgroup/pids/raylimit-test-{}",
-            std::process::id()
-        ));
-        let dir = parent.join(format!("docker-{id}.scope"));
-        fs::create_dir_all(&dir).unwrap_or_else(|e| {
-            panic!(
-                "cgroups are needed to fake a container: {}: {e}",
-                dir.display()
-            )
-        });
-        fs::write(dir.join("cgroup.procs"), pid).unwrap();
-        ContainerCgroup(dir)
-    }
-}
-
-impl Drop for ContainerCgroup {
-    fn drop(&mut self) {
-        // The runtime is killed first (it is declared after this guard), so both are empty.
-        for _ in 0..50 {
-            if fs::remove_dir(&self.0).is_ok() || !self.0.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = fs::remove_dir(self.0.parent().unwrap());
-    }
-}
-
 #[test]
 fn a_container_runtime_is_listed_once_under_its_name() {
     require(&[
@@ -480,7 +379,12 @@ fn a_container_runtime_is_listed_once_under_its_name() {
     let (xray, _dir) = start_xray(&ns, "0.0.0.0");
     cgroup = ContainerCgroup::enter(&id, &xray.pid());
     let pid = xray.pid();
-    let engine = FakeEngine::start(&id, "edge-test", xray.child.id());
+    let engine = FakeEngine::start(
+        &id,
+        "edge-test",
+        xray.child.id(),
+        r#"{"21085/tcp":[{"HostIp":"","HostPort":"31085"}]}"#,
+    );
     let host = engine.docker_host();
     let env = [("DOCKER_HOST", host.as_str())];
 
@@ -807,4 +711,37 @@ fn inspect_shows_the_client_facing_sockets_the_runtime_holds() {
         why.contains("\"tp\" is a transparent proxy (dokodemo-door with followRedirect)"),
         "{why}"
     );
+    // A limit on its clients is refused, naming why; `--scope device` is the explicit way out.
+    let state = state_dir("tproxy");
+    let limit = |extra: &[&str]| {
+        let mut args = vec![
+            "--netns",
+            &ns.name,
+            "limit",
+            "--pid",
+            &pid,
+            "--device",
+            "lo",
+            "--ip",
+            "10.0.0.9",
+            "--direction",
+            "download",
+            "--execute",
+        ];
+        args.extend_from_slice(extra);
+        let state_path = state.0.to_string_lossy().into_owned();
+        raylimit_env(&args, &[("RAYLIMIT_STATE_DIR", state_path.as_str())])
+    };
+    let (code, out, err) = limit(&["--rate", "1000"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        err.contains("transparent proxy") && err.contains("--scope device"),
+        "{err}"
+    );
+    assert!(!ns.tc(&["qdisc", "show", "dev", "lo"]).contains("htb"));
+    let (code, out, err) = limit(&["--rate", "1000", "--scope", "device"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("Scope: device-wide (--scope device): every packet to or from the client's address on lo"), "{out}");
+    let (code, _, err) = limit(&["--remove"]);
+    assert_eq!(code, 0, "{err}");
 }

@@ -36,16 +36,6 @@ struct Second {
 
 const SECOND_CLIENT_PORT: u16 = 15202;
 
-fn veth(a: &Netns, a_dev: &str, a_ip: &str, b: &Netns, b_dev: &str, b_ip: &str) {
-    a.ip(&[
-        "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name,
-    ]);
-    a.ip(&["addr", "add", a_ip, "dev", a_dev]);
-    b.ip(&["addr", "add", b_ip, "dev", b_dev]);
-    a.ip(&["link", "set", a_dev, "up"]);
-    b.ip(&["link", "set", b_dev, "up"]);
-}
-
 impl Chain {
     fn new(tag: &str) -> Chain {
         let client = Netns::new(&format!("{tag}c"));

@@ -390,7 +390,7 @@ pub fn blocked_text(b: &Blocked) -> String {
             "the outbound band of {device} already reads marks under mask {mask:#010x} ({filter}), and one fw priority holds one mask; use the same --mark-mask for every outbound on a device"
         ),
         Blocked::Unscoped { device, why } => format!(
-            "--ip all limits the runtime's own clients, and {why}; rerun with --scope device to match every packet on {device}, whatever it belongs to"
+            "a client limit matches only the runtime's own traffic, and {why}; rerun with --scope device to match on {device} whatever the packets belong to"
         ),
         Blocked::Reason(text) => text.clone(),
     }

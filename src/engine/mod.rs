@@ -74,8 +74,9 @@ pub trait Live {
     fn scope(&self, cfg: &Loaded) -> Scope;
 }
 
-/// The running runtime, read through procfs, sock_diag and its API.
-struct RuntimeLive(Rc<Runtime>);
+/// The running runtime, read through procfs, sock_diag and its API; `device_netns` is the inode
+/// of the network namespace the shaped device is in.
+struct RuntimeLive(Rc<Runtime>, Option<u64>);
 
 impl Live for RuntimeLive {
     fn config(&self) -> Result<Loaded, String> {
@@ -89,7 +90,16 @@ impl Live for RuntimeLive {
     fn scope(&self, cfg: &Loaded) -> Scope {
         let listeners = evidence::client_listeners(cfg);
         let proc_root = evidence::Options::default().proc_root;
-        evidence::scope::scope(self.0.pid(), cfg, &listeners, &proc_root)
+        let scope = evidence::scope::scope(self.0.pid(), cfg, &listeners, &proc_root);
+        // A container seen from another namespace (the host's devices): its clients arrive at
+        // the ports the engine publishes.
+        let elsewhere = self.0.netns.as_ref().map(|n| n.inode) != self.1 || self.1.is_none();
+        match &self.0.container {
+            Some(c) if !c.ports.is_empty() && elsewhere => {
+                evidence::scope::published(scope, &c.ports)
+            }
+            _ => scope,
+        }
     }
 }
 
@@ -310,8 +320,14 @@ impl<K: Kernel> Engine<K> {
             false => None,
         };
         let runtime = Rc::new(runtime);
+        let device_netns = std::fs::metadata(match &options.netns {
+            Some(n) => format!("/run/netns/{n}"),
+            None => "/proc/self/ns/net".into(),
+        })
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
         Ok(Engine {
-            live: Box::new(RuntimeLive(runtime.clone())),
+            live: Box::new(RuntimeLive(runtime.clone(), device_netns)),
             runtime,
             device,
             execute: options.execute,

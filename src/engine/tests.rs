@@ -434,6 +434,7 @@ impl Scripted {
                         transport: crate::netlink::sock_diag::Transport::Tcp,
                         local: a.parse().unwrap(),
                         inbound: "in".into(),
+                        container_port: None,
                     })
                     .collect(),
             ),
@@ -475,6 +476,7 @@ fn the_baseline_takes_the_runtimes_scope_or_blocks_when_there_is_none() {
         transport: Transport::Tcp,
         local: "10.9.0.1:9000".parse().unwrap(),
         inbound: "in".into(),
+        container_port: None,
     }];
     let live = Scripted {
         scope: Scope::Listeners(endpoints.clone()),

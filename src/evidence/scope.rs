@@ -13,6 +13,7 @@ use serde_json::{json, Value};
 
 use crate::netlink::sock_diag::{self, InetSocket, Transport, TCP_CLOSE, TCP_LISTEN};
 use crate::policy::canonical_ip;
+use crate::runtime::engine::Published;
 use crate::runtime::procfs;
 use crate::xray::verdict::Listener;
 use crate::xray::Loaded;
@@ -25,6 +26,9 @@ pub struct ListenEndpoint {
     pub local: SocketAddr,
     /// The config's inbound it serves.
     pub inbound: String,
+    /// For a container's published port: the port the runtime listens on inside the container
+    /// (`local` is then the host's side of the binding).
+    pub container_port: Option<u16>,
 }
 
 impl ListenEndpoint {
@@ -40,7 +44,11 @@ impl fmt::Display for ListenEndpoint {
             Transport::Tcp => "tcp",
             Transport::Udp => "udp",
         };
-        write!(f, "{}/{transport}", self.local)
+        write!(f, "{}/{transport}", self.local)?;
+        match self.container_port {
+            Some(p) => write!(f, " (published to the container's port {p})"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -118,6 +126,55 @@ pub fn scope(
     Scope::Listeners(endpoints)
 }
 
+/// The scope as seen from the host, for a container whose ports the engine publishes: each
+/// endpoint becomes the host's side of its bindings (packets on a host device carry the host's
+/// address and port: ingress runs before the DNAT, egress after the reply is un-NATed).
+/// Endpoints the container does not publish are not reachable through a host device and drop
+/// out; the container-side ports themselves never match there (another host service may use
+/// them).
+pub fn published(scope: Scope, ports: &[Published]) -> Scope {
+    let Scope::Listeners(endpoints) = scope else {
+        return scope;
+    };
+    let mut host = Vec::new();
+    for e in &endpoints {
+        let transport = match e.transport {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+        };
+        for p in ports {
+            if p.container_port != e.local.port() || !p.protocol.eq_ignore_ascii_case(transport) {
+                continue;
+            }
+            let address = match p.host_ip.as_str() {
+                "" => IpAddr::from([0, 0, 0, 0]),
+                ip => match ip.parse::<IpAddr>() {
+                    Ok(a) => canonical_ip(a),
+                    Err(_) => continue,
+                },
+            };
+            let endpoint = ListenEndpoint {
+                transport: e.transport,
+                local: SocketAddr::new(address, p.host_port),
+                inbound: e.inbound.clone(),
+                container_port: Some(p.container_port),
+            };
+            if !host.contains(&endpoint) {
+                host.push(endpoint);
+            }
+        }
+    }
+    if host.is_empty() {
+        let list: Vec<String> = endpoints.iter().map(|e| e.to_string()).collect();
+        return Scope::Unscoped(format!(
+            "the container publishes none of the runtime's listeners ({}) on the host",
+            list.join(", ")
+        ));
+    }
+    host.sort();
+    Scope::Listeners(host)
+}
+
 /// The TCP sockets in LISTEN and the unconnected UDP sockets that process `pid` holds, read
 /// in its own network namespace.
 fn listening_sockets(pid: u32, proc_root: &Path) -> Result<Vec<InetSocket>, String> {
@@ -151,6 +208,7 @@ pub fn join(sockets: &[InetSocket], listeners: &[(String, Listener)]) -> Vec<Lis
                 transport: s.transport,
                 local,
                 inbound: tag.clone(),
+                container_port: None,
             })
         })
         .collect();
@@ -231,5 +289,54 @@ mod tests {
         // A wildcard socket serves an inbound configured on one address too.
         let wildcard = [socket(Transport::Tcp, "0.0.0.0:9000", 7)];
         assert_eq!(join(&wildcard, &listeners).len(), 1);
+    }
+
+    #[test]
+    fn a_containers_published_ports_are_its_scope_on_the_host() {
+        let endpoint = |transport, local: &str| ListenEndpoint {
+            transport,
+            local: local.parse().unwrap(),
+            inbound: "in".into(),
+            container_port: None,
+        };
+        let publish = |port, protocol: &str, host_ip: &str, host_port| Published {
+            container_port: port,
+            protocol: protocol.into(),
+            host_ip: host_ip.into(),
+            host_port,
+        };
+        let inside = Scope::Listeners(vec![
+            endpoint(Transport::Tcp, "0.0.0.0:10086"),
+            endpoint(Transport::Udp, "0.0.0.0:443"),
+            endpoint(Transport::Tcp, "0.0.0.0:9999"),
+        ]);
+        let ports = [
+            publish(10086, "tcp", "", 20086),
+            publish(10086, "tcp", "::", 20086),
+            publish(443, "udp", "10.0.0.1", 8443),
+            // Same port, other protocol: not the UDP listener's.
+            publish(443, "tcp", "", 8444),
+        ];
+        let Scope::Listeners(host) = published(inside.clone(), &ports) else {
+            panic!("scoped")
+        };
+        let text: Vec<String> = host.iter().map(|e| e.to_string()).collect();
+        assert_eq!(
+            text,
+            [
+                "0.0.0.0:20086/tcp (published to the container's port 10086)",
+                "[::]:20086/tcp (published to the container's port 10086)",
+                "10.0.0.1:8443/udp (published to the container's port 443)",
+            ]
+        );
+        // The unpublished 9999 and the container-side ports never appear on the host.
+        assert!(host
+            .iter()
+            .all(|e| e.local.port() != 9999 && e.local.port() != 10086));
+        let none = published(inside, &[publish(80, "tcp", "", 8080)]);
+        assert!(
+            matches!(&none, Scope::Unscoped(why) if why.contains("publishes none")),
+            "{none:?}"
+        );
     }
 }

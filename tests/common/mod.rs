@@ -5,6 +5,7 @@
 #![allow(dead_code, unused_imports)]
 
 mod connect_from;
+pub mod container;
 pub mod fake_xray;
 pub mod kit;
 pub mod plans;
@@ -54,6 +55,17 @@ pub fn veth_host(tag: &str) -> (Netns, V2ray) {
     ns.ip(&["link", "set", "veth-b", "up"]);
     let runtime = V2ray::start(&ns);
     (ns, runtime)
+}
+
+/// A veth pair from `a` (`a_dev`, address `a_ip`) to `b` (`b_dev`, `b_ip`), both ends up.
+pub fn veth(a: &Netns, a_dev: &str, a_ip: &str, b: &Netns, b_dev: &str, b_ip: &str) {
+    a.ip(&[
+        "link", "add", a_dev, "type", "veth", "peer", "name", b_dev, "netns", &b.name,
+    ]);
+    a.ip(&["addr", "add", a_ip, "dev", a_dev]);
+    b.ip(&["addr", "add", b_ip, "dev", b_dev]);
+    a.ip(&["link", "set", a_dev, "up"]);
+    b.ip(&["link", "set", b_dev, "up"]);
 }
 
 /// Two namespaces joined by a veth pair: `server` has `veth-s` 10.99.0.1, `client` has `veth-c` 10.99.0.2

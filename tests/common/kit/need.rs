@@ -45,6 +45,7 @@ pub const MIRRED: Need = Need::Module("act_mirred");
 pub const CLSACT: Need = Need::Module("sch_ingress");
 pub const IFB: Need = Need::Module("ifb");
 pub const NF_TABLES: Need = Need::Module("nf_tables");
+pub const NFT_NAT: Need = Need::Module("nft_nat");
 pub const PIDS_CGROUP: Need = Need::CgroupV1("pids");
 
 /// A private network namespace (`Netns::new`).
@@ -71,6 +72,7 @@ const MODULES: &[(&str, &str, &str)] = &[
     ),
     ("ifb", "CONFIG_IFB", "IFB devices"),
     ("nf_tables", "CONFIG_NF_TABLES", "nftables"),
+    ("nft_nat", "CONFIG_NFT_NAT", "nftables NAT (dnat)"),
 ];
 
 /// Panics with one line naming everything in `needs` (sets of them, e.g. `&[NAMESPACE, &[TC]]`)

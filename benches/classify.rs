@@ -4,7 +4,9 @@
 //! Reports nanoseconds per `sendto`, the median of several runs, for:
 //!
 //! - the HTB root alone (every packet unclassified), for reference;
-//! - raylimit's two-level layout with N = 10 and N = 10 000, built by raylimit's own decisions;
+//! - raylimit's two-level layout with N = 10 and N = 10 000, built by raylimit's own decisions,
+//!   device-wide (one node per client) and scoped to a runtime listener (the packets leave from
+//!   its port; each node also matches it);
 //! - the single-level layout raylimit used before (one 256-bucket table keyed on the last
 //!   address byte, ~40 nodes per bucket at N = 10 000), built with `tc -batch`, for contrast.
 //!
@@ -22,13 +24,17 @@ use std::io::Write;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::time::Instant;
 
-use common::plans::limit_all;
+use common::plans::{limit_all, limit_all_scoped};
 use common::{need, require, run, Netns, Pair};
+use raylimit::reconcile::RuleScope;
 use raylimit::shaping;
+use raylimit::shaping::ListenerMatch;
 
 /// Far above what the bench sends: HTB lets every packet straight through.
 const RATE: u64 = 10_000_000_000;
 const PAYLOAD: [u8; 16] = [0x5a; 16];
+/// The runtime listener of the scoped layout: the bench's packets leave from its port.
+const LISTENER_PORT: u16 = 10086;
 
 struct Scale {
     large: u32,
@@ -86,6 +92,18 @@ fn two_level(pair: &Pair, n: u32) {
     limit_all(&mut kernel, &device, &clients(n), RATE);
 }
 
+/// raylimit's layout for `n` clients scoped to one runtime listener (0.0.0.0:10086).
+fn two_level_scoped(pair: &Pair, n: u32) {
+    let mut kernel = raylimit::engine::NetlinkKernel::from_socket(pair.server.socket());
+    let device = kernel.socket().link_by_name("veth-s").unwrap();
+    let scope = RuleScope::Listeners(
+        ListenerMatch::of_socket([0, 0, 0, 0].into(), LISTENER_PORT)
+            .into_iter()
+            .collect(),
+    );
+    limit_all_scoped(&mut kernel, &device, &clients(n), RATE, &scope);
+}
+
 /// The single-level layout raylimit used before, with tc.
 fn single_level(pair: &Pair, n: u32) {
     let dev = "dev veth-s parent 524c:";
@@ -134,7 +152,7 @@ fn ns_per_packet(ns: &Netns, targets: &[IpAddr], scale: &Scale) -> Vec<f64> {
     let addrs: Vec<SocketAddr> = targets.iter().map(|ip| SocketAddr::new(*ip, 9)).collect();
     let (packets, runs) = (scale.packets, scale.runs);
     ns.spawn(move || {
-        let sock = UdpSocket::bind("0.0.0.0:0").unwrap();
+        let sock = UdpSocket::bind(("0.0.0.0", LISTENER_PORT)).unwrap();
         let send = |count: usize| {
             for i in 0..count {
                 let _ = sock.send_to(&PAYLOAD, addrs[i % addrs.len()]);
@@ -205,6 +223,11 @@ fn main() {
             format!("two-level, N = {large}"),
             true,
             Box::new(move |p: &Pair| two_level(p, large)),
+        ),
+        (
+            format!("two-level scoped, N = {large}"),
+            true,
+            Box::new(move |p: &Pair| two_level_scoped(p, large)),
         ),
         (
             format!("single-level (before), N = {large}"),

@@ -8,7 +8,7 @@ use raylimit::engine::{execute, NetlinkKernel};
 use raylimit::model::Link;
 use raylimit::policy::{Direction, Request, Subject, Want};
 use raylimit::reconcile::observe::Observation;
-use raylimit::reconcile::{decide, Context, Decision, DecisionKind};
+use raylimit::reconcile::{decide, Context, Decision, DecisionKind, RuleScope};
 use raylimit::shaping::CatchAll;
 
 /// A request on `device` with the defaults the CLI would use on this kernel (no matchall).
@@ -78,6 +78,22 @@ pub fn limit_all(
     ips: &[IpAddr],
     rate: u64,
 ) -> (Observation, usize) {
+    limit_all_scoped(kernel, device, ips, rate, &RuleScope::Device)
+}
+
+/// [`limit_all`] with each limit scoped as given (a runtime's listeners: one node per client
+/// and listener of its family).
+pub fn limit_all_scoped(
+    kernel: &mut NetlinkKernel,
+    device: &Link,
+    ips: &[IpAddr],
+    rate: u64,
+    scope: &RuleScope,
+) -> (Observation, usize) {
+    let ip_limit = |ip: IpAddr, rate: u64, device: &str| Context {
+        scope: scope.clone(),
+        ..ip_limit(ip, rate, device)
+    };
     let first_v4 = ips.iter().find(|ip| ip.is_ipv4());
     let first_v6 = ips.iter().find(|ip| ip.is_ipv6());
     let firsts: Vec<IpAddr> = first_v4.into_iter().chain(first_v6).copied().collect();

@@ -233,8 +233,8 @@ leaves_kernel_as_it_began() {
 
 check "baseline plan picks matchall" matchall plans_matchall
 check "unshaped download through v2ray's marked outbound is fast" control through_v2ray
-check "10.77.0.2's download held, 10.77.0.3 unshaped" "htb, u32" ip_download
-check "10.77.0.2's upload held, 10.77.0.3 unshaped" "matchall, mirred, ifb, u32" ip_upload
+check "10.77.0.2's download through v2ray held; its traffic to another service, and 10.77.0.3, unshaped" "htb, u32" ip_download
+check "10.77.0.2's upload through v2ray held; its traffic to another service, and 10.77.0.3, unshaped" "matchall, mirred, ifb, u32" ip_upload
 check "outbound upload held by its socket mark, unmarked traffic on rl-rm unshaped" \
     "fw" outbound_upload
 check "outbound download held by the connection's mark, unmarked traffic unshaped" \

@@ -562,6 +562,9 @@ f; pre_ingress0
 capture u32_mirred_ingress tc "tc filter add dev veth0 parent ffff: protocol all prio 1 u32 match u32 0 0 action mirred egress redirect dev ifb0" "$FSHOW_ING0"
 f; pre_clsact1
 capture u32_mirred_clsact_ipv4_src tc "tc filter add dev veth1 ingress protocol ip prio 3 u32 match ip src 10.99.0.2/32 action mirred egress redirect dev ifb0" "$FSHOW_ING1"
+# The runtime-scoped upload redirect: one node per listener (its address and port).
+f; pre_clsact1
+capture u32_mirred_clsact_listener tc "tc filter add dev veth1 ingress protocol ip prio 21069 handle ::25b u32 match ip dst 10.99.0.1/32 match ip dport 10086 0xffff action mirred egress redirect dev ifb0" "$FSHOW_ING1"
 f; pre_clsact1
 capture u32_gact_drop tc "tc filter add dev veth1 egress protocol ip prio 1 u32 match ip dst 10.99.0.9/32 action drop" "$FSHOW_EGR1" "$NOTE_NOGACT"
 f; pre_clsact1

@@ -27,7 +27,7 @@ struct Chain {
     dir: std::path::PathBuf,
 }
 
-/// A second runtime on the same server (vmess on 10.98.0.1:10087) with its own client-side
+/// A second runtime on the same server (vmess on 10.98.0.1:10087, UDP on 10091) with its own client-side
 /// forwarder on 127.0.0.1:15202.
 struct Second {
     runtime: Launched,
@@ -101,7 +101,8 @@ impl Chain {
         }
     }
 
-    /// Starts a second runtime: the same configs on port 10087 and, client-side, 15202.
+    /// Starts a second runtime: the same configs on ports 10087 (and UDP 10091) and, client-side,
+    /// 15202.
     fn second(&self) -> Second {
         let v2ray = std::path::Path::new(V2RAY_BIN);
         let mut paths = Vec::new();
@@ -109,6 +110,7 @@ impl Chain {
             let text = std::fs::read_to_string(self.dir.join(format!("{name}.json")))
                 .unwrap()
                 .replace("10086", "10087")
+                .replace("10090", "10091")
                 .replace("15201", &SECOND_CLIENT_PORT.to_string());
             let path = self.dir.join(format!("{name}-b.json"));
             std::fs::write(&path, text).unwrap();
@@ -196,6 +198,16 @@ fn assert_shaped(
         (0.8..=1.1).contains(&ratio),
         "{what}: goodput {goodput:.0} B/s"
     );
+}
+
+/// Bytes sent by the root qdisc of `dev` in `ns` (`tc -s qdisc show`).
+fn qdisc_sent_bytes(ns: &Netns, dev: &str) -> u64 {
+    let text = ns.tc(&["-s", "qdisc", "show", "dev", dev, "root"]);
+    text.split_whitespace()
+        .skip_while(|w| *w != "Sent")
+        .nth(1)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no byte count: {text}"))
 }
 
 /// `limit` arguments for one subject (`[flag, value]`) on `device` in `direction`, then `rest`.
@@ -318,6 +330,8 @@ fn client_rules_shape_the_runtimes_traffic_and_not_another_service() {
                 &format!("{what} through the runtime"),
             );
             through.stop();
+            let ifb_sent = || upload.then(|| qdisc_sent_bytes(&c.server, &dev));
+            let before = ifb_sent();
             let direct = Flow::start_to(&c.client, other_addr, command, 6, other.received.clone());
             std::thread::sleep(Duration::from_millis(500));
             let unshaped = direct.rate(upload, 2.0);
@@ -327,6 +341,17 @@ fn client_rules_shape_the_runtimes_traffic_and_not_another_service() {
                 "{what}: the other service was shaped: {unshaped:.0} B/s"
             );
             direct.stop();
+            // Arriving packets of the other service are not even redirected to the IFB: it
+            // carries at most what the runtime's stopped flow had queued (HTB's 1000 packets),
+            // not the gigabytes the other service sent meanwhile.
+            if let (Some(before), Some(after)) = (before, ifb_sent()) {
+                eprintln!("{what}: the IFB carried {} bytes meanwhile", after - before);
+                assert!(
+                    after - before < 10_000_000,
+                    "{what}: {} bytes",
+                    after - before
+                );
+            }
             let v = c.limit_json(&args(&["--remove", "--execute"]));
             assert_eq!(v["decision"]["kind"], "remove", "{v}");
         }

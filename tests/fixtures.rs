@@ -723,6 +723,23 @@ fn u32_with_mirred_to_ifb() {
         )
     };
     check_filter("u32_mirred_clsact_ipv4_src", ours);
+
+    // The runtime-scoped upload redirect, as raylimit builds it.
+    let f = load("u32_mirred_clsact_listener");
+    let listener = raylimit::shaping::ListenerMatch {
+        family: Family::V4,
+        address: Some("10.99.0.1".parse().unwrap()),
+        port: 10086,
+    };
+    let ours = raylimit::shaping::listener_redirect(
+        f.ifindex["veth1"],
+        TcHandle::CLSACT_INGRESS,
+        ifb,
+        listener,
+        0x25b,
+    );
+    assert_eq!(raylimit::shaping::redirect_listener(&ours), Some(listener));
+    check_filter("u32_mirred_clsact_listener", ours);
 }
 
 /// Kinds this kernel lacks: the request is still byte-identical, and the refusal is the one the

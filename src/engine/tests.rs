@@ -70,6 +70,18 @@ fn engine(kernel: Fake, state: &TempState, execute: bool) -> Engine<Fake> {
         .with_live(Box::new(Scripted::listening(&["[::]:9000"])))
 }
 
+/// An executing engine whose client rules are device-wide (`--scope device`).
+fn device_wide_engine(kernel: Fake, state: &TempState) -> Engine<Fake> {
+    let options = Options {
+        netns: None,
+        execute: true,
+        allow_missing_state: false,
+        device_scope: true,
+        state_dir: state.dir(),
+    };
+    Engine::open(kernel, runtime(), DEV_NAME, options).expect("the fake device exists")
+}
+
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
 }
@@ -615,14 +627,7 @@ fn a_client_rule_matches_only_the_runtimes_listeners_and_follows_them_when_they_
 #[test]
 fn a_device_scoped_client_rule_matches_the_address_alone() {
     let state = TempState::new();
-    let options = Options {
-        netns: None,
-        execute: true,
-        allow_missing_state: false,
-        device_scope: true,
-        state_dir: state.dir(),
-    };
-    let mut e = Engine::open(Fake::default(), runtime(), DEV_NAME, options).unwrap();
+    let mut e = device_wide_engine(Fake::default(), &state);
     let t = e.stage(limit("10.0.0.2", 1_000), None, None);
     let mut run = e.commit();
     let d = run.take(t);
@@ -631,4 +636,67 @@ fn a_device_scoped_client_rule_matches_the_address_alone() {
     let nodes = client_nodes(&e);
     assert_eq!(nodes.len(), 1);
     assert_eq!(nodes[0].matched, shaping::ClientMatch::ip(ip("10.0.0.2")));
+}
+
+/// The device's ingress redirect, read back as raylimit reads it.
+fn hook(e: &Engine<Fake>) -> crate::reconcile::observe::Hook {
+    crate::reconcile::observe::Hook::read(&e.kernel.kernel.device)
+}
+
+#[test]
+fn the_upload_redirect_carries_only_the_runtimes_listeners_while_every_rule_is_scoped() {
+    let state = TempState::new();
+    let live = Scripted::listening(&["10.9.0.1:9000", "[::]:443"]);
+    let mut e = engine(Fake::default(), &state, true).with_live(Box::new(live));
+    let upload = |addr: &str, want| {
+        let mut r = limit(addr, 1_000);
+        r.direction = Direction::Upload;
+        r.want = want;
+        r
+    };
+    let t = e.stage(upload("10.0.0.2", Want::Limit(1_000)), None, None);
+    let mut run = e.commit();
+    let d = run.take(t);
+    assert_eq!(d.outcome, Outcome::Executed, "{:?}", d.decision.blocked);
+    assert!(d
+        .decision
+        .forms
+        .iter()
+        .any(|f| f.contains("one u32 node per runtime listener")));
+    // One redirect node per listener the client's rule uses, no catch-all.
+    let h = hook(&e);
+    assert!(h.redirect.is_none(), "{h:?}");
+    let listeners: BTreeSet<String> = h.listeners.iter().map(|(m, _, _)| m.to_string()).collect();
+    assert_eq!(
+        listeners,
+        ["0.0.0.0:443", "10.9.0.1:9000"].map(String::from).into()
+    );
+
+    // A device-wide rule on the same IFB needs every packet: the catch-all replaces the nodes.
+    let fake = std::mem::take(&mut e.kernel);
+    drop(e);
+    let mut wide = device_wide_engine(fake, &state);
+    let t = wide.stage(upload("10.0.0.3", Want::Limit(2_000)), None, None);
+    let mut run = wide.commit();
+    assert_eq!(run.take(t).outcome, Outcome::Executed);
+    let h = hook(&wide);
+    assert!(h.redirect.is_some() && h.listeners.is_empty(), "{h:?}");
+    let t = wide.stage(upload("10.0.0.3", Want::Remove), None, None);
+    let mut run = wide.commit();
+    assert_eq!(run.take(t).outcome, Outcome::Executed);
+
+    // Once it is gone, the redirect is scoped again; the last rule takes it all away.
+    let h = hook(&wide);
+    assert!(h.redirect.is_none() && h.listeners.len() == 2, "{h:?}");
+    let fake = std::mem::take(&mut wide.kernel);
+    drop(wide);
+    let mut e = engine(fake, &state, true).with_live(Box::new(Scripted::listening(&[
+        "10.9.0.1:9000",
+        "[::]:443",
+    ])));
+    let t = e.stage(upload("10.0.0.2", Want::Remove), None, None);
+    let mut run = e.commit();
+    assert_eq!(run.take(t).outcome, Outcome::Executed);
+    let h = hook(&e);
+    assert!(h.parent.is_none() && h.listeners.is_empty(), "{h:?}");
 }

@@ -49,17 +49,21 @@ impl Observation {
                 match object {
                     TcObject::Qdisc(q) if on_hook => self.absorb_hook_qdisc(*op, &q.kind),
                     TcObject::Filter(f) if on_hook => {
+                        let target = self.ifb.as_ref().map(|l| l.index).unwrap_or(0);
                         let hook = self.hook.get_or_insert_with(Hook::none);
-                        hook.redirect = (*op != Op::Delete).then(|| {
-                            let target = self.ifb.as_ref().map(|l| l.index).unwrap_or(0);
-                            (
-                                crate::model::tc::FilterEntry {
-                                    filter: f.clone(),
-                                    chain: None,
-                                },
-                                target,
-                            )
-                        });
+                        let entry = crate::model::tc::FilterEntry {
+                            filter: f.clone(),
+                            chain: None,
+                        };
+                        match crate::shaping::redirect_listener(f) {
+                            Some(m) => {
+                                hook.listeners.retain(|(l, _, _)| *l != m);
+                                if *op != Op::Delete {
+                                    hook.listeners.push((m, entry, target));
+                                }
+                            }
+                            None => hook.redirect = (*op != Op::Delete).then_some((entry, target)),
+                        }
                     }
                     _ => {
                         let ifindex = self.ifb.as_ref().filter(|_| !egress).map(|l| l.index);

@@ -289,9 +289,15 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
     }
 
     // Upload: the hook on the device and the redirect into the IFB, last, once the tree exists.
+    // Scoped to the runtimes' listeners while every rule on the IFB is; else every packet.
     if !req.on_egress() {
         let restore_mark = matches!(rule, Rule::Mark { .. });
-        plan_redirect(ctx, obs, restore_mark, &mut steps, &mut changes, d);
+        match RedirectNeeds::of(rule).with_others(&held, shaped, obs) {
+            RedirectNeeds::Listeners(set) if !restore_mark => {
+                plan_listener_redirects(obs, &set, &mut steps, &mut changes, d)
+            }
+            _ => plan_redirect(ctx, obs, restore_mark, &mut steps, &mut changes, d),
+        }
     }
 
     let held_any = !held.filters.is_empty() || !held.listeners.is_empty() || !marks.is_empty();

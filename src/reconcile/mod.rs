@@ -36,7 +36,10 @@ use listeners::{
 };
 use marks::{delete_nft_rules, fw_mask, plan_nft_rule};
 use remove::plan_remove;
-use upload::{ifb_dev, plan_redirect, remove_upload_scaffolding, swap_redirect};
+use upload::{
+    ifb_dev, plan_listener_redirects, plan_redirect, remove_upload_scaffolding, swap_redirect,
+    RedirectNeeds,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecisionKind {

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use crate::model::action::{Action, MirredMode};
 use crate::model::tc::{ClassEntry, Filter, FilterEntry, FilterKind, QdiscEntry, QdiscKind};
-use crate::model::u32::End;
+use crate::model::u32::{End, Family};
 use crate::model::DeviceTc;
 use crate::model::Link;
 use crate::model::{TcHandle, U32Handle};
@@ -70,6 +70,8 @@ pub struct ShapedRoot {
     by_match: BTreeSet<(Band, ClientMatch, FilterKey)>,
     /// The same nodes by (band, the class they send to).
     by_class: BTreeSet<(Band, Option<TcHandle>, FilterKey)>,
+    /// How many client nodes match each runtime listener (`None`: device-wide nodes).
+    listener_uses: BTreeMap<Option<ListenerMatch>, usize>,
     /// Listener nodes of the inbound band and of the runtime-scoped baseline.
     pub listeners: Vec<ListenerNode>,
     /// The root table the kernel made for each u32 priority of raylimit's bands.
@@ -99,6 +101,7 @@ impl ShapedRoot {
             nodes: BTreeMap::new(),
             by_match: BTreeSet::new(),
             by_class: BTreeSet::new(),
+            listener_uses: BTreeMap::new(),
             listeners: Vec::new(),
             root_tables: BTreeMap::new(),
             tables: BTreeSet::new(),
@@ -335,6 +338,7 @@ impl ShapedRoot {
         self.remove_node(key);
         self.by_match.insert((node.band, node.matched, key));
         self.by_class.insert((node.band, node.classid, key));
+        *self.listener_uses.entry(node.matched.listener).or_default() += 1;
         self.nodes.insert(key, node);
     }
 
@@ -342,6 +346,12 @@ impl ShapedRoot {
         if let Some(n) = self.nodes.remove(&key) {
             self.by_match.remove(&(n.band, n.matched, key));
             self.by_class.remove(&(n.band, n.classid, key));
+            if let Some(uses) = self.listener_uses.get_mut(&n.matched.listener) {
+                *uses -= 1;
+                if *uses == 0 {
+                    self.listener_uses.remove(&n.matched.listener);
+                }
+            }
         }
     }
 
@@ -374,6 +384,11 @@ impl ShapedRoot {
             .range((band, client, (0, 0))..)
             .take_while(move |(b, m, _)| *b == band && m.client() == client)
             .filter_map(|(_, _, k)| self.nodes.get(k))
+    }
+
+    /// How many client nodes match each runtime listener (`None`: device-wide nodes).
+    pub fn listener_uses(&self) -> &BTreeMap<Option<ListenerMatch>, usize> {
+        &self.listener_uses
     }
 
     /// The specific-IP node of an address.
@@ -435,8 +450,10 @@ pub struct Hook {
     /// `Some(parent)` when a clsact (ffff:fff2) or ingress (ffff:) qdisc exists.
     pub parent: Option<TcHandle>,
     pub clsact: bool,
-    /// raylimit's redirect, with the IFB it sends to.
+    /// raylimit's catch-all redirect, with the IFB it sends to.
     pub redirect: Option<(FilterEntry, u32)>,
+    /// raylimit's scoped redirect: one node per runtime listener, with the IFB it sends to.
+    pub listeners: Vec<(ListenerMatch, FilterEntry, u32)>,
     /// Something else at raylimit's redirect priority.
     pub conflicting: Option<FilterEntry>,
     /// Other filters on the hook (another tool's): the hook stays while they exist.
@@ -450,6 +467,7 @@ impl Hook {
             parent: None,
             clsact: false,
             redirect: None,
+            listeners: Vec::new(),
             conflicting: None,
             others: 0,
         }
@@ -475,6 +493,17 @@ impl Hook {
             .iter()
             .filter(|f| f.filter.parent == parent && f.filter.handle != 0)
         {
+            let scoped = [Family::V4, Family::V6]
+                .into_iter()
+                .any(|fam| shaping::redirect_priority(fam) == f.filter.priority);
+            if scoped {
+                match (shaping::redirect_listener(&f.filter), redirect_target(f)) {
+                    (Some(m), Some(ifb)) => h.listeners.push((m, f.clone(), ifb)),
+                    _ if is_u32_table(f) => {}
+                    _ => h.conflicting = Some(f.clone()),
+                }
+                continue;
+            }
             if f.filter.priority != PRIO_REDIRECT {
                 h.others += 1;
                 continue;

@@ -112,6 +112,18 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
         let redirect = obs.hook.as_ref().and_then(|h| h.redirect.as_ref());
         if let Some((f, _)) = redirect.filter(|(f, _)| restores_mark(&f.filter) && !marks_left) {
             steps.extend(swap_redirect(obs, &f.filter, false));
+        } else if let RedirectNeeds::Listeners(set) =
+            RedirectNeeds::Listeners(BTreeSet::new()).with_others(&held, Some(shaped), obs)
+        {
+            // What the other rules still need redirected: listeners only this rule used go.
+            let hook = obs.hook.as_ref();
+            let observed: BTreeSet<ListenerMatch> = hook
+                .map(|h| h.listeners.iter().map(|(m, _, _)| *m).collect())
+                .unwrap_or_default();
+            if observed != set || redirect.is_some() {
+                let mut changes = Vec::new();
+                plan_listener_redirects(obs, &set, &mut steps, &mut changes, d);
+            }
         }
     }
     d.reason = match (

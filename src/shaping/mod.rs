@@ -51,8 +51,10 @@ use crate::policy::Direction;
 pub const ROOT_MAJOR: u16 = 0x524c;
 /// IFB companions are named `rlifb<ifindex of the device>`.
 pub const IFB_PREFIX: &str = "rlifb";
-/// Priority of the redirect to the IFB on the device's ingress hook.
+/// Priority of the redirect to the IFB on the device's ingress hook: the catch-all form.
 pub const PRIO_REDIRECT: u16 = 0x524c;
+/// Priorities of the runtime-scoped redirect (one u32 node per listener): IPv4, then IPv6.
+pub const PRIO_REDIRECT_LISTENERS: u16 = PRIO_REDIRECT + 1;
 /// First priority of each band.
 pub const BAND_CONNECTION: u16 = 100;
 pub const BAND_USER: u16 = 200;
@@ -720,6 +722,50 @@ pub fn redirect(
     }
     actions.push(Action::redirect_to(ifb_ifindex));
     catch_all_filter(ifindex, hook, PRIO_REDIRECT, form, None, actions)
+}
+
+/// The priority of the scoped redirect's nodes for a family.
+pub fn redirect_priority(family: Family) -> u16 {
+    match family {
+        Family::V4 => PRIO_REDIRECT_LISTENERS,
+        Family::V6 => PRIO_REDIRECT_LISTENERS + 1,
+    }
+}
+
+/// The scoped redirect for one runtime listener: packets arriving for it (its port, and its
+/// address when concrete) go to the IFB; everything else arriving stays off it. Node id
+/// explicit, table chosen by the kernel.
+pub fn listener_redirect(
+    ifindex: u32,
+    hook: TcHandle,
+    ifb_ifindex: u32,
+    m: ListenerMatch,
+    node: u32,
+) -> Filter {
+    let mut s = U32Selector::default();
+    add_listener(&mut s, m, End::Destination);
+    Filter {
+        ifindex,
+        parent: hook,
+        priority: redirect_priority(m.family),
+        protocol: ethertype(m.family),
+        handle: U32Handle::new(0, 0, node).0,
+        kind: FilterKind::U32(U32Filter::with_actions(
+            s,
+            vec![Action::redirect_to(ifb_ifindex)],
+        )),
+    }
+}
+
+/// The listener a scoped redirect node is for, if the filter is one.
+pub fn redirect_listener(f: &Filter) -> Option<ListenerMatch> {
+    let family = [Family::V4, Family::V6]
+        .into_iter()
+        .find(|fam| redirect_priority(*fam) == f.priority && ethertype(*fam) == f.protocol)?;
+    let FilterKind::U32(u) = &f.kind else {
+        return None;
+    };
+    listener_match(u, family, End::Destination)
 }
 
 /// An outbound's classifier on a shaped root: packets whose mark under `mask` is `value` go to

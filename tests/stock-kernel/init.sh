@@ -170,7 +170,9 @@ ip_upload() {
     rl --ip 10.77.0.2 --direction upload --rate "$RATE" --execute >/dev/null || return 1
     ifb=$(ip link | sed -n 's/^[0-9]*: \(rlifb[0-9]*\):.*/\1/p')
     echo "measured: upload redirect to ${ifb:-no IFB}"
-    shows rl-cl 'matchall.*mirred egress redirect' && shows "$ifb" 'match 0a4d0002/ffffffff at 12' &&
+    # The redirect is scoped too: one u32 node for v2ray's listener 10.77.0.1:10800 (0x2a30).
+    shows rl-cl 'pref 21069 u32 .* match 0a4d0001/ffffffff at 16 match 00002a30/0000ffff at 20 action mirred egress redirect' &&
+        shows "$ifb" 'match 0a4d0002/ffffffff at 12' &&
         wire_held "$REMOTE" rm0 put && transfer put 10.77.0.2 fast && transfer put 10.77.0.3 fast
     ok=$?
     rl --ip 10.77.0.2 --direction upload --remove --execute >/dev/null || ok=1
@@ -234,7 +236,7 @@ leaves_kernel_as_it_began() {
 check "baseline plan picks matchall" matchall plans_matchall
 check "unshaped download through v2ray's marked outbound is fast" control through_v2ray
 check "10.77.0.2's download through v2ray held; its traffic to another service, and 10.77.0.3, unshaped" "htb, u32" ip_download
-check "10.77.0.2's upload through v2ray held; its traffic to another service, and 10.77.0.3, unshaped" "matchall, mirred, ifb, u32" ip_upload
+check "10.77.0.2's upload through v2ray held; its traffic to another service, and 10.77.0.3, unshaped" "mirred, ifb, u32" ip_upload
 check "outbound upload held by its socket mark, unmarked traffic on rl-rm unshaped" \
     "fw" outbound_upload
 check "outbound download held by the connection's mark, unmarked traffic unshaped" \

@@ -308,6 +308,10 @@ fn every_invalid_request_is_one_line_exit_2_and_changes_nothing() {
         ),
         (base(&["--ip", "10.0.0.1"]), "give --rate"),
         (base(&["--ip", "10.0.0.1", "--rate", "0"]), "below 1 byte/s"),
+        (
+            base(&["--ip", "10.0.0.1", "--rate", "10mbps"]),
+            "ambiguous: bits or bytes per second? Write 10mbit for bits or 10MB/s for bytes",
+        ),
         (base(&["--ip", "10.0.0.1", "--rate", "-5"]), "negative"),
         (
             base(&["--ip", "10.0.0.1", "--rate", "fast"]),

@@ -47,7 +47,8 @@ pub struct LimitArgs {
     /// `download` (toward the client, leaving DEV) or `upload` (from the client, arriving on DEV).
     #[arg(long, value_name = "upload|download", allow_hyphen_values = true)]
     pub direction: Option<String>,
-    /// Bytes per second, or with a unit: 10mbit, 5MB/s, 512KiB/s.
+    /// Bytes per second, or with a unit: 10mbit, 5MB/s, 512KiB/s (10mbps is refused: bits or
+    /// bytes?).
     #[arg(long, value_name = "RATE", allow_hyphen_values = true)]
     pub rate: Option<String>,
     /// Exempt the IP from any baseline (unshaped).

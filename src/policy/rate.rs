@@ -3,7 +3,8 @@
 //! A plain number is bytes/s (RayLimit's contract). Byte units are `B/s`, `KB/s`, `MB/s`,
 //! `GB/s`, `TB/s` (powers of 1000) and `KiB/s`, `MiB/s`, `GiB/s`, `TiB/s` (powers of 1024); the
 //! `/s` may be left out. Bit units are tc's: `bit`, `kbit`, `mbit`, `gbit`, `tbit` and the binary
-//! `kibit`... forms, with an optional `/s` or `ps`. `bps` is bytes/s, as in tc.
+//! `kibit`... forms, with an optional `/s` or `ps`. Spellings that read as bits to some and bytes
+//! to others (`10mbps`, `10Mb`) are refused, naming both unambiguous ones.
 
 /// Parses a rate into bytes per second: at least 1, at most `u64::MAX`.
 pub fn parse_rate(text: &str) -> Result<u64, String> {
@@ -20,6 +21,23 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
     if number.is_empty() || number.matches('.').count() > 1 || number == "." {
         return Err(format!(
             "rate {text:?} is not a number (examples: 1000000, 10mbit, 5MB/s, 512KiB/s)"
+        ));
+    }
+    if let Some(prefix) = ambiguous_prefix(unit.trim()) {
+        let upper = match prefix.to_ascii_lowercase().as_str() {
+            "" => String::new(),
+            p => {
+                let mut c = p.chars();
+                c.next()
+                    .map(|f| f.to_ascii_uppercase())
+                    .into_iter()
+                    .chain(c)
+                    .collect()
+            }
+        };
+        return Err(format!(
+            "rate {text:?} is ambiguous: bits or bytes per second? Write {number}{}bit for bits or {number}{upper}B/s for bytes",
+            prefix.to_ascii_lowercase()
         ));
     }
     let bits_per_unit = unit_bits(unit.trim()).ok_or_else(|| {
@@ -46,6 +64,23 @@ pub fn parse_rate(text: &str) -> Result<u64, String> {
         ));
     }
     u64::try_from(bytes).map_err(|_| format!("rate {text:?} is beyond 2^64-1 bytes/s"))
+}
+
+/// The prefix of a unit that reads as bits to some and bytes to others: anything ending in `bps`
+/// (tc's bytes, everyone else's bits) and a lower-case `b` (`Mb`, `mb/s`: megabits by
+/// convention). Bytes are spelled with a capital `B`, bits with `bit`.
+fn ambiguous_prefix(unit: &str) -> Option<&str> {
+    let lower = unit.to_ascii_lowercase();
+    if lower.contains("bit") {
+        return None;
+    }
+    if let Some(prefix) = lower.strip_suffix("bps") {
+        return Some(&unit[..prefix.len()]);
+    }
+    let lower_b = unit
+        .strip_suffix("b/s")
+        .or_else(|| unit.strip_suffix('b'))?;
+    Some(lower_b)
 }
 
 /// Bits per unit, or None for an unknown unit.
@@ -98,9 +133,35 @@ mod tests {
         assert_eq!(parse_rate("5MB/s"), Ok(5_000_000));
         assert_eq!(parse_rate("512KiB/s"), Ok(524_288));
         assert_eq!(parse_rate("1.5MB/s"), Ok(1_500_000));
-        assert_eq!(parse_rate("100bps"), Ok(100));
+        assert_eq!(parse_rate("100B/s"), Ok(100));
+        assert_eq!(parse_rate("2 MB"), Ok(2_000_000));
         assert_eq!(parse_rate("1GiB"), Ok(1 << 30));
         assert_eq!(parse_rate("18446744073709551615"), Ok(u64::MAX));
+    }
+
+    /// `10mbps` read as 10 MB/s by tc and as 10 Mbit/s by most people: refused, with both
+    /// unambiguous spellings.
+    #[test]
+    fn ambiguous_units_are_refused_with_both_readings() {
+        for (text, bits, bytes) in [
+            ("10mbps", "10mbit", "10MB/s"),
+            ("10Mbps", "10mbit", "10MB/s"),
+            ("10 mbps", "10mbit", "10MB/s"),
+            ("5kbps", "5kbit", "5KB/s"),
+            ("100bps", "100bit", "100B/s"),
+            ("3Mb", "3mbit", "3MB/s"),
+            ("3mb/s", "3mbit", "3MB/s"),
+            ("2gibps", "2gibit", "2GiB/s"),
+        ] {
+            let e = parse_rate(text).unwrap_err();
+            assert!(
+                e.contains("ambiguous") && e.contains(bits) && e.contains(bytes),
+                "{text}: {e}"
+            );
+        }
+        // Both suggestions parse, to rates eight times apart.
+        assert_eq!(parse_rate("10mbit"), Ok(1_250_000));
+        assert_eq!(parse_rate("10MB/s"), Ok(10_000_000));
     }
 
     #[test]

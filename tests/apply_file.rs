@@ -145,6 +145,61 @@ fn a_policy_is_planned_applied_repeated_as_no_op_and_pruned() {
     assert!(!h.ns.tc(&["qdisc", "show", "dev", "veth-a"]).contains("htb"));
 }
 
+/// One subject listed twice for one direction is decided once: the tightest rate wins, whatever
+/// the order; an unlimited entry suppresses the limits; a removal beside a limit is refused.
+#[test]
+fn entries_for_one_subject_merge_tightest_first() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("apm");
+    let entry = |rate: &str| {
+        format!(
+            r#"{{"ip": "10.9.0.7", "device": "veth-a", "direction": "download", "rate": {rate}}}"#
+        )
+    };
+    let policy =
+        |a: &str, b: &str| format!(r#"{{"runtime": {{"pid": PID}}, "limits": [{a}, {b}]}}"#);
+    for (a, b) in [("2000000", "1000000"), ("1000000", "2000000")] {
+        let (code, out, err) = h.apply(
+            "m.json",
+            &policy(&entry(a), &entry(b)),
+            &["--format", "json"],
+        );
+        assert_eq!(code, 0, "{err}\n{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let limits = v["limits"].as_array().unwrap();
+        assert_eq!(limits.len(), 1, "decided once: {v}");
+        assert_eq!(
+            limits[0]["report"]["rate_bytes_per_second"], 1_000_000,
+            "{v}"
+        );
+        let name = limits[0]["limit"].as_str().unwrap_or_default().to_string();
+        assert!(
+            name.contains("limits[0], limits[1] merged: the tightest, 1000000 bytes/s, wins"),
+            "{v}"
+        );
+    }
+    let unlimited =
+        r#"{"ip": "10.9.0.7", "device": "veth-a", "direction": "download", "unlimited": true}"#;
+    let (code, out, err) = h.apply(
+        "u.json",
+        &policy(&entry("1000000"), unlimited),
+        &["--format", "json"],
+    );
+    assert_eq!(code, 0, "{err}\n{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["limits"][0]["report"]["unlimited"], true, "{v}");
+    let kernel = h.kernel();
+    let remove =
+        r#"{"ip": "10.9.0.7", "device": "veth-a", "direction": "download", "remove": true}"#;
+    let (code, out, err) = h.apply("r.json", &policy(&entry("1000000"), remove), &["--execute"]);
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert!(
+        err.contains("limits[0] and limits[1] both name ip 10.9.0.7 download on veth-a: one removes it and one limits it"),
+        "{err}"
+    );
+    assert_eq!(h.kernel(), kernel);
+}
+
 /// A policy of `n` download limits for 10.9.X.Y, plus `extra` entries.
 fn many(n: usize, rate: &str, extra: &str) -> String {
     let mut limits: Vec<String> = (0..n)

@@ -147,6 +147,62 @@ fn validate(policy: &Value, a: &ApplyArgs) -> Result<Vec<Validated>, UsageError>
     Ok(out)
 }
 
+/// Limits that name one subject in one direction on one device, merged as the product's rule
+/// selection says: an `unlimited` entry suppresses the limits, else the tightest rate wins; a
+/// subject listed both for removal and for a limit is an error. Each merged limit keeps the
+/// file's order of its first entry and says which entries it stands for.
+fn merge(validated: Vec<Validated>) -> Result<Vec<(Validated, Option<String>)>, UsageError> {
+    let mut out: Vec<(Validated, Vec<usize>)> = Vec::new();
+    let mut index: std::collections::HashMap<(String, &'static str, String), usize> =
+        Default::default();
+    for (i, v) in validated.into_iter().enumerate() {
+        let w = &v.wanted;
+        let key = (
+            w.device.clone(),
+            w.direction.name(),
+            format!("{:?}", w.target),
+        );
+        let Some(&at) = index.get(&key) else {
+            index.insert(key, out.len());
+            out.push((v, vec![i]));
+            continue;
+        };
+        let (kept, entries) = &mut out[at];
+        let (old, new) = (kept.wanted.want, v.wanted.want);
+        if (old == Want::Remove) != (new == Want::Remove) {
+            return Err(UsageError(format!(
+                "limits[{}] and limits[{}] both name {} {} on {}: one removes it and one limits it; keep one",
+                entries[0],
+                i,
+                prune::listed_key(&w.target),
+                w.direction.name(),
+                w.device
+            )));
+        }
+        kept.wanted.want = match (old, new) {
+            (Want::Unlimited, _) | (_, Want::Unlimited) => Want::Unlimited,
+            (Want::Limit(a), Want::Limit(b)) => Want::Limit(a.min(b)),
+            _ => old,
+        };
+        entries.push(i);
+    }
+    Ok(out
+        .into_iter()
+        .map(|(v, entries)| {
+            let note = (entries.len() > 1).then(|| {
+                let list: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+                let chosen = match v.wanted.want {
+                    Want::Unlimited => "unlimited suppresses the limits".to_string(),
+                    Want::Limit(rate) => format!("the tightest, {rate} bytes/s, wins"),
+                    Want::Remove => "one removal".to_string(),
+                };
+                format!("limits[{}] merged: {chosen}", list.join("], limits["))
+            });
+            (v, note)
+        })
+        .collect())
+}
+
 /// How a limit is listed for prune: device, direction, subject key.
 fn listed(v: &Validated) -> Listed {
     let w = &v.wanted;
@@ -154,7 +210,7 @@ fn listed(v: &Validated) -> Listed {
 }
 
 pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
-    let validated = match read(&a.file).and_then(|p| validate(&p, a)) {
+    let validated = match read(&a.file).and_then(|p| merge(validate(&p, a)?)) {
         Ok(v) => v,
         Err(UsageError(m)) => {
             eprintln!("raylimit: {m}");
@@ -165,21 +221,21 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
     let mut pruned: Vec<(String, Report)> = Vec::new();
     // One run (and lock) per device, in the file's order of first appearance.
     let mut devices: Vec<String> = Vec::new();
-    for v in &validated {
+    for (v, _) in &validated {
         if !devices.contains(&v.wanted.device) {
             devices.push(v.wanted.device.clone());
         }
     }
-    let listed_all: BTreeSet<Listed> = validated.iter().map(listed).collect();
+    let listed_all: BTreeSet<Listed> = validated.iter().map(|(v, _)| listed(v)).collect();
     for device in &devices {
-        let first = validated
+        let (first, _) = validated
             .iter()
-            .find(|v| &v.wanted.device == device)
+            .find(|(v, _)| &v.wanted.device == device)
             .expect("every device comes from a limit");
         // One baseline per runtime and device: its scope is the device's.
         let device_scope = validated
             .iter()
-            .any(|v| &v.wanted.device == device && v.device_scope);
+            .any(|(v, _)| &v.wanted.device == device && v.device_scope);
         let opened = limit::open(netns, &first.selection, device, a.run, device_scope);
         let mut engine = match opened {
             Ok(e) => e,
@@ -193,9 +249,12 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             }
         };
         let mut staged = Vec::new();
-        for v in validated.iter().filter(|v| &v.wanted.device == device) {
+        for (v, merged) in validated.iter().filter(|(v, _)| &v.wanted.device == device) {
             let (_, direction, key) = listed(v);
-            let name = format!("{key} {} on {device}", direction.name());
+            let name = match merged {
+                Some(note) => format!("{key} {} on {device} ({note})", direction.name()),
+                None => format!("{key} {} on {device}", direction.name()),
+            };
             staged.push((name, v.wanted.clone(), engine.resolve(&v.wanted)));
         }
         let mut staged_prune = Vec::new();

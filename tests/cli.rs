@@ -112,10 +112,70 @@ fn errors_are_one_line_and_exit_codes_follow_the_contract() {
     assert_eq!(code, 1, "{err}");
     let (code, _, _) = raylimit(&["no-such-command"]);
     assert_eq!(code, 2);
-    let (code, out, _) = raylimit(&["version"]);
+    for version in ["version", "--version", "-V"] {
+        let (code, out, _) = raylimit(&[version]);
+        assert_eq!(
+            (code, out.trim()),
+            (0, concat!("raylimit ", env!("CARGO_PKG_VERSION"))),
+            "{version}"
+        );
+    }
+    // A usage error names what is missing or mistyped, on one line.
+    for (args, message) in [
+        (
+            &["show"][..],
+            "raylimit: the following required arguments were not provided: --device <DEV> (see raylimit help)",
+        ),
+        (
+            &["apply"][..],
+            "raylimit: the following required arguments were not provided: --file <POLICY> (see raylimit help)",
+        ),
+        (
+            &["show", "--devce", "lo"][..],
+            "raylimit: unexpected argument '--devce' found; tip: a similar argument exists: '--device' (see raylimit help)",
+        ),
+        (
+            &["statu"][..],
+            "raylimit: unrecognized subcommand 'statu'; tip: a similar subcommand exists: 'status' (see raylimit help)",
+        ),
+        (
+            &["inspect", "--pid", "0"][..],
+            "raylimit: --pid 0 is not a process id; give a number above zero",
+        ),
+    ] {
+        let (code, out, err) = raylimit(args);
+        assert_eq!((code, out.as_str(), err.trim()), (2, "", message), "{args:?}");
+    }
+}
+
+/// `--execute` without CAP_NET_ADMIN (root with every capability dropped) says what it needs,
+/// before anything is read or changed; a dry-run needs no capability to plan.
+#[test]
+fn execute_without_cap_net_admin_says_root_is_needed() {
+    require(&[&[need::SETPRIV]]);
+    let out = std::process::Command::new("setpriv")
+        .args(["--bounding-set=-all", "--inh-caps=-all"])
+        .arg(env!("CARGO_BIN_EXE_raylimit"))
+        .args([
+            "limit",
+            "--pid",
+            "1",
+            "--ip",
+            "10.0.0.1",
+            "--device",
+            "lo",
+            "--direction",
+            "download",
+            "--rate",
+            "1000",
+            "--execute",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
     assert_eq!(
-        (code, out.trim()),
-        (0, concat!("raylimit ", env!("CARGO_PKG_VERSION")))
+        String::from_utf8_lossy(&out.stderr).trim(),
+        "raylimit: --execute changes the kernel's traffic control, which needs root (CAP_NET_ADMIN); run it as root, or leave out --execute for a dry-run"
     );
 }
 

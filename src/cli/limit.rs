@@ -131,8 +131,7 @@ pub fn parse_selection(
     let pid = match given(pid_flag) {
         None => None,
         Some(p) => match p.parse::<i64>() {
-            Ok(0) => None,
-            Ok(n) if n < 0 => {
+            Ok(n) if n <= 0 => {
                 return usage(format!(
                     "--pid {n} is not a process id; give a number above zero"
                 ))
@@ -347,6 +346,9 @@ pub enum LimitError {
     /// The run could not start (kernel, lock).
     #[error(transparent)]
     Open(OpenError),
+    /// `--execute` without the capability that changing traffic control needs.
+    #[error("--execute changes the kernel's traffic control, which needs root (CAP_NET_ADMIN); run it as root, or leave out --execute for a dry-run")]
+    NotPermitted,
 }
 
 impl From<UsageError> for LimitError {
@@ -374,6 +376,10 @@ pub fn open(
     run: RunArgs,
     device_scope: bool,
 ) -> Result<Engine<NetlinkKernel>, LimitError> {
+    let proc_root = std::path::Path::new("/proc");
+    if run.execute && runtime::procfs::has_net_admin(proc_root) == Some(false) {
+        return Err(LimitError::NotPermitted);
+    }
     let runtime = runtime::select(selection)?;
     let kernel = NetlinkKernel::open(netns).map_err(OpenError::from)?;
     let options = engine::Options {

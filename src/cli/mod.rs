@@ -19,7 +19,7 @@ use crate::netlink::NetlinkError;
 #[command(
     name = "raylimit",
     about = "Bandwidth limits for one Xray/V2Ray runtime, over rtnetlink",
-    disable_version_flag = true
+    version
 )]
 pub struct Cli {
     /// Act inside the named network namespace (/run/netns/NAME).
@@ -78,6 +78,37 @@ pub enum Format {
     Json,
 }
 
+/// clap's error on one line: its first line with what follows it up to the usage (the missing
+/// arguments, clap's "a similar argument exists" tip).
+fn one_line(rendered: &str) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    for line in rendered.lines() {
+        let line = line.trim();
+        if line.starts_with("Usage:") || line.starts_with("For more information") {
+            break;
+        }
+        if line.is_empty() {
+            continue;
+        }
+        let line = line.strip_prefix("error: ").unwrap_or(line);
+        match parts.last_mut() {
+            Some(last) if last.ends_with(':') => {
+                last.push(' ');
+                last.push_str(line);
+            }
+            Some(last) if !line.starts_with("tip:") => {
+                last.push_str(", ");
+                last.push_str(line);
+            }
+            _ => parts.push(line.to_string()),
+        }
+    }
+    match parts.is_empty() {
+        true => "invalid command line".into(),
+        false => parts.join("; "),
+    }
+}
+
 /// A mistake in the command line: one line on stderr, exit 2.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageError(pub String);
@@ -103,10 +134,10 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, 
                     },
                 );
             }
-            let rendered = e.render().to_string();
-            let first = rendered.lines().next().unwrap_or("invalid command line");
-            let first = first.strip_prefix("error: ").unwrap_or(first);
-            eprintln!("raylimit: {first} (see raylimit help)");
+            eprintln!(
+                "raylimit: {} (see raylimit help)",
+                one_line(&e.render().to_string())
+            );
             Err(2)
         }
     }

@@ -23,6 +23,12 @@ impl KernelError {
 impl fmt::Display for KernelError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let text = std::io::Error::from_raw_os_error(self.errno);
+        if self.errno == libc::EPERM {
+            return write!(
+                f,
+                "not permitted (EPERM): changing traffic control needs root (CAP_NET_ADMIN)"
+            );
+        }
         match &self.message {
             Some(m) => write!(
                 f,

@@ -145,6 +145,19 @@ pub fn read_process(proc_root: &Path, pid: u32) -> Option<Process> {
 }
 
 /// The inode of a process's network namespace (PID 1's is the host's).
+/// Whether this process holds CAP_NET_ADMIN (bit 12 of `CapEff` in /proc/self/status), which
+/// changing traffic control needs; None when the status cannot be read.
+pub fn has_net_admin(proc_root: &Path) -> Option<bool> {
+    let status = std::fs::read_to_string(proc_root.join("self/status")).ok()?;
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    let caps = u64::from_str_radix(hex, 16).ok()?;
+    const CAP_NET_ADMIN: u32 = 12;
+    Some(caps & (1 << CAP_NET_ADMIN) != 0)
+}
+
 pub fn netns_inode(proc_root: &Path, pid: u32) -> Option<u64> {
     fs::metadata(proc_root.join(pid.to_string()).join("ns/net"))
         .ok()

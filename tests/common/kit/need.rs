@@ -37,6 +37,7 @@ pub const SS: Need = Need::Program("ss");
 pub const NFT: Need = Need::Program("nft");
 pub const V2RAY: Need = Need::Program(V2RAY_BIN);
 pub const STRACE: Need = Need::Program(STRACE_BIN);
+pub const SETPRIV: Need = Need::Program("setpriv");
 pub const VETH: Need = Need::Module("veth");
 pub const HTB: Need = Need::Module("sch_htb");
 pub const U32: Need = Need::Module("cls_u32");

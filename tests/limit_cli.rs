@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
@@ -1127,4 +1128,83 @@ fn a_moved_listener_is_flagged_by_status_and_repaired_in_place() {
         serde_json::json!([format!("127.0.0.1:{new_port}")])
     );
     assert!(rule["scope_drift"].is_null(), "{rule}");
+}
+
+/// Limits made with `--netns` in two namespaces are all listed by `status` without `--netns`
+/// (the owner annotations record the namespaces), each under its own heading; a device that is
+/// not in the current namespace, for a runtime that runs in another, names the `--netns` to use.
+#[test]
+fn status_finds_every_namespace_and_a_missing_device_names_the_runtimes() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let (a, b) = (Host::new("nsa"), Host::new("nsb"));
+    let state = &a.state;
+    for h in [&a, &b] {
+        let pid = h.runtime.pid();
+        let (code, out, err) = raylimit_in(
+            state,
+            &[
+                "--netns",
+                &h.ns.name,
+                "limit",
+                "--pid",
+                &pid,
+                "--device",
+                "veth-a",
+                "--ip",
+                "10.9.0.7",
+                "--direction",
+                "download",
+                "--rate",
+                "1000",
+                "--execute",
+            ],
+        );
+        assert_eq!(code, 0, "{err}\n{out}");
+    }
+    let (code, out, err) = raylimit_in(state, &["status"]);
+    assert_eq!(code, 0, "{err}");
+    for h in [&a, &b] {
+        let heading = format!("network namespace {0} (raylimit --netns {0}):", h.ns.name);
+        assert!(out.contains(&heading), "{out}");
+    }
+    assert_eq!(out.matches("ip 10.9.0.7").count(), 2, "{out}");
+    let (_, json, _) = raylimit_in(state, &["status", "--format", "json"]);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    let spaces: BTreeSet<String> = v["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r["netns"].as_str().map(String::from))
+        .collect();
+    assert_eq!(spaces, [a.ns.name.clone(), b.ns.name.clone()].into());
+    // `--netns` narrows it to one.
+    let (_, out, _) = raylimit_in(state, &["--netns", &a.ns.name, "status"]);
+    assert_eq!(out.matches("ip 10.9.0.7").count(), 1, "{out}");
+
+    // veth-a is not in the current namespace; the runtime's namespace is named.
+    let pid = a.runtime.pid();
+    let (code, out, err) = raylimit_in(
+        state,
+        &[
+            "limit",
+            "--pid",
+            &pid,
+            "--device",
+            "veth-a",
+            "--ip",
+            "10.9.0.7",
+            "--direction",
+            "download",
+            "--rate",
+            "1000",
+        ],
+    );
+    assert_eq!((code, out.as_str()), (2, ""), "{err}");
+    assert_eq!(
+        err.trim(),
+        format!(
+            "raylimit: no network device named \"veth-a\"; the runtime runs in network namespace {0}: add --netns {0}",
+            a.ns.name
+        )
+    );
 }

@@ -381,6 +381,13 @@ pub fn open(
         return Err(LimitError::NotPermitted);
     }
     let runtime = runtime::select(selection)?;
+    // The runtime's own named namespace, when the device is looked for elsewhere.
+    let runtime_netns = runtime
+        .netns
+        .as_ref()
+        .filter(|n| !n.host)
+        .and_then(|n| n.name.clone())
+        .filter(|n| Some(n.as_str()) != netns);
     let kernel = NetlinkKernel::open(netns).map_err(OpenError::from)?;
     let options = engine::Options {
         netns: netns.map(str::to_string),
@@ -389,7 +396,15 @@ pub fn open(
         device_scope,
         state_dir: StateDir::from_env(),
     };
-    Ok(Engine::open(kernel, runtime, device, options)?)
+    match Engine::open(kernel, runtime, device, options) {
+        Err(e @ OpenError::NoDevice { .. }) if runtime_netns.is_some() => {
+            let name = runtime_netns.unwrap_or_default();
+            Err(LimitError::Usage(UsageError(format!(
+                "{e}; the runtime runs in network namespace {name}: add --netns {name}"
+            ))))
+        }
+        other => Ok(other?),
+    }
 }
 
 /// Runs `limit` up to a report (which the caller renders).

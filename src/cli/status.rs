@@ -9,23 +9,82 @@ use crate::model::nft::{self, NftState};
 use crate::netlink::NetlinkError;
 use crate::shaping;
 
-/// Reads and renders the status of the namespace (or one device).
+/// Reads and renders the status: of the namespace `--netns` names, or else of the current one
+/// and of every namespace the owner annotations name (limits made with `--netns` live there);
+/// `device` narrows it to one device.
 pub fn run(
     netns: Option<&str>,
     device: Option<&str>,
     json_out: bool,
 ) -> Result<String, NetlinkError> {
-    let s = status::read(netns, device)?;
+    let namespaces: Vec<Option<String>> = match netns {
+        Some(n) => vec![Some(n.to_string())],
+        None => std::iter::once(None)
+            .chain(status::annotated_namespaces().into_iter().map(Some))
+            .collect(),
+    };
+    let mut read = Vec::new();
+    let mut missing_device = None;
+    for ns in &namespaces {
+        match status::read(ns.as_deref(), device) {
+            Ok(s) => read.push((ns.clone(), s)),
+            // An annotated namespace without the device, or that no longer exists, has nothing
+            // of raylimit's to show.
+            Err(e @ NetlinkError::NoSuchDevice(_)) => missing_device = Some(e),
+            Err(_) if ns.is_some() && netns.is_none() => {}
+            Err(e) => return Err(e),
+        }
+    }
+    if read.is_empty() {
+        if let Some(e) = missing_device {
+            return Err(e);
+        }
+    }
     Ok(if json_out {
-        let v: Vec<Value> = s.roots.iter().map(root_json).collect();
+        let roots: Vec<Value> = read
+            .iter()
+            .flat_map(|(ns, s)| {
+                s.roots.iter().map(move |r| {
+                    let mut v = root_json(r);
+                    v["netns"] = json!(ns);
+                    v
+                })
+            })
+            .collect();
+        let spaces: Vec<Value> = read
+            .iter()
+            .map(|(ns, s)| json!({"netns": ns, "nft": nft_json(&s.nft)}))
+            .collect();
+        let nft = read
+            .first()
+            .map(|(_, s)| nft_json(&s.nft))
+            .unwrap_or(Value::Null);
         format!(
             "{}\n",
-            serde_json::to_string_pretty(&json!({"roots": v, "nft": nft_json(&s.nft)}))
-                .unwrap_or_default()
+            serde_json::to_string_pretty(
+                &json!({"roots": roots, "nft": nft, "namespaces": spaces})
+            )
+            .unwrap_or_default()
         )
     } else {
-        let mut out = text(&s.roots);
-        nft_text(&mut out, &s.nft);
+        let mut out = String::new();
+        let any = read.iter().any(|(_, s)| !s.roots.is_empty());
+        for (ns, s) in &read {
+            let shown = !s.roots.is_empty() || s.nft.as_ref().is_ok_and(|n| n.table);
+            match ns {
+                // Asked for by name: shown as the current one would be.
+                Some(_) if netns.is_some() => {}
+                Some(name) if shown => {
+                    let _ = writeln!(out, "network namespace {name} (raylimit --netns {name}):");
+                }
+                Some(_) => continue,
+                None => {}
+            }
+            if !s.roots.is_empty() || !any {
+                out.push_str(&text(&s.roots));
+            }
+            nft_text(&mut out, &s.nft);
+        }
         out
     })
 }

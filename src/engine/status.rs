@@ -109,6 +109,22 @@ pub struct Status {
     pub nft: Result<NftState, NetlinkError>,
 }
 
+/// The named network namespaces the owner annotations record limits in, that still exist.
+pub fn annotated_namespaces() -> Vec<String> {
+    let annotations = StateDir::from_env().load();
+    let names: std::collections::BTreeSet<String> = annotations
+        .iter()
+        .map(|a| a.netns.clone())
+        .filter(|n| !n.is_empty())
+        .collect();
+    // A name is one path component under /run/netns (the state file is not trusted further).
+    names
+        .into_iter()
+        .filter(|n| !n.contains('/') && n != "." && n != "..")
+        .filter(|n| std::path::Path::new("/run/netns").join(n).exists())
+        .collect()
+}
+
 /// Reads every managed root in the namespace (or those of one device).
 pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, NetlinkError> {
     let mut sock = RtSocket::open_in(netns)?;

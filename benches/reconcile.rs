@@ -478,7 +478,7 @@ fn plan_commands(v: &Value) -> Vec<String> {
             .flatten()
         {
             if let Some(c) = s["command"].as_str() {
-                out.push(c.to_string());
+                out.push(without_netns(c));
             }
         }
     }
@@ -491,7 +491,7 @@ fn executed_commands(v: &Value) -> Vec<String> {
         for r in l["report"]["results"].as_array().into_iter().flatten() {
             if r["status"] == "ok" {
                 if let Some(c) = r["command"].as_str() {
-                    out.push(c.to_string());
+                    out.push(without_netns(c));
                 }
             }
         }
@@ -531,6 +531,15 @@ fn tc_words(cmd: &str) -> Vec<String> {
         .split_whitespace()
         .map(str::to_string)
         .collect()
+}
+
+/// A rendered command without its namespace (`tc -n NS ...`, there for pasting): the bench
+/// runs its baselines inside the namespace already.
+fn without_netns(cmd: &str) -> String {
+    match cmd.strip_prefix("tc -n ") {
+        Some(rest) => format!("tc {}", rest.split_once(' ').map_or("", |(_, r)| r)),
+        None => cmd.to_string(),
+    }
 }
 
 /// The commands for the baselines: the dry-run plan, duplicates (the shared root and tables,

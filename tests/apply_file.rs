@@ -200,6 +200,58 @@ fn entries_for_one_subject_merge_tightest_first() {
     assert_eq!(h.kernel(), kernel);
 }
 
+/// The file names its namespace (`runtime.netns`), so `apply` needs no `--netns`; an unknown
+/// key anywhere, or a `--netns` that disagrees with the file, is refused before anything runs.
+#[test]
+fn a_policy_names_its_namespace_and_unknown_keys_are_errors() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("apn");
+    let dir = temp_dir("apn-policy");
+    let write = |name: &str, body: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, body).unwrap();
+        path.to_string_lossy().into_owned()
+    };
+    let limit = r#"{"ip": "10.9.0.7", "device": "veth-a", "direction": "download", "rate": 1000}"#;
+    let good = write(
+        "ns.json",
+        format!(
+            r#"{{"runtime": {{"pid": {}, "netns": "{}"}}, "limits": [{limit}]}}"#,
+            h.runtime.pid(),
+            h.ns.name
+        ),
+    );
+    let (code, out, err) = raylimit_in(&h.state, &["apply", "--file", &good]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert!(out.contains("1 planned"), "{out}");
+    let before = h.kernel();
+    for (body, message) in [
+        (
+            format!(r#"{{"runtime": {{"pid": 1, "netnss": "x"}}, "limits": [{limit}]}}"#),
+            "runtime: unknown key \"netnss\" (use pid, name, container, source, netns)",
+        ),
+        (
+            format!(r#"{{"runtime": {{"pid": 1}}, "limit": [{limit}]}}"#),
+            "unknown key \"limit\" (a policy has \"runtime\" and \"limits\")",
+        ),
+    ] {
+        let bad = write("bad.json", body);
+        let (code, out, err) = raylimit_in(&h.state, &["apply", "--file", &bad, "--execute"]);
+        assert_eq!((code, out.as_str()), (2, ""), "{err}");
+        assert_eq!(err.trim(), format!("raylimit: {message}"));
+    }
+    let (code, _, err) = raylimit_in(
+        &h.state,
+        &["--netns", "another", "apply", "--file", &good, "--execute"],
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("--netns another and the policy's runtime.netns"),
+        "{err}"
+    );
+    assert_eq!(h.kernel(), before);
+}
+
 /// A policy of `n` download limits for 10.9.X.Y, plus `extra` entries.
 fn many(n: usize, rate: &str, extra: &str) -> String {
     let mut limits: Vec<String> = (0..n)

@@ -470,15 +470,24 @@ fn text_and_json_reports_carry_every_section() {
     assert!(out.contains("Reconcile decision: apply"));
     // The plan in tc/ip notation, in an order that never sends traffic to a missing class.
     let mut last_step = 0;
+    // The commands carry the namespace, so they can be pasted.
+    assert!(
+        out.contains(&format!("1. ip -n {} link add rlifb", h.ns.name)),
+        "{out}"
+    );
+    assert!(
+        out.contains(&format!(". tc -n {} qdisc add dev rlifb", h.ns.name)),
+        "{out}"
+    );
     for (i, op) in [
-        "ip link add rlifb",
-        "tc qdisc add dev rlifb",
-        "tc class add dev rlifb",
+        "link add rlifb",
+        "qdisc add dev rlifb",
+        "class add dev rlifb",
         "u32 divisor 256",
         "link 5:",
         "link 500:",
         "match ip src 10.9.0.7/32",
-        "tc qdisc add dev veth-a clsact",
+        "qdisc add dev veth-a clsact",
         "action mirred egress redirect dev rlifb",
     ]
     .iter()

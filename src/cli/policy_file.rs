@@ -7,6 +7,7 @@
 //! ```toml
 //! [runtime]
 //! name = "xray"                      # or pid = 4242, container = "edge"
+//! netns = "edge"                     # optional: the limits' network namespace (--netns)
 //!
 //! [[limits]]
 //! ip = "203.0.113.10"
@@ -65,6 +66,30 @@ const KEYS: [&str; 14] = [
     "runtime",
 ];
 
+/// The keys of the `runtime` table: the runtime selection flags, and the network namespace
+/// the limits are in (`--netns`).
+const RUNTIME_KEYS: [&str; 5] = ["pid", "name", "container", "source", "netns"];
+
+/// The namespace the file names (`runtime.netns`), reconciled with `--netns`.
+fn policy_netns(policy: &Value, flag: Option<&str>) -> Result<Option<String>, UsageError> {
+    let named = match policy.get("runtime").and_then(|r| r.get("netns")) {
+        None => None,
+        Some(Value::String(n)) if !n.is_empty() && !n.contains('/') => Some(n.clone()),
+        Some(v) => {
+            return Err(UsageError(format!(
+                "runtime: netns {v} is not a network namespace name"
+            )))
+        }
+    };
+    match (flag, named) {
+        (Some(f), Some(n)) if f != n => Err(UsageError(format!(
+            "--netns {f} and the policy's runtime.netns {n} disagree; give one"
+        ))),
+        (Some(f), _) => Ok(Some(f.to_string())),
+        (None, n) => Ok(n),
+    }
+}
+
 /// A value as the flag's text: strings as they are, numbers written out.
 fn text(v: &Value) -> Option<String> {
     match v {
@@ -93,7 +118,31 @@ fn read(path: &PathBuf) -> Result<Value, UsageError> {
 /// Every limit of the file, validated exactly as `limit` validates its flags; the first
 /// problem, named by its place in the file, is the one reported.
 fn validate(policy: &Value, a: &ApplyArgs) -> Result<Vec<Validated>, UsageError> {
+    let Some(top) = policy.as_object() else {
+        return Err(UsageError(
+            "the policy is not a table with \"runtime\" and \"limits\"".into(),
+        ));
+    };
+    if let Some(k) = top
+        .keys()
+        .find(|k| !["runtime", "limits"].contains(&k.as_str()))
+    {
+        return Err(UsageError(format!(
+            "unknown key {k:?} (a policy has \"runtime\" and \"limits\")"
+        )));
+    }
     let runtime = policy.get("runtime").cloned().unwrap_or(json!({}));
+    match runtime.as_object() {
+        Some(t) => {
+            if let Some(k) = t.keys().find(|k| !RUNTIME_KEYS.contains(&k.as_str())) {
+                return Err(UsageError(format!(
+                    "runtime: unknown key {k:?} (use {})",
+                    RUNTIME_KEYS.join(", ")
+                )));
+            }
+        }
+        None => return Err(UsageError("runtime: is not a table of keys".into())),
+    }
     let field = |k: &str| runtime.get(k).and_then(text);
     let selection = RuntimeArgs {
         pid: field("pid"),
@@ -210,8 +259,12 @@ fn listed(v: &Validated) -> Listed {
 }
 
 pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
-    let validated = match read(&a.file).and_then(|p| merge(validate(&p, a)?)) {
-        Ok(v) => v,
+    let loaded = read(&a.file).and_then(|p| {
+        let netns = policy_netns(&p, netns)?;
+        Ok((netns, merge(validate(&p, a)?)?))
+    });
+    let (netns, validated) = match loaded {
+        Ok((n, v)) => (n, v),
         Err(UsageError(m)) => {
             eprintln!("raylimit: {m}");
             return 2;
@@ -236,7 +289,13 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
         let device_scope = validated
             .iter()
             .any(|(v, _)| &v.wanted.device == device && v.device_scope);
-        let opened = limit::open(netns, &first.selection, device, a.run, device_scope);
+        let opened = limit::open(
+            netns.as_deref(),
+            &first.selection,
+            device,
+            a.run,
+            device_scope,
+        );
         let mut engine = match opened {
             Ok(e) => e,
             Err(e) => {

@@ -25,6 +25,28 @@ pub struct LimitReport {
     pub decided: Decided,
     /// The live evidence or config the subject was resolved with.
     pub evidence: Option<EvidenceView>,
+    /// The network namespace the run acted in (`--netns`), for commands that can be pasted.
+    pub netns: Option<String>,
+}
+
+impl LimitReport {
+    /// A step as the command that does the same by hand, in the run's namespace.
+    fn command(&self, step: &crate::reconcile::plan::Step) -> String {
+        in_netns(step.command(), self.netns.as_deref())
+    }
+}
+
+/// `cmd` run in namespace `netns`: `tc -n NS ...`, `ip -n NS ...`, `ip netns exec NS nft ...`.
+fn in_netns(cmd: String, netns: Option<&str>) -> String {
+    let Some(ns) = netns else {
+        return cmd;
+    };
+    for tool in ["tc ", "ip "] {
+        if let Some(rest) = cmd.strip_prefix(tool) {
+            return format!("{tool}-n {ns} {rest}");
+        }
+    }
+    format!("ip netns exec {ns} {cmd}")
 }
 
 fn describe_root(root: &RootSeen, shaped_device: &str) -> String {
@@ -169,7 +191,7 @@ impl LimitReport {
             }
             let _ = writeln!(w, "Planned operations:");
             for (i, step) in d.steps.iter().enumerate() {
-                let _ = writeln!(w, "  {}. {}", i + 1, step.command());
+                let _ = writeln!(w, "  {}. {}", i + 1, self.command(step));
             }
         }
         let _ = writeln!(w, "\nExecution:");
@@ -299,7 +321,7 @@ impl LimitReport {
         if let Some(b) = &d.blocked {
             v["execution_note"] = json!(blocked_text(b));
         }
-        let commands: Vec<String> = d.steps.iter().map(|s| s.command()).collect();
+        let commands: Vec<String> = d.steps.iter().map(|s| self.command(s)).collect();
         if !d.steps.is_empty() {
             v["plan"] = json!({
                 "action": d.kind.name(),
@@ -309,7 +331,11 @@ impl LimitReport {
             });
         }
         v["results"] = match &self.decided.execution {
-            Some(e) => json!(e.results.iter().map(result_json).collect::<Vec<_>>()),
+            Some(e) => json!(e
+                .results
+                .iter()
+                .map(|r| result_json(r, self.netns.as_deref()))
+                .collect::<Vec<_>>()),
             None => json!(d
                 .steps
                 .iter()
@@ -319,7 +345,11 @@ impl LimitReport {
         };
         if let Some(e) = &self.decided.execution {
             if !e.rollback.is_empty() {
-                v["rollback"] = json!(e.rollback.iter().map(result_json).collect::<Vec<_>>());
+                v["rollback"] = json!(e
+                    .rollback
+                    .iter()
+                    .map(|r| result_json(r, self.netns.as_deref()))
+                    .collect::<Vec<_>>());
             }
         }
         if let Some(e) = &self.evidence {
@@ -396,8 +426,9 @@ pub fn blocked_text(b: &Blocked) -> String {
     }
 }
 
-fn result_json(r: &StepResult) -> Value {
-    let mut v = json!({"step": r.step, "command": r.command, "status": r.status.name()});
+fn result_json(r: &StepResult, netns: Option<&str>) -> Value {
+    let command = in_netns(r.command.clone(), netns);
+    let mut v = json!({"step": r.step, "command": command, "status": r.status.name()});
     if let Some(e) = &r.error {
         v["error"] = json!(e);
     }
@@ -572,7 +603,7 @@ impl PerIpReport {
             if !d.steps.is_empty() {
                 let _ = writeln!(w, "     Planned operations:");
                 for (j, step) in d.steps.iter().enumerate() {
-                    let _ = writeln!(w, "       {}. {}", j + 1, step.command());
+                    let _ = writeln!(w, "       {}. {}", j + 1, t.command(step));
                 }
             }
             if let Some(e) = &t.decided.execution {
@@ -675,12 +706,14 @@ impl Report {
         staged: Staged,
         run: &mut Committed,
     ) -> Report {
+        let netns = Some(engine.netns_key().to_string()).filter(|n| !n.is_empty());
         let limit = |decided: Decided, evidence| LimitReport {
             execute: engine.execute,
             runtime: engine.runtime.clone(),
             device: engine.device.clone(),
             decided,
             evidence,
+            netns: netns.clone(),
         };
         match staged {
             Staged::One { ticket, resolution } => {

@@ -459,7 +459,7 @@ fn text_and_json_reports_carry_every_section() {
         last = at;
     }
     assert!(
-        out.contains("Requested limit: upload 524288 bytes/s on veth-a"),
+        out.contains("Requested limit: upload 524288 bytes/s on veth-a (4.19 Mbit/s)"),
         "{out}"
     );
     assert!(out.contains("Mode: dry-run"));
@@ -1177,6 +1177,7 @@ fn status_finds_every_namespace_and_a_missing_device_names_the_runtimes() {
         assert!(out.contains(&heading), "{out}");
     }
     assert_eq!(out.matches("ip 10.9.0.7").count(), 2, "{out}");
+    assert_eq!(out.matches("rate 1000 bytes/s (8 kbit/s)").count(), 2, "{out}");
     let (_, json, _) = raylimit_in(state, &["status", "--format", "json"]);
     let v: Value = serde_json::from_str(&json).unwrap();
     let spaces: BTreeSet<String> = v["roots"]

@@ -91,7 +91,11 @@ impl LimitReport {
         let r = self.request();
         let dir = r.direction.name();
         match r.want {
-            Want::Limit(rate) => format!("Requested limit: {dir} {rate} bytes/s on {}", r.device),
+            Want::Limit(rate) => format!(
+                "Requested limit: {dir} {rate} bytes/s on {} ({})",
+                r.device,
+                crate::policy::human_rate(rate)
+            ),
             Want::Unlimited => {
                 format!("Requested state: {dir} unlimited exception on {}", r.device)
             }
@@ -172,7 +176,11 @@ impl LimitReport {
             let _ = writeln!(w, "Observed class ID: {c}");
         }
         if let Some(r) = d.observed_rate {
-            let _ = writeln!(w, "Observed rate: {r} bytes/s");
+            let _ = writeln!(
+                w,
+                "Observed rate: {r} bytes/s ({})",
+                crate::policy::human_rate(r)
+            );
         }
         if let Some(n) = &d.observation_note {
             let _ = writeln!(w, "Observation note: {n}");

@@ -156,7 +156,10 @@ fn text(roots: &[Root]) -> String {
         );
         for rule in &r.rules {
             let shape = match (rule.class, rule.rate) {
-                (Some(c), Some(rate)) => format!("class {c} rate {rate} bytes/s"),
+                (Some(c), Some(rate)) => format!(
+                    "class {c} rate {rate} bytes/s ({})",
+                    crate::policy::human_rate(rate)
+                ),
                 (Some(c), None) if c.minor() == 0 => "unlimited (HTB direct queue)".to_string(),
                 (Some(c), None) => format!("class {c} (missing)"),
                 (None, _) => "no class".to_string(),

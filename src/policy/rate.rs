@@ -83,6 +83,30 @@ fn ambiguous_prefix(unit: &str) -> Option<&str> {
     Some(lower_b)
 }
 
+/// A rate in bits per second with an SI prefix and at most three significant digits, as
+/// operators compare links: `8 Mbit/s`, `4.19 Mbit/s`, `800 bit/s`.
+pub fn human(bytes_per_second: u64) -> String {
+    let bits = bytes_per_second as f64 * 8.0;
+    let (value, prefix) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|(scale, _)| bits >= *scale)
+        .map_or((bits, ""), |(scale, p)| (bits / scale, p));
+    let digits = if value >= 100.0 {
+        0
+    } else if value >= 10.0 {
+        1
+    } else {
+        2
+    };
+    let text = format!("{value:.digits$}");
+    let text = if text.contains('.') {
+        text.trim_end_matches('0').trim_end_matches('.').to_string()
+    } else {
+        text
+    };
+    format!("{text} {prefix}bit/s")
+}
+
 /// Bits per unit, or None for an unknown unit.
 fn unit_bits(unit: &str) -> Option<u128> {
     let lower = unit.to_ascii_lowercase();
@@ -162,6 +186,18 @@ mod tests {
         // Both suggestions parse, to rates eight times apart.
         assert_eq!(parse_rate("10mbit"), Ok(1_250_000));
         assert_eq!(parse_rate("10MB/s"), Ok(10_000_000));
+    }
+
+    #[test]
+    fn rates_read_back_in_bits() {
+        use super::human;
+        assert_eq!(human(250_000), "2 Mbit/s");
+        assert_eq!(human(524_288), "4.19 Mbit/s");
+        assert_eq!(human(1_250_000), "10 Mbit/s");
+        assert_eq!(human(100), "800 bit/s");
+        assert_eq!(human(1000), "8 kbit/s");
+        assert_eq!(human(125_000_000_000), "1 Tbit/s");
+        assert_eq!(human(12_345_678), "98.8 Mbit/s");
     }
 
     #[test]

@@ -458,6 +458,17 @@ fn text_and_json_reports_carry_every_section() {
         assert!(at >= last, "{section} out of order:\n{out}");
         last = at;
     }
+    // A dry-run says in one line that nothing ran, and ends with the command that executes it.
+    assert!(
+        out.contains("Execution results: not run (dry-run): ") && !out.contains(": skipped"),
+        "{out}"
+    );
+    let execute = format!(
+        "To execute it: raylimit --netns {} limit --pid {} --device veth-a --ip 10.9.0.7 --direction upload --rate 512KiB/s --execute",
+        h.ns.name,
+        h.runtime.pid()
+    );
+    assert_eq!(out.lines().last(), Some(execute.as_str()), "{out}");
     assert!(
         out.contains("Requested limit: upload 524288 bytes/s on veth-a (4.19 Mbit/s)"),
         "{out}"
@@ -1177,7 +1188,11 @@ fn status_finds_every_namespace_and_a_missing_device_names_the_runtimes() {
         assert!(out.contains(&heading), "{out}");
     }
     assert_eq!(out.matches("ip 10.9.0.7").count(), 2, "{out}");
-    assert_eq!(out.matches("rate 1000 bytes/s (8 kbit/s)").count(), 2, "{out}");
+    assert_eq!(
+        out.matches("rate 1000 bytes/s (8 kbit/s)").count(),
+        2,
+        "{out}"
+    );
     let (_, json, _) = raylimit_in(state, &["status", "--format", "json"]);
     let v: Value = serde_json::from_str(&json).unwrap();
     let spaces: BTreeSet<String> = v["roots"]

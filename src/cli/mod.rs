@@ -78,6 +78,30 @@ pub enum Format {
     Json,
 }
 
+/// The command line this process was run with, and `--execute`: what carries out a dry-run's
+/// plan. Words with characters a shell would read are single-quoted.
+pub fn execute_command() -> String {
+    let quote = |w: String| {
+        let plain = !w.is_empty()
+            && w.chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c));
+        if plain {
+            w
+        } else {
+            format!("'{}'", w.replace('\'', "'\\''"))
+        }
+    };
+    let mut words: Vec<String> = std::env::args().map(quote).collect();
+    if let Some(first) = words.first_mut() {
+        // The program as the operator would type it.
+        if let Some(name) = first.rsplit('/').next().filter(|n| *n == "raylimit") {
+            *first = name.to_string();
+        }
+    }
+    words.push("--execute".into());
+    words.join(" ")
+}
+
 /// clap's error on one line: its first line with what follows it up to the usage (the missing
 /// arguments, clap's "a similar argument exists" tip).
 fn one_line(rendered: &str) -> String {
@@ -217,12 +241,21 @@ fn run_limit(netns: Option<&str>, args: &limit::LimitArgs) -> i32 {
     };
     match limit::run(netns, args, v) {
         Ok(report) => {
+            let ready = report.outcome() == crate::engine::Outcome::PlanReady;
             match args.run.format {
-                Format::Text => print!("{}", report.text()),
-                Format::Json => println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report.json()).unwrap_or_default()
-                ),
+                Format::Text => {
+                    print!("{}", report.text());
+                    if ready {
+                        println!("To execute it: {}", execute_command());
+                    }
+                }
+                Format::Json => {
+                    let mut v = report.json();
+                    if ready {
+                        v["execute_command"] = json!(execute_command());
+                    }
+                    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+                }
             }
             let code = report.exit_code();
             if code != 0 {

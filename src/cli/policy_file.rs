@@ -414,6 +414,17 @@ fn write_json(
         }
         write!(out, "\n]")?;
     }
+    let ready = reports
+        .iter()
+        .chain(pruned)
+        .any(|(_, r)| r.outcome() == Outcome::PlanReady);
+    if ready {
+        write!(
+            out,
+            ",\n\"execute_command\": {}",
+            text(&json!(super::execute_command()))
+        )?;
+    }
     writeln!(out, ",\n\"summary\": {}\n}}", text(&json!(summary)))
 }
 
@@ -431,5 +442,13 @@ fn write_text(
         writeln!(out, "=== prune: {name}")?;
         write!(out, "{}", r.text())?;
     }
-    writeln!(out, "\nApply summary: {summary}")
+    writeln!(out, "\nApply summary: {summary}")?;
+    let ready = reports
+        .iter()
+        .chain(pruned)
+        .any(|(_, r)| r.outcome() == Outcome::PlanReady);
+    if ready {
+        writeln!(out, "To execute it: {}", super::execute_command())?;
+    }
+    Ok(())
 }

@@ -248,10 +248,11 @@ impl LimitReport {
                 }
             }
             _ if !d.steps.is_empty() && self.decided.outcome != Outcome::Blocked => {
-                let _ = writeln!(w, "Execution results:");
-                for (i, step) in d.steps.iter().enumerate() {
-                    let _ = writeln!(w, "  {}. {}: skipped", i + 1, step.name);
-                }
+                let _ = writeln!(
+                    w,
+                    "Execution results: not run (dry-run): {} planned operation(s)",
+                    d.steps.len()
+                );
             }
             _ => {}
         }

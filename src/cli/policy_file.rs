@@ -414,11 +414,7 @@ fn write_json(
         }
         write!(out, "\n]")?;
     }
-    let ready = reports
-        .iter()
-        .chain(pruned)
-        .any(|(_, r)| r.outcome() == Outcome::PlanReady);
-    if ready {
+    if plan_ready(reports, pruned) {
         write!(
             out,
             ",\n\"execute_command\": {}",
@@ -443,12 +439,16 @@ fn write_text(
         write!(out, "{}", r.text())?;
     }
     writeln!(out, "\nApply summary: {summary}")?;
-    let ready = reports
-        .iter()
-        .chain(pruned)
-        .any(|(_, r)| r.outcome() == Outcome::PlanReady);
-    if ready {
+    if plan_ready(reports, pruned) {
         writeln!(out, "To execute it: {}", super::execute_command())?;
     }
     Ok(())
+}
+
+/// Whether a limit or prune of the file has a plan that a run with `--execute` would carry out.
+fn plan_ready(reports: &[(String, Report)], pruned: &[(String, Report)]) -> bool {
+    reports
+        .iter()
+        .chain(pruned)
+        .any(|(_, r)| r.outcome() == Outcome::PlanReady)
 }

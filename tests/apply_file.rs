@@ -370,3 +370,21 @@ fn a_failure_in_one_limit_undoes_the_whole_run() {
         before
     );
 }
+
+/// `apply --prune` with an empty policy removes every limit the runtime has, on every device.
+#[test]
+fn an_empty_policy_with_prune_removes_every_limit_of_the_runtime() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("ape");
+    let before = h.kernel();
+    let (code, out, err) = h.apply("p.json", THREE, &["--execute"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    let empty = r#"{"runtime": {"pid": PID}, "limits": []}"#;
+    let (code, _, err) = h.apply("e.json", empty, &["--execute"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("or --prune, to remove them all"), "{err}");
+    let (code, out, err) = h.apply("e.json", empty, &["--prune", "--execute"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert!(out.contains("0 limit(s), 3 pruned"), "{out}");
+    assert_eq!(h.kernel(), before);
+}

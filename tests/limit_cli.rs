@@ -1233,3 +1233,58 @@ fn status_finds_every_namespace_and_a_missing_device_names_the_runtimes() {
         )
     );
 }
+
+/// `reset --owner` removes a stopped runtime's limits (dry-run first) and leaves another
+/// runtime's; a plain `reset` then takes the rest, and the kernel ends as it began.
+#[test]
+fn reset_removes_a_stopped_runtimes_limits_and_then_everything() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("rst");
+    let before = h.kernel_state();
+    let stopped = V2ray::start(&h.ns);
+    let owner = format!("host:/usr/bin/v2ray config={}", stopped.config.display());
+    for (runtime, ip) in [(&stopped, "10.9.0.7"), (&h.runtime, "10.9.0.8")] {
+        let (code, out, err) = h.run(&[
+            "limit",
+            "--pid",
+            &runtime.pid(),
+            "--device",
+            "veth-a",
+            "--ip",
+            ip,
+            "--direction",
+            "download",
+            "--rate",
+            "1000",
+            "--execute",
+        ]);
+        assert_eq!(code, 0, "{err}\n{out}");
+    }
+    drop(stopped);
+    let limited = h.kernel_state();
+    let (code, out, err) = h.run(&["reset", "--owner", &owner]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("=== 1/1: ip 10.9.0.7 download on veth-a in"),
+        "{out}"
+    );
+    assert!(out.contains("To execute it: raylimit --netns"), "{out}");
+    same_state(&h.kernel_state(), &limited, "a dry-run reset");
+    let (code, out, err) = h.run(&["reset", "--owner", &owner, "--execute"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert!(out.contains("1 executed"), "{out}");
+    let (_, status, _) = h.run(&["status"]);
+    assert!(
+        !status.contains("ip 10.9.0.7") && status.contains("ip 10.9.0.8"),
+        "{status}"
+    );
+    let (code, out, err) = h.run(&["reset", "--execute"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert!(out.contains("1 executed"), "{out}");
+    same_state(&h.kernel_state(), &before, "reset");
+    let (_, out, _) = h.run(&["reset"]);
+    assert_eq!(
+        out.trim(),
+        "Nothing to reset: raylimit records no limits here."
+    );
+}

@@ -4,6 +4,7 @@ mod discover;
 mod limit;
 mod policy_file;
 mod report;
+mod reset;
 mod resolution;
 mod status;
 mod watch;
@@ -55,6 +56,9 @@ pub enum Command {
     /// Keep a per_ip set or a user's addresses in line with live evidence, until SIGINT or
     /// SIGTERM (dry-run unless --execute).
     Watch(Box<watch::WatchArgs>),
+    /// Remove every limit raylimit recorded (or one owner's or device's; --netns narrows to a
+    /// namespace), whether or not its runtime still runs (dry-run unless --execute).
+    Reset(Box<reset::ResetArgs>),
     /// Print the version.
     Version,
     /// Report which optional tc features this kernel has (reads only; changes nothing).
@@ -203,6 +207,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Inspect(args) => return discover::inspect(args),
         Command::Watch(args) => return watch::run(cli.netns.as_deref(), args),
         Command::Apply(args) => return policy_file::run(cli.netns.as_deref(), args),
+        Command::Reset(args) => return reset::run(cli.netns.as_deref(), args),
         _ => {}
     }
     let result = match &cli.command {
@@ -211,6 +216,7 @@ pub fn run(cli: Cli) -> i32 {
         | Command::Discover { .. }
         | Command::Watch(_)
         | Command::Apply(_)
+        | Command::Reset(_)
         | Command::Inspect(_) => Ok(()),
         Command::Version => {
             println!("raylimit {}", env!("CARGO_PKG_VERSION"));

@@ -34,7 +34,8 @@ use super::report::Report;
 use super::{Format, UsageError};
 use crate::engine::prune::{self, Listed};
 use crate::engine::Outcome;
-use crate::policy::{Want, Wanted, DEFAULT_MARK_MASK};
+use crate::ownership::StateDir;
+use crate::policy::Want;
 
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
@@ -117,7 +118,10 @@ fn read(path: &PathBuf) -> Result<Value, UsageError> {
 
 /// Every limit of the file, validated exactly as `limit` validates its flags; the first
 /// problem, named by its place in the file, is the one reported.
-fn validate(policy: &Value, a: &ApplyArgs) -> Result<Vec<Validated>, UsageError> {
+fn validate(
+    policy: &Value,
+    a: &ApplyArgs,
+) -> Result<(crate::runtime::Selection, Vec<Validated>), UsageError> {
     let Some(top) = policy.as_object() else {
         return Err(UsageError(
             "the policy is not a table with \"runtime\" and \"limits\"".into(),
@@ -152,9 +156,20 @@ fn validate(policy: &Value, a: &ApplyArgs) -> Result<Vec<Validated>, UsageError>
     };
     let limits = match policy.get("limits") {
         Some(Value::Array(l)) if !l.is_empty() => l,
+        // With --prune, an empty policy removes every limit the runtime has.
+        Some(Value::Array(_)) | None if a.prune => {
+            let parsed = limit::parse_selection(
+                &selection.pid,
+                &selection.name,
+                &selection.container,
+                selection.source.as_deref(),
+                true,
+            )?;
+            return Ok((parsed, Vec::new()));
+        }
         _ => {
             return Err(UsageError(
-                "the policy lists no limits: give a non-empty \"limits\" list".into(),
+                "the policy lists no limits: give a non-empty \"limits\" list (or --prune, to remove them all)".into(),
             ))
         }
     };
@@ -193,7 +208,9 @@ fn validate(policy: &Value, a: &ApplyArgs) -> Result<Vec<Validated>, UsageError>
         };
         out.push(limit::validate(&args).map_err(|UsageError(m)| at(m))?);
     }
-    Ok(out)
+    // Every limit carries the same selection, from the runtime table.
+    let selection = out[0].selection.clone();
+    Ok((selection, out))
 }
 
 /// Limits that name one subject in one direction on one device, merged as the product's rule
@@ -261,10 +278,11 @@ fn listed(v: &Validated) -> Listed {
 pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
     let loaded = read(&a.file).and_then(|p| {
         let netns = policy_netns(&p, netns)?;
-        Ok((netns, merge(validate(&p, a)?)?))
+        let (selection, limits) = validate(&p, a)?;
+        Ok((netns, selection, merge(limits)?))
     });
-    let (netns, validated) = match loaded {
-        Ok((n, v)) => (n, v),
+    let (netns, selection, validated) = match loaded {
+        Ok(loaded) => loaded,
         Err(UsageError(m)) => {
             eprintln!("raylimit: {m}");
             return 2;
@@ -279,23 +297,31 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             devices.push(v.wanted.device.clone());
         }
     }
+    if validated.is_empty() {
+        // An empty policy with --prune: every device the runtime has limits on.
+        match crate::runtime::select(&selection) {
+            Ok(rt) => {
+                let owner = rt.owner();
+                let key = netns.clone().unwrap_or_default();
+                for x in StateDir::from_env().load().iter() {
+                    if x.owner == owner && x.netns == key && !devices.contains(&x.device) {
+                        devices.push(x.device.clone());
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("raylimit: {e}");
+                return 1;
+            }
+        }
+    }
     let listed_all: BTreeSet<Listed> = validated.iter().map(|(v, _)| listed(v)).collect();
     for device in &devices {
-        let (first, _) = validated
-            .iter()
-            .find(|(v, _)| &v.wanted.device == device)
-            .expect("every device comes from a limit");
         // One baseline per runtime and device: its scope is the device's.
         let device_scope = validated
             .iter()
             .any(|(v, _)| &v.wanted.device == device && v.device_scope);
-        let opened = limit::open(
-            netns.as_deref(),
-            &first.selection,
-            device,
-            a.run,
-            device_scope,
-        );
+        let opened = limit::open(netns.as_deref(), &selection, device, a.run, device_scope);
         let mut engine = match opened {
             Ok(e) => e,
             Err(e) => {
@@ -327,12 +353,7 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
                 &listed_all,
             );
             for s in stale {
-                let wanted = Wanted {
-                    target: s.key.target(DEFAULT_MARK_MASK),
-                    direction: s.direction,
-                    device: device.clone(),
-                    want: Want::Remove,
-                };
+                let wanted = s.removal(device);
                 let name = format!(
                     "{} {} on {device} (not in the file)",
                     s.key,
@@ -350,10 +371,22 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             pruned.push((name, Report::build(&engine, &wanted, s, &mut run)));
         }
     }
-    render(a, &reports, &pruned)
+    let batch = Batch {
+        operation: "apply",
+        file: Some(&a.file),
+        run: &a.run,
+    };
+    render(&batch, &reports, &pruned)
 }
 
-fn render(a: &ApplyArgs, reports: &[(String, Report)], pruned: &[(String, Report)]) -> i32 {
+/// What a batch of reports came from: the command (`apply`, `reset`), its file, its flags.
+pub(super) struct Batch<'a> {
+    pub operation: &'static str,
+    pub file: Option<&'a std::path::Path>,
+    pub run: &'a RunArgs,
+}
+
+pub(super) fn render(b: &Batch, reports: &[(String, Report)], pruned: &[(String, Report)]) -> i32 {
     let all = || reports.iter().chain(pruned.iter());
     let code = all().map(|(_, r)| r.exit_code()).max().unwrap_or(0);
     let count = |o: Outcome| all().filter(|(_, r)| r.outcome() == o).count();
@@ -369,16 +402,16 @@ fn render(a: &ApplyArgs, reports: &[(String, Report)], pruned: &[(String, Report
     );
     // Written as it is rendered, one limit at a time: a policy may list thousands.
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let written = match a.run.format {
-        Format::Json => write_json(&mut out, a, reports, pruned, &summary),
-        Format::Text => write_text(&mut out, reports, pruned, &summary),
+    let written = match b.run.format {
+        Format::Json => write_json(&mut out, b, reports, pruned, &summary),
+        Format::Text => write_text(&mut out, b, reports, pruned, &summary),
     };
     if let Err(e) = written.and_then(|_| out.flush()) {
-        eprintln!("raylimit: apply: cannot write the report: {e}");
+        eprintln!("raylimit: {}: cannot write the report: {e}", b.operation);
     }
     if code != 0 {
         if let Some((name, r)) = all().find(|(_, r)| r.exit_code() != 0) {
-            eprintln!("raylimit: apply: {name}: {}", r.why());
+            eprintln!("raylimit: {}: {name}: {}", b.operation, r.why());
         }
     }
     code
@@ -388,7 +421,7 @@ fn render(a: &ApplyArgs, reports: &[(String, Report)], pruned: &[(String, Report
 /// grow with the size of the policy.
 fn write_json(
     out: &mut impl Write,
-    a: &ApplyArgs,
+    b: &Batch,
     reports: &[(String, Report)],
     pruned: &[(String, Report)],
     summary: &str,
@@ -396,10 +429,17 @@ fn write_json(
     let text = |v: &Value| serde_json::to_string(v).unwrap_or_default();
     write!(
         out,
-        "{{\n\"mode\": {},\n\"operation\": \"apply\",\n\"file\": {}",
-        text(&json!(if a.run.execute { "execute" } else { "dry-run" })),
-        text(&json!(a.file.display().to_string()))
+        "{{\n\"mode\": {},\n\"operation\": {}",
+        text(&json!(if b.run.execute { "execute" } else { "dry-run" })),
+        text(&json!(b.operation)),
     )?;
+    if let Some(file) = b.file {
+        write!(
+            out,
+            ",\n\"file\": {}",
+            text(&json!(file.display().to_string()))
+        )?;
+    }
     // One runtime for the whole file: given once, not in every limit's report.
     if let Some((_, r)) = reports.first() {
         write!(out, ",\n\"runtime\": {}", text(&r.runtime_json()))?;
@@ -426,6 +466,7 @@ fn write_json(
 
 fn write_text(
     out: &mut impl Write,
+    b: &Batch,
     reports: &[(String, Report)],
     pruned: &[(String, Report)],
     summary: &str,
@@ -438,7 +479,9 @@ fn write_text(
         writeln!(out, "=== prune: {name}")?;
         write!(out, "{}", r.text())?;
     }
-    writeln!(out, "\nApply summary: {summary}")?;
+    let mut title = b.operation.to_string();
+    title[..1].make_ascii_uppercase();
+    writeln!(out, "\n{title} summary: {summary}")?;
     if plan_ready(reports, pruned) {
         writeln!(out, "To execute it: {}", super::execute_command())?;
     }

@@ -32,6 +32,19 @@ pub struct Stale {
     pub set: Option<String>,
 }
 
+impl Stale {
+    /// Its removal on `device`, as `limit --remove` asks for it (an outbound is found by its
+    /// class and nft tag, so the mark mask does not matter).
+    pub fn removal(&self, device: &str) -> crate::policy::Wanted {
+        crate::policy::Wanted {
+            target: self.key.target(crate::policy::DEFAULT_MARK_MASK),
+            direction: self.direction,
+            device: device.to_string(),
+            want: crate::policy::Want::Remove,
+        }
+    }
+}
+
 /// The owner's annotated limits on `device` (in namespace `netns`) that `listed` does not
 /// hold, once each, in the annotations' order.
 pub fn stale(

@@ -54,6 +54,7 @@ fn runtime() -> Runtime {
         container: None,
         netns: None,
         config: None,
+        recorded_owner: None,
     }
 }
 

@@ -91,9 +91,31 @@ pub struct Runtime {
     pub netns: Option<Netns>,
     /// The config sources, when the process is visible.
     pub config: Option<Located>,
+    /// For a runtime known only from the owner annotations (it may no longer run): the owner
+    /// its limits were recorded under.
+    pub recorded_owner: Option<String>,
 }
 
 impl Runtime {
+    /// A runtime known only by the owner its limits were recorded under: enough to find and
+    /// remove them, whether or not it still runs.
+    pub fn recorded(owner: &str) -> Runtime {
+        Runtime {
+            source: if owner.starts_with("container:") {
+                Source::DockerContainer
+            } else {
+                Source::HostProcess
+            },
+            name: format!("recorded owner {owner}"),
+            binary: String::new(),
+            process: None,
+            container: None,
+            netns: None,
+            config: None,
+            recorded_owner: Some(owner.to_string()),
+        }
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.process.as_ref().map(|p| p.pid)
     }
@@ -112,6 +134,9 @@ impl Runtime {
 
     /// The stable owner identity: never the PID, so a restarted runtime keeps its limits.
     pub fn owner(&self) -> String {
+        if let Some(o) = &self.recorded_owner {
+            return o.clone();
+        }
         if let Some(c) = &self.container {
             return format!("container:{}", c.name);
         }
@@ -432,6 +457,7 @@ fn runtime_of(
         config,
         process: p,
         container: c,
+        recorded_owner: None,
     }
 }
 

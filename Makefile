@@ -1,5 +1,5 @@
 # raylimit: every target runs as root on Debian 12 (network namespaces, tc, nftables).
-.PHONY: setup build demo test lint bench bench-quick static static-check fixtures clean-netns test-stock-kernel
+.PHONY: setup build install demo test lint bench bench-quick static static-check fixtures clean-netns test-stock-kernel
 
 MUSL := x86_64-unknown-linux-musl
 
@@ -8,6 +8,21 @@ setup:
 
 build:
 	cargo build --release
+
+# The binary, a man page per command, bash/zsh/fish completions and the systemd unit, under
+# $(DESTDIR)$(PREFIX) (default /usr/local), all generated from the binary just built.
+PREFIX ?= /usr/local
+DESTDIR ?=
+install: build
+	install -Dm755 target/release/raylimit $(DESTDIR)$(PREFIX)/bin/raylimit
+	install -d $(DESTDIR)$(PREFIX)/share/man/man1 $(DESTDIR)$(PREFIX)/share/bash-completion/completions \
+		$(DESTDIR)$(PREFIX)/share/zsh/site-functions $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d
+	target/release/raylimit manpages $(DESTDIR)$(PREFIX)/share/man/man1
+	target/release/raylimit completions bash > $(DESTDIR)$(PREFIX)/share/bash-completion/completions/raylimit
+	target/release/raylimit completions zsh > $(DESTDIR)$(PREFIX)/share/zsh/site-functions/_raylimit
+	target/release/raylimit completions fish > $(DESTDIR)$(PREFIX)/share/fish/vendor_completions.d/raylimit.fish
+	sed 's|/usr/local/bin/raylimit|$(PREFIX)/bin/raylimit|' contrib/raylimit-watch@.service | \
+		install -Dm644 /dev/stdin $(DESTDIR)$(PREFIX)/lib/systemd/system/raylimit-watch@.service
 
 # README command 1: set everything up and show the main job on the built-in demonstration.
 demo: setup

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what raylimit needs to build and test on Debian 12, as root. Idempotent.
 #   build:  pkg-config, libnftnl-dev, libmnl-dev (the default `nftables` feature), musl-tools
-#   tests:  iproute2 (topology and oracle), nftables, strace, iperf3, v2ray (a real runtime)
+#   tests:  iproute2 (topology and oracle), nftables, strace, iperf3, v2ray (a real runtime),
+#           man-db (the installed man pages render)
 set -euo pipefail
-packages=(file pkg-config libnftnl-dev libmnl-dev musl-tools iproute2 nftables strace iperf3 v2ray)
+packages=(file pkg-config libnftnl-dev libmnl-dev musl-tools iproute2 nftables strace iperf3 v2ray man-db)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

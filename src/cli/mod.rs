@@ -59,6 +59,17 @@ pub enum Command {
     /// Remove every limit raylimit recorded (or one owner's or device's; --netns narrows to a
     /// namespace), whether or not its runtime still runs (dry-run unless --execute).
     Reset(Box<reset::ResetArgs>),
+    /// Print the shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Write a man page per command into DIR (what `make install` installs).
+    #[command(hide = true)]
+    Manpages {
+        #[arg(value_name = "DIR")]
+        dir: std::path::PathBuf,
+    },
     /// Print the version.
     Version,
     /// Report which optional tc features this kernel has (reads only; changes nothing).
@@ -80,6 +91,32 @@ pub enum Format {
     #[default]
     Text,
     Json,
+}
+
+/// Writes `raylimit.1` and `raylimit-COMMAND.1` for each visible command into `dir` (never
+/// through a symlink); returns how many.
+fn manpages(dir: &std::path::Path) -> std::io::Result<usize> {
+    use clap::CommandFactory;
+    use std::os::unix::fs::OpenOptionsExt;
+    let write = |name: &str, cmd: clap::Command| -> std::io::Result<()> {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o644)
+            .open(dir.join(name))?;
+        clap_mangen::Man::new(cmd).render(&mut file)
+    };
+    let root = Cli::command().version(env!("CARGO_PKG_VERSION"));
+    let mut n = 0;
+    for sub in root.get_subcommands().filter(|c| !c.is_hide_set()) {
+        let name = format!("raylimit-{}", sub.get_name());
+        write(&format!("{name}.1"), sub.clone().name(name.clone()))?;
+        n += 1;
+    }
+    write("raylimit.1", root)?;
+    Ok(n + 1)
 }
 
 /// The command line this process was run with, and `--execute`: what carries out a dry-run's
@@ -222,6 +259,22 @@ pub fn run(cli: Cli) -> i32 {
             println!("raylimit {}", env!("CARGO_PKG_VERSION"));
             Ok(())
         }
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            clap_complete::generate(*shell, &mut cmd, "raylimit", &mut std::io::stdout());
+            Ok(())
+        }
+        Command::Manpages { dir } => match manpages(dir) {
+            Ok(n) => {
+                println!("wrote {n} man pages to {}", dir.display());
+                Ok(())
+            }
+            Err(e) => {
+                eprintln!("raylimit: manpages: {e}");
+                return 1;
+            }
+        },
         Command::Probe { format } => {
             print_probe(&crate::engine::status::probe(), *format);
             Ok(())

@@ -331,10 +331,22 @@ fn discover_and_inspect_real_runtimes() {
         .unwrap()
         .contains("has no socket mark"));
     assert_eq!(r["target"]["kind"], "outbound");
-    // Mark 0x10 is outside the default mask (0x0f000000): refused, naming both.
-    let (code, _, err) = tagged_limit("--outbound", "direct", "upload", "1000", &["--execute"]);
+    // Upload only reads marks: mark 0x10 is matched exactly, whatever raylimit's mask.
+    let (code, out, err) = tagged_limit("--outbound", "direct", "upload", "1000", &[]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("meta mark & 0xffffffff == 0x00000010"),
+        "{out}"
+    );
+    // Download writes the connection's mark under the mask: 0x10 is outside the default mask
+    // (0x0f000000), refused, naming why and a mask that covers it.
+    let (code, _, err) = tagged_limit("--outbound", "direct", "download", "1000", &["--execute"]);
     assert_eq!(code, 1);
-    assert!(err.contains("outside the mark mask 0x0f000000"), "{err}");
+    assert!(
+        err.contains("outside the mark mask 0x0f000000")
+            && err.contains("give --mark-mask 0x000000ff"),
+        "{err}"
+    );
     let (code, out, err) = tagged_limit(
         "--outbound",
         "direct",

@@ -280,6 +280,14 @@ pub fn validate(a: &LimitArgs) -> Result<Validated, UsageError> {
             UsageError(format!("--direction must be upload or download, not {d:?}"))
         })?,
     };
+    // Upload only reads the outbound's marks: by default it matches the mark exactly. Download
+    // writes the connection's mark, so it keeps to the mask's bits.
+    let mut target = target;
+    if let Some(Target::Outbound { mask, .. }) = &mut target {
+        if given(&a.mark_mask).is_none() && direction == Direction::Upload {
+            *mask = u32::MAX;
+        }
+    }
     if a.unlimited && a.remove {
         return usage("--unlimited and --remove contradict each other; give one".into());
     }

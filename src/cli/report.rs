@@ -46,7 +46,8 @@ fn in_netns(cmd: String, netns: Option<&str>) -> String {
             return format!("{tool}-n {ns} {rest}");
         }
     }
-    format!("ip netns exec {ns} {cmd}")
+    // nft commands come as `nft ...; nft ...`: each runs in the namespace.
+    format!("ip netns exec {ns} {cmd}").replace("; nft ", &format!("; ip netns exec {ns} nft "))
 }
 
 fn describe_root(root: &RootSeen, shaped_device: &str) -> String {

@@ -420,8 +420,17 @@ impl<K: Kernel> Engine<K> {
         let mark = cfg.as_ref().map_err(String::clone).and_then(|cfg| {
             let m = verdict::outbound(cfg, tag)?;
             if m.mark & !mask != 0 {
+                // Only download gets here with the default mask: it writes the connection's
+                // mark, so raylimit keeps to bits the host's other marks leave alone.
+                // The narrowest run of whole bytes that covers the mark.
+                let cover = (1..=4u32)
+                    .flat_map(|w| (0..=4 - w).map(move |at| (u64::MAX >> (64 - 8 * w)) << (8 * at)))
+                    .map(|c| c as u32)
+                    .filter(|c| m.mark & !c == 0)
+                    .min_by_key(|c| c.count_ones())
+                    .unwrap_or(u32::MAX);
                 return Err(format!(
-                    "socket mark {:#x} of outbound {tag:?} has bits outside the mark mask {mask:#010x}; give the outbound a mark inside the mask, or a --mark-mask that covers it",
+                    "socket mark {:#x} of outbound {tag:?} has bits outside the mark mask {mask:#010x}; download writes the connection's mark under the mask (to restore it on arriving packets), so the mask must cover the outbound's mark and no bit the host's other marks use: give --mark-mask {cover:#010x} if nothing else on the host marks with those bits",
                     m.mark
                 ));
             }

@@ -111,7 +111,16 @@ pub(super) fn held(shaped: &ShapedRoot, rule: &Rule, ctx: &Context) -> Held {
         // An outbound's class is known from its fw filter, its nft rule (see `held_marks`) or
         // the annotations.
         Rule::Mark { value, .. } => {
-            if let Some(f) = value.and_then(|v| shaped.marks.get(&v)) {
+            // A removal without the config (a prune, a reset) knows the class, not the mark.
+            let by_class = || {
+                remembered.and_then(|c| {
+                    shaped
+                        .marks
+                        .values()
+                        .find(|f| classid_of(&f.filter) == Some(c))
+                })
+            };
+            if let Some(f) = value.and_then(|v| shaped.marks.get(&v)).or_else(by_class) {
                 h.class = leaf(classid_of(&f.filter));
                 h.filters.push((None, f.filter.clone()));
             }

@@ -185,7 +185,7 @@ ip_upload() {
 ob() { "${RAYLIMIT:-raylimit}" limit --pid "$V2RAY" --device rl-rm --outbound marked "$@"; }
 outbound_upload() {
     ob --direction upload --rate "$RATE" --execute >/dev/null || return 1
-    shows rl-rm 'fw handle 0x1000000/0xf000000 classid' && wire_held "$REMOTE" rm0 put &&
+    shows rl-rm 'fw handle 0x1000000 classid' && wire_held "$REMOTE" rm0 put &&
         transfer put root fast 10.78.0.2:9000
     ok=$?
     ob --direction upload --remove --execute >/dev/null || ok=1

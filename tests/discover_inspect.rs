@@ -331,6 +331,15 @@ fn discover_and_inspect_real_runtimes() {
         .unwrap()
         .contains("has no socket mark"));
     assert_eq!(r["target"]["kind"], "outbound");
+    // A mistyped tag is refused, listing the tags there are.
+    let (code, out, _) = tagged_limit("--inbound", "vmess-inn", "upload", "1000", &[]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("no inbound tagged \"vmess-inn\" in the runtime's config (")
+            && out.contains("; its inbounds are ")
+            && out.contains("vmess-in"),
+        "{out}"
+    );
     // Upload only reads marks: mark 0x10 is matched exactly, whatever raylimit's mask.
     let (code, out, err) = tagged_limit("--outbound", "direct", "upload", "1000", &[]);
     assert_eq!(code, 0, "{err}");

@@ -465,8 +465,8 @@ fn runtime_of(
 pub enum SelectError {
     #[error("no Xray or V2Ray runtime matches the selection")]
     NoMatch,
-    #[error("{0} runtimes match the selection; narrow it down with --pid, --container, --name or --source")]
-    Ambiguous(usize),
+    #[error("{count} runtimes match the selection ({which}); narrow it down with --pid, --container, --name or --source")]
+    Ambiguous { count: usize, which: String },
     #[error("process {0} is not an Xray or V2Ray runtime")]
     NotARuntime(u32),
 }
@@ -513,7 +513,14 @@ pub fn select_from(
             _ => Err(SelectError::NoMatch),
         },
         1 => Ok(matched.remove(0).clone()),
-        n => Err(SelectError::Ambiguous(n)),
+        n => Err(SelectError::Ambiguous {
+            count: n,
+            which: matched
+                .iter()
+                .map(|r| r.describe())
+                .collect::<Vec<_>>()
+                .join("; "),
+        }),
     }
 }
 
@@ -574,6 +581,13 @@ mod tests {
         fp
     }
 
+    fn ambiguous(count: usize) -> SelectError {
+        SelectError::Ambiguous {
+            count,
+            which: String::new(),
+        }
+    }
+
     #[test]
     fn selection_rules() {
         let fp = mixed_tree();
@@ -583,9 +597,24 @@ mod tests {
         assert_eq!(d.issues[0].code, "unavailable");
         assert!(!d.issues[0].fatal());
         assert_eq!(d.runtimes.len(), 4);
-        let pick = |s: Selection| select_from(&d, &s, &fp.root).map(|r| r.pid().unwrap());
+        // Ambiguity compared by count (the descriptions of what matched are for operators).
+        let pick = |s: Selection| {
+            select_from(&d, &s, &fp.root)
+                .map(|r| r.pid().unwrap())
+                .map_err(|e| match e {
+                    SelectError::Ambiguous { count, .. } => ambiguous(count),
+                    e => e,
+                })
+        };
         let sel = Selection::default;
-        assert_eq!(pick(sel()), Err(SelectError::Ambiguous(4)));
+        assert_eq!(pick(sel()), Err(ambiguous(4)));
+        // The operator reads which ones matched.
+        let e = select_from(&d, &sel(), &fp.root).unwrap_err().to_string();
+        assert!(
+            e.starts_with("4 runtimes match the selection (host process 10 (xray")
+                && e.contains("container abcccccccccc (pid 21)"),
+            "{e}"
+        );
         assert_eq!(
             pick(Selection {
                 pid: Some(11),
@@ -627,7 +656,7 @@ mod tests {
                 name: Some("xray".into()),
                 ..sel()
             }),
-            Err(SelectError::Ambiguous(3))
+            Err(ambiguous(3))
         );
         assert_eq!(
             pick(Selection {
@@ -655,7 +684,7 @@ mod tests {
                 container: Some("a".into()),
                 ..sel()
             }),
-            Err(SelectError::Ambiguous(2))
+            Err(ambiguous(2))
         );
         assert_eq!(
             pick(Selection {
@@ -670,7 +699,7 @@ mod tests {
                 source: Some(Source::HostProcess),
                 ..sel()
             }),
-            Err(SelectError::Ambiguous(3))
+            Err(ambiguous(3))
         );
         // Without the engine, a cgroup-only container is still a host process record.
         let r = select_from(

@@ -82,10 +82,25 @@ fn find_one<'a, T>(
             Some(why) => Err(format!(
                 "no {kind} tagged {tag:?} in the readable config, and {why}"
             )),
-            None => Err(format!(
-                "no {kind} tagged {tag:?} in the runtime's config ({})",
-                read.join(", ")
-            )),
+            None => {
+                // The tags there are, so a typo is one glance away.
+                let mut tags: Vec<&str> = items
+                    .iter()
+                    .map(&tag_of)
+                    .filter(|t| !t.is_empty())
+                    .collect();
+                tags.sort_unstable();
+                tags.dedup();
+                let listed = match tags.len() {
+                    0 => format!("; it has no tagged {kind}"),
+                    n if n > 20 => format!("; its {kind}s include {}", tags[..20].join(", ")),
+                    _ => format!("; its {kind}s are {}", tags.join(", ")),
+                };
+                Err(format!(
+                    "no {kind} tagged {tag:?} in the runtime's config ({}){listed}",
+                    read.join(", ")
+                ))
+            }
         },
         [one] => {
             let later = unreadable_after(cfg, file_of(one));
@@ -508,7 +523,7 @@ mod tests {
         blocked_inbound(
             json!({"inbounds": [{"tag": "a", "port": 1}]}),
             "b",
-            "no inbound tagged \"b\" in the runtime's config (/etc/xray/config.json)",
+            "no inbound tagged \"b\" in the runtime's config (/etc/xray/config.json); its inbounds are a",
         );
         blocked_inbound(
             json!({"inbounds": [{"tag": "d", "port": 1}, {"tag": "d", "port": 2}]}),

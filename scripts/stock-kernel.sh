@@ -122,9 +122,11 @@ plans() { # DIRECTION FORM-LINE FILTER-LINE: the dry-run's kernel form and filte
     RAYLIMIT_STATE_DIR=$HTMP/state "$BIN" --netns "$HNS" limit --pid "$HV2RAY" --device rl-cl \
         --ip all --ip-aggregation shared --scope device --rate 1mbit --direction "$1" --format text > "$plan" || return 1
     grep -E "^Kernel form: $2" "$plan" | sed 's/^/measured: /'
-    grep -E "tc filter add .*$3" "$plan" | sed 's/^ */measured: /'
-    grep -Eq "^Kernel form: $2: $form" "$plan" && grep -Eq "tc filter add .*$3" "$plan" &&
-        { [ "$form" = matchall ] || ! grep 'tc filter add' "$plan" | grep -q matchall; } &&
+    # The plan's commands carry the namespace (tc -n NS ...), so they can be pasted.
+    local add="tc -n $HNS filter add"
+    grep -E "$add .*$3" "$plan" | sed 's/^ */measured: /'
+    grep -Eq "^Kernel form: $2: $form" "$plan" && grep -Eq "$add .*$3" "$plan" &&
+        { [ "$form" = matchall ] || ! grep "$add" "$plan" | grep -q matchall; } &&
         # a dry-run: no IFB, no qdisc on the device
         ! ip -n "$HNS" link | grep rlifb && ! tc -n "$HNS" qdisc show dev rl-cl | grep -E 'htb|clsact'
 }

@@ -1288,3 +1288,216 @@ fn reset_removes_a_stopped_runtimes_limits_and_then_everything() {
         "Nothing to reset: raylimit records no limits here."
     );
 }
+
+/// `status` compares the kernel with raylimit's records both ways and prints what repairs each
+/// difference: a root deleted by hand (recorded, not in the kernel), a class added by hand
+/// (no filter), and a rule whose annotation is gone (in raylimit's bands, not recorded). Each
+/// printed repair, run as printed, makes its difference go away.
+#[test]
+fn status_shows_drift_both_ways_with_the_commands_that_repair_it() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("dri");
+    let ns = h.ns.name.as_str();
+    for ip in ["10.9.0.7", "10.9.0.8"] {
+        let (code, out, err) = h.limit(&[
+            "--ip",
+            ip,
+            "--direction",
+            "download",
+            "--rate",
+            "250000",
+            "--execute",
+        ]);
+        assert_eq!(code, 0, "{err}\n{out}");
+    }
+    let (_, out, _) = raylimit_in(&h.state, &["status"]);
+    assert!(out.contains("Drift: none"), "{out}");
+    assert!(
+        out.contains("rate 250000 bytes/s (2 Mbit/s)")
+            && out.contains("  download (leaving veth-a; root 524c: on veth-a"),
+        "{out}"
+    );
+    // The two rules, in precedence order, under their owner.
+    let owner = format!(
+        "    owner host:/usr/bin/v2ray config={}",
+        h.runtime.config.display()
+    );
+    let at = |s: &str| out.find(s).unwrap_or_else(|| panic!("{s} missing: {out}"));
+    assert!(at(&owner) < at("ip 10.9.0.7") && at("ip 10.9.0.7") < at("ip 10.9.0.8"));
+
+    // A class added by hand in raylimit's root: an orphan, with the tc command that removes it.
+    h.ns.tc(&[
+        "class", "add", "dev", "veth-a", "parent", "524c:", "classid", "524c:77", "htb", "rate",
+        "1000",
+    ]);
+    // The root deleted by hand: both recorded rules are gone from the kernel.
+    let (_, out, _) = raylimit_in(&h.state, &["status"]);
+    assert!(out.contains("class 524c:77"), "{out}");
+    let repair = format!("repair: tc -n {ns} class del dev veth-a classid 524c:77");
+    assert!(out.contains(&repair), "{out}");
+    run_repairs(&h.state, &out);
+    let (_, out, _) = raylimit_in(&h.state, &["status"]);
+    assert!(out.contains("Drift: none"), "{out}");
+
+    h.ns.tc(&["qdisc", "del", "dev", "veth-a", "root"]);
+    let (_, out, _) = raylimit_in(&h.state, &["status"]);
+    assert!(
+        out.contains(&format!("network namespace {ns} (raylimit --netns {ns}):"))
+            && out.contains("Drift: 2 difference(s)")
+            && out.contains("veth-a download ip 10.9.0.7 (owner host:")
+            && out.contains("raylimit's root on veth-a is gone"),
+        "{out}"
+    );
+    let forget = format!(
+        "repair: raylimit --netns {ns} reset --owner 'host:/usr/bin/v2ray config={}' --device veth-a --subject 'ip 10.9.0.7' --direction download --execute",
+        h.runtime.config.display()
+    );
+    assert!(out.contains(&forget), "{out}");
+    let (_, json, _) = raylimit_in(&h.state, &["status", "--format", "json"]);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(v["drift"].as_array().unwrap().len(), 2, "{v}");
+    run_repairs(&h.state, &out);
+    let (_, out, _) = raylimit_in(&h.state, &["--netns", ns, "status"]);
+    assert_eq!(out.trim(), "No managed limits.", "{out}");
+
+    // A rule no annotation records (the state file lost): shown with an unknown owner, and the
+    // tc commands that remove its filters and class.
+    let (code, out, err) = h.limit(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "download",
+        "--rate",
+        "250000",
+        "--execute",
+    ]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    std::fs::remove_file(h.state.0.join("owners.json")).unwrap();
+    let (_, out, _) = h.run(&["status"]);
+    assert!(
+        out.contains("    owner unknown (no annotation)")
+            && out.contains("no annotation records it")
+            && out.contains(&format!(
+                "repair: tc -n {ns} filter del dev veth-a parent 524c: protocol ip pref 300 handle"
+            )),
+        "{out}"
+    );
+    run_repairs(&h.state, &out);
+    let (_, out, _) = h.run(&["status", "--format", "json"]);
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["drift"], serde_json::json!([]), "{v}");
+    assert_eq!(v["roots"][0]["rules"], serde_json::json!([]), "{v}");
+}
+
+/// Runs every `repair:` command a status printed, as an operator would paste it.
+fn run_repairs(state: &StateDir, status: &str) {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_raylimit"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for cmd in status
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("repair: "))
+    {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .env("PATH", &path)
+            .env("RAYLIMIT_STATE_DIR", &state.0)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// `top` as a pipe prints one snapshot and exits; on a terminal (script(1)'s pseudo-terminal)
+/// it repaints every interval until `q`, or Ctrl-C, and exits 0 either way.
+#[test]
+fn top_is_live_on_a_terminal_and_one_snapshot_in_a_pipe() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("top");
+    let (code, out, err) = h.limit(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "download",
+        "--rate",
+        "250000",
+        "--execute",
+    ]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    // The Prometheus textfile: one series per rule and metric, labelled, counters as counters.
+    let (code, prom, err) = raylimit_in(&h.state, &["status", "--format", "prometheus"]);
+    assert_eq!(code, 0, "{err}");
+    let labels = format!(
+        "{{netns=\"{}\",device=\"veth-a\",direction=\"download\",subject=\"ip 10.9.0.7\",owner=\"host:/usr/bin/v2ray config={}\"}}",
+        h.ns.name,
+        h.runtime.config.display()
+    );
+    assert!(
+        prom.contains(&format!("raylimit_limit_bytes_per_second{labels} 250000\n"))
+            && prom.contains("# TYPE raylimit_sent_bytes_total counter\n")
+            && prom.contains(&format!("raylimit_sent_bytes_total{labels} "))
+            && prom.contains(&format!("raylimit_drift{{netns=\"{}\"}} 0\n", h.ns.name)),
+        "{prom}"
+    );
+    // Every line is a comment or `name{labels} value`.
+    for line in prom.lines().filter(|l| !l.starts_with('#')) {
+        let (series, value) = line.rsplit_once(' ').unwrap();
+        assert!(
+            series.starts_with("raylimit_") && series.ends_with('}'),
+            "{line}"
+        );
+        value.parse::<f64>().unwrap();
+    }
+    let (code, out, err) = h.run(&["top", "--interval-ms", "200"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.starts_with("raylimit top: every 200 ms\n")
+            && out.contains(&format!(
+                "veth-a download (netns {}): root 524c: on veth-a",
+                h.ns.name
+            ))
+            && out.contains("ip 10.9.0.7")
+            && out.contains("2 Mbit/s")
+            && !out.contains('\x1b'),
+        "{out}"
+    );
+    for (key, what) in [("q", "q"), ("\x03", "Ctrl-C")] {
+        let command = format!(
+            "{} --netns {} top --interval-ms 200",
+            env!("CARGO_BIN_EXE_raylimit"),
+            h.ns.name
+        );
+        let mut child = std::process::Command::new("timeout")
+            .args(["20", "script", "-qfec", &command, "/dev/null"])
+            .env("RAYLIMIT_STATE_DIR", &h.state.0)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        use std::io::Write as _;
+        child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(key.as_bytes())
+            .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{what}: {:?}\n{text}", out.status);
+        assert!(
+            text.matches("\x1b[H\x1b[2J").count() >= 3
+                && text.contains("q or Ctrl-C quits")
+                && text.contains("ip 10.9.0.7")
+                && text.ends_with("\x1b[?25h\r\n"),
+            "{what}: {text:?}"
+        );
+    }
+}

@@ -6,7 +6,9 @@ mod policy_file;
 mod report;
 mod reset;
 mod resolution;
+mod signals;
 mod status;
+mod top;
 mod watch;
 
 use clap::{Parser, Subcommand, ValueEnum};
@@ -43,13 +45,30 @@ pub enum Command {
     /// A runtime's config as it reads it: files, API, inbounds and outbounds, and whether a
     /// limit on each can be concrete. Without a selector, every runtime.
     Inspect(Box<discover::InspectArgs>),
-    /// Every limit raylimit manages on this host (or one device), with live counters.
+    /// Every limit raylimit manages on this host (or one device), by namespace, device,
+    /// direction and owner in precedence order, with throughput, drops and drift.
+    #[command(after_help = "Examples:
+  raylimit status                          # every namespace raylimit manages limits in
+  raylimit --netns edge status --device veth0
+  raylimit status --format prometheus > /var/lib/node_exporter/textfile/raylimit.prom
+  raylimit status --format json --sample-ms 1000")]
     Status {
         #[arg(long, value_name = "DEV")]
         device: Option<String>,
-        #[arg(long, value_enum, default_value_t = Format::Text)]
-        format: Format,
+        #[arg(long, value_enum, default_value_t = status::StatusFormat::Text)]
+        format: status::StatusFormat,
+        /// Measure each rule's current throughput over this many milliseconds (default: 500
+        /// for text, 0 for json and prometheus, whose readers have the counters).
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(0..=60_000))]
+        sample_ms: Option<u64>,
     },
+    /// A live view of every limited subject: throughput against its limit, drops and backlog,
+    /// refreshed every second until q or Ctrl-C (one snapshot when not on a terminal).
+    #[command(after_help = "Examples:
+  raylimit top
+  raylimit --netns edge top --device veth0 --interval-ms 500
+  raylimit top | tee snapshot.txt      # not a terminal: one snapshot, then exit")]
+    Top(Box<top::TopArgs>),
     /// Reconcile a declarative set of limits for one runtime from a JSON or TOML file (dry-run
     /// unless --execute; --prune removes the runtime's limits the file no longer lists).
     Apply(Box<policy_file::ApplyArgs>),
@@ -119,20 +138,22 @@ fn manpages(dir: &std::path::Path) -> std::io::Result<usize> {
     Ok(n + 1)
 }
 
+/// A word as a shell reads it: single-quoted when it holds anything a shell would interpret.
+pub fn shell_word(w: &str) -> String {
+    let plain = !w.is_empty()
+        && w.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c));
+    if plain {
+        w.to_string()
+    } else {
+        format!("'{}'", w.replace('\'', "'\\''"))
+    }
+}
+
 /// The command line this process was run with, and `--execute`: what carries out a dry-run's
-/// plan. Words with characters a shell would read are single-quoted.
+/// plan.
 pub fn execute_command() -> String {
-    let quote = |w: String| {
-        let plain = !w.is_empty()
-            && w.chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_./:=@,+%".contains(c));
-        if plain {
-            w
-        } else {
-            format!("'{}'", w.replace('\'', "'\\''"))
-        }
-    };
-    let mut words: Vec<String> = std::env::args().map(quote).collect();
+    let mut words: Vec<String> = std::env::args().map(|w| shell_word(&w)).collect();
     if let Some(first) = words.first_mut() {
         // The program as the operator would type it.
         if let Some(name) = first.rsplit('/').next().filter(|n| *n == "raylimit") {
@@ -213,18 +234,24 @@ pub fn run(cli: Cli) -> i32 {
     if let Command::Limit(args) = &cli.command {
         return run_limit(cli.netns.as_deref(), args);
     }
-    if let Command::Status { device, format } = &cli.command {
+    if let Command::Status {
+        device,
+        format,
+        sample_ms,
+    } = &cli.command
+    {
         if let Some(d) = device {
             if !crate::model::device::is_device_name(d) {
                 eprintln!("raylimit: no network device named {d:?}");
                 return 2;
             }
         }
-        return match status::run(
-            cli.netns.as_deref(),
-            device.as_deref(),
-            *format == Format::Json,
-        ) {
+        let default_ms = match format {
+            status::StatusFormat::Text => 500,
+            _ => 0,
+        };
+        let window = std::time::Duration::from_millis(sample_ms.unwrap_or(default_ms));
+        return match status::run(cli.netns.as_deref(), device.as_deref(), *format, window) {
             Ok(out) => {
                 print!("{out}");
                 0
@@ -245,6 +272,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Watch(args) => return watch::run(cli.netns.as_deref(), args),
         Command::Apply(args) => return policy_file::run(cli.netns.as_deref(), args),
         Command::Reset(args) => return reset::run(cli.netns.as_deref(), args),
+        Command::Top(args) => return top::run(cli.netns.as_deref(), args),
         _ => {}
     }
     let result = match &cli.command {
@@ -254,6 +282,7 @@ pub fn run(cli: Cli) -> i32 {
         | Command::Watch(_)
         | Command::Apply(_)
         | Command::Reset(_)
+        | Command::Top(_)
         | Command::Inspect(_) => Ok(()),
         Command::Version => {
             println!("raylimit {}", env!("CARGO_PKG_VERSION"));

@@ -37,7 +37,7 @@ impl LimitReport {
 }
 
 /// `cmd` run in namespace `netns`: `tc -n NS ...`, `ip -n NS ...`, `ip netns exec NS nft ...`.
-fn in_netns(cmd: String, netns: Option<&str>) -> String {
+pub(super) fn in_netns(cmd: String, netns: Option<&str>) -> String {
     let Some(ns) = netns else {
         return cmd;
     };

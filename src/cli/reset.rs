@@ -13,6 +13,7 @@ use super::policy_file::{render, Batch};
 use super::report::Report;
 use crate::engine::{self, prune, Engine, NetlinkKernel, OpenError};
 use crate::ownership::StateDir;
+use crate::policy::SubjectKey;
 use crate::runtime::{procfs, Runtime};
 
 #[derive(Args, Debug)]
@@ -24,6 +25,13 @@ pub struct ResetArgs {
     /// Only the limits on this device.
     #[arg(long, value_name = "DEV")]
     pub device: Option<String>,
+    /// Only this subject's limits, as `status` names it (`ip 203.0.113.10`, `ip all`,
+    /// `uuid ID`, `inbound TAG`, ...).
+    #[arg(long, value_name = "SUBJECT")]
+    pub subject: Option<String>,
+    /// Only limits in this direction.
+    #[arg(long, value_parser = ["upload", "download"])]
+    pub direction: Option<String>,
     #[command(flatten)]
     pub run: RunArgs,
 }
@@ -33,6 +41,14 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
         eprintln!("raylimit: {}", LimitError::NotPermitted);
         return 1;
     }
+    let subject = match a.subject.as_deref().map(str::parse::<SubjectKey>) {
+        Some(Err(e)) => {
+            eprintln!("raylimit: --subject: {e} (as status names it: `ip 203.0.113.10`, `ip all`, `uuid ID`, `inbound TAG`)");
+            return 2;
+        }
+        Some(Ok(k)) => Some(k),
+        None => None,
+    };
     let state = StateDir::from_env();
     let annotations = state.load();
     // One run per (namespace, device, owner), in a stable order.
@@ -41,6 +57,8 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
         .filter(|x| netns.is_none_or(|n| x.netns == n))
         .filter(|x| a.owner.as_ref().is_none_or(|o| &x.owner == o))
         .filter(|x| a.device.as_ref().is_none_or(|d| &x.device == d))
+        .filter(|x| subject.as_ref().is_none_or(|k| &x.subject == k))
+        .filter(|x| a.direction.as_ref().is_none_or(|d| &x.direction == d))
         .map(|x| (x.netns.clone(), x.device.clone(), x.owner.clone()))
         .collect();
     let mut reports: Vec<(String, Report)> = Vec::new();
@@ -84,6 +102,13 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
         );
         let mut staged = Vec::new();
         for s in stale {
+            if subject.as_ref().is_some_and(|k| &s.key != k)
+                || a.direction
+                    .as_ref()
+                    .is_some_and(|d| s.direction.name() != d)
+            {
+                continue;
+            }
             let wanted = s.removal(device);
             let place = ns.map(|n| format!(" in {n}")).unwrap_or_default();
             let name = format!(

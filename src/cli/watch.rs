@@ -6,13 +6,12 @@
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use clap::Args;
 
 use super::limit::{self, LimitArgs, LimitError, Validated};
-use super::UsageError;
+use super::{signals, UsageError};
 use crate::engine::watch::{Round, Watcher};
 use crate::engine::{Decided, Outcome};
 use crate::policy::{Target, Want};
@@ -28,12 +27,6 @@ pub struct WatchArgs {
     /// How long a departed client keeps its rule, in case it comes back.
     #[arg(long, value_name = "DURATION", default_value = "30s")]
     pub grace: String,
-}
-
-static STOP: AtomicBool = AtomicBool::new(false);
-
-extern "C" fn on_signal(_: libc::c_int) {
-    STOP.store(true, Ordering::SeqCst);
 }
 
 /// `500ms`, `2s`, `1m`, or a bare number of seconds.
@@ -90,11 +83,7 @@ pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
             return 2;
         }
     };
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    signals::catch();
     let execute = args.limit.run.execute;
     let w = &v.wanted;
     log(&format!(
@@ -112,7 +101,7 @@ pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
     ));
     let mut watcher = Watcher::new(w.clone(), grace);
     let mut code = 0;
-    while !STOP.load(Ordering::SeqCst) {
+    while !signals::stopping() {
         let run = limit::RunArgs {
             execute,
             ..Default::default()
@@ -131,7 +120,7 @@ pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
             Err(e) => log(&format!("round skipped: {e}")),
         }
         let until = Instant::now() + interval;
-        while Instant::now() < until && !STOP.load(Ordering::SeqCst) {
+        while Instant::now() < until && !signals::stopping() {
             std::thread::sleep(Duration::from_millis(50).min(interval));
         }
     }

@@ -4,23 +4,31 @@
 
 use crate::evidence;
 use crate::evidence::scope::Scope;
+use crate::model::stats::TcStats;
 use crate::model::tc::{ClassKind, TcEntry};
+use crate::model::tc::{Filter, FilterEntry};
 use crate::model::u32::End;
 use crate::model::Link;
 use crate::model::TcHandle;
 use crate::netlink::nft::{self, NftRule, NftState};
 use crate::netlink::{NetlinkError, RtSocket};
+use crate::ownership::Annotation;
 use crate::ownership::StateDir;
 use crate::policy::SubjectKey;
+use crate::reconcile::observe::Hook;
 use crate::reconcile::observe::{classid_of, RootState, ShapedRoot};
+use crate::reconcile::plan::{Dev, Step};
 use crate::runtime::{self, Selection};
-use crate::shaping::{self, Band, ListenerBand, ListenerMatch, IFB_PREFIX};
+use crate::shaping::{self, Band, ListenerBand, ListenerMatch, IFB_PREFIX, ROOT_MAJOR};
 use crate::xray::api::UserTraffic;
 use std::collections::{BTreeMap, BTreeSet};
 
 /// One managed rule as the kernel holds it.
 pub struct Rule {
     pub subject: String,
+    /// The direction the rule limits (an outbound's upload sits on the device's own egress,
+    /// beside the download rules).
+    pub direction: &'static str,
     /// A user's client addresses (an inbound's: its listener).
     pub clients: Vec<String>,
     /// The runtime listeners a runtime-scoped rule matches; none when it is device-wide.
@@ -33,43 +41,57 @@ pub struct Rule {
     pub priority: Option<u16>,
     pub class: Option<TcHandle>,
     pub rate: Option<u64>,
-    pub bytes: u64,
-    pub packets: u64,
-    pub drops: u32,
+    /// The class's counters (the unlimited exception has none of its own).
+    pub stats: TcStats,
+    /// Bytes per second over the sampling window, when status sampled one.
+    pub throughput: Option<u64>,
+    /// Drops during the sampling window.
+    pub recent_drops: Option<u64>,
     pub owner: Option<String>,
+    /// A rule no annotation records: its filters, so that status can say how to remove them.
+    pub unowned_filters: Vec<Filter>,
 }
 
 impl Rule {
     /// A rule with its class's rate and live counters (none for the root itself: the unlimited
     /// exception has no leaf class).
-    fn new(
-        shaped: &ShapedRoot,
-        subject: String,
-        clients: Vec<String>,
-        priority: Option<u16>,
-        class: Option<TcHandle>,
-        owner: Option<String>,
-    ) -> Rule {
-        let class_entry = class
-            .filter(|c| c.minor() != 0)
-            .and_then(|c| shaped.classes.get(&c.minor()));
+    fn new(shaped: &ShapedRoot, subject: String, direction: &'static str) -> Rule {
         Rule {
             subject,
-            clients,
+            direction,
+            clients: Vec::new(),
             listeners: Vec::new(),
             user_traffic: None,
             scope_drift: None,
-            priority,
-            class,
-            rate: class_entry.and_then(|c| match &c.class.kind {
-                ClassKind::Htb(h) => Some(h.rate),
-                _ => None,
-            }),
-            bytes: class_entry.map(|c| c.stats.bytes).unwrap_or(0),
-            packets: class_entry.map(|c| c.stats.packets).unwrap_or(0),
-            drops: class_entry.map(|c| c.stats.drops).unwrap_or(0),
-            owner,
+            priority: None,
+            class: None,
+            rate: None,
+            stats: TcStats::default(),
+            throughput: None,
+            recent_drops: None,
+            owner: None,
+            unowned_filters: Vec::new(),
         }
+        .with_class(shaped, None)
+    }
+
+    fn with_class(mut self, shaped: &ShapedRoot, class: Option<TcHandle>) -> Rule {
+        let entry = class
+            .filter(|c| c.minor() != 0)
+            .and_then(|c| shaped.classes.get(&c.minor()));
+        self.class = class;
+        self.rate = entry.and_then(|c| match &c.class.kind {
+            ClassKind::Htb(h) => Some(h.rate),
+            _ => None,
+        });
+        self.stats = entry.map(|c| c.stats).unwrap_or_default();
+        self
+    }
+
+    /// HTB takes a packet whose skb priority names one of its classes before it runs any
+    /// filter, so nft-classified rules come first, then filters by priority.
+    fn precedence(&self) -> (u16, &str) {
+        (self.priority.unwrap_or(0), &self.subject)
     }
 }
 
@@ -78,13 +100,27 @@ pub struct Root {
     pub device: String,
     pub direction: &'static str,
     pub shaped_device: String,
-    pub bytes: u64,
-    pub packets: u64,
-    pub drops: u32,
+    pub stats: TcStats,
+    /// Rules in precedence order: the first that matches a packet takes it.
     pub rules: Vec<Rule>,
     /// Classes no filter points at (a crashed run, or a rule whose filter was removed by hand).
     pub orphan_classes: Vec<TcHandle>,
     pub unrecognised: Vec<String>,
+    /// Why the root's limits are not in force, when they are not (upload without its redirect).
+    pub not_in_force: Option<String>,
+}
+
+/// Something the kernel and the owner annotations disagree on, with what repairs it.
+pub struct Drift {
+    pub device: String,
+    pub direction: String,
+    pub subject: String,
+    pub owner: Option<String>,
+    pub problem: String,
+    /// raylimit's arguments (after `raylimit [--netns NS]`) that repair it, when it can.
+    pub raylimit: Option<Vec<String>>,
+    /// The tc commands that repair it by hand (without `-n NS`).
+    pub tc: Vec<String>,
 }
 
 /// A device and every qdisc, class and filter on it, as `raylimit show` lists them.
@@ -107,6 +143,7 @@ pub fn probe() -> crate::netlink::probe::Capabilities {
 pub struct Status {
     pub roots: Vec<Root>,
     pub nft: Result<NftState, NetlinkError>,
+    pub drift: Vec<Drift>,
 }
 
 /// The named network namespaces the owner annotations record limits in, that still exist.
@@ -125,17 +162,40 @@ pub fn annotated_namespaces() -> Vec<String> {
         .collect()
 }
 
-/// Reads every managed root in the namespace (or those of one device).
+/// Reads every managed root in the namespace (or those of one device), compares it with the
+/// owner annotations, and asks the runtimes for what only they know (listeners, user counters).
 pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, NetlinkError> {
+    let mut status = read_kernel(netns, device)?;
+    add_user_traffic(&mut status.roots);
+    check_scopes(&mut status.roots);
+    Ok(status)
+}
+
+/// Where a device's ingress hook sends packets: the IFBs of its redirect filters.
+struct Redirects {
+    device: String,
+    targets: Vec<(u32, FilterEntry)>,
+}
+
+/// The kernel's side of `status` with the annotations compared, without asking any runtime.
+pub fn read_kernel(netns: Option<&str>, device: Option<&str>) -> Result<Status, NetlinkError> {
     let mut sock = RtSocket::open_in(netns)?;
     if let Some(d) = device {
         sock.link_by_name(d)?;
     }
     let links = sock.links()?;
     let nft = nft::dump(netns.map(|n| format!("/run/netns/{n}")).as_deref());
-    let annotations = StateDir::from_env().load();
+    let all_annotations = StateDir::from_env().load();
     let netns_key = netns.unwrap_or("");
+    // This namespace's annotations, by class (one lookup per rule, however many there are).
+    let mut by_class: BTreeMap<(&str, u16), &Annotation> = BTreeMap::new();
+    for a in all_annotations.iter().filter(|a| a.netns == netns_key) {
+        if let Some(m) = a.class_minor.filter(|m| *m != 0) {
+            by_class.insert((a.shaped_device.as_str(), m), a);
+        }
+    }
     let mut roots = Vec::new();
+    let mut hooks = Vec::new();
     for link in &links {
         let (owner_device, direction) = owner_device(link, &links);
         if device.is_some_and(|d| d != owner_device) {
@@ -147,19 +207,31 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
             End::Destination
         };
         let tc = sock.device_tc(link.index)?;
+        let hook = Hook::read(&tc);
+        let targets: Vec<(u32, FilterEntry)> = hook
+            .redirect
+            .iter()
+            .map(|(f, ifb)| (*ifb, f.clone()))
+            .chain(hook.listeners.iter().map(|(_, f, ifb)| (*ifb, f.clone())))
+            .collect();
+        if !targets.is_empty() {
+            hooks.push(Redirects {
+                device: link.name.clone(),
+                targets,
+            });
+        }
         let shaped = ShapedRoot::read(&tc, end);
         let RootState::Managed(root_entry) = &shaped.root else {
             continue;
         };
+        let annotation_of = |class: Option<TcHandle>| {
+            class.and_then(|c| by_class.get(&(link.name.as_str(), c.minor())).copied())
+        };
         let mut rules = Vec::new();
-        let mut referenced = std::collections::BTreeSet::new();
+        let mut referenced = BTreeSet::new();
         // A rule's nodes (one per client and runtime listener) share one class: one rule per
         // class, listing its clients (a user's addresses) and the listeners it is scoped to.
-        type Group<'a> = (
-            Vec<String>,
-            BTreeSet<String>,
-            &'a crate::model::tc::FilterEntry,
-        );
+        type Group<'a> = (Vec<String>, BTreeSet<String>, Vec<&'a FilterEntry>);
         let mut groups: BTreeMap<(String, Option<TcHandle>), Group> = BTreeMap::new();
         for n in shaped.nodes() {
             let client = n.matched.client().to_string();
@@ -168,11 +240,8 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
                 Band::Connection => format!("connection {client}"),
                 Band::Ip => format!("ip {client}"),
             };
-            let g = groups.entry((subject, n.classid)).or_insert((
-                Vec::new(),
-                BTreeSet::new(),
-                &n.entry,
-            ));
+            let g = groups.entry((subject, n.classid)).or_default();
+            g.2.push(&n.entry);
             if n.band == Band::User && !g.0.contains(&client) {
                 g.0.push(client);
             }
@@ -185,11 +254,8 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
                 ListenerBand::Inbound => ("inbound", 0),
                 ListenerBand::Baseline => ("ip", 1),
             };
-            let e = groups.entry((subject.to_string(), n.classid)).or_insert((
-                Vec::new(),
-                BTreeSet::new(),
-                &n.entry,
-            ));
+            let e = groups.entry((subject.to_string(), n.classid)).or_default();
+            e.2.push(&n.entry);
             if g == 0 {
                 e.0.push(n.matched.to_string());
             } else {
@@ -197,28 +263,51 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
             }
         }
         let mut subjects = Vec::new();
-        for ((subject, class), (clients, listeners, entry)) in groups {
+        for ((subject, class), (clients, listeners, entries)) in groups {
             // A user, an inbound and the baseline are named by their class's annotation.
             let subject = if subject.contains(' ') {
                 subject
             } else {
-                class
-                    .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
+                annotation_of(class)
                     .map(|a| a.subject.to_string())
                     .unwrap_or_else(|| format!("{subject} (unknown)"))
             };
-            subjects.push((subject, clients, listeners.into_iter().collect(), entry));
+            subjects.push((
+                subject,
+                direction,
+                clients,
+                listeners.into_iter().collect(),
+                entries,
+            ));
         }
         if let Some(f) = &shaped.baseline {
-            subjects.push(("ip all".to_string(), Vec::new(), Vec::new(), f));
+            subjects.push((
+                "ip all".to_string(),
+                direction,
+                Vec::new(),
+                Vec::new(),
+                vec![f],
+            ));
         }
+        // An outbound's rule shapes the other direction than the root's: its upload leaves
+        // the device itself; its download comes back through the IFB.
+        let outbound_direction = if direction == "upload" {
+            "download"
+        } else {
+            "upload"
+        };
         // An outbound's fw filter (where the kernel has cls_fw) is known by its class.
         for entry in shaped.marks.values() {
-            let subject = classid_of(&entry.filter)
-                .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
+            let subject = annotation_of(classid_of(&entry.filter))
                 .map(|a| a.subject.to_string())
                 .unwrap_or_else(|| "outbound (unknown)".into());
-            subjects.push((subject, Vec::new(), Vec::new(), entry));
+            subjects.push((
+                subject,
+                outbound_direction,
+                Vec::new(),
+                Vec::new(),
+                vec![entry],
+            ));
         }
         // Without cls_fw, outbound rules classify in nft (meta priority), not in a tc filter.
         for r in nft.iter().flat_map(|n| &n.rules) {
@@ -235,47 +324,48 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
                 .as_ref()
                 .map(|t| t.subject.clone())
                 .unwrap_or_else(|| "outbound (unknown)".into());
-            let owner = r.tag.as_ref().map(|t| t.owner.clone());
-            rules.push(Rule::new(
-                &shaped,
-                subject,
-                Vec::new(),
-                None,
-                Some(class),
-                owner,
-            ));
+            let mut rule = Rule::new(&shaped, subject, "upload").with_class(&shaped, Some(class));
+            rule.owner = r.tag.as_ref().map(|t| t.owner.clone());
+            rules.push(rule);
         }
-        for (subject, clients, listeners, entry) in subjects {
+        for (subject, rule_direction, clients, listeners, entries) in subjects {
+            let entry = entries[0];
             let class = classid_of(&entry.filter);
             if let Some(c) = class {
                 referenced.insert(c.minor());
             }
             // The class names the rule's owner (two runtimes may hold the same subject).
-            let owner = class
-                .and_then(|c| annotations.by_class(netns_key, &link.name, c.minor()))
-                .or_else(|| {
-                    let k = subject.parse::<SubjectKey>().ok()?;
-                    annotations.for_subject(netns_key, &link.name, &k).next()
-                })
-                .map(|a| a.owner.clone());
-            let mut rule = Rule::new(
-                &shaped,
-                subject,
-                clients,
-                Some(entry.filter.priority),
-                class,
-                owner,
-            );
+            let annotation = annotation_of(class).or_else(|| {
+                let k = subject.parse::<SubjectKey>().ok()?;
+                all_annotations
+                    .for_subject(netns_key, &link.name, &k)
+                    .next()
+            });
+            let mut rule = Rule::new(&shaped, subject, rule_direction).with_class(&shaped, class);
+            if let Some(a) = annotation {
+                rule.owner = Some(a.owner.clone());
+                if a.direction == "upload" || a.direction == "download" {
+                    rule.direction = if a.direction == "upload" {
+                        "upload"
+                    } else {
+                        "download"
+                    };
+                }
+            }
+            if annotation.is_none() {
+                rule.unowned_filters = entries.iter().map(|e| e.filter.clone()).collect();
+            }
+            rule.priority = Some(entry.filter.priority);
+            rule.clients = clients;
             rule.listeners = listeners;
             rules.push(rule);
         }
+        rules.sort_by(|a, b| a.precedence().cmp(&b.precedence()));
         roots.push(Root {
             device: owner_device.to_string(),
             direction,
             shaped_device: link.name.clone(),
-            bytes: root_entry.stats.bytes,
-            packets: root_entry.stats.packets,
-            drops: root_entry.stats.drops,
+            stats: root_entry.stats,
             orphan_classes: shaped
                 .classes
                 .values()
@@ -288,11 +378,253 @@ pub fn read(netns: Option<&str>, device: Option<&str>) -> Result<Status, Netlink
                 .map(|f| f.filter.to_string())
                 .collect(),
             rules,
+            not_in_force: None,
         });
     }
-    add_user_traffic(&mut roots);
-    check_scopes(&mut roots);
-    Ok(Status { roots, nft })
+    let drift = compare(
+        &mut roots,
+        &hooks,
+        &links,
+        all_annotations
+            .iter()
+            .filter(|a| a.netns == netns_key)
+            .filter(|a| device.is_none_or(|d| a.device == d)),
+    );
+    Ok(Status { roots, nft, drift })
+}
+
+/// Compares the kernel's roots with the annotations: what is recorded but gone or changed,
+/// what is in raylimit's bands but not recorded, upload roots without their redirect, and
+/// redirects to a device that no longer exists.
+fn compare<'a>(
+    roots: &mut [Root],
+    hooks: &[Redirects],
+    links: &[Link],
+    annotations: impl Iterator<Item = &'a Annotation>,
+) -> Vec<Drift> {
+    let mut drift = Vec::new();
+    let forget = |a: &Annotation| {
+        [
+            "reset",
+            "--owner",
+            &a.owner,
+            "--device",
+            &a.device,
+            "--subject",
+            &a.subject.to_string(),
+            "--direction",
+            &a.direction,
+            "--execute",
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    for a in annotations {
+        let subject = a.subject.to_string();
+        let root = roots.iter().find(|r| r.shaped_device == a.shaped_device);
+        let rule = root.and_then(|r| {
+            r.rules
+                .iter()
+                .find(|x| x.subject == subject && x.owner.as_deref() == Some(a.owner.as_str()))
+        });
+        let problem = match (root, rule) {
+            _ if !links.iter().any(|l| l.name == a.shaped_device) => {
+                format!("recorded on {}, which no longer exists", a.shaped_device)
+            }
+            (None, _) => format!(
+                "recorded, but raylimit's root on {} is gone (deleted by hand?)",
+                a.shaped_device
+            ),
+            (Some(_), None) => "recorded, but its filter is gone (deleted by hand?)".into(),
+            (Some(_), Some(r)) => match (a.class_minor, r.class) {
+                (Some(m), Some(c)) if m != 0 && c.minor() != m => format!(
+                    "recorded with class {}, but its filter now sends to {c} (changed by hand?)",
+                    TcHandle((u32::from(ROOT_MAJOR) << 16) | u32::from(m))
+                ),
+                _ => continue,
+            },
+        };
+        drift.push(Drift {
+            device: a.device.clone(),
+            direction: a.direction.clone(),
+            subject,
+            owner: Some(a.owner.clone()),
+            problem: format!("{problem}: repeat its limit to restore it, or forget it"),
+            raylimit: Some(forget(a)),
+            tc: Vec::new(),
+        });
+    }
+    for root in roots.iter_mut() {
+        let dev = Dev::Ifb(root.shaped_device.clone());
+        for rule in root.rules.iter().filter(|r| r.owner.is_none()) {
+            drift.push(Drift {
+                device: root.device.clone(),
+                direction: rule.direction.into(),
+                subject: rule.subject.clone(),
+                owner: None,
+                problem: "in raylimit's bands, but no annotation records it: a request for \
+                          its subject adopts it, or remove it by hand"
+                    .into(),
+                raylimit: None,
+                tc: rule
+                    .unowned_filters
+                    .iter()
+                    .map(|f| Step::delete("delete-filter", &dev, f.clone()).command())
+                    .chain(
+                        rule.class.filter(|c| c.minor() != 0).map(|c| {
+                            format!("tc class del dev {} classid {c}", root.shaped_device)
+                        }),
+                    )
+                    .collect(),
+            });
+        }
+        for c in &root.orphan_classes {
+            drift.push(Drift {
+                device: root.device.clone(),
+                direction: root.direction.into(),
+                subject: format!("class {c}"),
+                owner: None,
+                problem: "no filter sends to it (an interrupted run, or its filter was \
+                          deleted by hand)"
+                    .into(),
+                raylimit: None,
+                tc: vec![format!(
+                    "tc class del dev {} classid {c}",
+                    root.shaped_device
+                )],
+            });
+        }
+        if root.direction == "upload" {
+            let ifindex = links
+                .iter()
+                .find(|l| l.name == root.shaped_device)
+                .map(|l| l.index);
+            let redirected = hooks.iter().any(|h| {
+                h.device == root.device && h.targets.iter().any(|(t, _)| Some(*t) == ifindex)
+            });
+            if !redirected {
+                let why = format!(
+                    "{}'s ingress is not redirected to {}: these upload limits are not in force",
+                    root.device, root.shaped_device
+                );
+                drift.push(Drift {
+                    device: root.device.clone(),
+                    direction: "upload".into(),
+                    subject: "ingress redirect".into(),
+                    owner: None,
+                    problem: format!("{why}; repeating any upload limit on the device restores it"),
+                    raylimit: None,
+                    tc: Vec::new(),
+                });
+                root.not_in_force = Some(why);
+            }
+        }
+    }
+    // A redirect to a device that is gone drops every packet it matches.
+    for h in hooks {
+        for (target, f) in &h.targets {
+            if links.iter().any(|l| l.index == *target) {
+                continue;
+            }
+            drift.push(Drift {
+                device: h.device.clone(),
+                direction: "upload".into(),
+                subject: "ingress redirect".into(),
+                owner: None,
+                problem: format!(
+                    "redirects to ifindex {target}, which no longer exists: the packets it \
+                     matches are dropped"
+                ),
+                raylimit: None,
+                tc: vec![Step::delete(
+                    "delete-redirect",
+                    &Dev::Ifb(h.device.clone()),
+                    f.filter.clone(),
+                )
+                .command()],
+            });
+        }
+    }
+    drift
+}
+
+/// Class counters of every managed root in the namespace, by (shaped device, class minor),
+/// and the roots' own (minor 0): what a throughput sample compares.
+pub fn counters(
+    netns: Option<&str>,
+    shaped_devices: &BTreeSet<String>,
+) -> Result<BTreeMap<(String, u16), TcStats>, NetlinkError> {
+    let mut sock = RtSocket::open_in(netns)?;
+    let mut out = BTreeMap::new();
+    for link in sock.links()? {
+        if !shaped_devices.contains(&link.name) {
+            continue;
+        }
+        for e in sock.device_tc(link.index)?.entries() {
+            match e {
+                TcEntry::Class(c) if c.class.handle.major() == ROOT_MAJOR => {
+                    out.insert((link.name.clone(), c.class.handle.minor()), c.stats);
+                }
+                TcEntry::Qdisc(q) if q.qdisc.handle.major() == ROOT_MAJOR => {
+                    out.insert((link.name.clone(), 0), q.stats);
+                }
+                _ => {}
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The counters a status read holds, keyed as `counters` keys them (a live view compares one
+/// read with the next without dumping twice).
+pub fn counters_in(status: &Status) -> BTreeMap<(String, u16), TcStats> {
+    let mut out = BTreeMap::new();
+    for root in &status.roots {
+        out.insert((root.shaped_device.clone(), 0), root.stats);
+        for rule in &root.rules {
+            if let Some(m) = rule.class.map(|c| c.minor()).filter(|m| *m != 0) {
+                out.insert((root.shaped_device.clone(), m), rule.stats);
+            }
+        }
+    }
+    out
+}
+
+/// The shaped devices of a status's roots: what a throughput sample reads.
+pub fn shaped_devices(status: &Status) -> BTreeSet<String> {
+    status
+        .roots
+        .iter()
+        .map(|r| r.shaped_device.clone())
+        .collect()
+}
+
+/// Sets each rule's throughput and drops between two counter samples `seconds` apart, and the
+/// latest counters.
+pub fn apply_sample(
+    status: &mut Status,
+    before: &BTreeMap<(String, u16), TcStats>,
+    after: &BTreeMap<(String, u16), TcStats>,
+    seconds: f64,
+) {
+    let seconds = seconds.max(1e-3);
+    for root in &mut status.roots {
+        let key = |minor| (root.shaped_device.clone(), minor);
+        if let Some(s) = after.get(&key(0)) {
+            root.stats = *s;
+        }
+        for rule in &mut root.rules {
+            let Some(minor) = rule.class.map(|c| c.minor()).filter(|m| *m != 0) else {
+                continue;
+            };
+            let (Some(b), Some(a)) = (before.get(&key(minor)), after.get(&key(minor))) else {
+                continue;
+            };
+            rule.stats = *a;
+            rule.throughput = Some((a.bytes.saturating_sub(b.bytes) as f64 / seconds) as u64);
+            rule.recent_drops = Some(u64::from(a.drops.saturating_sub(b.drops)));
+        }
+    }
 }
 
 /// A runtime's users (lower-case UUID, email) and their byte counters.

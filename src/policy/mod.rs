@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 
-pub use rate::{human as human_rate, parse_rate};
+pub use rate::{human as human_rate, human_bytes, parse_rate};
 
 /// Direction relative to the client (ARCHITECTURE.md, "Directions"): download leaves the device,
 /// upload arrives.

@@ -107,6 +107,21 @@ pub fn human(bytes_per_second: u64) -> String {
     format!("{text} {prefix}bit/s")
 }
 
+/// A byte count with an SI prefix and at most three significant digits: `4.27 MB`, `812 B`.
+pub fn human_bytes(bytes: u64) -> String {
+    let n = bytes as f64;
+    let (value, prefix) = [(1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")]
+        .into_iter()
+        .find(|(scale, _)| n >= *scale)
+        .map_or((n, ""), |(scale, p)| (n / scale, p));
+    let digits = match value {
+        v if v >= 100.0 || prefix.is_empty() => 0,
+        v if v >= 10.0 => 1,
+        _ => 2,
+    };
+    format!("{value:.digits$} {prefix}B")
+}
+
 /// Bits per unit, or None for an unknown unit.
 fn unit_bits(unit: &str) -> Option<u128> {
     let lower = unit.to_ascii_lowercase();

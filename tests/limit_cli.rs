@@ -1501,3 +1501,75 @@ fn top_is_live_on_a_terminal_and_one_snapshot_in_a_pipe() {
         );
     }
 }
+
+/// An upload root whose ingress redirect was deleted by hand is reported as not in force, and a
+/// redirect left pointing at a deleted IFB (which drops what it matches) is shown with the tc
+/// command that removes it.
+#[test]
+fn status_flags_upload_limits_that_are_not_in_force() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
+    let h = Host::new("nif");
+    let (code, out, err) = h.limit(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "upload",
+        "--rate",
+        "250000",
+        "--execute",
+    ]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    let (_, out, _) = h.run(&["status"]);
+    assert!(
+        out.contains("Drift: none") && !out.contains("NOT IN FORCE"),
+        "{out}"
+    );
+
+    // The IFB deleted by hand: the redirect on veth-a now sends to nothing.
+    let ifb = format!("rlifb{}", h.ns.ifindex("veth-a"));
+    h.ns.ip(&["link", "del", &ifb]);
+    let (_, out, _) = h.run(&["status"]);
+    assert!(
+        out.contains("veth-a upload ingress redirect: redirects to ifindex")
+            && out.contains("which no longer exists: the packets it matches are dropped")
+            && out.contains(&format!(
+                "repair: tc -n {} filter del dev veth-a ingress",
+                h.ns.name
+            )),
+        "{out}"
+    );
+    run_repairs(&h.state, &out);
+    let filters = h.ns.tc(&["filter", "show", "dev", "veth-a", "ingress"]);
+    assert!(!filters.contains("mirred"), "{filters}");
+
+    // The printed repairs (the redirect's removal, and forgetting the rule whose IFB is gone)
+    // leave nothing to report.
+    let (_, out, _) = h.run(&["status"]);
+    assert_eq!(out.trim(), "No managed limits.", "{out}");
+
+    // Limits again, then the clsact hook deleted by hand: the IFB's root is there, but the
+    // upload limits on it are not in force.
+    let (code, out, err) = h.limit(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "upload",
+        "--rate",
+        "250000",
+        "--execute",
+    ]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    h.ns.tc(&["qdisc", "del", "dev", "veth-a", "clsact"]);
+    let (_, out, _) = h.run(&["status"]);
+    assert!(
+        out.contains(&format!(
+            "    NOT IN FORCE: veth-a's ingress is not redirected to {ifb}: these upload limits are not in force"
+        )),
+        "{out}"
+    );
+    let (_, json, _) = h.run(&["status", "--format", "json"]);
+    let v: Value = serde_json::from_str(&json).unwrap();
+    assert!(v["roots"][0]["not_in_force"].is_string(), "{v}");
+    let (code, out, err) = h.run(&["reset", "--execute"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+}

@@ -3,6 +3,7 @@
 mod discover;
 mod limit;
 mod policy_file;
+mod progress;
 mod report;
 mod reset;
 mod resolution;

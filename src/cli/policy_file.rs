@@ -30,6 +30,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::limit::{self, LimitArgs, LimitError, RunArgs, RuntimeArgs, Validated};
+use super::progress::Progress;
 use super::report::Report;
 use super::{Format, UsageError};
 use crate::engine::prune::{self, Listed};
@@ -334,7 +335,18 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             }
         };
         let mut staged = Vec::new();
-        for (v, merged) in validated.iter().filter(|(v, _)| &v.wanted.device == device) {
+        let on_device: Vec<_> = validated
+            .iter()
+            .filter(|(v, _)| &v.wanted.device == device)
+            .collect();
+        let mut planning = Progress::on_terminal(&format!("apply: planning {device}"));
+        engine.on_progress({
+            let mut p = Progress::on_terminal(&format!("apply: kernel steps on {device}"));
+            move |done, all| p.update(done, all)
+        });
+        let total = on_device.len();
+        for (i, (v, merged)) in on_device.into_iter().enumerate() {
+            planning.update(i, total);
             let (_, direction, key) = listed(v);
             let name = match merged {
                 Some(note) => format!("{key} {} on {device} ({note})", direction.name()),
@@ -362,6 +374,7 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
                 staged_prune.push((name, wanted.clone(), engine.resolve(&wanted)));
             }
         }
+        planning.clear();
         // The device's whole change set goes to the kernel together.
         let mut run = engine.commit();
         for (name, wanted, s) in staged {

@@ -10,6 +10,7 @@ use clap::Args;
 
 use super::limit::{LimitError, RunArgs};
 use super::policy_file::{render, Batch};
+use super::progress::Progress;
 use super::report::Report;
 use crate::engine::{self, prune, Engine, NetlinkKernel, OpenError};
 use crate::ownership::StateDir;
@@ -63,7 +64,9 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
         .collect();
     let mut reports: Vec<(String, Report)> = Vec::new();
     let mut gone = Vec::new();
-    for (ns, device, owner) in &groups {
+    let mut progress = Progress::on_terminal("reset: devices and owners");
+    for (i, (ns, device, owner)) in groups.iter().enumerate() {
+        progress.update(i, groups.len());
         let ns = (!ns.is_empty()).then_some(ns.as_str());
         let opened = NetlinkKernel::open(ns)
             .map_err(OpenError::from)
@@ -118,11 +121,16 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
             );
             staged.push((name, wanted.clone(), engine.resolve(&wanted)));
         }
+        engine.on_progress({
+            let mut p = Progress::on_terminal(&format!("reset: kernel steps on {device}"));
+            move |done, all| p.update(done, all)
+        });
         let mut run = engine.commit();
         for (name, wanted, s) in staged {
             reports.push((name, Report::build(&engine, &wanted, s, &mut run)));
         }
     }
+    progress.clear();
     if !gone.is_empty() && a.run.execute {
         if let Err(e) = forget(&state, &gone) {
             eprintln!("raylimit: reset: {e}");

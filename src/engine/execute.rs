@@ -63,6 +63,15 @@ impl Execution {
 /// Runs `steps` on `kernel`. A failure stops the run after the batch it was in, and everything
 /// done so far is undone, last first.
 pub fn execute<S: Borrow<Step>>(kernel: &mut impl Kernel, steps: &[S]) -> Execution {
+    execute_with_progress(kernel, steps, &mut |_, _| {})
+}
+
+/// `execute`, telling `progress` (steps done, steps in all) after each batch.
+pub fn execute_with_progress<S: Borrow<Step>>(
+    kernel: &mut impl Kernel,
+    steps: &[S],
+    progress: &mut dyn FnMut(usize, usize),
+) -> Execution {
     let steps: Vec<&Step> = steps.iter().map(Borrow::borrow).collect();
     let mut exec = Execution::default();
     // The undo steps of what is done: (the step, its undo step).
@@ -88,6 +97,7 @@ pub fn execute<S: Borrow<Step>>(kernel: &mut impl Kernel, steps: &[S]) -> Execut
             }
         }
         next = end;
+        progress(next, steps.len());
         if failed {
             for later in &steps[next..] {
                 exec.results.push(result(later, Status::NotRun, None, None));

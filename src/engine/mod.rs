@@ -27,7 +27,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::rc::Rc;
 
-pub use execute::{execute, Execution, Status, StepResult};
+pub use execute::{execute, execute_with_progress, Execution, Status, StepResult};
 pub use kernel::{Kernel, NetlinkKernel};
 
 use crate::evidence::scope::{ListenEndpoint, Scope};
@@ -293,6 +293,8 @@ pub struct Engine<K: Kernel> {
     staged: Vec<Decided>,
     /// Staged decisions whose steps run at the commit.
     pending: Vec<usize>,
+    /// Told (steps done, steps in all) as a commit's batches are acknowledged.
+    progress: Option<Box<dyn FnMut(usize, usize)>>,
     _lock: Option<Lock>,
 }
 
@@ -338,6 +340,7 @@ impl<K: Kernel> Engine<K> {
             kernel,
             annotations: options.state_dir.load(),
             annotations_changed: false,
+            progress: None,
             state_dir: options.state_dir,
             netns_key: options.netns.clone().unwrap_or_default(),
             netns_path: options.netns.map(|n| format!("/run/netns/{n}")),
@@ -646,6 +649,11 @@ impl<K: Kernel> Engine<K> {
     /// transaction at the end, every acknowledgement checked; when any step fails, all of them
     /// are undone and each decision says so. Then the annotations are saved once, and the next
     /// decision observes the kernel afresh. Returns every decision staged since the last commit.
+    /// Reports the progress of each commit's steps (a long run on a terminal shows it).
+    pub fn on_progress(&mut self, progress: impl FnMut(usize, usize) + 'static) {
+        self.progress = Some(Box::new(progress));
+    }
+
     pub fn commit(&mut self) -> Committed {
         self.observed.clear();
         // The next run (a watch round) reads the runtime's listeners again: they may move.
@@ -663,7 +671,12 @@ impl<K: Kernel> Engine<K> {
                 .map(|i| staged[*i].decision.steps.as_slice())
                 .collect();
             let (steps, owners) = run_order(&decisions);
-            let execution = execute(&mut self.kernel, &steps);
+            let progress = &mut self.progress;
+            let execution = execute_with_progress(&mut self.kernel, &steps, &mut |done, all| {
+                if let Some(p) = progress.as_mut() {
+                    p(done, all)
+                }
+            });
             // Each decision gets the results of its own steps, in its plan's order.
             let mut placed: Vec<Vec<(usize, StepResult)>> = vec![Vec::new(); pending.len()];
             for (result, owned) in execution.results.iter().zip(&owners) {

@@ -191,3 +191,45 @@ fn never_starts_another_process() {
         "{execs:?}"
     );
 }
+
+/// Every command's `--help` ends with examples, and `limit`'s marks what is required.
+#[test]
+fn help_teaches_with_examples_and_marks_what_is_required() {
+    for command in [
+        "limit",
+        "discover",
+        "inspect",
+        "status",
+        "top",
+        "apply",
+        "watch",
+        "reset",
+        "probe",
+        "show",
+        "completions",
+    ] {
+        let (code, out, _) = raylimit(&[command, "--help"]);
+        assert_eq!(code, 0, "{command}");
+        let examples = out.split_once("Examples:\n").map(|x| x.1).unwrap_or("");
+        assert!(
+            examples
+                .lines()
+                .next()
+                .is_some_and(|l| l.starts_with("  raylimit ")),
+            "{command}: {out}"
+        );
+    }
+    let (_, out, _) = raylimit(&["limit", "--help"]);
+    for heading in [
+        "Subject (exactly one required):",
+        "Where (required):",
+        "Limit (exactly one required):",
+        "Runtime (exactly one of --pid, --container, --name):",
+    ] {
+        assert!(out.contains(heading), "{heading}: {out}");
+    }
+    assert!(
+        out.contains("Usage: raylimit limit <--ip IP|all | --inbound TAG"),
+        "{out}"
+    );
+}

@@ -15,51 +15,84 @@ use crate::runtime::{self, Selection, Source};
 #[derive(Args, Debug, Default)]
 pub struct LimitArgs {
     /// A client IP address, or `all` for every client.
-    #[arg(long, value_name = "IP|all")]
+    #[arg(
+        long,
+        value_name = "IP|all",
+        help_heading = "Subject (exactly one required)"
+    )]
     pub ip: Option<String>,
     /// With `--ip all`: `shared` (one baseline class) or `per_ip` (one class per live client IP).
-    #[arg(long, value_name = "shared|per_ip")]
+    #[arg(long, value_name = "shared|per_ip", help_heading = "Subject options")]
     pub ip_aggregation: Option<String>,
     /// An inbound tag of the runtime's config.
-    #[arg(long, value_name = "TAG")]
+    #[arg(
+        long,
+        value_name = "TAG",
+        help_heading = "Subject (exactly one required)"
+    )]
     pub inbound: Option<String>,
     /// An outbound tag of the runtime's config.
-    #[arg(long, value_name = "TAG")]
+    #[arg(
+        long,
+        value_name = "TAG",
+        help_heading = "Subject (exactly one required)"
+    )]
     pub outbound: Option<String>,
     /// A user's UUID or email.
-    #[arg(long, value_name = "UUID")]
+    #[arg(
+        long,
+        value_name = "UUID",
+        help_heading = "Subject (exactly one required)"
+    )]
     pub uuid: Option<String>,
     /// One client connection, as IP:PORT.
-    #[arg(long, value_name = "IP:PORT")]
+    #[arg(
+        long,
+        value_name = "IP:PORT",
+        help_heading = "Subject (exactly one required)"
+    )]
     pub connection: Option<String>,
     /// For client rules (`--ip`, `--uuid`, `--connection`): `runtime` (the default) matches only
     /// packets of the runtime's own listeners; `device` matches every packet of the client (or,
     /// for `--ip all`, every packet) on the device, whatever it belongs to.
-    #[arg(long, value_name = "runtime|device")]
+    #[arg(long, value_name = "runtime|device", help_heading = "Subject options")]
     pub scope: Option<String>,
     /// The mark bits raylimit reads and writes for --outbound (default 0x0f000000); other
     /// software's mark bits are left intact.
-    #[arg(long, value_name = "MASK")]
+    #[arg(long, value_name = "MASK", help_heading = "Subject options")]
     pub mark_mask: Option<String>,
     /// The network device whose traffic is shaped.
-    #[arg(long, value_name = "DEV")]
+    #[arg(long, value_name = "DEV", help_heading = "Where (required)")]
     pub device: Option<String>,
     /// `download` (toward the client, leaving DEV) or `upload` (from the client, arriving on DEV).
-    #[arg(long, value_name = "upload|download", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "upload|download",
+        allow_hyphen_values = true,
+        help_heading = "Where (required)"
+    )]
     pub direction: Option<String>,
     /// Bytes per second, or with a unit: 10mbit, 5MB/s, 512KiB/s (10mbps is refused: bits or
     /// bytes?).
-    #[arg(long, value_name = "RATE", allow_hyphen_values = true)]
+    #[arg(
+        long,
+        value_name = "RATE",
+        allow_hyphen_values = true,
+        help_heading = "Limit (exactly one required)"
+    )]
     pub rate: Option<String>,
     /// Exempt the IP from any baseline (unshaped).
-    #[arg(long)]
+    #[arg(long, help_heading = "Limit (exactly one required)")]
     pub unlimited: bool,
     /// Remove the rule instead of setting it.
-    #[arg(long)]
+    #[arg(long, help_heading = "Limit (exactly one required)")]
     pub remove: bool,
-    #[command(flatten)]
+    #[command(
+        flatten,
+        next_help_heading = "Runtime (exactly one of --pid, --container, --name)"
+    )]
     pub runtime: RuntimeArgs,
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Run")]
     pub run: RunArgs,
 }
 

@@ -36,15 +36,37 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Plan (and with --execute, apply) one limit for one subject, direction and device.
+    #[command(after_help = "Examples:
+  raylimit limit --pid 4242 --ip 203.0.113.10 --device eth0 --direction download --rate 10mbit
+  raylimit limit --name xray --ip all --device eth0 --direction upload --rate 5MB/s --execute
+  raylimit limit --name xray --ip all --ip-aggregation per_ip --device eth0 --direction download --rate 2mbit
+  raylimit limit --name xray --uuid alice@example.com --device eth0 --direction download --rate 1MB/s
+  raylimit limit --name xray --inbound vless-in --device eth0 --direction upload --rate 50mbit
+  raylimit limit --name xray --ip 198.51.100.7 --unlimited --device eth0 --direction download
+  raylimit limit --name xray --ip 203.0.113.10 --device eth0 --direction download --remove --execute
+  raylimit --netns edge limit --name xray --ip all --device veth0 --direction download --rate 1MB/s")]
+    #[command(
+        override_usage = "raylimit limit <--ip IP|all | --inbound TAG | --outbound TAG | --uuid UUID | --connection IP:PORT>
+                      --device DEV --direction <upload|download>
+                      <--rate RATE | --unlimited | --remove>
+                      <--pid PID | --container ID | --name NAME> [OPTIONS]"
+    )]
     Limit(Box<limit::LimitArgs>),
     /// List the Xray and V2Ray runtimes on this host: processes, and containers through the
     /// container engine's API.
+    #[command(after_help = "Examples:
+  raylimit discover
+  raylimit discover --format json")]
     Discover {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
     /// A runtime's config as it reads it: files, API, inbounds and outbounds, and whether a
     /// limit on each can be concrete. Without a selector, every runtime.
+    #[command(after_help = "Examples:
+  raylimit inspect
+  raylimit inspect --name xray
+  raylimit inspect --container edge-proxy --format json")]
     Inspect(Box<discover::InspectArgs>),
     /// Every limit raylimit manages on this host (or one device), by namespace, device,
     /// direction and owner in precedence order, with throughput, drops and drift.
@@ -72,14 +94,34 @@ pub enum Command {
     Top(Box<top::TopArgs>),
     /// Reconcile a declarative set of limits for one runtime from a JSON or TOML file (dry-run
     /// unless --execute; --prune removes the runtime's limits the file no longer lists).
+    #[command(after_help = "Examples:
+  raylimit apply --file /etc/raylimit/policy.toml            # the plan
+  raylimit apply --file /etc/raylimit/policy.toml --execute
+  raylimit apply --file /etc/raylimit/policy.json --prune --execute   # and remove what it no longer lists")]
     Apply(Box<policy_file::ApplyArgs>),
     /// Keep a per_ip set or a user's addresses in line with live evidence, until SIGINT or
     /// SIGTERM (dry-run unless --execute).
+    #[command(after_help = "Examples:
+  raylimit watch --name xray --ip all --ip-aggregation per_ip --device eth0 --direction download --rate 2mbit --execute
+  raylimit watch --name xray --uuid alice@example.com --device eth0 --direction upload --rate 1MB/s --interval 5s --execute")]
+    #[command(
+        override_usage = "raylimit watch <--ip all --ip-aggregation per_ip | --uuid UUID>
+                      --device DEV --direction <upload|download> --rate RATE
+                      <--pid PID | --container ID | --name NAME> [OPTIONS]"
+    )]
     Watch(Box<watch::WatchArgs>),
     /// Remove every limit raylimit recorded (or one owner's or device's; --netns narrows to a
     /// namespace), whether or not its runtime still runs (dry-run unless --execute).
+    #[command(after_help = "Examples:
+  raylimit reset                                        # what would be removed
+  raylimit reset --execute
+  raylimit reset --owner 'host:/usr/local/bin/xray config=/etc/xray/config.json' --execute
+  raylimit reset --device eth0 --subject 'ip 203.0.113.10' --direction download --execute")]
     Reset(Box<reset::ResetArgs>),
     /// Print the shell completions for SHELL (bash, zsh, fish, elvish, powershell).
+    #[command(after_help = "Examples:
+  raylimit completions bash > /etc/bash_completion.d/raylimit
+  raylimit completions fish > ~/.config/fish/completions/raylimit.fish")]
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
@@ -93,11 +135,17 @@ pub enum Command {
     /// Print the version.
     Version,
     /// Report which optional tc features this kernel has (reads only; changes nothing).
+    #[command(after_help = "Examples:
+  raylimit probe
+  raylimit probe --format json")]
     Probe {
         #[arg(long, value_enum, default_value_t = Format::Text)]
         format: Format,
     },
     /// Show a device's qdiscs, classes and filters as raylimit decodes them, with counters.
+    #[command(after_help = "Examples:
+  raylimit show --device eth0
+  raylimit --netns edge show --device rlifb7 --format json")]
     Show {
         #[arg(long, value_name = "DEV")]
         device: String,

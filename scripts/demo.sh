@@ -94,8 +94,14 @@ show_speeds
 say "7. Repeating the request changes nothing in the kernel:"
 "${LIMIT[@]}" --direction download --rate 1MB/s --execute | grep -E '^(Reconcile decision|Outcome)' | sed 's/^/   /'
 
-say "8. raylimit status: everything it manages, with live counters and owners:"
-"$RL" --netns "$SRV" status | sed 's/^/   /'
+say "8. raylimit status while the client downloads through V2Ray: grouped by device, direction and owner, with the throughput measured now against each limit, and drift (none):"
+ip netns exec "$CLI" iperf3 -c "$SERVER_IP" -p 5202 -t 4 -R >/dev/null 2>&1 &
+LOAD=$!
+sleep 1.5
+"$RL" --netns "$SRV" status --sample-ms 1000 | sed 's/^/   /'
+say "   And as one snapshot of raylimit top (live on a terminal; q quits):"
+"$RL" --netns "$SRV" top --once | sed 's/^/   /'
+wait "$LOAD"
 
 say "9. Remove both limits; the root qdisc, the IFB and the ingress hook go with the last rule:"
 "${LIMIT[@]}" --direction download --remove --execute | grep -E '^(Reconcile decision|Outcome)' | sed 's/^/   /'

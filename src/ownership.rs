@@ -151,6 +151,18 @@ pub struct Lock {
     _file: File,
 }
 
+/// Larger state files are refused: a few hundred bytes per rule makes this tens of thousands of
+/// rules, and reading one must not cost the host unbounded memory.
+pub const MAX_STATE_BYTES: u64 = 16 << 20;
+
+/// The state file exists but cannot be trusted: raylimit refuses to act on it and keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the owner annotations in {path} cannot be read ({why}); the file is kept as it is. raylimit will not change limits without knowing who owns them: inspect it, or move it aside (mv {path} {path}.bad) to start again with every managed object unannotated (status lists them, and a request for a subject adopts its objects)")]
+pub struct StateError {
+    pub path: String,
+    pub why: String,
+}
+
 impl StateDir {
     /// `RAYLIMIT_STATE_DIR`, or `/run/raylimit`.
     pub fn from_env() -> Self {
@@ -161,16 +173,68 @@ impl StateDir {
         StateDir { path }
     }
 
-    /// Takes the exclusive lock, waiting up to 30 s for another run to finish.
-    pub fn lock(&self) -> Result<Lock, String> {
-        fs::create_dir_all(&self.path)
-            .map_err(|e| format!("cannot create {}: {e}", self.path.display()))?;
-        let path = self.path.join(LOCK_FILE);
+    /// The directory, root's only (0700 whatever the umask), never through a symlink.
+    fn ensure_dir(&self) -> Result<(), String> {
+        use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+        match fs::symlink_metadata(&self.path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(format!(
+                    "{} is a symlink; raylimit keeps its state only in a real directory",
+                    self.path.display()
+                ))
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(format!("{} is not a directory", self.path.display()))
+            }
+            Ok(m) => {
+                if m.permissions().mode() & 0o077 != 0 {
+                    fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))
+                        .map_err(|e| format!("cannot restrict {}: {e}", self.path.display()))?;
+                }
+                return Ok(());
+            }
+            Err(_) => {}
+        }
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            fs::create_dir_all(parent)
+                .map_err(|e| format!("cannot create {}: {e}", parent.display()))?;
+        }
+        match fs::DirBuilder::new().mode(0o700).create(&self.path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(format!("cannot create {}: {e}", self.path.display())),
+        }
+        // The mode given to mkdir is masked by the umask; this is not.
+        fs::set_permissions(&self.path, fs::Permissions::from_mode(0o700))
+            .map_err(|e| format!("cannot restrict {}: {e}", self.path.display()))
+    }
+
+    /// Opens a file of the state directory for writing: 0600, never through a symlink.
+    fn open_private(&self, path: &std::path::Path, truncate: bool) -> std::io::Result<File> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let file = OpenOptions::new()
             .create(true)
-            .truncate(false)
+            .truncate(truncate)
             .write(true)
-            .open(&path)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            file.set_permissions(fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(file)
+    }
+
+    /// Takes the exclusive lock, waiting up to 30 s for another run to finish.
+    pub fn lock(&self) -> Result<Lock, String> {
+        self.ensure_dir()?;
+        let path = self.path.join(LOCK_FILE);
+        let file = self
+            .open_private(&path, false)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let deadline = Instant::now() + LOCK_WAIT;
         loop {
@@ -194,25 +258,61 @@ impl StateDir {
         }
     }
 
-    /// The annotations; a missing or unreadable file means none (owners show as unknown).
-    pub fn load(&self) -> Annotations {
-        let Ok(text) = fs::read_to_string(self.path.join(STATE_FILE)) else {
-            return Annotations::default();
+    /// The annotations. No file means none; a file that is not a regular file, is larger than
+    /// `MAX_STATE_BYTES`, or does not parse is an error (it is never treated as empty, which
+    /// would let the next save drop every rule it records).
+    pub fn load(&self) -> Result<Annotations, StateError> {
+        use std::io::Read;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.path.join(STATE_FILE);
+        let bad = |why: String| StateError {
+            path: path.display().to_string(),
+            why,
         };
-        let Ok(file) = serde_json::from_str::<StateFile<Vec<Annotation>>>(&text) else {
-            return Annotations::default();
+        let file = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Annotations::default()),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(bad("it is a symlink".into()))
+            }
+            Err(e) => return Err(bad(e.to_string())),
         };
+        let meta = file.metadata().map_err(|e| bad(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(bad("it is not a regular file".into()));
+        }
+        if meta.len() > MAX_STATE_BYTES {
+            return Err(bad(format!(
+                "{} bytes, more than the {} raylimit reads",
+                meta.len(),
+                MAX_STATE_BYTES
+            )));
+        }
+        let mut text = String::new();
+        file.take(MAX_STATE_BYTES + 1)
+            .read_to_string(&mut text)
+            .map_err(|e| bad(e.to_string()))?;
+        let file = serde_json::from_str::<StateFile<Vec<Annotation>>>(&text)
+            .map_err(|e| bad(format!("not raylimit's state: {e}")))?;
+        if file.version != 1 {
+            return Err(bad(format!("version {}, not 1", file.version)));
+        }
         let mut annotations = Annotations::default();
         for a in file.rules {
             annotations.upsert(a);
         }
-        annotations
+        Ok(annotations)
     }
 
-    /// Writes the annotations atomically (a temporary file renamed over the old one).
+    /// Writes the annotations atomically (a temporary file renamed over the old one); the
+    /// temporary file never outlives a failure.
     pub fn save(&self, annotations: &Annotations) -> Result<(), String> {
-        fs::create_dir_all(&self.path)
-            .map_err(|e| format!("cannot create {}: {e}", self.path.display()))?;
+        use std::io::Write;
+        self.ensure_dir()?;
         let rules: Vec<&Annotation> = annotations.iter().collect();
         // Compact: with thousands of rules, every run reads it whole.
         let text =
@@ -221,7 +321,20 @@ impl StateDir {
             .path
             .join(format!("{STATE_FILE}.{}", std::process::id()));
         let target = self.path.join(STATE_FILE);
-        fs::write(&tmp, text).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
-        fs::rename(&tmp, &target).map_err(|e| format!("cannot replace {}: {e}", target.display()))
+        let written = self
+            .open_private(&tmp, true)
+            .and_then(|mut f| {
+                f.write_all(text.as_bytes())?;
+                f.sync_data()
+            })
+            .map_err(|e| format!("cannot write {}: {e}", tmp.display()))
+            .and_then(|()| {
+                fs::rename(&tmp, &target)
+                    .map_err(|e| format!("cannot replace {}: {e}", target.display()))
+            });
+        if written.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        written
     }
 }

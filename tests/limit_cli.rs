@@ -8,82 +8,9 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
+use common::host::{same_state, Host};
 use common::*;
 use serde_json::Value;
-
-/// A namespace with a veth device and a real V2Ray runtime in it.
-struct Host {
-    ns: Netns,
-    runtime: V2ray,
-    state: StateDir,
-}
-
-impl Host {
-    fn new(tag: &str) -> Self {
-        let (ns, runtime) = veth_host(tag);
-        Host {
-            ns,
-            runtime,
-            state: state_dir(tag),
-        }
-    }
-
-    fn run(&self, args: &[&str]) -> (i32, String, String) {
-        let mut full = vec!["--netns", &self.ns.name];
-        full.extend_from_slice(args);
-        raylimit_in(&self.state, &full)
-    }
-
-    /// `limit --pid <runtime> --device veth-a` plus `args`.
-    fn limit(&self, args: &[&str]) -> (i32, String, String) {
-        let pid = self.runtime.pid();
-        let mut full = vec!["limit", "--pid", &pid, "--device", "veth-a"];
-        full.extend_from_slice(args);
-        self.run(&full)
-    }
-
-    fn limit_json(&self, args: &[&str]) -> Value {
-        let mut full = args.to_vec();
-        full.extend_from_slice(&["--format", "json"]);
-        let (code, out, err) = self.limit(&full);
-        assert_eq!(code, 0, "{args:?}: {err}\n{out}");
-        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
-    }
-
-    /// Everything tc shows for the namespace's devices (the oracle for "unchanged").
-    fn kernel_state(&self) -> String {
-        let mut s = self.ns.tc(&["qdisc", "show"]);
-        for dev in ["veth-a", "veth-b"] {
-            s += &self.ns.tc(&["class", "show", "dev", dev]);
-            s += &self.ns.tc(&["filter", "show", "dev", dev]);
-            s += &self.ns.tc(&["filter", "show", "dev", dev, "ingress"]);
-        }
-        s += &self.ns.ip(&["-br", "link", "show"]);
-        // HTB counts packets it passes unshaped even in `tc qdisc show`; that is traffic, not state.
-        s.lines()
-            .map(|l| match l.find(" direct_packets_stat ") {
-                Some(i) => {
-                    let rest = &l[i + 21..];
-                    let after = rest.find(' ').map(|j| &rest[j..]).unwrap_or("");
-                    format!("{}{after}\n", &l[..i])
-                }
-                None => format!("{l}\n"),
-            })
-            .collect()
-    }
-}
-
-/// Asserts two kernel states are equal, showing only the first difference.
-fn same_state(now: &str, before: &str, what: &str) {
-    if let Some((a, b)) = now.lines().zip(before.lines()).find(|(a, b)| a != b) {
-        panic!("{what} changed the kernel: {b:?} became {a:?}");
-    }
-    assert_eq!(
-        now.lines().count(),
-        before.lines().count(),
-        "{what} changed the kernel"
-    );
-}
 
 fn usage_error(host: &Host, args: &[&str], expected: &str) {
     let before = host.kernel_state();
@@ -1362,16 +1289,14 @@ fn status_shows_drift_both_ways_with_the_commands_that_repair_it() {
 
     // A rule no annotation records (the state file lost): shown with an unknown owner, and the
     // tc commands that remove its filters and class.
-    let (code, out, err) = h.limit(&[
+    h.executed(&[
         "--ip",
         "10.9.0.7",
         "--direction",
         "download",
         "--rate",
         "250000",
-        "--execute",
     ]);
-    assert_eq!(code, 0, "{err}\n{out}");
     std::fs::remove_file(h.state.0.join("owners.json")).unwrap();
     let (_, out, _) = h.run(&["status"]);
     assert!(
@@ -1421,16 +1346,14 @@ fn run_repairs(state: &StateDir, status: &str) {
 fn top_is_live_on_a_terminal_and_one_snapshot_in_a_pipe() {
     require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let h = Host::new("top");
-    let (code, out, err) = h.limit(&[
+    h.executed(&[
         "--ip",
         "10.9.0.7",
         "--direction",
         "download",
         "--rate",
         "250000",
-        "--execute",
     ]);
-    assert_eq!(code, 0, "{err}\n{out}");
     // The Prometheus textfile: one series per rule and metric, labelled, counters as counters.
     let (code, prom, err) = raylimit_in(&h.state, &["status", "--format", "prometheus"]);
     assert_eq!(code, 0, "{err}");
@@ -1509,16 +1432,14 @@ fn top_is_live_on_a_terminal_and_one_snapshot_in_a_pipe() {
 fn status_flags_upload_limits_that_are_not_in_force() {
     require(&[need::RUNTIME_HOST, need::UPLOAD]);
     let h = Host::new("nif");
-    let (code, out, err) = h.limit(&[
+    h.executed(&[
         "--ip",
         "10.9.0.7",
         "--direction",
         "upload",
         "--rate",
         "250000",
-        "--execute",
     ]);
-    assert_eq!(code, 0, "{err}\n{out}");
     let (_, out, _) = h.run(&["status"]);
     assert!(
         out.contains("Drift: none") && !out.contains("NOT IN FORCE"),
@@ -1549,16 +1470,14 @@ fn status_flags_upload_limits_that_are_not_in_force() {
 
     // Limits again, then the clsact hook deleted by hand: the IFB's root is there, but the
     // upload limits on it are not in force.
-    let (code, out, err) = h.limit(&[
+    h.executed(&[
         "--ip",
         "10.9.0.7",
         "--direction",
         "upload",
         "--rate",
         "250000",
-        "--execute",
     ]);
-    assert_eq!(code, 0, "{err}\n{out}");
     h.ns.tc(&["qdisc", "del", "dev", "veth-a", "clsact"]);
     let (_, out, _) = h.run(&["status"]);
     assert!(

@@ -304,7 +304,14 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             Ok(rt) => {
                 let owner = rt.owner();
                 let key = netns.clone().unwrap_or_default();
-                for x in StateDir::from_env().load().iter() {
+                let annotations = match StateDir::from_env().load() {
+                    Ok(a) => a,
+                    Err(e) => {
+                        eprintln!("raylimit: {e}");
+                        return 1;
+                    }
+                };
+                for x in annotations.iter() {
                     if x.owner == owner && x.netns == key && !devices.contains(&x.device) {
                         devices.push(x.device.clone());
                     }

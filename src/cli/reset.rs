@@ -51,7 +51,13 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
         None => None,
     };
     let state = StateDir::from_env();
-    let annotations = state.load();
+    let annotations = match state.load() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("raylimit: reset: {e}");
+            return 1;
+        }
+    };
     // One run per (namespace, device, owner), in a stable order.
     let groups: BTreeSet<(String, String, String)> = annotations
         .iter()
@@ -168,7 +174,7 @@ fn netns_exists(ns: Option<&str>) -> bool {
 /// Drops the annotations of devices or namespaces that no longer exist, under the lock.
 fn forget(state: &StateDir, gone: &[(Option<String>, String, String)]) -> Result<(), String> {
     let _lock = state.lock()?;
-    let mut annotations = state.load();
+    let mut annotations = state.load().map_err(|e| e.to_string())?;
     let doomed: Vec<_> = annotations
         .iter()
         .filter(|x| {

@@ -146,6 +146,7 @@ fn json_text(read: &[(Option<String>, Status)]) -> String {
                 "netns": ns,
                 "nft": nft_json(&s.nft),
                 "drift": s.drift.iter().map(|d| drift_json(d, ns.as_deref())).collect::<Vec<_>>(),
+                "state_error": s.state_error,
             })
         })
         .collect();
@@ -159,9 +160,10 @@ fn json_text(read: &[(Option<String>, Status)]) -> String {
         .collect();
     format!(
         "{}\n",
-        serde_json::to_string_pretty(
-            &json!({"roots": roots, "nft": nft, "drift": drift, "namespaces": spaces})
-        )
+        serde_json::to_string_pretty(&json!({
+            "roots": roots, "nft": nft, "drift": drift, "namespaces": spaces,
+            "state_error": read.first().and_then(|(_, s)| s.state_error.clone()),
+        }))
         .unwrap_or_default()
     )
 }
@@ -384,6 +386,9 @@ fn place(root: &Root, direction: &str) -> String {
 /// then the drift with what repairs it.
 fn text(s: &Status, netns: Option<&str>) -> String {
     let mut out = String::new();
+    if let Some(e) = &s.state_error {
+        let _ = writeln!(out, "Owner annotations UNREADABLE: {e}");
+    }
     if s.roots.is_empty() && s.drift.is_empty() {
         out.push_str("No managed limits.\n");
         return out;

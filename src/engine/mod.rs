@@ -62,6 +62,9 @@ pub enum OpenError {
     /// The lock could not be taken (another run holds it, or the state directory is unusable).
     #[error("{0}")]
     Lock(String),
+    /// The owner annotations cannot be read: nothing is planned on them.
+    #[error(transparent)]
+    State(#[from] crate::ownership::StateError),
 }
 
 /// Where a runtime's config and live evidence come from: the runtime itself, or a test's script.
@@ -338,7 +341,7 @@ impl<K: Kernel> Engine<K> {
             scope: None,
             foreign_classes: BTreeMap::new(),
             kernel,
-            annotations: options.state_dir.load(),
+            annotations: options.state_dir.load()?,
             annotations_changed: false,
             progress: None,
             state_dir: options.state_dir,
@@ -699,7 +702,9 @@ impl<K: Kernel> Engine<K> {
         let failed = execution.failed();
         let save = if failed {
             // A failed run changes nothing, so the annotations stay as they are on disk.
-            self.annotations = self.state_dir.load();
+            if let Ok(on_disk) = self.state_dir.load() {
+                self.annotations = on_disk;
+            }
             None
         } else if self.annotations_changed {
             Some(self.state_dir.save(&self.annotations))

@@ -144,11 +144,13 @@ pub struct Status {
     pub roots: Vec<Root>,
     pub nft: Result<NftState, NetlinkError>,
     pub drift: Vec<Drift>,
+    /// Why the owner annotations could not be read, when they could not.
+    pub state_error: Option<String>,
 }
 
 /// The named network namespaces the owner annotations record limits in, that still exist.
 pub fn annotated_namespaces() -> Vec<String> {
-    let annotations = StateDir::from_env().load();
+    let annotations = StateDir::from_env().load().unwrap_or_default();
     let names: std::collections::BTreeSet<String> = annotations
         .iter()
         .map(|a| a.netns.clone())
@@ -185,7 +187,11 @@ pub fn read_kernel(netns: Option<&str>, device: Option<&str>) -> Result<Status, 
     }
     let links = sock.links()?;
     let nft = nft::dump(netns.map(|n| format!("/run/netns/{n}")).as_deref());
-    let all_annotations = StateDir::from_env().load();
+    // Unreadable annotations are reported, and the kernel is shown as if none were recorded.
+    let (all_annotations, state_error) = match StateDir::from_env().load() {
+        Ok(a) => (a, None),
+        Err(e) => (Default::default(), Some(e.to_string())),
+    };
     let netns_key = netns.unwrap_or("");
     // This namespace's annotations, by class (one lookup per rule, however many there are).
     let mut by_class: BTreeMap<(&str, u16), &Annotation> = BTreeMap::new();
@@ -390,7 +396,12 @@ pub fn read_kernel(netns: Option<&str>, device: Option<&str>) -> Result<Status, 
             .filter(|a| a.netns == netns_key)
             .filter(|a| device.is_none_or(|d| a.device == d)),
     );
-    Ok(Status { roots, nft, drift })
+    Ok(Status {
+        roots,
+        nft,
+        drift,
+        state_error,
+    })
 }
 
 /// Compares the kernel's roots with the annotations: what is recorded but gone or changed,

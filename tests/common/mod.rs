@@ -7,6 +7,7 @@
 mod connect_from;
 pub mod container;
 pub mod fake_xray;
+pub mod host;
 pub mod kit;
 pub mod plans;
 pub mod proxy;

@@ -1,0 +1,234 @@
+//! Faults an operator's host throws at raylimit, reproduced against the real binary in a network
+//! namespace, with tc and ip as the oracle: unreadable owner annotations, a state directory
+//! under a careless umask, a lock another user could hold or a symlink could redirect.
+
+mod common;
+
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::process::Command;
+
+use common::host::{same_state, Host};
+use common::*;
+
+const LIMIT: [&str; 8] = [
+    "--ip",
+    "10.9.0.8",
+    "--direction",
+    "download",
+    "--rate",
+    "250000",
+    "--execute",
+    "--format=text",
+];
+
+/// A state file that is truncated, empty, not JSON, of another schema or version, a FIFO, a
+/// symlink, a directory or huge is never taken for "no annotations": every run refuses with one
+/// message naming the file (it would otherwise overwrite the rules it records), the file stays
+/// as it was, the kernel is unchanged, and `status` says the annotations are unreadable.
+#[test]
+fn unreadable_owner_annotations_are_refused_kept_and_reported() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("cst");
+    h.executed(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "download",
+        "--rate",
+        "250000",
+    ]);
+    let file = h.state.0.join("owners.json");
+    let good = std::fs::read(&file).unwrap();
+    type Corrupt<'a> = Box<dyn Fn() + 'a>;
+    let corruptions: Vec<(&str, Corrupt)> = vec![
+        (
+            "truncated",
+            Box::new(|| std::fs::write(&file, &good[..good.len() / 2]).unwrap()),
+        ),
+        ("empty", Box::new(|| std::fs::write(&file, b"").unwrap())),
+        (
+            "not JSON",
+            Box::new(|| std::fs::write(&file, b"{").unwrap()),
+        ),
+        (
+            "another schema",
+            Box::new(|| std::fs::write(&file, br#"{"version":1,"rules":{"a":1}}"#).unwrap()),
+        ),
+        (
+            "another version",
+            Box::new(|| std::fs::write(&file, br#"{"version":9,"rules":[]}"#).unwrap()),
+        ),
+        (
+            "a FIFO",
+            Box::new(|| {
+                std::fs::remove_file(&file).unwrap();
+                run(&["mkfifo", file.to_str().unwrap()]);
+            }),
+        ),
+        (
+            "a symlink",
+            Box::new(|| {
+                let real = h.state.0.join("elsewhere.json");
+                std::fs::write(&real, &good).unwrap();
+                std::fs::remove_file(&file).unwrap();
+                std::os::unix::fs::symlink(&real, &file).unwrap();
+            }),
+        ),
+        (
+            "a directory",
+            Box::new(|| {
+                std::fs::remove_file(&file).unwrap();
+                std::fs::create_dir(&file).unwrap();
+            }),
+        ),
+        (
+            "huge",
+            Box::new(|| {
+                let f = std::fs::File::create(&file).unwrap();
+                f.set_len(64 << 20).unwrap();
+            }),
+        ),
+    ];
+    for (what, corrupt) in corruptions {
+        corrupt();
+        let kind = std::fs::symlink_metadata(&file).unwrap().file_type();
+        let content = kind.is_file().then(|| std::fs::read(&file).unwrap());
+        let before = h.kernel_state();
+        // Bounded: a run that blocked on the file would be killed, and fail here.
+        let mut args = vec![
+            "timeout",
+            "10",
+            env!("CARGO_BIN_EXE_raylimit"),
+            "--netns",
+            &h.ns.name,
+        ];
+        args.extend(["limit", "--pid"]);
+        let pid = h.runtime.pid();
+        args.push(&pid);
+        args.extend(["--device", "veth-a"]);
+        args.extend(LIMIT);
+        let out = Command::new(args[0])
+            .args(&args[1..])
+            .env("RAYLIMIT_STATE_DIR", &h.state.0)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert_eq!(err.lines().count(), 1, "{what}: {err}");
+        assert!(
+            err.contains(&format!(
+                "the owner annotations in {} cannot be read",
+                file.display()
+            )) && err.contains("the file is kept as it is"),
+            "{what}: {err}"
+        );
+        same_state(&h.kernel_state(), &before, what);
+        let now = std::fs::symlink_metadata(&file).unwrap().file_type();
+        assert_eq!(
+            (now.is_file(), now.is_fifo(), now.is_symlink(), now.is_dir()),
+            (
+                kind.is_file(),
+                kind.is_fifo(),
+                kind.is_symlink(),
+                kind.is_dir()
+            ),
+            "{what}"
+        );
+        if let Some(c) = content {
+            assert!(
+                std::fs::read(&file).unwrap() == c,
+                "{what}: the file changed"
+            );
+        }
+        let (code, status, err) = h.run(&["status", "--sample-ms", "0"]);
+        assert_eq!(code, 0, "{what}: {err}");
+        assert!(
+            status.starts_with("Owner annotations UNREADABLE: the owner annotations in")
+                && status.contains("ip 10.9.0.7"),
+            "{what}: {status}"
+        );
+        // Put the good file back for the next corruption.
+        match std::fs::symlink_metadata(&file).unwrap().is_dir() {
+            true => std::fs::remove_dir(&file).unwrap(),
+            false => std::fs::remove_file(&file).unwrap(),
+        }
+        std::fs::write(&file, &good).unwrap();
+    }
+    let (code, out, err) = h.run(&["reset", "--execute"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+}
+
+/// The state directory and its files are root's alone whatever the umask (0700 and 0600), so
+/// no local user can read the annotations or take the lock; a lock that is a symlink is
+/// refused, and nothing is created at its target.
+#[test]
+fn state_is_root_only_and_the_lock_is_never_followed() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("prm");
+    let pid = h.runtime.pid();
+    let mut args = vec![
+        "-c",
+        "umask 000; exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_raylimit"),
+        "--netns",
+        &h.ns.name,
+        "limit",
+        "--pid",
+        &pid,
+        "--device",
+        "veth-a",
+    ];
+    args.extend(LIMIT);
+    let out = Command::new("sh")
+        .args(&args)
+        .env("RAYLIMIT_STATE_DIR", &h.state.0)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&h.state.0), 0o700);
+    assert_eq!(mode(&h.state.0.join("lock")), 0o600);
+    assert_eq!(mode(&h.state.0.join("owners.json")), 0o600);
+    // Another user cannot even open the lock to hold it.
+    let nobody = Command::new("setpriv")
+        .args([
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+            "flock",
+            "-n",
+        ])
+        .arg(h.state.0.join("lock"))
+        .arg("true")
+        .output()
+        .unwrap();
+    assert!(
+        !nobody.status.success(),
+        "an unprivileged user took the lock"
+    );
+
+    // A directory left open to everyone is closed again by the next run.
+    std::fs::set_permissions(&h.state.0, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let (code, _, err) = h.run(&["reset", "--execute"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(mode(&h.state.0), 0o700);
+
+    // A dangling symlink in the lock's place: refused, and its target never created.
+    let target = std::env::temp_dir().join(kit::unique("raylimit-lock-target"));
+    std::fs::remove_file(h.state.0.join("lock")).unwrap();
+    std::os::unix::fs::symlink(&target, h.state.0.join("lock")).unwrap();
+    let before = h.kernel_state();
+    let (code, out, err) = h.limit(&LIMIT);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(err.contains("cannot open") && err.contains("lock"), "{err}");
+    assert!(
+        !target.exists(),
+        "the lock was followed to {}",
+        target.display()
+    );
+    same_state(&h.kernel_state(), &before, "a run with a symlinked lock");
+}

@@ -232,3 +232,68 @@ fn state_is_root_only_and_the_lock_is_never_followed() {
     );
     same_state(&h.kernel_state(), &before, "a run with a symlinked lock");
 }
+
+/// A runtime started with `-confdir` is identified by the directory, not by the files in it: a
+/// file added to the directory leaves its owner, and so its limits, unchanged.
+#[test]
+fn a_file_added_to_the_config_directory_keeps_the_owner() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let (ns, _other) = veth_host("cfd");
+    let state = state_dir("cfd");
+    let dir = temp_dir("confdir");
+    let port = 20000 + std::process::id() % 20000;
+    std::fs::write(
+        dir.join("10-main.json"),
+        format!(
+            r#"{{"inbounds":[{{"tag":"socks-in","listen":"127.0.0.1","port":{port},"protocol":"socks"}}],
+                "outbounds":[{{"tag":"direct","protocol":"freedom"}}]}}"#
+        ),
+    )
+    .unwrap();
+    let runtime = Launched::start(
+        &ns,
+        std::path::Path::new(V2RAY_BIN),
+        &["-confdir", dir.to_str().unwrap()],
+        &dir,
+        &[],
+        Some(dir.clone()),
+    );
+    runtime.wait_listening(port as u16, &|| false).unwrap();
+    let pid = runtime.pid();
+    let limit = |extra: &[&str]| {
+        let mut args = vec![
+            "--netns",
+            &ns.name,
+            "limit",
+            "--pid",
+            &pid,
+            "--device",
+            "veth-a",
+            "--ip",
+            "10.9.0.7",
+            "--direction",
+            "download",
+            "--rate",
+            "250000",
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let (code, out, err) = raylimit_in(&state, &args);
+        assert_eq!(code, 0, "{err}\n{out}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let made = limit(&["--execute"]);
+    let owner = made["runtime"]["owner"].as_str().unwrap().to_string();
+    assert_eq!(
+        owner,
+        format!("host:{V2RAY_BIN} config={}/", dir.display()),
+        "{made}"
+    );
+    std::fs::write(dir.join("50-extra.json"), "{}").unwrap();
+    let again = limit(&[]);
+    assert_eq!(again["runtime"]["owner"], owner.as_str(), "{again}");
+    assert_eq!(again["decision"]["kind"], "no_op", "{again}");
+    let (code, out, err) = raylimit_in(&state, &["--netns", &ns.name, "reset", "--execute"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+}

@@ -460,6 +460,7 @@ impl Live for Scripted {
     fn config(&self) -> Result<Loaded, String> {
         Ok(Loaded {
             located: crate::xray::locate::Located {
+                confdir: None,
                 origin: crate::xray::locate::Origin::Flags,
                 files: Vec::new(),
                 format: None,

@@ -155,7 +155,7 @@ impl Runtime {
             .filter(|l| l.origin != locate::Origin::Stdin)
         {
             s.push_str(" config=");
-            s.push_str(&l.files.join(","));
+            s.push_str(&l.identity().join(","));
         }
         s
     }

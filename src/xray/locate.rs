@@ -119,6 +119,26 @@ pub enum Origin {
     Stdin,
 }
 
+impl Located {
+    /// What identifies the config the runtime was started with: its config files and its
+    /// config directory as a directory (`/etc/xray/conf/`), not the files in it, so that a file
+    /// added to the directory does not make the runtime another owner.
+    pub fn identity(&self) -> Vec<String> {
+        let Some(dir) = &self.confdir else {
+            return self.files.clone();
+        };
+        let dir = format!("{}/", dir.trim_end_matches('/'));
+        let mut out: Vec<String> = self
+            .files
+            .iter()
+            .filter(|f| !f.starts_with(&dir))
+            .cloned()
+            .collect();
+        out.push(dir);
+        out
+    }
+}
+
 impl Origin {
     pub fn describe(&self) -> String {
         match self {
@@ -149,6 +169,8 @@ pub struct Located {
     pub origin: Origin,
     /// Paths as the process sees them; `stdin:` and URLs are kept so they can be reported.
     pub files: Vec<String>,
+    /// The config directory the files were listed from, when there was one.
+    pub confdir: Option<String>,
     /// `-format`, when given.
     pub format: Option<String>,
 }
@@ -257,12 +279,14 @@ pub fn locate(p: &Process, fs: &Rooted) -> Located {
             }
         }
     }
+    let confdir_path = confdir.as_ref().map(|(d, _)| d.clone());
     if !files.is_empty() {
         let origin = match confdir {
             Some((dir, from_env)) if flag_files.is_empty() => Origin::Confdir { dir, from_env },
             _ => Origin::Flags,
         };
         return Located {
+            confdir: confdir_path,
             origin,
             files,
             format,
@@ -285,6 +309,7 @@ pub fn locate(p: &Process, fs: &Rooted) -> Located {
             .find(|f| fs.is_file(f))
         {
             return Located {
+                confdir: None,
                 origin: Origin::WorkingDirectory,
                 files: vec![f],
                 format,
@@ -304,12 +329,14 @@ pub fn locate(p: &Process, fs: &Rooted) -> Located {
     let candidate = absolute(&format!("{}/config.json", dir.trim_end_matches('/')), p.cwd);
     if fs.is_file(&candidate) {
         return Located {
+            confdir: None,
             origin: Origin::Location { from_env },
             files: vec![candidate],
             format,
         };
     }
     Located {
+        confdir: None,
         origin: Origin::Stdin,
         files: vec!["stdin:".into()],
         format,

@@ -437,6 +437,7 @@ mod tests {
         }
         Loaded {
             located: Located {
+                confdir: None,
                 origin: Origin::Flags,
                 files: files.iter().map(|f| f.0.to_string()).collect(),
                 format: None,

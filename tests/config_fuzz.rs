@@ -31,6 +31,7 @@ fn exercise(values: &[Value]) {
     let cfg = Loaded {
         located: Located {
             origin: Origin::Flags,
+            confdir: None,
             files: files.iter().map(|f| f.path.clone()).collect(),
             format: None,
         },

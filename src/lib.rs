@@ -7,6 +7,7 @@
 pub mod cli;
 pub mod engine;
 pub mod evidence;
+pub mod files;
 pub mod model;
 pub mod netlink;
 pub mod ownership;

@@ -297,3 +297,114 @@ fn a_file_added_to_the_config_directory_keeps_the_owner() {
     let (code, out, err) = raylimit_in(&state, &["--netns", &ns.name, "reset", "--execute"]);
     assert_eq!(code, 0, "{err}\n{out}");
 }
+
+/// A runtime's config file, or its access log, replaced after it started by something that is
+/// not a regular file (a FIFO no one writes, /dev/zero, a directory) or by a huge file: every
+/// command that reads them answers promptly (killed after 10 s otherwise), within 128 MiB of
+/// data (RLIMIT_DATA), naming what the path is.
+#[test]
+fn hostile_config_and_access_log_paths_never_hang_or_fill_memory() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let (ns, _other) = veth_host("hfs");
+    let state = state_dir("hfs");
+    let dir = temp_dir("hostile");
+    let port = 20000 + (std::process::id() + 7) % 20000;
+    let config = dir.join("config.json");
+    let log = dir.join("access.log");
+    std::fs::write(
+        &config,
+        format!(
+            r#"{{"log":{{"loglevel":"warning","access":"{}"}},
+                "inbounds":[{{"tag":"socks-in","listen":"127.0.0.1","port":{port},"protocol":"socks"}}],
+                "outbounds":[{{"tag":"direct","protocol":"freedom"}}]}}"#,
+            log.display()
+        ),
+    )
+    .unwrap();
+    let runtime = Launched::start(
+        &ns,
+        std::path::Path::new(V2RAY_BIN),
+        &["-config", config.to_str().unwrap()],
+        &dir,
+        &[],
+        Some(dir.clone()),
+    );
+    runtime.wait_listening(port as u16, &|| false).unwrap();
+    let pid = runtime.pid();
+    let good = std::fs::read(&config).unwrap();
+    let bounded = |args: &[&str]| {
+        let out = Command::new("prlimit")
+            .arg(format!("--data={}", 128 << 20))
+            .args([
+                "timeout",
+                "10",
+                env!("CARGO_BIN_EXE_raylimit"),
+                "--netns",
+                &ns.name,
+            ])
+            .args(args)
+            .env("RAYLIMIT_STATE_DIR", &state.0)
+            .output()
+            .unwrap();
+        let code = out.status.code();
+        let text = String::from_utf8_lossy(&out.stdout).to_string()
+            + &String::from_utf8_lossy(&out.stderr);
+        // 124: killed by timeout; none: killed by a signal (an allocation over the limit).
+        assert!(code.is_some_and(|c| c != 124), "{args:?}: {code:?} {text}");
+        text
+    };
+    let per_ip: Vec<&str> = vec![
+        "limit",
+        "--pid",
+        &pid,
+        "--device",
+        "veth-a",
+        "--ip",
+        "all",
+        "--ip-aggregation",
+        "per_ip",
+        "--direction",
+        "download",
+        "--rate",
+        "250000",
+    ];
+    let replace = |path: &std::path::Path, with: &str| {
+        let _ = std::fs::remove_file(path);
+        let _ = std::fs::remove_dir(path);
+        match with {
+            "a FIFO" => run(&["mkfifo", path.to_str().unwrap()]),
+            "a character device" => {
+                std::os::unix::fs::symlink("/dev/zero", path).unwrap();
+                String::new()
+            }
+            "a directory" => {
+                std::fs::create_dir(path).unwrap();
+                String::new()
+            }
+            _ => {
+                std::fs::File::create(path)
+                    .unwrap()
+                    .set_len(1 << 30)
+                    .unwrap();
+                String::new()
+            }
+        };
+    };
+    for kind in ["a FIFO", "a character device", "a directory", "huge"] {
+        replace(&log, kind);
+        let out = bounded(&["inspect", "--pid", &pid]);
+        assert!(out.contains("socks-in"), "access log {kind}: {out}");
+        bounded(&per_ip);
+        replace(&config, kind);
+        let out = bounded(&["inspect", "--pid", &pid]);
+        let said = match kind {
+            "huge" => "is larger than".to_string(),
+            k => format!("{} is {k}", config.display()),
+        };
+        assert!(out.contains(&said), "config {kind}: {out}");
+        bounded(&per_ip);
+        let _ = std::fs::remove_file(&config);
+        let _ = std::fs::remove_dir(&config);
+        std::fs::write(&config, &good).unwrap();
+    }
+}

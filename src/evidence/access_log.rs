@@ -9,7 +9,6 @@
 //! There is no close event, so a line says who opened a connection, never that it is still
 //! open: liveness comes from the kernel's socket table, joined on the client address and port.
 
-use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -81,12 +80,13 @@ pub fn parse_line(line: &str) -> Option<Entry> {
 
 /// The accepted connections in the last `TAIL_BYTES` of the log, oldest first.
 pub fn read_tail(path: &Path) -> std::io::Result<Vec<Entry>> {
-    let mut f = File::open(path)?;
+    let mut f = crate::files::open_regular(path)?;
     let len = f.metadata()?.len();
     let start = len.saturating_sub(TAIL_BYTES);
     f.seek(SeekFrom::Start(start))?;
+    // A log still growing is read up to where it was when opened, never further.
     let mut bytes = Vec::with_capacity((len - start) as usize);
-    f.read_to_end(&mut bytes)?;
+    f.take(len - start).read_to_end(&mut bytes)?;
     let text = String::from_utf8_lossy(&bytes);
     let mut lines = text.lines();
     if start > 0 {

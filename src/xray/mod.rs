@@ -9,8 +9,6 @@ pub mod locate;
 pub mod read;
 pub mod verdict;
 
-use std::io::Read;
-
 use config::{FileConfig, Merged};
 use locate::{Located, Rooted};
 
@@ -126,21 +124,18 @@ fn read_one(
         return Err(FileStatus::NotOnDisk);
     }
     let host = fs.host_path(path);
-    let file = std::fs::File::open(&host).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => FileStatus::Missing,
-        std::io::ErrorKind::PermissionDenied => FileStatus::Denied,
-        _ => FileStatus::Invalid(e.to_string()),
-    })?;
-    let mut bytes = Vec::new();
-    file.take(MAX_CONFIG_BYTES + 1)
-        .read_to_end(&mut bytes)
-        .map_err(|e| FileStatus::Invalid(e.to_string()))?;
-    if bytes.len() as u64 > MAX_CONFIG_BYTES {
-        return Err(FileStatus::Invalid(format!(
-            "larger than {} MiB",
-            MAX_CONFIG_BYTES >> 20
-        )));
-    }
+    let bytes =
+        crate::files::read_bounded(&host, MAX_CONFIG_BYTES).map_err(|e| match e.kind() {
+            std::io::ErrorKind::NotFound => FileStatus::Missing,
+            std::io::ErrorKind::PermissionDenied => FileStatus::Denied,
+            _ => FileStatus::Invalid(match e.kind() {
+                // Named by the path the process sees, not the host's /proc/PID/root one.
+                std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => {
+                    e.to_string().replace(&host.display().to_string(), path)
+                }
+                _ => e.to_string(),
+            }),
+        })?;
     let text =
         String::from_utf8(bytes).map_err(|_| FileStatus::Invalid("not UTF-8 text".into()))?;
     let value =

@@ -51,6 +51,18 @@ pub struct Annotation {
 struct StateFile<T> {
     version: u32,
     rules: T,
+    /// Shared objects raylimit created (not adopted): only these does it ever delete.
+    #[serde(default)]
+    made: Vec<Made>,
+}
+
+/// A shared object raylimit created: an ingress hook (clsact) on a device, or an IFB.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Made {
+    pub netns: String,
+    pub device: String,
+    /// `ingress-hook` or `ifb`.
+    pub object: String,
 }
 
 /// All annotations, by rule: (netns, shaped device, subject key as written, owner), so they list
@@ -59,6 +71,7 @@ struct StateFile<T> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Annotations {
     entries: BTreeMap<(String, String, String, String), Annotation>,
+    made: std::collections::BTreeSet<Made>,
 }
 
 fn key(
@@ -137,6 +150,28 @@ impl Annotations {
     pub fn remove(&mut self, netns: &str, shaped_device: &str, subject: &SubjectKey, owner: &str) {
         self.entries
             .remove(&key(netns, shaped_device, subject, owner));
+    }
+
+    /// raylimit created `object` on `device` (so it may delete it).
+    pub fn made(&self, netns: &str, device: &str, object: &str) -> bool {
+        self.made.contains(&Made {
+            netns: netns.into(),
+            device: device.into(),
+            object: object.into(),
+        })
+    }
+
+    /// Records that raylimit created `object` on `device` (`true`), or that it is gone.
+    pub fn set_made(&mut self, netns: &str, device: &str, object: &str, made: bool) -> bool {
+        let m = Made {
+            netns: netns.into(),
+            device: device.into(),
+            object: object.into(),
+        };
+        match made {
+            true => self.made.insert(m),
+            false => self.made.remove(&m),
+        }
     }
 }
 
@@ -305,6 +340,7 @@ impl StateDir {
         for a in file.rules {
             annotations.upsert(a);
         }
+        annotations.made = file.made.into_iter().collect();
         Ok(annotations)
     }
 
@@ -315,8 +351,12 @@ impl StateDir {
         self.ensure_dir()?;
         let rules: Vec<&Annotation> = annotations.iter().collect();
         // Compact: with thousands of rules, every run reads it whole.
-        let text =
-            serde_json::to_string(&StateFile { version: 1, rules }).map_err(|e| e.to_string())?;
+        let text = serde_json::to_string(&StateFile {
+            version: 1,
+            rules,
+            made: annotations.made.iter().cloned().collect(),
+        })
+        .map_err(|e| e.to_string())?;
         let tmp = self
             .path
             .join(format!("{STATE_FILE}.{}", std::process::id()));

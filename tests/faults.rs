@@ -408,3 +408,93 @@ fn hostile_config_and_access_log_paths_never_hang_or_fill_memory() {
         std::fs::write(&config, &good).unwrap();
     }
 }
+
+/// raylimit deletes only what it made: an empty clsact and an IFB named like its own that were
+/// there before the first upload limit stay after the last one goes; another tool's filter in
+/// raylimit's priority band stays after a removal with --allow-missing-tc-state.
+#[test]
+fn objects_raylimit_did_not_make_are_never_deleted() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
+    let h = Host::new("frn");
+    let ifb = format!("rlifb{}", h.ns.ifindex("veth-a"));
+    h.ns.tc(&["qdisc", "add", "dev", "veth-a", "clsact"]);
+    h.ns.ip(&["link", "add", &ifb, "type", "ifb"]);
+    let upload = [
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "upload",
+        "--rate",
+        "250000",
+    ];
+    h.executed(&upload);
+    let filters = h.ns.tc(&["filter", "show", "dev", "veth-a", "ingress"]);
+    assert!(filters.contains("mirred"), "{filters}");
+    let mut remove = upload[..4].to_vec();
+    remove.push("--remove");
+    h.executed(&remove);
+    let qdiscs = h.ns.tc(&["qdisc", "show", "dev", "veth-a"]);
+    assert!(
+        qdiscs.contains("clsact"),
+        "the clsact that was there went: {qdiscs}"
+    );
+    assert!(
+        h.ns.ip(&["link", "show"]).contains(&ifb),
+        "the {ifb} that was there went"
+    );
+    assert!(!h
+        .ns
+        .tc(&["filter", "show", "dev", "veth-a", "ingress"])
+        .contains("mirred"));
+    assert!(!h.ns.tc(&["qdisc", "show", "dev", &ifb]).contains("524c:"));
+
+    // Another tool's filter in band 300 (where specific IPs live): a removal that goes ahead
+    // with --allow-missing-tc-state takes raylimit's node and leaves it.
+    let download = [
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "download",
+        "--rate",
+        "250000",
+    ];
+    h.executed(&download);
+    h.ns.tc(&[
+        "filter",
+        "add",
+        "dev",
+        "veth-a",
+        "parent",
+        "524c:",
+        "protocol",
+        "ip",
+        "pref",
+        "300",
+        "u32",
+        "match",
+        "ip",
+        "dst",
+        "10.9.0.99/32",
+        "flowid",
+        "524c:1",
+    ]);
+    let (code, out, err) = h.limit(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "download",
+        "--remove",
+        "--execute",
+        "--allow-missing-tc-state",
+    ]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    let filters = h.ns.tc(&["filter", "show", "dev", "veth-a"]);
+    assert!(
+        filters.contains("0a090063/ffffffff"),
+        "the foreign filter went: {filters}"
+    );
+    assert!(
+        !filters.contains("0a090007/ffffffff"),
+        "raylimit's node stayed: {filters}"
+    );
+}

@@ -67,6 +67,10 @@ pub enum OpenError {
     State(#[from] crate::ownership::StateError),
 }
 
+/// The names of the shared objects raylimit records creating.
+const MADE_HOOK: &str = "ingress-hook";
+const MADE_IFB: &str = "ifb";
+
 /// Where a runtime's config and live evidence come from: the runtime itself, or a test's script.
 pub trait Live {
     /// The runtime's config, as it reads it.
@@ -462,6 +466,14 @@ impl<K: Kernel> Engine<K> {
             has_fw,
             scope: rule_scope,
             foreign_classes: self.foreign_classes(&shaped_device, &owner),
+            made_hook: self
+                .annotations
+                .made(&self.netns_key, &self.device.name, MADE_HOOK),
+            made_ifb: self.annotations.made(
+                &self.netns_key,
+                &shaping::ifb_name(self.device.index),
+                MADE_IFB,
+            ),
         };
         self.observe_once(&request);
         let egress = request.on_egress();
@@ -528,6 +540,7 @@ impl<K: Kernel> Engine<K> {
                 }),
             };
             self.record(change);
+            self.record_made(&decision.steps);
             if self.execute {
                 self.pending.push(ticket.0);
             }
@@ -617,6 +630,27 @@ impl<K: Kernel> Engine<K> {
                 )
             })
             .clone()
+    }
+
+    /// Records the shared objects a decision creates (raylimit may delete them later) and
+    /// forgets those it deletes.
+    fn record_made(&mut self, steps: &[Step]) {
+        let ifb = shaping::ifb_name(self.device.index);
+        for step in steps {
+            let (device, object, made) = match step.name.as_str() {
+                "create-ingress-hook" => (self.device.name.as_str(), MADE_HOOK, true),
+                "delete-ingress-hook" => (self.device.name.as_str(), MADE_HOOK, false),
+                "create-ifb" => (ifb.as_str(), MADE_IFB, true),
+                "delete-ifb" => (ifb.as_str(), MADE_IFB, false),
+                _ => continue,
+            };
+            if self
+                .annotations
+                .set_made(&self.netns_key, device, object, made)
+            {
+                self.annotations_changed = true;
+            }
+        }
     }
 
     fn record(&mut self, change: AnnotationChange) {

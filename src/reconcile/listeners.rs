@@ -83,6 +83,7 @@ pub(super) fn emptied_listener_priorities(
         .filter(|prio| {
             removed.iter().any(|(p, _)| p == prio)
                 && !kept.contains(prio)
+                && !shaped.foreign_at(*prio, None)
                 && !shaped.listeners.iter().any(|n| {
                     n.entry.filter.priority == *prio
                         && !removed.contains(&(*prio, n.entry.filter.handle))

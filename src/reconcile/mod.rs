@@ -84,6 +84,10 @@ pub struct Context {
     /// Class minors on the shaped root that other runtimes' rules own (from the annotations):
     /// their filters are never taken for this rule's.
     pub foreign_classes: std::rc::Rc<BTreeSet<u16>>,
+    /// raylimit's records say it created the device's ingress hook, and its IFB: shared objects
+    /// are deleted with the last rule only when raylimit made them (never one it adopted).
+    pub made_hook: bool,
+    pub made_ifb: bool,
 }
 
 /// Which of a device's packets a runtime's rule may match.

@@ -422,6 +422,16 @@ impl ShapedRoot {
         self.nodes
             .range((prio, lo)..=(prio, hi))
             .any(|(k, _)| !removed.contains(k))
+            || self.foreign_at(prio, table)
+    }
+
+    /// Another tool's filter at `prio` (in `table`, when given): the priority, and the table,
+    /// stay while it is there.
+    pub fn foreign_at(&self, prio: u16, table: Option<u32>) -> bool {
+        self.unrecognised.iter().any(|f| {
+            f.filter.priority == prio
+                && table.is_none_or(|t| U32Handle(f.filter.handle).table() == t)
+        })
     }
 
     /// Unrecognised filters inside raylimit's own priority bands: they make the state not

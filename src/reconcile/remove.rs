@@ -54,6 +54,8 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
         // The baseline is alone in its priority: the priority goes with it, kernel table too.
         // The delete names the observed kind (matchall or u32): the kernel refuses another.
         let delete = match rule {
+            // Another tool's filter in the priority keeps it: then only the node goes.
+            Rule::Baseline { .. } if shaped.foreign_at(f.priority, None) => before.clone(),
             Rule::Baseline { .. } => Filter {
                 handle: 0,
                 ..before.clone()
@@ -101,7 +103,7 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
         let root = shaping::root_qdisc(ifindex);
         steps.push(Step::delete("delete-root-qdisc", &dev, root));
         if !req.on_egress() {
-            remove_upload_scaffolding(obs, &mut steps);
+            remove_upload_scaffolding(ctx, obs, &mut steps);
         }
     } else if !req.on_egress() {
         // The last outbound download on the IFB: arriving packets keep their own marks again.

@@ -34,6 +34,8 @@ fn ctx(subject: &str, direction: Direction, want: Want) -> Context {
         has_fw: false,
         scope: Default::default(),
         foreign_classes: Default::default(),
+        made_hook: true,
+        made_ifb: true,
     }
 }
 
@@ -172,6 +174,8 @@ fn user_ctx(uuid: &str, ips: &[&str], want: Want, remembered: Option<u16>) -> Co
         has_fw: false,
         scope: Default::default(),
         foreign_classes: Default::default(),
+        made_hook: true,
+        made_ifb: true,
     }
 }
 

@@ -308,7 +308,7 @@ pub(super) fn swap_redirect(obs: &Observation, old: &Filter, restore_mark: bool)
     ]
 }
 
-pub(super) fn remove_upload_scaffolding(obs: &Observation, steps: &mut Vec<Step>) {
+pub(super) fn remove_upload_scaffolding(ctx: &Context, obs: &Observation, steps: &mut Vec<Step>) {
     let device = device_dev(&obs.device);
     if let Some(hook) = &obs.hook {
         if let Some((f, _)) = &hook.redirect {
@@ -317,8 +317,10 @@ pub(super) fn remove_upload_scaffolding(obs: &Observation, steps: &mut Vec<Step>
         for (_, f, _) in &hook.listeners {
             steps.push(Step::delete("delete-redirect", &device, f.filter.clone()));
         }
-        // The hook goes only if nothing else (another tool's filter) lives on it.
-        if hook.others == 0 && hook.conflicting.is_none() && hook.parent.is_some() {
+        // The hook goes only if raylimit made it and nothing else (another tool's filter) lives
+        // on it.
+        if ctx.made_hook && hook.others == 0 && hook.conflicting.is_none() && hook.parent.is_some()
+        {
             let kind = if hook.clsact {
                 QdiscKind::Clsact
             } else {
@@ -333,7 +335,7 @@ pub(super) fn remove_upload_scaffolding(obs: &Observation, steps: &mut Vec<Step>
             steps.push(Step::delete("delete-ingress-hook", &device, q));
         }
     }
-    if let Some(ifb) = &obs.ifb {
+    if let Some(ifb) = obs.ifb.as_ref().filter(|_| ctx.made_ifb) {
         let name = ifb.name.clone();
         steps.push(
             Step::new("delete-ifb", Operation::DeleteLink(device_dev(ifb))).undone_by(vec![

@@ -30,6 +30,8 @@ pub fn context(subject: Subject, direction: Direction, want: Want, device: &str)
         has_fw: false,
         scope: Default::default(),
         foreign_classes: Default::default(),
+        made_hook: true,
+        made_ifb: true,
     }
 }
 

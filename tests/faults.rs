@@ -498,3 +498,40 @@ fn objects_raylimit_did_not_make_are_never_deleted() {
         "raylimit's node stayed: {filters}"
     );
 }
+
+/// The IFB deleted by hand leaves the device's ingress redirect sending to nothing (every
+/// packet it matches is dropped): removing the upload limit removes that redirect and the hook
+/// raylimit made, and the kernel ends as it began.
+#[test]
+fn a_redirect_to_a_deleted_ifb_is_removed_with_the_limit() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
+    let h = Host::new("gif");
+    let before = h.kernel_state();
+    let upload = [
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "upload",
+        "--rate",
+        "250000",
+    ];
+    h.executed(&upload);
+    h.ns.ip(&["link", "del", &format!("rlifb{}", h.ns.ifindex("veth-a"))]);
+    assert!(h
+        .ns
+        .tc(&["filter", "show", "dev", "veth-a", "ingress"])
+        .contains("mirred"));
+    let mut remove = upload[..4].to_vec();
+    remove.push("--remove");
+    let v = h.limit_json(&remove);
+    assert_eq!(v["decision"]["kind"], "remove", "{v}");
+    let v = h.limit_json(&[&remove[..], &["--execute"]].concat());
+    assert_eq!(v["outcome"], "executed", "{v}");
+    same_state(
+        &h.kernel_state(),
+        &before,
+        "the removal after the IFB was deleted",
+    );
+    let (_, out, _) = h.run(&["status"]);
+    assert_eq!(out.trim(), "No managed limits.", "{out}");
+}

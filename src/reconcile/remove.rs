@@ -8,6 +8,23 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
     let ifindex = dev_index(&dev);
     d.kind = DecisionKind::Remove;
     let Some(shaped) = obs.shaped.as_ref().filter(|s| s.is_managed()) else {
+        // The IFB and its root are gone (deleted by hand): a redirect left on the device sends
+        // arriving packets nowhere, so it goes, with the scaffolding raylimit made.
+        let redirects = obs
+            .hook
+            .as_ref()
+            .is_some_and(|h| h.redirect.is_some() || !h.listeners.is_empty());
+        if !req.on_egress() && redirects {
+            let mut steps = Vec::new();
+            remove_upload_scaffolding(ctx, obs, &mut steps);
+            d.reason = format!(
+                "no managed root exists on {}: the ingress redirect of {} that sent to it (dropping what it matched) goes",
+                dev.name(),
+                obs.device.name
+            );
+            d.steps = steps;
+            return;
+        }
         d.kind = DecisionKind::NoOp;
         d.reason = format!(
             "no managed root exists on {}, so there is nothing to remove",

@@ -152,6 +152,16 @@ impl Annotations {
             .remove(&key(netns, shaped_device, subject, owner));
     }
 
+    /// These annotations, and every rule and made object of `earlier` they lack: what a run
+    /// records before it changes the kernel (a removal is forgotten only once it is done).
+    pub fn keeping(mut self, earlier: &Annotations) -> Annotations {
+        for (k, a) in &earlier.entries {
+            self.entries.entry(k.clone()).or_insert_with(|| a.clone());
+        }
+        self.made.extend(earlier.made.iter().cloned());
+        self
+    }
+
     /// raylimit created `object` on `device` (so it may delete it).
     pub fn made(&self, netns: &str, device: &str, object: &str) -> bool {
         self.made.contains(&Made {

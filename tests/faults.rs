@@ -535,3 +535,108 @@ fn a_redirect_to_a_deleted_ifb_is_removed_with_the_limit() {
     let (_, out, _) = h.run(&["status"]);
     assert_eq!(out.trim(), "No managed limits.", "{out}");
 }
+
+/// A 2 000-limit `apply --execute` stopped by SIGINT, SIGTERM or SIGKILL at several points:
+/// SIGINT and SIGTERM end it at a batch boundary with everything undone (the kernel and the
+/// annotations as they began); after SIGKILL, whatever exists is recorded (the annotations are
+/// written before the kernel changes). Either way the next run converges: every limit once, no
+/// drift (no orphan class, no unrecorded object), and a third run changes nothing.
+#[test]
+fn interrupted_applies_converge_without_duplicates_or_orphans() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("sig");
+    let dir = temp_dir("sig-policy");
+    let _cleanup = TempDir(dir.clone());
+    let limits: Vec<String> = (0..2000)
+        .map(|i| {
+            format!(
+                r#"{{"ip": "10.{}.{}.{}", "device": "veth-a", "direction": "download", "rate": 250000}}"#,
+                20 + i / 60000,
+                (i / 250) % 250,
+                1 + i % 250
+            )
+        })
+        .collect();
+    let policy = dir.join("policy.json");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"{{"runtime": {{"pid": {}}}, "limits": [{}]}}"#,
+            h.runtime.pid(),
+            limits.join(",")
+        ),
+    )
+    .unwrap();
+    let apply = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_raylimit"));
+        cmd.args([
+            "--netns",
+            &h.ns.name,
+            "apply",
+            "--file",
+            policy.to_str().unwrap(),
+        ])
+        .args(extra)
+        .env("RAYLIMIT_STATE_DIR", &h.state.0);
+        cmd
+    };
+    let classes = || {
+        h.ns.tc(&["class", "show", "dev", "veth-a"])
+            .lines()
+            .filter(|l| l.contains("524c:"))
+            .count()
+    };
+    let empty = h.kernel_state();
+    for (signal, after_ms) in [
+        (libc::SIGINT, 150),
+        (libc::SIGTERM, 400),
+        (libc::SIGKILL, 150),
+        (libc::SIGKILL, 400),
+        (libc::SIGKILL, 800),
+    ] {
+        let mut child = apply(&["--execute"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(after_ms));
+        // SAFETY: signals a child this test started and has not yet reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let status = child.wait().unwrap();
+        let left = classes();
+        eprintln!("signal {signal} after {after_ms} ms: {status:?}, {left} classes left");
+        if signal != libc::SIGKILL && status.code() != Some(0) {
+            // Stopped at a batch boundary: everything undone.
+            same_state(&h.kernel_state(), &empty, "an interrupted apply");
+        }
+        let out = apply(&["--execute"]).output().unwrap();
+        assert!(out.status.success(), "the run after signal {signal}");
+        assert_eq!(classes(), 2000, "after signal {signal} at {after_ms} ms");
+        let (_, status, _) = h.run(&["status", "--format", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&status).unwrap();
+        assert_eq!(v["drift"], serde_json::json!([]), "after signal {signal}");
+        assert_eq!(v["roots"][0]["rules"].as_array().unwrap().len(), 2000);
+        let again = apply(&["--execute", "--format", "json"]).output().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&again.stdout).unwrap_or_else(|e| {
+            panic!(
+                "{e}: {:?} {}",
+                again.status,
+                String::from_utf8_lossy(&again.stderr)
+            )
+        });
+        let changed = v["limits"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["report"]["decision"]["kind"] != "no_op")
+            .count();
+        assert_eq!(
+            changed, 0,
+            "a third run after signal {signal} changed something"
+        );
+        let (code, _, err) = h.run(&["reset", "--execute"]);
+        assert_eq!(code, 0, "{err}");
+        same_state(&h.kernel_state(), &empty, "reset");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

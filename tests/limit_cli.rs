@@ -1453,13 +1453,33 @@ fn status_flags_upload_limits_that_are_not_in_force() {
     assert!(
         out.contains("veth-a upload ingress redirect: redirects to ifindex")
             && out.contains("which no longer exists: the packets it matches are dropped")
-            && out.contains(&format!(
-                "repair: tc -n {} filter del dev veth-a ingress",
-                h.ns.name
-            )),
+            && out.contains("removing the upload limits recorded here removes it")
+            && out.contains(&format!("repair: raylimit --netns {} reset", h.ns.name)),
         "{out}"
     );
     run_repairs(&h.state, &out);
+    // Unrecorded (the state file lost), the redirect's own tc command removes it.
+    h.executed(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "upload",
+        "--rate",
+        "250000",
+    ]);
+    std::fs::remove_file(h.state.0.join("owners.json")).unwrap();
+    let ifb = format!("rlifb{}", h.ns.ifindex("veth-a"));
+    h.ns.ip(&["link", "del", &ifb]);
+    let (_, out, _) = h.run(&["status"]);
+    assert!(
+        out.contains(&format!(
+            "repair: tc -n {} filter del dev veth-a ingress",
+            h.ns.name
+        )),
+        "{out}"
+    );
+    run_repairs(&h.state, &out);
+    h.ns.tc(&["qdisc", "del", "dev", "veth-a", "clsact"]);
     let filters = h.ns.tc(&["filter", "show", "dev", "veth-a", "ingress"]);
     assert!(!filters.contains("mirred"), "{filters}");
 

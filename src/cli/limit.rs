@@ -444,7 +444,15 @@ pub fn open(
                 "{e}; the runtime runs in network namespace {name}: add --netns {name}"
             ))))
         }
-        other => Ok(other?),
+        other => {
+            let mut engine = other?;
+            if run.execute {
+                engine.on_progress(super::progress::for_engine(&format!(
+                    "kernel steps on {device}"
+                )));
+            }
+            Ok(engine)
+        }
     }
 }
 

@@ -30,7 +30,7 @@ use clap::Args;
 use serde_json::{json, Value};
 
 use super::limit::{self, LimitArgs, LimitError, RunArgs, RuntimeArgs, Validated};
-use super::progress::Progress;
+use super::progress::{self, Progress};
 use super::report::Report;
 use super::{Format, UsageError};
 use crate::engine::prune::{self, Listed};
@@ -347,10 +347,9 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             .filter(|(v, _)| &v.wanted.device == device)
             .collect();
         let mut planning = Progress::on_terminal(&format!("apply: planning {device}"));
-        engine.on_progress({
-            let mut p = Progress::on_terminal(&format!("apply: kernel steps on {device}"));
-            move |done, all| p.update(done, all)
-        });
+        engine.on_progress(progress::for_engine(&format!(
+            "apply: kernel steps on {device}"
+        )));
         let total = on_device.len();
         for (i, (v, merged)) in on_device.into_iter().enumerate() {
             planning.update(i, total);

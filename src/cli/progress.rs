@@ -68,6 +68,18 @@ impl Progress {
     }
 }
 
+/// What an executing engine reports its batches to: progress on a terminal, and from now on
+/// SIGINT and SIGTERM stop the run at the next batch, which undoes what it did (the kernel and
+/// the annotations end as they began) instead of leaving it half-applied.
+pub fn for_engine(label: &str) -> impl FnMut(usize, usize) -> bool {
+    super::signals::catch();
+    let mut p = Progress::on_terminal(label);
+    move |done, all| {
+        p.update(done, all);
+        !super::signals::stopping()
+    }
+}
+
 impl Drop for Progress {
     fn drop(&mut self) {
         self.clear();

@@ -10,7 +10,7 @@ use clap::Args;
 
 use super::limit::{LimitError, RunArgs};
 use super::policy_file::{render, Batch};
-use super::progress::Progress;
+use super::progress::{self, Progress};
 use super::report::Report;
 use crate::engine::{self, prune, Engine, NetlinkKernel, OpenError};
 use crate::ownership::StateDir;
@@ -127,10 +127,9 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
             );
             staged.push((name, wanted.clone(), engine.resolve(&wanted)));
         }
-        engine.on_progress({
-            let mut p = Progress::on_terminal(&format!("reset: kernel steps on {device}"));
-            move |done, all| p.update(done, all)
-        });
+        engine.on_progress(progress::for_engine(&format!(
+            "reset: kernel steps on {device}"
+        )));
         let mut run = engine.commit();
         for (name, wanted, s) in staged {
             reports.push((name, Report::build(&engine, &wanted, s, &mut run)));

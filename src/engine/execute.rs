@@ -63,14 +63,15 @@ impl Execution {
 /// Runs `steps` on `kernel`. A failure stops the run after the batch it was in, and everything
 /// done so far is undone, last first.
 pub fn execute<S: Borrow<Step>>(kernel: &mut impl Kernel, steps: &[S]) -> Execution {
-    execute_with_progress(kernel, steps, &mut |_, _| {})
+    execute_with_progress(kernel, steps, &mut |_, _| true)
 }
 
-/// `execute`, telling `progress` (steps done, steps in all) after each batch.
+/// `execute`, telling `progress` (steps done, steps in all) after each batch; when it answers
+/// false (the run was interrupted), no further batch runs and what was done is undone.
 pub fn execute_with_progress<S: Borrow<Step>>(
     kernel: &mut impl Kernel,
     steps: &[S],
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Execution {
     let steps: Vec<&Step> = steps.iter().map(Borrow::borrow).collect();
     let mut exec = Execution::default();
@@ -97,7 +98,16 @@ pub fn execute_with_progress<S: Borrow<Step>>(
             }
         }
         next = end;
-        progress(next, steps.len());
+        if !failed && next < steps.len() && !progress(next, steps.len()) {
+            failed = true;
+            exec.results.push(result(
+                steps[next],
+                Status::Failed,
+                Some("interrupted by a signal before this step; the steps done are undone".into()),
+                None,
+            ));
+            next += 1;
+        }
         if failed {
             for later in &steps[next..] {
                 exec.results.push(result(later, Status::NotRun, None, None));

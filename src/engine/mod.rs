@@ -301,7 +301,7 @@ pub struct Engine<K: Kernel> {
     /// Staged decisions whose steps run at the commit.
     pending: Vec<usize>,
     /// Told (steps done, steps in all) as a commit's batches are acknowledged.
-    progress: Option<Box<dyn FnMut(usize, usize)>>,
+    progress: Option<Box<dyn FnMut(usize, usize) -> bool>>,
     _lock: Option<Lock>,
 }
 
@@ -682,15 +682,20 @@ impl<K: Kernel> Engine<K> {
         }
     }
 
-    /// Applies every pending decision as one run: tc steps batched, the nft changes as one
-    /// transaction at the end, every acknowledgement checked; when any step fails, all of them
-    /// are undone and each decision says so. Then the annotations are saved once, and the next
-    /// decision observes the kernel afresh. Returns every decision staged since the last commit.
-    /// Reports the progress of each commit's steps (a long run on a terminal shows it).
-    pub fn on_progress(&mut self, progress: impl FnMut(usize, usize) + 'static) {
+    /// Reports the progress of each commit's steps (a long run on a terminal shows it); when
+    /// it answers false (a signal asked the run to stop), the commit stops at the next batch
+    /// and undoes what it did.
+    pub fn on_progress(&mut self, progress: impl FnMut(usize, usize) -> bool + 'static) {
         self.progress = Some(Box::new(progress));
     }
 
+    /// Applies every pending decision as one run: tc steps batched, the nft changes as one
+    /// transaction at the end, every acknowledgement checked; when any step fails, all of them
+    /// are undone and each decision says so. The annotations are saved before the kernel
+    /// changes (the intent: every object the run may create is recorded, every removal still
+    /// is) and once more after (what is left), so a run killed midway leaves nothing
+    /// unrecorded; the next decision observes the kernel afresh. Returns every decision staged
+    /// since the last commit.
     pub fn commit(&mut self) -> Committed {
         self.observed.clear();
         // The next run (a watch round) reads the runtime's listeners again: they may move.
@@ -702,6 +707,18 @@ impl<K: Kernel> Engine<K> {
                 decided: staged.into_iter().map(Some).collect(),
             };
         }
+        // The intent, on disk before the kernel changes.
+        let on_disk = self.state_dir.load().unwrap_or_default();
+        let intent = self.annotations.clone().keeping(&on_disk);
+        if self.annotations_changed && intent != on_disk {
+            if let Err(e) = self.state_dir.save(&intent) {
+                self.annotations = on_disk;
+                self.annotations_changed = false;
+                return Committed {
+                    decided: not_run(staged, &pending, &e),
+                };
+            }
+        }
         let (execution, per) = {
             let decisions: Vec<&[Step]> = pending
                 .iter()
@@ -710,9 +727,7 @@ impl<K: Kernel> Engine<K> {
             let (steps, owners) = run_order(&decisions);
             let progress = &mut self.progress;
             let execution = execute_with_progress(&mut self.kernel, &steps, &mut |done, all| {
-                if let Some(p) = progress.as_mut() {
-                    p(done, all)
-                }
+                progress.as_mut().is_none_or(|p| p(done, all))
             });
             // Each decision gets the results of its own steps, in its plan's order.
             let mut placed: Vec<Vec<(usize, StepResult)>> = vec![Vec::new(); pending.len()];
@@ -735,12 +750,10 @@ impl<K: Kernel> Engine<K> {
         };
         let failed = execution.failed();
         let save = if failed {
-            // A failed run changes nothing, so the annotations stay as they are on disk.
-            if let Ok(on_disk) = self.state_dir.load() {
-                self.annotations = on_disk;
-            }
-            None
-        } else if self.annotations_changed {
+            // A failed run changes nothing, so the annotations go back to what they were.
+            self.annotations = on_disk;
+            (intent != self.annotations).then(|| self.state_dir.save(&self.annotations))
+        } else if self.annotations_changed && self.annotations != intent {
             Some(self.state_dir.save(&self.annotations))
         } else {
             None
@@ -771,6 +784,31 @@ impl<K: Kernel> Engine<K> {
             decided: staged.into_iter().map(Some).collect(),
         }
     }
+}
+
+/// The decisions of a commit that could not record its intent: nothing ran, and each says why.
+fn not_run(mut staged: Vec<Decided>, pending: &[usize], why: &str) -> Vec<Option<Decided>> {
+    for i in pending {
+        let d = &mut staged[*i];
+        d.outcome = Outcome::Failed;
+        d.warnings.push(Warning::NotAnnotated(why.to_string()));
+        d.execution = Some(Execution {
+            results: d
+                .decision
+                .steps
+                .iter()
+                .map(|s| StepResult {
+                    step: s.name.clone(),
+                    command: s.command(),
+                    status: Status::NotRun,
+                    error: None,
+                    warning: None,
+                })
+                .collect(),
+            rollback: Vec::new(),
+        });
+    }
+    staged.into_iter().map(Some).collect()
 }
 
 /// The (decision, step) places one executed step stands for.

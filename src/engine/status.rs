@@ -430,7 +430,12 @@ fn compare<'a>(
         .map(str::to_string)
         .to_vec()
     };
+    // Devices with recorded upload limits: removing those also removes their redirect.
+    let mut recorded_upload = BTreeSet::new();
     for a in annotations {
+        if a.direction == "upload" {
+            recorded_upload.insert(a.device.clone());
+        }
         let subject = a.subject.to_string();
         let root = roots.iter().find(|r| r.shaped_device == a.shaped_device);
         let rule = root.and_then(|r| {
@@ -439,6 +444,24 @@ fn compare<'a>(
                 .find(|x| x.subject == subject && x.owner.as_deref() == Some(a.owner.as_str()))
         });
         let problem = match (root, rule) {
+            _ if !links.iter().any(|l| l.name == a.device) => {
+                let left = match links.iter().any(|l| l.name == a.shaped_device) {
+                    true if a.shaped_device != a.device => {
+                        format!(" (its IFB {} is left behind)", a.shaped_device)
+                    }
+                    _ => String::new(),
+                };
+                drift.push(Drift {
+                    device: a.device.clone(),
+                    direction: a.direction.clone(),
+                    subject,
+                    owner: Some(a.owner.clone()),
+                    problem: format!("recorded on {}, which no longer exists{left}", a.device),
+                    raylimit: Some(forget(a)),
+                    tc: Vec::new(),
+                });
+                continue;
+            }
             _ if !links.iter().any(|l| l.name == a.shaped_device) => {
                 format!("recorded on {}, which no longer exists", a.shaped_device)
             }
@@ -537,22 +560,33 @@ fn compare<'a>(
             if links.iter().any(|l| l.index == *target) {
                 continue;
             }
+            let problem = format!(
+                "redirects to ifindex {target}, which no longer exists: the packets it matches \
+                 are dropped"
+            );
+            let (problem, tc) = match recorded_upload.contains(&h.device) {
+                true => (
+                    format!("{problem}; removing the upload limits recorded here removes it"),
+                    Vec::new(),
+                ),
+                false => (
+                    problem,
+                    vec![Step::delete(
+                        "delete-redirect",
+                        &Dev::Ifb(h.device.clone()),
+                        f.filter.clone(),
+                    )
+                    .command()],
+                ),
+            };
             drift.push(Drift {
                 device: h.device.clone(),
                 direction: "upload".into(),
                 subject: "ingress redirect".into(),
                 owner: None,
-                problem: format!(
-                    "redirects to ifindex {target}, which no longer exists: the packets it \
-                     matches are dropped"
-                ),
+                problem,
                 raylimit: None,
-                tc: vec![Step::delete(
-                    "delete-redirect",
-                    &Dev::Ifb(h.device.clone()),
-                    f.filter.clone(),
-                )
-                .command()],
+                tc,
             });
         }
     }
@@ -760,13 +794,15 @@ fn add_user_traffic(roots: &mut [Root]) {
     }
 }
 
-/// The device a root belongs to: an IFB `rlifbN` shapes upload for device N.
+/// The device a root belongs to: an IFB `rlifbN` shapes upload for device N (when device N is
+/// gone, the IFB is named as its own device, still upload).
 fn owner_device<'a>(link: &'a Link, links: &'a [Link]) -> (&'a str, &'static str) {
     if shaping::is_managed_ifb_name(&link.name) {
         let index: Option<u32> = link.name[IFB_PREFIX.len()..].parse().ok();
-        if let Some(dev) = links.iter().find(|l| Some(l.index) == index) {
-            return (&dev.name, "upload");
-        }
+        return match links.iter().find(|l| Some(l.index) == index) {
+            Some(dev) => (&dev.name, "upload"),
+            None => (&link.name, "upload"),
+        };
     }
     (&link.name, "download")
 }

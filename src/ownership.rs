@@ -193,7 +193,38 @@ pub struct StateDir {
 
 /// Held while a run changes the kernel; released when dropped.
 pub struct Lock {
-    _file: File,
+    file: File,
+}
+
+impl Lock {
+    /// Tells a run waiting for the lock that this one is still making progress (the lock
+    /// file's modification time).
+    pub fn heartbeat(&self) {
+        let _ = self.file.set_modified(std::time::SystemTime::now());
+    }
+
+    /// Writes the holder's pid into the lock file (what a waiting run reports and checks).
+    fn announce(&self) {
+        use std::io::{Seek, Write};
+        let mut f = &self.file;
+        let _ = f.set_len(0);
+        let _ = f.seek(std::io::SeekFrom::Start(0));
+        let _ = writeln!(f, "{}", std::process::id());
+        self.heartbeat();
+    }
+}
+
+/// The run holding the lock at `path`, when it is alive and has shown progress within the
+/// last LOCK_WAIT: its pid.
+fn live_holder(path: &std::path::Path) -> Option<u32> {
+    let text = fs::read_to_string(path).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    let fresh = fs::metadata(path)
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_some_and(|age| age < LOCK_WAIT);
+    (fresh && std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(pid)
 }
 
 /// Larger state files are refused: a few hundred bytes per rule makes this tens of thousands of
@@ -282,22 +313,40 @@ impl StateDir {
             .open_private(&path, false)
             .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
         let deadline = Instant::now() + LOCK_WAIT;
+        let mut told = false;
         loop {
             // SAFETY: flock on a file descriptor this function owns.
             let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if rc == 0 {
-                return Ok(Lock { _file: file });
+                let lock = Lock { file };
+                lock.announce();
+                return Ok(lock);
             }
             let err = std::io::Error::last_os_error();
             if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
                 return Err(format!("cannot lock {}: {err}", path.display()));
             }
             if Instant::now() >= deadline {
-                return Err(format!(
-                    "another raylimit run has held {} for {} s; try again when it has finished",
-                    path.display(),
-                    LOCK_WAIT.as_secs()
-                ));
+                // A long run (thousands of limits) that is still making progress is waited
+                // for; one that shows none for LOCK_WAIT is not.
+                match live_holder(&path) {
+                    Some(pid) => {
+                        if !told {
+                            eprintln!(
+                                "raylimit: waiting for raylimit run {pid}, which holds {} and is making progress",
+                                path.display()
+                            );
+                            told = true;
+                        }
+                    }
+                    None => {
+                        return Err(format!(
+                            "another raylimit run has held {} for {} s without progress; try again when it has finished",
+                            path.display(),
+                            LOCK_WAIT.as_secs()
+                        ))
+                    }
+                }
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -386,5 +435,35 @@ impl StateDir {
             let _ = fs::remove_file(&tmp);
         }
         written
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_waiting_run_waits_only_for_a_live_holder_that_makes_progress() {
+        let dir = std::env::temp_dir().join(format!("raylimit-lock-{}", std::process::id()));
+        let state = StateDir { path: dir.clone() };
+        let lock = state.lock().unwrap();
+        let path = dir.join(LOCK_FILE);
+        assert_eq!(live_holder(&path), Some(std::process::id()));
+        // No heartbeat for longer than a waiter waits: not making progress.
+        let old = std::time::SystemTime::now() - LOCK_WAIT - Duration::from_secs(1);
+        File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+        assert_eq!(live_holder(&path), None);
+        lock.heartbeat();
+        assert_eq!(live_holder(&path), Some(std::process::id()));
+        // A holder that is gone (pid_max is at most 2^22).
+        fs::write(&path, "4194305\n").unwrap();
+        assert_eq!(live_holder(&path), None);
+        drop(lock);
+        fs::remove_dir_all(&dir).unwrap();
     }
 }

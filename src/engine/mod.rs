@@ -302,7 +302,7 @@ pub struct Engine<K: Kernel> {
     pending: Vec<usize>,
     /// Told (steps done, steps in all) as a commit's batches are acknowledged.
     progress: Option<Box<dyn FnMut(usize, usize) -> bool>>,
-    _lock: Option<Lock>,
+    lock: Option<Lock>,
 }
 
 impl<K: Kernel> Engine<K> {
@@ -355,7 +355,7 @@ impl<K: Kernel> Engine<K> {
             observed: BTreeMap::new(),
             staged: Vec::new(),
             pending: Vec::new(),
-            _lock: lock,
+            lock,
         })
     }
 
@@ -726,7 +726,11 @@ impl<K: Kernel> Engine<K> {
                 .collect();
             let (steps, owners) = run_order(&decisions);
             let progress = &mut self.progress;
+            let lock = &self.lock;
             let execution = execute_with_progress(&mut self.kernel, &steps, &mut |done, all| {
+                if let Some(l) = lock {
+                    l.heartbeat();
+                }
                 progress.as_mut().is_none_or(|p| p(done, all))
             });
             // Each decision gets the results of its own steps, in its plan's order.

@@ -7,7 +7,7 @@ mod common;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::process::Command;
 
-use common::host::{same_state, Host};
+use common::host::{run_repairs, same_state, Host};
 use common::*;
 
 const LIMIT: [&str; 8] = [
@@ -639,4 +639,45 @@ fn interrupted_applies_converge_without_duplicates_or_orphans() {
         same_state(&h.kernel_state(), &empty, "reset");
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The shaped device deleted, then made again under the same name (another ifindex): status
+/// names the limit recorded on the old device's IFB, which is left behind, and the repairs it
+/// prints (forget the rule, delete that IFB) leave nothing managed.
+#[test]
+fn limits_on_a_vanished_device_are_shown_and_removable() {
+    require(&[need::RUNTIME_HOST, need::UPLOAD]);
+    let h = Host::new("van");
+    let old_ifb = format!("rlifb{}", h.ns.ifindex("veth-a"));
+    h.executed(&[
+        "--ip",
+        "10.9.0.7",
+        "--direction",
+        "upload",
+        "--rate",
+        "250000",
+    ]);
+    h.ns.ip(&["link", "del", "veth-a"]);
+    let (_, out, _) = h.run(&["status"]);
+    assert!(
+        out.contains(&format!(
+            "recorded on veth-a, which no longer exists (its IFB {old_ifb} is left behind)"
+        )),
+        "{out}"
+    );
+    h.ns.ip(&[
+        "link", "add", "veth-a", "type", "veth", "peer", "name", "veth-b",
+    ]);
+    h.ns.ip(&["link", "set", "veth-a", "up"]);
+    let (_, out, _) = h.run(&["status"]);
+    assert!(
+        out.contains(&format!(
+            "recorded on {old_ifb}, the IFB of an earlier veth-a"
+        )) && out.contains(&format!("repair: ip -n {} link del {old_ifb}", h.ns.name)),
+        "{out}"
+    );
+    run_repairs(&h.state, &out);
+    let (_, out, _) = h.run(&["status"]);
+    assert_eq!(out.trim(), "No managed limits.", "{out}");
+    assert!(!h.ns.ip(&["link", "show"]).contains(&old_ifb));
 }

@@ -8,7 +8,7 @@ use std::os::fd::AsRawFd;
 use std::process::Command;
 use std::time::Duration;
 
-use common::host::{same_state, Host};
+use common::host::{run_repairs, same_state, Host};
 use common::*;
 use serde_json::Value;
 
@@ -1312,32 +1312,6 @@ fn status_shows_drift_both_ways_with_the_commands_that_repair_it() {
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["drift"], serde_json::json!([]), "{v}");
     assert_eq!(v["roots"][0]["rules"], serde_json::json!([]), "{v}");
-}
-
-/// Runs every `repair:` command a status printed, as an operator would paste it.
-fn run_repairs(state: &StateDir, status: &str) {
-    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_raylimit"));
-    let path = format!(
-        "{}:{}",
-        bin.parent().unwrap().display(),
-        std::env::var("PATH").unwrap_or_default()
-    );
-    for cmd in status
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("repair: "))
-    {
-        let out = std::process::Command::new("sh")
-            .args(["-c", cmd])
-            .env("PATH", &path)
-            .env("RAYLIMIT_STATE_DIR", &state.0)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{cmd}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 /// `top` as a pipe prints one snapshot and exits; on a terminal (script(1)'s pseudo-terminal)

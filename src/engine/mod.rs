@@ -669,13 +669,27 @@ impl<K: Kernel> Engine<K> {
                 subject,
                 owner,
             } => {
-                if self
+                // The rule as recorded on this shaped device, and as recorded on the IFB of an
+                // earlier device of the same name (deleted and made again, with another
+                // ifindex): that one's objects went with the old device.
+                let current_ifb = shaping::ifb_name(self.device.index);
+                let doomed: Vec<String> = self
                     .annotations
-                    .find(&self.netns_key, &shaped_device, &subject, &owner)
-                    .is_some()
-                {
+                    .iter()
+                    .filter(|a| {
+                        a.netns == self.netns_key
+                            && a.subject == subject
+                            && a.owner == owner
+                            && (a.shaped_device == shaped_device
+                                || (a.device == self.device.name
+                                    && a.shaped_device != self.device.name
+                                    && a.shaped_device != current_ifb))
+                    })
+                    .map(|a| a.shaped_device.clone())
+                    .collect();
+                for shaped in doomed {
                     self.annotations
-                        .remove(&self.netns_key, &shaped_device, &subject, &owner);
+                        .remove(&self.netns_key, &shaped, &subject, &owner);
                     self.annotations_changed = true;
                 }
             }

@@ -462,6 +462,32 @@ fn compare<'a>(
                 });
                 continue;
             }
+            _ if a.shaped_device != a.device
+                && links
+                    .iter()
+                    .find(|l| l.name == a.device)
+                    .is_some_and(|d| shaping::ifb_name(d.index) != a.shaped_device) =>
+            {
+                let left = links.iter().any(|l| l.name == a.shaped_device);
+                drift.push(Drift {
+                    device: a.device.clone(),
+                    direction: a.direction.clone(),
+                    subject,
+                    owner: Some(a.owner.clone()),
+                    problem: format!(
+                        "recorded on {}, the IFB of an earlier {} (the device was made again, with another ifindex){}",
+                        a.shaped_device,
+                        a.device,
+                        if left { "; that IFB is left behind" } else { "" }
+                    ),
+                    raylimit: Some(forget(a)),
+                    tc: left
+                        .then(|| format!("ip link del {}", a.shaped_device))
+                        .into_iter()
+                        .collect(),
+                });
+                continue;
+            }
             _ if !links.iter().any(|l| l.name == a.shaped_device) => {
                 format!("recorded on {}, which no longer exists", a.shaped_device)
             }

@@ -86,3 +86,29 @@ pub fn same_state(now: &str, before: &str, what: &str) {
         "{what} changed the kernel"
     );
 }
+
+/// Runs every `repair:` command a status printed, as an operator would paste it.
+pub fn run_repairs(state: &StateDir, status: &str) {
+    let bin = std::path::Path::new(env!("CARGO_BIN_EXE_raylimit"));
+    let path = format!(
+        "{}:{}",
+        bin.parent().unwrap().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for cmd in status
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("repair: "))
+    {
+        let out = std::process::Command::new("sh")
+            .args(["-c", cmd])
+            .env("PATH", &path)
+            .env("RAYLIMIT_STATE_DIR", &state.0)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{cmd}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

@@ -8,6 +8,7 @@ use raylimit::model::tc::*;
 use raylimit::model::u32::{End, U32Filter, U32Selector};
 use raylimit::model::{TcHandle, U32Handle};
 use raylimit::shaping::leaf_class;
+use std::process::Command;
 
 fn raylimit(args: &[&str]) -> (i32, String, String) {
     raylimit_env(args, &[])
@@ -232,4 +233,106 @@ fn help_teaches_with_examples_and_marks_what_is_required() {
         out.contains("Usage: raylimit limit <--ip IP|all | --inbound TAG"),
         "{out}"
     );
+}
+
+/// With `--format json`, an error is one JSON object on stdout (`error.message`, `kind`,
+/// `exit_code`) beside the usual stderr line; without it, stdout stays empty.
+#[test]
+fn errors_are_a_json_object_with_format_json() {
+    let cases: [(&[&str], &str, i32, &str); 5] = [
+        (
+            &[
+                "limit",
+                "--pid",
+                "1",
+                "--ip",
+                "10.0.0.1",
+                "--device",
+                "lo",
+                "--direction",
+                "download",
+                "--rate",
+                "10mbps",
+                "--format",
+                "json",
+            ],
+            "usage",
+            2,
+            "10mbps",
+        ),
+        (
+            &["status", "--devce", "lo", "--format=json"],
+            "usage",
+            2,
+            "--devce",
+        ),
+        (
+            &["show", "--device", "rl-missing0", "--format", "json"],
+            "refused",
+            1,
+            "rl-missing0",
+        ),
+        (
+            &["status", "--device", "rl-missing0", "--format", "json"],
+            "usage",
+            2,
+            "rl-missing0",
+        ),
+        (
+            &["reset", "--subject", "nonsense", "--format", "json"],
+            "usage",
+            2,
+            "--subject",
+        ),
+    ];
+    for (args, kind, code, names) in cases {
+        let (got, out, err) = raylimit(args);
+        assert_eq!(got, code, "{args:?}: {err}");
+        let v: serde_json::Value =
+            serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out:?}"));
+        assert_eq!(v["error"]["kind"], kind, "{args:?}: {v}");
+        assert_eq!(v["error"]["exit_code"], code, "{args:?}: {v}");
+        let message = v["error"]["message"].as_str().unwrap();
+        assert!(message.contains(names), "{args:?}: {v}");
+        assert_eq!(err.trim(), format!("raylimit: {message}"), "{args:?}");
+        let text: Vec<&str> = args
+            .iter()
+            .copied()
+            .filter(|a| !a.starts_with("--format") && *a != "json")
+            .collect();
+        let (_, out, _) = raylimit(&text);
+        assert_eq!(out, "", "{text:?}");
+    }
+}
+
+/// A policy file that is a FIFO no one writes, or a device, is refused at once, naming it.
+#[test]
+fn a_policy_that_is_not_a_regular_file_is_refused_at_once() {
+    let dir = std::env::temp_dir().join(format!("raylimit-cli-fifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("policy.json");
+    assert!(Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap()
+        .success());
+    for (path, what) in [
+        (fifo.to_str().unwrap(), "a FIFO"),
+        ("/dev/zero", "a character device"),
+    ] {
+        let out = Command::new("timeout")
+            .args([
+                "10",
+                env!("CARGO_BIN_EXE_raylimit"),
+                "apply",
+                "--file",
+                path,
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{path}: {err}");
+        assert!(err.contains(&format!("{path} is {what}")), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::{Format, UsageError};
+use super::{Failure, Format, UsageError};
 use crate::engine::{self, inspect::Inspected};
 use crate::evidence::Evidence;
 use crate::runtime::{self, Discovery, Options, Runtime, Selection};
@@ -136,10 +136,7 @@ pub fn inspect(a: &InspectArgs) -> i32 {
         false,
     ) {
         Ok(s) => s,
-        Err(UsageError(m)) => {
-            eprintln!("raylimit: {m}");
-            return 2;
-        }
+        Err(UsageError(m)) => return super::fail(a.format, Failure::Usage, m),
     };
     let d = runtime::discover(&Options::from_env(&sel));
     let matched: Vec<&Runtime> = d
@@ -149,25 +146,27 @@ pub fn inspect(a: &InspectArgs) -> i32 {
         .collect();
     if matched.is_empty() {
         if sel.is_empty() {
-            print_empty(a.format, &d, "No Xray or V2Ray runtime found.");
+            print_empty(a.format, &d, "No Xray or V2Ray runtime found.", None);
             return exit_code(&d);
         }
+        let error = "no Xray or V2Ray runtime matches the selection";
         print_empty(
             a.format,
             &d,
             "No Xray or V2Ray runtime matches the selection.",
+            Some((Failure::Refused, error)),
         );
-        eprintln!("raylimit: no Xray or V2Ray runtime matches the selection");
-        return 1;
+        eprintln!("raylimit: {error}");
+        return Failure::Refused.exit_code();
     }
     if matched.len() > 1 && !sel.is_empty() && !a.all {
         let names: Vec<String> = matched.iter().map(|r| r.describe()).collect();
-        eprintln!(
-            "raylimit: {} runtimes match the selection ({}); narrow it down, or give --all to inspect them all",
+        let message = format!(
+            "{} runtimes match the selection ({}); narrow it down, or give --all to inspect them all",
             matched.len(),
             names.join("; ")
         );
-        return 1;
+        return super::fail(a.format, Failure::Refused, message);
     }
     let inspected: Vec<Inspected> = matched.into_iter().map(engine::inspect::inspect).collect();
     match a.format {
@@ -198,16 +197,19 @@ pub fn inspect(a: &InspectArgs) -> i32 {
     exit_code(&d)
 }
 
-fn print_empty(format: Format, d: &Discovery, message: &str) {
+/// No runtime to list; `error`, when that is an error, goes into the JSON report.
+fn print_empty(format: Format, d: &Discovery, message: &str, error: Option<(Failure, &str)>) {
     match format {
-        Format::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({
+        Format::Json => {
+            let mut v = json!({
                 "targets": [],
                 "provider_errors": d.issues.iter().map(|i| i.to_json()).collect::<Vec<_>>(),
-            }))
-            .unwrap_or_default()
-        ),
+            });
+            if let Some((kind, error)) = error {
+                v["error"] = kind.json(error);
+            }
+            println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
+        }
         Format::Text => {
             let mut out = format!("{message}\n");
             issues_text(&mut out, d);

@@ -3,7 +3,7 @@
 use clap::Args;
 
 use super::report::Report;
-use super::{Format, UsageError};
+use super::{Failure, Format, UsageError};
 use crate::engine::{self, Engine, NetlinkKernel, OpenError};
 use crate::model::device::{is_device_name, MAX_IFNAME_LEN};
 use crate::ownership::StateDir;
@@ -390,6 +390,17 @@ pub enum LimitError {
     /// `--execute` without the capability that changing traffic control needs.
     #[error("--execute changes the kernel's traffic control, which needs root (CAP_NET_ADMIN); run it as root, or leave out --execute for a dry-run")]
     NotPermitted,
+}
+
+impl LimitError {
+    /// The kind of error, and so the exit code.
+    pub fn failure(&self) -> Failure {
+        match self {
+            LimitError::Usage(_) => Failure::Usage,
+            LimitError::Runtime(_) | LimitError::NotPermitted => Failure::Refused,
+            LimitError::Open(_) => Failure::Failed,
+        }
+    }
 }
 
 impl From<UsageError> for LimitError {

@@ -248,9 +248,86 @@ fn one_line(rendered: &str) -> String {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UsageError(pub String);
 
+/// What ended a command without its result, and so its exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Failure {
+    /// A mistake in the command line (exit 2).
+    Usage,
+    /// Something raylimit will not do as things stand: no permission, no such runtime or
+    /// device, execution blocked (exit 1).
+    Refused,
+    /// Something raylimit tried did not work: a netlink or kernel error, the lock, the state
+    /// directory (exit 1).
+    Failed,
+}
+
+impl Failure {
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Usage => "usage",
+            Failure::Refused => "refused",
+            Failure::Failed => "failed",
+        }
+    }
+
+    pub fn exit_code(self) -> i32 {
+        match self {
+            Failure::Usage => 2,
+            Failure::Refused | Failure::Failed => 1,
+        }
+    }
+
+    /// The error as JSON: `{"message": ..., "kind": ..., "exit_code": ...}`; `message` is the
+    /// stderr line without its `raylimit: ` prefix.
+    pub fn json(self, message: &str) -> Value {
+        json!({"message": message, "kind": self.name(), "exit_code": self.exit_code()})
+    }
+}
+
+/// Reports an error that ends a command before it printed anything on stdout, and returns the
+/// exit code: the line `raylimit: MESSAGE` on stderr and, with `--format json`, the one JSON
+/// document on stdout, `{"error": {...}}` (see [`Failure::json`]). A command that has already
+/// printed its JSON report puts the error in that report instead.
+pub fn fail(format: Format, kind: Failure, message: impl std::fmt::Display) -> i32 {
+    let message = message.to_string();
+    eprintln!("raylimit: {message}");
+    if format == Format::Json {
+        let v = json!({ "error": kind.json(&message) });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+    }
+    kind.exit_code()
+}
+
+/// The format the raw command line asks for (its last `--format json`, `--format=json`), for
+/// errors found before clap has parsed it.
+fn raw_format(args: &[std::ffi::OsString]) -> Format {
+    let mut format = Format::Text;
+    let mut words = args.iter().skip(1).map(|a| a.to_str());
+    while let Some(word) = words.next() {
+        match word {
+            Some("--") => break,
+            Some("--format") => {
+                format = match words.next() {
+                    Some(Some("json")) => Format::Json,
+                    _ => Format::Text,
+                }
+            }
+            Some(w) if w.starts_with("--format=") => {
+                format = match w {
+                    "--format=json" => Format::Json,
+                    _ => Format::Text,
+                }
+            }
+            _ => {}
+        }
+    }
+    format
+}
+
 /// Parses the command line; a clap error becomes one line (help and version print as usual).
 pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, i32> {
-    match Cli::try_parse_from(args) {
+    let args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    match Cli::try_parse_from(&args) {
         Ok(cli) => Ok(cli),
         Err(e) => {
             use clap::error::ErrorKind;
@@ -269,11 +346,11 @@ pub fn parse(args: impl IntoIterator<Item = std::ffi::OsString>) -> Result<Cli, 
                     },
                 );
             }
-            eprintln!(
-                "raylimit: {} (see raylimit help)",
-                one_line(&e.render().to_string())
-            );
-            Err(2)
+            Err(fail(
+                raw_format(&args),
+                Failure::Usage,
+                format!("{} (see raylimit help)", one_line(&e.render().to_string())),
+            ))
         }
     }
 }
@@ -291,8 +368,11 @@ pub fn run(cli: Cli) -> i32 {
     {
         if let Some(d) = device {
             if !crate::model::device::is_device_name(d) {
-                eprintln!("raylimit: no network device named {d:?}");
-                return 2;
+                return fail(
+                    format.errors(),
+                    Failure::Usage,
+                    format!("no network device named {d:?}"),
+                );
             }
         }
         let default_ms = match format {
@@ -305,14 +385,8 @@ pub fn run(cli: Cli) -> i32 {
                 print!("{out}");
                 0
             }
-            Err(e @ NetlinkError::NoSuchDevice(_)) => {
-                eprintln!("raylimit: {e}");
-                2
-            }
-            Err(e) => {
-                eprintln!("raylimit: {e}");
-                1
-            }
+            Err(e @ NetlinkError::NoSuchDevice(_)) => fail(format.errors(), Failure::Usage, e),
+            Err(e) => fail(format.errors(), Failure::Failed, e),
         };
     }
     match &cli.command {
@@ -324,7 +398,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Top(args) => return top::run(cli.netns.as_deref(), args),
         _ => {}
     }
-    let result = match &cli.command {
+    let result: Result<(), String> = match &cli.command {
         Command::Limit(_)
         | Command::Status { .. }
         | Command::Discover { .. }
@@ -357,7 +431,13 @@ pub fn run(cli: Cli) -> i32 {
             print_probe(&crate::engine::status::probe(), *format);
             Ok(())
         }
-        Command::Show { device, format } => show(cli.netns.as_deref(), device, *format),
+        Command::Show { device, format } => {
+            return match show(cli.netns.as_deref(), device, *format) {
+                Ok(()) => 0,
+                Err(e @ NetlinkError::NoSuchDevice(_)) => fail(*format, Failure::Refused, e),
+                Err(e) => fail(*format, Failure::Failed, e),
+            }
+        }
     };
     match result {
         Ok(()) => 0,
@@ -369,17 +449,20 @@ pub fn run(cli: Cli) -> i32 {
 }
 
 fn run_limit(netns: Option<&str>, args: &limit::LimitArgs) -> i32 {
+    let format = args.run.format;
     let v = match limit::validate(args) {
         Ok(v) => v,
-        Err(UsageError(m)) => {
-            eprintln!("raylimit: {m}");
-            return 2;
-        }
+        Err(UsageError(m)) => return fail(format, Failure::Usage, m),
     };
     match limit::run(netns, args, v) {
         Ok(report) => {
             let ready = report.outcome() == crate::engine::Outcome::PlanReady;
-            match args.run.format {
+            // A run that did not succeed: the report, then its error (in the report's JSON).
+            let error = report.failure().map(|kind| {
+                let message = format!("limit {}: {}", report.outcome().name(), report.why());
+                (kind, message)
+            });
+            match format {
                 Format::Text => {
                     print!("{}", report.text());
                     if ready {
@@ -391,27 +474,21 @@ fn run_limit(netns: Option<&str>, args: &limit::LimitArgs) -> i32 {
                     if ready {
                         v["execute_command"] = json!(execute_command());
                     }
+                    if let Some((kind, message)) = &error {
+                        v["error"] = kind.json(message);
+                    }
                     println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default())
                 }
             }
-            let code = report.exit_code();
-            if code != 0 {
-                eprintln!(
-                    "raylimit: limit {}: {}",
-                    report.outcome().name(),
-                    report.why()
-                );
+            match error {
+                Some((kind, message)) => {
+                    eprintln!("raylimit: {message}");
+                    kind.exit_code()
+                }
+                None => 0,
             }
-            code
         }
-        Err(e @ limit::LimitError::Usage(_)) => {
-            eprintln!("raylimit: {e}");
-            2
-        }
-        Err(e) => {
-            eprintln!("raylimit: {e}");
-            1
-        }
+        Err(e) => fail(format, e.failure(), e),
     }
 }
 

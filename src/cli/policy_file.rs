@@ -29,10 +29,10 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::{json, Value};
 
-use super::limit::{self, LimitArgs, LimitError, RunArgs, RuntimeArgs, Validated};
+use super::limit::{self, LimitArgs, RunArgs, RuntimeArgs, Validated};
 use super::progress::{self, Progress};
 use super::report::Report;
-use super::{Format, UsageError};
+use super::{Failure, Format, UsageError};
 use crate::engine::prune::{self, Listed};
 use crate::engine::Outcome;
 use crate::ownership::StateDir;
@@ -101,9 +101,20 @@ fn text(v: &Value) -> Option<String> {
     }
 }
 
-fn read(path: &PathBuf) -> Result<Value, UsageError> {
-    let body = std::fs::read_to_string(path)
-        .map_err(|e| UsageError(format!("cannot read {}: {e}", path.display())))?;
+/// Policies larger than this are refused (a policy of 100 000 limits is a few MiB).
+const MAX_POLICY_BYTES: u64 = 64 << 20;
+
+fn read(path: &std::path::Path) -> Result<Value, UsageError> {
+    let cannot = |e: std::io::Error| match e.kind() {
+        // Already names the path and what it is.
+        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => {
+            UsageError(format!("cannot read the policy: {e}"))
+        }
+        _ => UsageError(format!("cannot read {}: {e}", path.display())),
+    };
+    let bytes = crate::files::read_bounded(path, MAX_POLICY_BYTES).map_err(cannot)?;
+    let body = String::from_utf8(bytes)
+        .map_err(|_| UsageError(format!("{} is not UTF-8 text", path.display())))?;
     let is_toml = path
         .extension()
         .is_some_and(|e| e.eq_ignore_ascii_case("toml"));
@@ -282,12 +293,10 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
         let (selection, limits) = validate(&p, a)?;
         Ok((netns, selection, merge(limits)?))
     });
+    let format = a.run.format;
     let (netns, selection, validated) = match loaded {
         Ok(loaded) => loaded,
-        Err(UsageError(m)) => {
-            eprintln!("raylimit: {m}");
-            return 2;
-        }
+        Err(UsageError(m)) => return super::fail(format, Failure::Usage, m),
     };
     let mut reports: Vec<(String, Report)> = Vec::new();
     let mut pruned: Vec<(String, Report)> = Vec::new();
@@ -306,10 +315,7 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
                 let key = netns.clone().unwrap_or_default();
                 let annotations = match StateDir::from_env().load() {
                     Ok(a) => a,
-                    Err(e) => {
-                        eprintln!("raylimit: {e}");
-                        return 1;
-                    }
+                    Err(e) => return super::fail(format, Failure::Refused, e),
                 };
                 for x in annotations.iter() {
                     if x.owner == owner && x.netns == key && !devices.contains(&x.device) {
@@ -317,10 +323,7 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
                     }
                 }
             }
-            Err(e) => {
-                eprintln!("raylimit: {e}");
-                return 1;
-            }
+            Err(e) => return super::fail(format, Failure::Refused, e),
         }
     }
     let listed_all: BTreeSet<Listed> = validated.iter().map(|(v, _)| listed(v)).collect();
@@ -332,14 +335,7 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
         let opened = limit::open(netns.as_deref(), &selection, device, a.run, device_scope);
         let mut engine = match opened {
             Ok(e) => e,
-            Err(e) => {
-                eprintln!("raylimit: {e}");
-                return if matches!(e, LimitError::Usage(_)) {
-                    2
-                } else {
-                    1
-                };
-            }
+            Err(e) => return super::fail(format, e.failure(), e),
         };
         let mut staged = Vec::new();
         let on_device: Vec<_> = validated
@@ -408,6 +404,11 @@ pub(super) struct Batch<'a> {
 pub(super) fn render(b: &Batch, reports: &[(String, Report)], pruned: &[(String, Report)]) -> i32 {
     let all = || reports.iter().chain(pruned.iter());
     let code = all().map(|(_, r)| r.exit_code()).max().unwrap_or(0);
+    // The first limit that did not succeed is the run's error (in the JSON report too).
+    let error = all().find_map(|(name, r)| {
+        let kind = r.failure()?;
+        Some((kind, format!("{}: {name}: {}", b.operation, r.why())))
+    });
     let count = |o: Outcome| all().filter(|(_, r)| r.outcome() == o).count();
     let summary = format!(
         "{} limit(s), {} pruned: {} no changes, {} planned, {} executed, {} blocked, {} failed",
@@ -422,16 +423,14 @@ pub(super) fn render(b: &Batch, reports: &[(String, Report)], pruned: &[(String,
     // Written as it is rendered, one limit at a time: a policy may list thousands.
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let written = match b.run.format {
-        Format::Json => write_json(&mut out, b, reports, pruned, &summary),
+        Format::Json => write_json(&mut out, b, reports, pruned, &summary, error.as_ref()),
         Format::Text => write_text(&mut out, b, reports, pruned, &summary),
     };
     if let Err(e) = written.and_then(|_| out.flush()) {
         eprintln!("raylimit: {}: cannot write the report: {e}", b.operation);
     }
-    if code != 0 {
-        if let Some((name, r)) = all().find(|(_, r)| r.exit_code() != 0) {
-            eprintln!("raylimit: {}: {name}: {}", b.operation, r.why());
-        }
+    if let Some((_, message)) = &error {
+        eprintln!("raylimit: {message}");
     }
     code
 }
@@ -444,6 +443,7 @@ fn write_json(
     reports: &[(String, Report)],
     pruned: &[(String, Report)],
     summary: &str,
+    error: Option<&(super::Failure, String)>,
 ) -> std::io::Result<()> {
     let text = |v: &Value| serde_json::to_string(v).unwrap_or_default();
     write!(
@@ -479,6 +479,9 @@ fn write_json(
             ",\n\"execute_command\": {}",
             text(&json!(super::execute_command()))
         )?;
+    }
+    if let Some((kind, message)) = error {
+        write!(out, ",\n\"error\": {}", text(&kind.json(message)))?;
     }
     writeln!(out, ",\n\"summary\": {}\n}}", text(&json!(summary)))
 }

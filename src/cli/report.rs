@@ -793,7 +793,32 @@ impl Report {
         match self.outcome() {
             Outcome::Failed => 1,
             Outcome::Blocked if execute => 1,
+            _ if self.unrecorded().is_some() => 1,
             _ => 0,
+        }
+    }
+
+    /// Why the annotations could not be saved after the kernel changed, when they could not.
+    fn unrecorded(&self) -> Option<String> {
+        let decided: Vec<&Decided> = match self {
+            Report::One(r) => vec![&r.decided],
+            Report::PerIp(r) => r.targets.iter().map(|t| &t.decided).collect(),
+        };
+        decided
+            .iter()
+            .flat_map(|d| &d.warnings)
+            .find_map(|w| match w {
+                crate::engine::Warning::NotAnnotated(e) => Some(e.clone()),
+                _ => None,
+            })
+    }
+
+    /// How the run did not succeed, if it did not: refused (blocked with --execute) or failed.
+    pub fn failure(&self) -> Option<super::Failure> {
+        match (self.exit_code(), self.outcome()) {
+            (0, _) => None,
+            (_, Outcome::Failed) => Some(super::Failure::Failed),
+            _ => Some(super::Failure::Refused),
         }
     }
 
@@ -811,6 +836,12 @@ impl Report {
                 })
             }),
         };
-        blocked.unwrap_or_else(|| "an operation failed; see the report".into())
+        blocked
+            .or_else(|| {
+                self.unrecorded().map(|e| {
+                    format!("the kernel changed, but the owner annotations could not be saved: {e}")
+                })
+            })
+            .unwrap_or_else(|| "an operation failed; see the report".into())
     }
 }

@@ -12,6 +12,7 @@ use super::limit::{LimitError, RunArgs};
 use super::policy_file::{render, Batch};
 use super::progress::{self, Progress};
 use super::report::Report;
+use super::Failure;
 use crate::engine::{self, prune, Engine, NetlinkKernel, OpenError};
 use crate::ownership::StateDir;
 use crate::policy::SubjectKey;
@@ -38,14 +39,15 @@ pub struct ResetArgs {
 }
 
 pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
+    let format = a.run.format;
     if a.run.execute && procfs::has_net_admin(std::path::Path::new("/proc")) == Some(false) {
-        eprintln!("raylimit: {}", LimitError::NotPermitted);
-        return 1;
+        let e = LimitError::NotPermitted;
+        return super::fail(format, e.failure(), e);
     }
     let subject = match a.subject.as_deref().map(str::parse::<SubjectKey>) {
         Some(Err(e)) => {
-            eprintln!("raylimit: --subject: {e} (as status names it: `ip 203.0.113.10`, `ip all`, `uuid ID`, `inbound TAG`)");
-            return 2;
+            let m = format!("--subject: {e} (as status names it: `ip 203.0.113.10`, `ip all`, `uuid ID`, `inbound TAG`)");
+            return super::fail(format, Failure::Usage, m);
         }
         Some(Ok(k)) => Some(k),
         None => None,
@@ -53,10 +55,7 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
     let state = StateDir::from_env();
     let annotations = match state.load() {
         Ok(a) => a,
-        Err(e) => {
-            eprintln!("raylimit: reset: {e}");
-            return 1;
-        }
+        Err(e) => return super::fail(format, Failure::Refused, format!("reset: {e}")),
     };
     // One run per (namespace, device, owner), in a stable order.
     let groups: BTreeSet<(String, String, String)> = annotations
@@ -97,10 +96,7 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
                 gone.push((ns.map(str::to_string), device.clone(), owner.clone()));
                 continue;
             }
-            Err(e) => {
-                eprintln!("raylimit: reset: {e}");
-                return 1;
-            }
+            Err(e) => return super::fail(format, Failure::Failed, format!("reset: {e}")),
         };
         let stale = prune::stale(
             engine.annotations(),
@@ -138,8 +134,7 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
     progress.clear();
     if !gone.is_empty() && a.run.execute {
         if let Err(e) = forget(&state, &gone) {
-            eprintln!("raylimit: reset: {e}");
-            return 1;
+            return super::fail(format, Failure::Failed, format!("reset: {e}"));
         }
     }
     for (ns, device, owner) in &gone {

@@ -24,6 +24,16 @@ pub enum StatusFormat {
     Prometheus,
 }
 
+impl StatusFormat {
+    /// How an error is reported: a JSON object with `--format json`, else one line.
+    pub fn errors(self) -> super::Format {
+        match self {
+            StatusFormat::Json => super::Format::Json,
+            _ => super::Format::Text,
+        }
+    }
+}
+
 /// The namespaces `status` reads: the one `--netns` names, or else the current one and every
 /// namespace the owner annotations name (limits made with `--netns` live there).
 fn namespaces(netns: Option<&str>) -> Vec<Option<String>> {

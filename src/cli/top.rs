@@ -33,8 +33,8 @@ pub struct TopArgs {
 pub fn run(netns: Option<&str>, args: &TopArgs) -> i32 {
     if let Some(d) = &args.device {
         if !crate::model::device::is_device_name(d) {
-            eprintln!("raylimit: no network device named {d:?}");
-            return 2;
+            let m = format!("no network device named {d:?}");
+            return super::fail(super::Format::Text, super::Failure::Usage, m);
         }
     }
     let interval = Duration::from_millis(args.interval_ms);
@@ -49,13 +49,9 @@ pub fn run(netns: Option<&str>, args: &TopArgs) -> i32 {
     match result {
         Ok(()) => 0,
         Err(e @ NetlinkError::NoSuchDevice(_)) => {
-            eprintln!("raylimit: {e}");
-            2
+            super::fail(super::Format::Text, super::Failure::Usage, e)
         }
-        Err(e) => {
-            eprintln!("raylimit: {e}");
-            1
-        }
+        Err(e) => super::fail(super::Format::Text, super::Failure::Failed, e),
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use clap::Args;
 
 use super::limit::{self, LimitArgs, LimitError, Validated};
-use super::{signals, UsageError};
+use super::{signals, Failure, UsageError};
 use crate::engine::watch::{Round, Watcher};
 use crate::engine::{Decided, Outcome};
 use crate::policy::{Target, Want};
@@ -76,12 +76,10 @@ pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
         let grace = parse_duration("--grace", &args.grace)?;
         Ok((v, interval, grace))
     })();
+    let format = args.limit.run.format;
     let (v, interval, grace) = match checked {
         Ok(x) => x,
-        Err(UsageError(m)) => {
-            eprintln!("raylimit: {m}");
-            return 2;
-        }
+        Err(UsageError(m)) => return super::fail(format, Failure::Usage, m),
     };
     signals::catch();
     let execute = args.limit.run.execute;
@@ -113,8 +111,7 @@ pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
                 log_round(&round);
             }
             Err(LimitError::Usage(UsageError(m))) => {
-                eprintln!("raylimit: {m}");
-                code = 2;
+                code = super::fail(format, Failure::Usage, m);
                 break;
             }
             Err(e) => log(&format!("round skipped: {e}")),

@@ -15,4 +15,5 @@ pub mod policy;
 pub mod reconcile;
 pub mod runtime;
 pub mod shaping;
+pub mod time;
 pub mod xray;

@@ -156,6 +156,15 @@ fn discover_and_inspect_real_runtimes() {
         .parse()
         .unwrap();
     assert_eq!(t1["host_process"]["start_time"], start);
+    // And as a date: boot time plus the start ticks, within the last hour.
+    let boot = raylimit::time::boot_time(std::path::Path::new("/proc")).unwrap();
+    let secs = raylimit::time::started_at(start, boot, raylimit::time::ticks_per_second());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(secs <= now + 1 && secs + 3600 > now, "{secs} vs {now}");
+    assert_eq!(t1["host_process"]["started_at"], raylimit::time::utc(secs));
     assert_eq!(
         t1["owner"],
         // The config directory as a directory: a file added to it keeps the owner.

@@ -57,7 +57,11 @@ fn summary_text(out: &mut String, n: usize, r: &Runtime) {
     let _ = writeln!(out, "     source: {}", r.source.name());
     let _ = writeln!(out, "     binary: {}", r.binary);
     if let Some(p) = &r.process {
-        let _ = writeln!(out, "     pid: {} (start time {})", p.pid, p.start_time);
+        let started = match p.started_at() {
+            Some(date) => format!("started {date}"),
+            None => format!("start time {} ticks after boot", p.start_time),
+        };
+        let _ = writeln!(out, "     pid: {} ({started})", p.pid);
         let _ = writeln!(out, "     executable: {}", p.exe);
         let _ = writeln!(out, "     command: {}", p.args.join(" "));
         if let Some(cwd) = &p.cwd {

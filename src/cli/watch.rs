@@ -183,29 +183,8 @@ fn log(line: &str) {
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{} watch: {line}", utc(secs));
+    let _ = writeln!(out, "{} watch: {line}", crate::time::utc(secs));
     let _ = out.flush();
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` from Unix seconds (civil-from-days, proleptic Gregorian).
-fn utc(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
@@ -226,8 +205,5 @@ mod tests {
         assert!(parse_duration("--x", "0s").is_err());
         assert!(parse_duration("--x", "5h").is_err());
         assert!(parse_duration("--x", "soon").is_err());
-        assert_eq!(utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(utc(1_795_000_000), "2026-11-18T11:06:40Z");
-        assert_eq!(utc(951_782_400), "2000-02-29T00:00:00Z");
     }
 }

@@ -198,6 +198,7 @@ impl Runtime {
             let mut hp = json!({
                 "pid": p.pid,
                 "start_time": p.start_time,
+                "started_at": p.started_at(),
                 "executable_path": p.exe,
                 "command_line": p.args,
                 "working_directory": p.cwd,

@@ -41,6 +41,16 @@ pub struct Process {
 }
 
 impl Process {
+    /// When the process started, as a UTC date (`2026-12-04T21:22:58Z`), from its start time
+    /// and the host's boot time; none when the boot time cannot be read.
+    pub fn started_at(&self) -> Option<String> {
+        let boot = crate::time::boot_time(std::path::Path::new("/proc"))?;
+        let secs = crate::time::started_at(self.start_time, boot, crate::time::ticks_per_second());
+        Some(crate::time::utc(secs))
+    }
+}
+
+impl Process {
     pub fn env_var(&self, name: &str) -> Option<String> {
         self.env
             .iter()

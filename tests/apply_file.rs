@@ -115,6 +115,14 @@ fn a_policy_is_planned_applied_repeated_as_no_op_and_pruned() {
         out.contains("=== prune: ip 10.9.0.8 upload on veth-a"),
         "{out}"
     );
+    // The pruned rule's report says it found the rule it removes (not "Matching rule: no").
+    let pruned = out.split("=== prune:").nth(1).unwrap_or("");
+    assert!(
+        pruned.contains("Observed rule: present (it is removed)")
+            && pruned.contains("Observed class ID: 524c:")
+            && !pruned.contains("Matching rule"),
+        "{pruned}"
+    );
     assert!(!h.ns.ip(&["link", "show"]).contains("rlifb"));
     let (_, again, _) = h.apply("p.toml", TWO_TOML, &["--execute", "--prune"]);
     assert!(

@@ -703,6 +703,12 @@ fn outbound_upload_holds_by_socket_mark_and_download_is_blocked_naming_connmark(
     let (code, out, _) = c.limit(&outbound_args("download", &["--rate", "300000"]));
     assert_eq!(code, 0);
     assert!(out.contains("act_connmark"), "{out}");
+    // Blocked before the kernel is read: the report does not claim a decision that runs.
+    assert!(
+        out.contains("Observed tc state: not needed (this kernel cannot carry the rule)")
+            && out.contains("Reconcile decision: apply (blocked: nothing runs)"),
+        "{out}"
+    );
     let (code, _, err) = c.limit(&outbound_args(
         "download",
         &["--rate", "300000", "--execute"],

@@ -50,6 +50,26 @@ pub(super) fn in_netns(cmd: String, netns: Option<&str>) -> String {
     format!("ip netns exec {ns} {cmd}").replace("; nft ", &format!("; ip netns exec {ns} nft "))
 }
 
+/// What the observation found of the subject's rule, in the terms of the request: for a
+/// removal, whether there is one to remove; else whether it already matches.
+fn rule_line(d: &crate::reconcile::Decision, removing: bool) -> String {
+    match (removing, d.kind) {
+        (true, crate::reconcile::DecisionKind::Remove) => {
+            "Observed rule: present (it is removed)".into()
+        }
+        (true, _) => "Observed rule: absent".into(),
+        (false, _) => format!("Matching rule: {}", if d.matched { "yes" } else { "no" }),
+    }
+}
+
+/// The decision, and when execution is blocked, that nothing of it will run.
+fn decision_text(d: &crate::reconcile::Decision) -> String {
+    match d.blocked {
+        Some(_) => format!("{} (blocked: nothing runs)", d.kind.name()),
+        None => d.kind.name().to_string(),
+    }
+}
+
 fn describe_root(root: &RootSeen, shaped_device: &str) -> String {
     match root {
         RootSeen::Unknown => "unknown".into(),
@@ -169,7 +189,7 @@ impl LimitReport {
             "Shaped root: {}",
             describe_root(&self.decided.root, &self.decided.shaped_device)
         );
-        let _ = writeln!(w, "Matching rule: {}", if d.matched { "yes" } else { "no" });
+        let _ = writeln!(w, "{}", rule_line(d, self.request().want == Want::Remove));
         if let Some(c) = d.expected_class {
             let _ = writeln!(w, "Expected class ID: {c}");
         }
@@ -187,7 +207,7 @@ impl LimitReport {
             let _ = writeln!(w, "Observation note: {n}");
         }
         let _ = writeln!(w, "\nDecision:");
-        let _ = writeln!(w, "Reconcile decision: {}", d.kind.name());
+        let _ = writeln!(w, "Reconcile decision: {}", decision_text(d));
         let _ = writeln!(w, "Decision reason: {}", d.reason);
         if !d.steps.is_empty() {
             let _ = writeln!(w, "\nPlan:");
@@ -602,7 +622,7 @@ impl PerIpReport {
             let d = &t.decided.decision;
             let _ = writeln!(w, "  {}. {}", i + 1, t.request().subject);
             let _ = writeln!(w, "     Observed tc state: {}", d.observed_state);
-            let _ = writeln!(w, "     Reconcile decision: {}", d.kind.name());
+            let _ = writeln!(w, "     Reconcile decision: {}", decision_text(d));
             let _ = writeln!(w, "     Decision reason: {}", d.reason);
             if let Some(c) = d.expected_class.or(d.observed_class) {
                 let _ = writeln!(w, "     Class ID: {c}");

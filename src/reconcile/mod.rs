@@ -267,7 +267,7 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
             {
                 d.kind = DecisionKind::Apply;
                 d.reason = "outbound download is identified by the connection's mark, restored before the redirect to the IFB".into();
-                d.observed_state = "unavailable";
+                d.observed_state = "not needed (this kernel cannot carry the rule)";
                 d.blocked = Some(Blocked::Reason(format!(
                     "outbound download needs the connmark action (act_connmark) to restore the connection's mark on arriving packets before they are redirected to the IFB, and the fw classifier (cls_fw) to read it there; this kernel has no {}",
                     missing.join(" and no ")

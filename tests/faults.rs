@@ -681,3 +681,33 @@ fn limits_on_a_vanished_device_are_shown_and_removable() {
     assert_eq!(out.trim(), "No managed limits.", "{out}");
     assert!(!h.ns.ip(&["link", "show"]).contains(&old_ifb));
 }
+
+/// A policy naming two devices, the second missing, changes neither: every device is checked
+/// before the first change.
+#[test]
+fn a_policy_with_a_missing_device_changes_nothing() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("nod");
+    let dir = temp_dir("nod-policy");
+    let _cleanup = TempDir(dir.clone());
+    let policy = dir.join("policy.json");
+    std::fs::write(
+        &policy,
+        format!(
+            r#"{{"runtime": {{"pid": {}}}, "limits": [
+              {{"ip": "10.9.0.7", "device": "veth-a", "direction": "download", "rate": 250000}},
+              {{"ip": "10.9.0.8", "device": "rel-nodev", "direction": "download", "rate": 250000}}]}}"#,
+            h.runtime.pid()
+        ),
+    )
+    .unwrap();
+    let before = h.kernel_state();
+    let (code, out, err) = h.run(&["apply", "--file", policy.to_str().unwrap(), "--execute"]);
+    assert_eq!(code, 2, "{out}\n{err}");
+    assert_eq!(
+        err.trim(),
+        "raylimit: no network device named \"rel-nodev\"; nothing was changed"
+    );
+    same_state(&h.kernel_state(), &before, "a policy with a missing device");
+    assert!(!h.state.0.join("owners.json").exists());
+}

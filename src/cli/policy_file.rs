@@ -326,6 +326,24 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             Err(e) => return super::fail(format, Failure::Refused, e),
         }
     }
+    // Every device the file names exists before the first one is changed: a typo in the last
+    // limit must not leave the first device changed and the rest not.
+    let listed_devices: BTreeSet<&String> =
+        validated.iter().map(|(v, _)| &v.wanted.device).collect();
+    match crate::netlink::RtSocket::open_in(netns.as_deref()) {
+        Ok(mut sock) => {
+            for d in listed_devices {
+                if let Err(e) = sock.link_by_name(d) {
+                    let kind = match e {
+                        crate::netlink::NetlinkError::NoSuchDevice(_) => Failure::Usage,
+                        _ => Failure::Failed,
+                    };
+                    return super::fail(format, kind, format!("{e}; nothing was changed"));
+                }
+            }
+        }
+        Err(e) => return super::fail(format, Failure::Failed, e),
+    }
     let listed_all: BTreeSet<Listed> = validated.iter().map(|(v, _)| listed(v)).collect();
     for device in &devices {
         // One baseline per runtime and device: its scope is the device's.

@@ -12,12 +12,13 @@ fn man_pages_render_and_bash_loads_the_completions() {
     let dir = temp_dir("man");
     let (code, out, err) = raylimit_env(&["manpages", &dir.to_string_lossy()], &[]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.starts_with("wrote 12 man pages"), "{out}");
+    assert!(out.starts_with("wrote 13 man pages"), "{out}");
     for page in [
         "raylimit.1",
         "raylimit-limit.1",
         "raylimit-reset.1",
         "raylimit-status.1",
+        "raylimit-top.1",
     ] {
         let path = dir.join(page);
         let text = run(&["env", "MANWIDTH=100", "man", "-l", &path.to_string_lossy()]);

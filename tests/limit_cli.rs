@@ -1366,14 +1366,17 @@ fn top_is_live_on_a_terminal_and_one_snapshot_in_a_pipe() {
         "{out}"
     );
     for (key, what) in [("q", "q"), ("\x03", "Ctrl-C")] {
+        // `exec`: the pty's Ctrl-C reaches the whole foreground group, and a shell left waiting
+        // (dash, when SHELL is unset) would die of it and turn top's exit 0 into 130.
         let command = format!(
-            "{} --netns {} top --interval-ms 200",
+            "exec {} --netns {} top --interval-ms 200",
             env!("CARGO_BIN_EXE_raylimit"),
             h.ns.name
         );
         let mut child = std::process::Command::new("timeout")
             .args(["20", "script", "-qfec", &command, "/dev/null"])
             .env("RAYLIMIT_STATE_DIR", &h.state.0)
+            .env("SHELL", "/bin/sh")
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .spawn()

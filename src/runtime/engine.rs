@@ -1,19 +1,19 @@
 //! The container provider: the Docker Engine API on its unix socket (podman's compatible socket
 //! answers the same), with a deadline on every call.
 //!
-//! The API needs three GET requests and JSON, so a small HTTP/1.1 client over `UnixStream`
-//! does the job; an HTTP stack and an async runtime would be most of the binary for that.
+//! The engine's answers are hostile input: HTTP/1.1 is spoken by hyper (already in the tree
+//! through tonic), the body is collected under a size cap, and everything after that (status,
+//! JSON, the container fields) is plain functions that `tests/engine_fuzz.rs` feeds garbage.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use http_body_util::BodyExt as _;
 use serde_json::Value;
 
 /// Answers larger than this are refused: a list of every container on a busy host is far less.
-const MAX_RESPONSE_BYTES: usize = 64 << 20;
+const MAX_RESPONSE_BYTES: usize = 16 << 20;
 
 /// Sockets tried when `DOCKER_HOST` names none.
 pub const DEFAULT_SOCKETS: [&str; 2] = ["/var/run/docker.sock", "/run/podman/podman.sock"];
@@ -90,128 +90,78 @@ pub fn sockets(docker_host: Option<&str>) -> Result<Vec<PathBuf>, EngineError> {
 
 /// One GET request; the body decoded as JSON. The deadline covers connect, send and receive.
 pub fn get(socket: &Path, path: &str, deadline: Instant) -> Result<Value, EngineError> {
-    let remaining = || {
-        deadline
-            .checked_duration_since(Instant::now())
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                err(
-                    "unavailable",
-                    format!("{} did not answer in time", socket.display()),
-                )
-            })
+    let late = || {
+        err(
+            "unavailable",
+            format!("{} did not answer in time", socket.display()),
+        )
     };
-    remaining()?;
-    let mut stream = UnixStream::connect(socket).map_err(|e| {
+    if deadline <= Instant::now() {
+        return Err(late());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .map_err(|e| err("unavailable", format!("cannot start the I/O runtime: {e}")))?;
+    let exchange = async { tokio::time::timeout_at(deadline.into(), exchange(socket, path)).await };
+    let (status, body) = rt.block_on(exchange).map_err(|_| late())??;
+    answer(status, &body).map_err(|m| err("invalid_data", format!("{}: {m}", socket.display())))
+}
+
+/// Connect, send the request, collect at most [`MAX_RESPONSE_BYTES`] of the answer.
+async fn exchange(socket: &Path, path: &str) -> Result<(u16, Vec<u8>), EngineError> {
+    let stream = tokio::net::UnixStream::connect(socket).await.map_err(|e| {
         let code = match e.kind() {
             std::io::ErrorKind::PermissionDenied => "permission_denied",
             _ => "unavailable",
         };
         err(code, format!("cannot connect to {}: {e}", socket.display()))
     })?;
-    let io = |e: std::io::Error| {
-        let timed_out = matches!(
-            e.kind(),
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-        );
-        err(
-            "unavailable",
-            if timed_out {
-                format!("{} did not answer in time", socket.display())
-            } else {
-                format!("{}: {e}", socket.display())
-            },
-        )
-    };
-    stream.set_write_timeout(Some(remaining()?)).map_err(io)?;
-    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: raylimit\r\nAccept: application/json\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).map_err(io)?;
-    let mut raw = Vec::new();
-    let mut buf = [0u8; 16384];
-    loop {
-        stream.set_read_timeout(Some(remaining()?)).map_err(io)?;
-        let n = stream.read(&mut buf).map_err(io)?;
-        if n == 0 {
-            break;
-        }
-        raw.extend_from_slice(&buf[..n]);
-        if raw.len() > MAX_RESPONSE_BYTES {
-            return Err(err(
-                "invalid_data",
-                format!("{} answered more than 64 MiB", socket.display()),
-            ));
-        }
-    }
-    let body = parse_response(&raw)
-        .map_err(|m| err("invalid_data", format!("{}: {m}", socket.display())))?;
-    serde_json::from_slice(&body).map_err(|e| {
-        err(
-            "invalid_data",
-            format!("{} answered with bad JSON: {e}", socket.display()),
-        )
-    })
+    let broken = |e: hyper::Error| err("invalid_data", format!("{}: {e}", socket.display()));
+    let io = hyper_util::rt::TokioIo::new(stream);
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+        .await
+        .map_err(broken)?;
+    // The connection is driven beside the request; it ends with the answer (Connection: close).
+    let driver = tokio::spawn(connection);
+    let request = http::Request::get(path)
+        .header(http::header::HOST, "localhost")
+        .header(http::header::USER_AGENT, "raylimit")
+        .header(http::header::ACCEPT, "application/json")
+        .header(http::header::CONNECTION, "close")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| err("invalid_data", format!("bad request path {path:?}: {e}")))?;
+    let response = sender.send_request(request).await.map_err(broken)?;
+    let status = response.status().as_u16();
+    let body = http_body_util::Limited::new(response.into_body(), MAX_RESPONSE_BYTES)
+        .collect()
+        .await
+        .map_err(|e| {
+            let message = match e.downcast_ref::<http_body_util::LengthLimitError>() {
+                Some(_) => "answered more than 16 MiB".to_string(),
+                None => e.to_string(),
+            };
+            err("invalid_data", format!("{}: {message}", socket.display()))
+        })?
+        .to_bytes()
+        .to_vec();
+    driver.abort();
+    Ok((status, body))
 }
 
-/// Splits an HTTP/1.x response; a status other than 200 is an error carrying the engine's
-/// message.
-fn parse_response(raw: &[u8]) -> Result<Vec<u8>, String> {
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("the answer is not HTTP")?;
-    let head = String::from_utf8_lossy(&raw[..split]);
-    let body = &raw[split + 4..];
-    let mut lines = head.split("\r\n");
-    let status: u16 = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .ok_or("the answer has no HTTP status")?;
-    let header = |name: &str| {
-        head.split("\r\n").skip(1).find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim()
-                .eq_ignore_ascii_case(name)
-                .then(|| v.trim().to_string())
-        })
-    };
-    let body = if header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
-        dechunk(body)?
-    } else if let Some(len) = header("content-length").and_then(|v| v.parse::<usize>().ok()) {
-        body.get(..len)
-            .ok_or("the answer is shorter than its Content-Length")?
-            .to_vec()
-    } else {
-        body.to_vec()
-    };
+/// An answer's status and body as JSON; a status other than 200 is an error carrying the
+/// engine's message.
+pub fn answer(status: u16, body: &[u8]) -> Result<Value, String> {
     if status != 200 {
-        let message = serde_json::from_slice::<Value>(&body)
+        let message = serde_json::from_slice::<Value>(body)
             .ok()
             .and_then(|v| v.get("message").and_then(Value::as_str).map(str::to_string))
             .unwrap_or_default();
+        let message: String = message.chars().take(200).collect();
         return Err(format!("HTTP {status} {message}").trim().to_string());
     }
-    Ok(body)
-}
-
-fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, String> {
-    let mut out = Vec::new();
-    loop {
-        let eol = body
-            .windows(2)
-            .position(|w| w == b"\r\n")
-            .ok_or("a chunk size line is cut off")?;
-        let size_text = String::from_utf8_lossy(&body[..eol]);
-        let size = usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)
-            .map_err(|_| "a chunk size is not hexadecimal")?;
-        body = &body[eol + 2..];
-        if size == 0 {
-            return Ok(out);
-        }
-        let chunk = body.get(..size).ok_or("a chunk is cut off")?;
-        out.extend_from_slice(chunk);
-        body = body.get(size + 2..).ok_or("a chunk is cut off")?;
-    }
+    serde_json::from_slice(body).map_err(|e| format!("answered with bad JSON: {e}"))
 }
 
 /// The running containers of one engine; `inspect` decides which are worth a closer look
@@ -233,15 +183,40 @@ pub fn list(
     };
     let mut out = Vec::new();
     for item in items {
-        let s = |k: &str| {
-            item.get(k)
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string()
-        };
-        let id = s("Id");
-        if id.is_empty() {
+        let Some(brief) = Brief::of(item) else {
             continue;
+        };
+        if !inspect(&brief.id, &brief.image, &brief.command) {
+            continue;
+        }
+        let detail = get(socket, &format!("/containers/{}/json", brief.id), deadline)?;
+        out.push(container(
+            item,
+            brief,
+            &detail,
+            &socket.display().to_string(),
+        ));
+    }
+    Ok(out)
+}
+
+/// A container as the list shows it: enough to decide whether to inspect it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Brief {
+    pub id: String,
+    pub name: String,
+    pub image: String,
+    pub command: String,
+}
+
+impl Brief {
+    /// One entry of `/containers/json`; `None` when it has no usable id (the id goes into
+    /// the next request's path, so only hex digits pass).
+    pub fn of(item: &Value) -> Option<Brief> {
+        let s = |k: &str| item.get(k).and_then(Value::as_str).unwrap_or_default();
+        let id = s("Id");
+        if id.is_empty() || id.len() > 128 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
         }
         let name = item
             .get("Names")
@@ -250,59 +225,74 @@ pub fn list(
             .and_then(Value::as_str)
             .map(|n| n.trim_start_matches('/').to_string())
             .unwrap_or_default();
-        let (image, command) = (s("Image"), s("Command"));
-        if !inspect(&id, &image, &command) {
-            continue;
-        }
-        let detail = get(socket, &format!("/containers/{id}/json"), deadline)?;
-        let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_string();
-        let mut cmd = vec![text(detail.get("Path"))];
-        cmd.extend(
-            detail
-                .get("Args")
-                .and_then(Value::as_array)
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .map(str::to_string),
-        );
-        cmd.retain(|a| !a.is_empty());
-        let state = detail.get("State");
-        out.push(Container {
-            name: Some(text(detail.get("Name")).trim_start_matches('/').to_string())
-                .filter(|n| !n.is_empty())
-                .unwrap_or(name),
-            image,
-            command: if cmd.is_empty() {
-                command.split_whitespace().map(str::to_string).collect()
-            } else {
-                cmd
-            },
-            state: Some(s("State"))
-                .filter(|x| !x.is_empty())
-                .unwrap_or_else(|| text(state.and_then(|st| st.get("Status")))),
-            status: s("Status"),
-            labels: item
-                .get("Labels")
-                .and_then(Value::as_object)
-                .map(|m| {
-                    m.iter()
-                        .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            pid: state
-                .and_then(|st| st.get("Pid"))
-                .and_then(Value::as_u64)
-                .filter(|p| *p > 0 && *p <= u32::MAX as u64)
-                .map(|p| p as u32),
-            network_mode: text(detail.get("HostConfig").and_then(|h| h.get("NetworkMode"))),
-            ports: published(detail.get("NetworkSettings").and_then(|n| n.get("Ports"))),
-            engine: socket.display().to_string(),
-            id,
-        });
+        Some(Brief {
+            id: id.to_string(),
+            name,
+            image: s("Image").to_string(),
+            command: s("Command").to_string(),
+        })
     }
-    Ok(out)
+}
+
+/// The container from its list entry and its `/containers/ID/json` detail; fields that are
+/// missing or of the wrong type read as empty.
+pub fn container(item: &Value, brief: Brief, detail: &Value, engine: &str) -> Container {
+    let s = |k: &str| {
+        item.get(k)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_string();
+    let mut cmd = vec![text(detail.get("Path"))];
+    cmd.extend(
+        detail
+            .get("Args")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .map(str::to_string),
+    );
+    cmd.retain(|a| !a.is_empty());
+    let state = detail.get("State");
+    Container {
+        name: Some(text(detail.get("Name")).trim_start_matches('/').to_string())
+            .filter(|n| !n.is_empty())
+            .unwrap_or(brief.name),
+        image: brief.image,
+        command: if cmd.is_empty() {
+            brief
+                .command
+                .split_whitespace()
+                .map(str::to_string)
+                .collect()
+        } else {
+            cmd
+        },
+        state: Some(s("State"))
+            .filter(|x| !x.is_empty())
+            .unwrap_or_else(|| text(state.and_then(|st| st.get("Status")))),
+        status: s("Status"),
+        labels: item
+            .get("Labels")
+            .and_then(Value::as_object)
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_string()))
+                    .collect()
+            })
+            .unwrap_or_default(),
+        pid: state
+            .and_then(|st| st.get("Pid"))
+            .and_then(Value::as_u64)
+            .filter(|p| *p > 0 && *p <= u32::MAX as u64)
+            .map(|p| p as u32),
+        network_mode: text(detail.get("HostConfig").and_then(|h| h.get("NetworkMode"))),
+        ports: published(detail.get("NetworkSettings").and_then(|n| n.get("Ports"))),
+        engine: engine.to_string(),
+        id: brief.id,
+    }
 }
 
 /// `{"10085/tcp": [{"HostIp": "127.0.0.1", "HostPort": "10085"}]}` as a list.
@@ -344,6 +334,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(3);
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::{Read, Write};
     use std::os::unix::net::UnixListener;
     use std::thread;
 
@@ -485,13 +476,5 @@ mod tests {
         assert_eq!(e.code, "unavailable");
         assert!(e.message.contains("did not answer in time"), "{e:?}");
         assert!(started.elapsed() < Duration::from_secs(3));
-    }
-
-    #[test]
-    fn dechunking() {
-        assert_eq!(dechunk(b"3\r\nabc\r\n0\r\n\r\n").unwrap(), b"abc");
-        assert!(dechunk(b"zz\r\nabc\r\n").is_err());
-        assert!(dechunk(b"9\r\nabc\r\n").is_err());
-        assert!(dechunk(b"3\r\nabc").is_err());
     }
 }

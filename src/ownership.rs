@@ -36,6 +36,10 @@ pub struct Annotation {
     /// The leaf class, when the rule has one (the unlimited exception has none).
     #[serde(default)]
     pub class_minor: Option<u16>,
+    /// The limit in bytes per second (`None`: unlimited, or recorded before rates were): what a
+    /// later run restores when the kernel has lost the rule.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<u64>,
     pub owner: String,
     /// How the runtime was described when the rule was made (for reports only).
     #[serde(default)]

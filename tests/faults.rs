@@ -711,3 +711,99 @@ fn a_policy_with_a_missing_device_changes_nothing() {
     same_state(&h.kernel_state(), &before, "a policy with a missing device");
     assert!(!h.state.0.join("owners.json").exists());
 }
+
+/// Drift repaired by the next run on the device, whatever that run asks for: raylimit's root
+/// deleted by hand (every rule of the runtime gone while the annotations list them) comes back
+/// with every recorded rule at its rate when another client is limited; a rule whose filter was
+/// deleted by hand comes back when a third is removed. `status` then shows no drift, and a
+/// repeat changes nothing.
+#[test]
+fn the_next_run_on_a_device_repairs_its_drift() {
+    require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
+    let h = Host::new("rep");
+    let limit = |ip: &'static str, rate: &'static str| {
+        ["--ip", ip, "--direction", "download", "--rate", rate]
+    };
+    h.executed(&limit("10.9.0.7", "250000"));
+    h.executed(&limit("10.9.0.8", "500000"));
+    let rates = || {
+        let classes = h.ns.tc(&["class", "show", "dev", "veth-a"]);
+        let mut r: Vec<String> = classes
+            .lines()
+            .filter_map(|l| l.split(" rate ").nth(1))
+            .map(|r| r.split_whitespace().next().unwrap_or("").to_string())
+            .collect();
+        r.sort();
+        r
+    };
+    let before = rates();
+    assert_eq!(before, ["2Mbit", "4Mbit"], "{before:?}");
+    let nodes = |ip: &str| {
+        let hex = ip
+            .split('.')
+            .map(|o| format!("{:02x}", o.parse::<u8>().unwrap()))
+            .collect::<String>();
+        h.ns.tc(&["filter", "show", "dev", "veth-a"])
+            .lines()
+            .filter(|l| l.contains(&format!("match {hex}/ffffffff")))
+            .count()
+    };
+    assert!(nodes("10.9.0.7") > 0 && nodes("10.9.0.8") > 0);
+
+    // By hand: raylimit's root is deleted. status shows the drift.
+    h.ns.tc(&["qdisc", "del", "dev", "veth-a", "root"]);
+    let (_, out, _) = h.run(&["status"]);
+    assert!(out.contains("raylimit's root on veth-a is gone"), "{out}");
+    // The next limit on the device, for another client, puts both rules back.
+    let (code, out, err) = h.limit(&[&limit("10.9.0.9", "125000")[..], &["--execute"]].concat());
+    assert_eq!(code, 0, "{err}\n{out}");
+    assert!(
+        out.contains("drift repair 1/2: ip 10.9.0.7 download on veth-a")
+            && out.contains("drift repair 2/2: ip 10.9.0.8 download on veth-a"),
+        "{out}"
+    );
+    assert_eq!(rates(), ["1Mbit", "2Mbit", "4Mbit"]);
+    assert!(nodes("10.9.0.7") > 0 && nodes("10.9.0.8") > 0 && nodes("10.9.0.9") > 0);
+    let (_, out, _) = h.run(&["status", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["drift"], serde_json::json!([]), "{v}");
+
+    // By hand: 10.9.0.8's filter nodes are deleted (its class stays). Removing 10.9.0.9 also
+    // puts them back; the dry-run shows it first, as a plan.
+    let filters = h.ns.tc(&["filter", "show", "dev", "veth-a"]);
+    let mut handle = None;
+    let mut prio = None;
+    for line in filters.lines() {
+        if line.contains("fh ") && line.contains("flowid 524c:") {
+            let words: Vec<&str> = line.split_whitespace().collect();
+            let at = |k: &str| words.iter().position(|w| *w == k).map(|i| words[i + 1]);
+            handle = at("fh").map(str::to_string);
+            prio = at("pref").map(str::to_string);
+        }
+        if line.contains("match 0a090008/ffffffff") {
+            break;
+        }
+    }
+    let (handle, prio) = (handle.unwrap(), prio.unwrap());
+    h.ns.tc(&[
+        "filter", "del", "dev", "veth-a", "parent", "524c:", "pref", &prio, "handle", &handle,
+        "protocol", "ip", "u32",
+    ]);
+    assert_eq!(nodes("10.9.0.8"), 0);
+    let remove = ["--ip", "10.9.0.9", "--direction", "download", "--remove"];
+    let v = h.limit_json(&remove);
+    assert_eq!(v["outcome"], "plan ready", "{v}");
+    assert_eq!(v["drift_repairs"][0]["target"]["value"], "10.9.0.8", "{v}");
+    assert_eq!(v["drift_repairs"][0]["decision"]["kind"], "replace", "{v}");
+    let v = h.limit_json(&[&remove[..], &["--execute"]].concat());
+    assert_eq!(v["outcome"], "executed", "{v}");
+    assert!(nodes("10.9.0.8") > 0 && nodes("10.9.0.9") == 0);
+    assert_eq!(rates(), before);
+    let (_, out, _) = h.run(&["status", "--format", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["drift"], serde_json::json!([]), "{v}");
+    // Nothing is left to repair.
+    let v = h.limit_json(&limit("10.9.0.7", "250000"));
+    assert_eq!(v["outcome"], "no changes", "{v}");
+    assert!(v.get("drift_repairs").is_none(), "{v}");
+}

@@ -471,6 +471,9 @@ pub fn open(
 pub fn run(netns: Option<&str>, a: &LimitArgs, v: Validated) -> Result<Report, LimitError> {
     let mut engine = open(netns, &v.selection, &v.wanted.device, a.run, v.device_scope)?;
     let staged = engine.resolve(&v.wanted);
+    let repairs = engine.stage_repairs();
     let mut run = engine.commit();
-    Ok(Report::build(&engine, &v.wanted, staged, &mut run))
+    let mut report = Report::build(&engine, &v.wanted, staged, &mut run);
+    report.attach_repairs(&engine, &repairs, &mut run);
+    Ok(report)
 }

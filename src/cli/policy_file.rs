@@ -395,13 +395,23 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             }
         }
         planning.clear();
+        let repairs = engine.stage_repairs();
         // The device's whole change set goes to the kernel together.
         let mut run = engine.commit();
+        let (limits_before, pruned_before) = (reports.len(), pruned.len());
         for (name, wanted, s) in staged {
             reports.push((name, Report::build(&engine, &wanted, s, &mut run)));
         }
         for (name, wanted, s) in staged_prune {
             pruned.push((name, Report::build(&engine, &wanted, s, &mut run)));
+        }
+        // The device's repairs go with its last report.
+        let last = match pruned.len() > pruned_before {
+            true => pruned.last_mut(),
+            false => reports[limits_before..].last_mut(),
+        };
+        if let Some((_, r)) = last {
+            r.attach_repairs(&engine, &repairs, &mut run);
         }
     }
     let batch = Batch {

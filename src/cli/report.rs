@@ -9,7 +9,7 @@ use serde_json::{json, Value};
 use super::resolution::{self, EvidenceView};
 use crate::engine::resolve::{PerIpExpansion, Staged};
 use crate::engine::{
-    Committed, Decided, Engine, Kernel, Outcome, RootSeen, ScopeUsed, Status, StepResult,
+    Committed, Decided, Engine, Kernel, Outcome, RootSeen, ScopeUsed, Status, StepResult, Ticket,
 };
 use crate::model::Link;
 use crate::policy::{Subject, Want, Wanted};
@@ -722,8 +722,14 @@ impl PerIpReport {
     }
 }
 
-/// What `limit` reports: one decision, or a per_ip expansion of many.
-pub enum Report {
+/// What `limit` reports: one decision, or a per_ip expansion of many; and the drift on the
+/// same device that the run repaired beside it (see `engine::repair`).
+pub struct Report {
+    body: Body,
+    repairs: Vec<LimitReport>,
+}
+
+enum Body {
     One(Box<LimitReport>),
     PerIp(Box<PerIpReport>),
 }
@@ -745,10 +751,10 @@ impl Report {
             evidence,
             netns: netns.clone(),
         };
-        match staged {
+        let body = match staged {
             Staged::One { ticket, resolution } => {
                 let evidence = resolution::view(&resolution);
-                Report::One(Box::new(limit(run.take(ticket), evidence)))
+                Body::One(Box::new(limit(run.take(ticket), evidence)))
             }
             Staged::PerIp(x) => {
                 let targets = x
@@ -756,59 +762,120 @@ impl Report {
                     .iter()
                     .map(|t| limit(run.take(*t), None))
                     .collect();
-                Report::PerIp(Box::new(PerIpReport::new(engine, wanted, x, targets)))
+                Body::PerIp(Box::new(PerIpReport::new(engine, wanted, x, targets)))
             }
+        };
+        Report {
+            body,
+            repairs: Vec::new(),
         }
+    }
+
+    /// Adds the repairs the engine staged beside this report's request (`stage_repairs`).
+    pub fn attach_repairs<K: Kernel>(
+        &mut self,
+        engine: &Engine<K>,
+        tickets: &[Ticket],
+        run: &mut Committed,
+    ) {
+        let netns = Some(engine.netns_key().to_string()).filter(|n| !n.is_empty());
+        self.repairs.extend(tickets.iter().map(|t| LimitReport {
+            execute: engine.execute,
+            runtime: engine.runtime.clone(),
+            device: engine.device.clone(),
+            decided: run.take(*t),
+            evidence: None,
+            netns: netns.clone(),
+        }));
     }
 
     pub fn text(&self) -> String {
-        match self {
-            Report::One(r) => r.text(),
-            Report::PerIp(r) => r.text(),
+        let mut text = match &self.body {
+            Body::One(r) => r.text(),
+            Body::PerIp(r) => r.text(),
+        };
+        for (i, r) in self.repairs.iter().enumerate() {
+            let _ = write!(
+                text,
+                "\n--- drift repair {}/{}: {} {} on {}, as its annotation records it (the kernel had lost it)\n{}",
+                i + 1,
+                self.repairs.len(),
+                r.decided.request.subject,
+                r.decided.request.direction.name(),
+                r.device.name,
+                r.text()
+            );
         }
+        text
     }
 
     pub fn json(&self) -> Value {
-        match self {
-            Report::One(r) => r.json(),
-            Report::PerIp(r) => r.json(),
+        let mut v = match &self.body {
+            Body::One(r) => r.json(),
+            Body::PerIp(r) => r.json(),
+        };
+        self.repairs_json(&mut v);
+        v
+    }
+
+    fn repairs_json(&self, v: &mut Value) {
+        if !self.repairs.is_empty() {
+            v["drift_repairs"] = json!(self
+                .repairs
+                .iter()
+                .map(LimitReport::json_body)
+                .collect::<Vec<_>>());
         }
     }
 
     /// The report without its runtime block, for a run that gives it once for all reports.
     pub fn json_without_runtime(&self) -> Value {
-        match self {
-            Report::One(r) => r.json_body(),
-            Report::PerIp(r) => {
+        let mut v = match &self.body {
+            Body::One(r) => r.json_body(),
+            Body::PerIp(r) => {
                 let mut v = r.json();
                 if let Some(o) = v.as_object_mut() {
                     o.remove("runtime");
                 }
                 v
             }
-        }
+        };
+        self.repairs_json(&mut v);
+        v
     }
 
     /// The runtime block of the report.
     pub fn runtime_json(&self) -> Value {
-        match self {
-            Report::One(r) => r.runtime_json(),
-            Report::PerIp(r) => r.runtime_json(),
+        match &self.body {
+            Body::One(r) => r.runtime_json(),
+            Body::PerIp(r) => r.runtime_json(),
         }
     }
 
+    /// The request's outcome; when the request itself needed nothing, a repair's (a run
+    /// that changed the kernel, or would, says so).
     pub fn outcome(&self) -> Outcome {
-        match self {
-            Report::One(r) => r.outcome(),
-            Report::PerIp(r) => r.outcome(),
+        let own = match &self.body {
+            Body::One(r) => r.outcome(),
+            Body::PerIp(r) => r.outcome(),
+        };
+        let repaired = self
+            .repairs
+            .iter()
+            .map(LimitReport::outcome)
+            .find(|o| matches!(o, Outcome::PlanReady | Outcome::Executed | Outcome::Failed));
+        match (own, repaired) {
+            (Outcome::NoChanges, Some(o)) => o,
+            (_, Some(Outcome::Failed)) => Outcome::Failed,
+            _ => own,
         }
     }
 
     /// 0 planned or done; 1 refused (blocked with --execute) or failed.
     pub fn exit_code(&self) -> i32 {
-        let execute = match self {
-            Report::One(r) => r.execute,
-            Report::PerIp(r) => r.execute,
+        let execute = match &self.body {
+            Body::One(r) => r.execute,
+            Body::PerIp(r) => r.execute,
         };
         match self.outcome() {
             Outcome::Failed => 1,
@@ -820,10 +887,11 @@ impl Report {
 
     /// Why the annotations could not be saved after the kernel changed, when they could not.
     fn unrecorded(&self) -> Option<String> {
-        let decided: Vec<&Decided> = match self {
-            Report::One(r) => vec![&r.decided],
-            Report::PerIp(r) => r.targets.iter().map(|t| &t.decided).collect(),
+        let mut decided: Vec<&Decided> = match &self.body {
+            Body::One(r) => vec![&r.decided],
+            Body::PerIp(r) => r.targets.iter().map(|t| &t.decided).collect(),
         };
+        decided.extend(self.repairs.iter().map(|r| &r.decided));
         decided
             .iter()
             .flat_map(|d| &d.warnings)
@@ -844,9 +912,9 @@ impl Report {
 
     /// The one line for stderr when the run did not succeed.
     pub fn why(&self) -> String {
-        let blocked = match self {
-            Report::One(r) => r.decided.decision.blocked.as_ref().map(blocked_text),
-            Report::PerIp(r) => r.blocked.clone().or_else(|| {
+        let blocked = match &self.body {
+            Body::One(r) => r.decided.decision.blocked.as_ref().map(blocked_text),
+            Body::PerIp(r) => r.blocked.clone().or_else(|| {
                 r.targets.iter().find_map(|t| {
                     t.decided
                         .decision

@@ -129,19 +129,36 @@ pub fn run(netns: Option<&str>, args: &WatchArgs) -> i32 {
 fn log_round(round: &Round) {
     match round {
         Round::Skipped(why) => log(&why.to_string()),
-        Round::PerIp { live, departed } => {
+        Round::PerIp {
+            live,
+            departed,
+            repaired,
+        } => {
             for (ip, d) in live {
                 report(&format!("+ {ip}"), d);
             }
             for (ip, gone, d) in departed {
                 report(&format!("- {ip} (gone {gone:?})"), d);
             }
+            log_repairs(repaired);
         }
         Round::User {
             email,
             ips,
             decided,
-        } => report(&format!("{email} {}", addresses(ips)), decided),
+            repaired,
+        } => {
+            report(&format!("{email} {}", addresses(ips)), decided);
+            log_repairs(repaired);
+        }
+    }
+}
+
+/// Drift the round repaired: rules of this runtime the kernel had lost.
+fn log_repairs(repaired: &[Decided]) {
+    for d in repaired {
+        let r = &d.request;
+        report(&format!("repair {} {}", r.subject, r.direction.name()), d);
     }
 }
 

@@ -13,6 +13,7 @@ pub mod execute;
 pub mod inspect;
 pub mod kernel;
 pub mod prune;
+pub mod repair;
 pub mod resolve;
 pub mod status;
 pub mod watch;
@@ -534,6 +535,10 @@ impl<K: Kernel> Engine<K> {
                     subject: subject_key,
                     shaped_device: shaped_device.clone(),
                     class_minor: decision.expected_class.map(|c| c.minor()),
+                    rate: match request.want {
+                        Want::Limit(rate) => Some(rate),
+                        _ => None,
+                    },
                     owner,
                     runtime: self.runtime.describe(),
                     set: set.map(str::to_string),

@@ -509,7 +509,13 @@ fn compare<'a>(
             direction: a.direction.clone(),
             subject,
             owner: Some(a.owner.clone()),
-            problem: format!("{problem}: repeat its limit to restore it, or forget it"),
+            problem: match a.subject {
+                SubjectKey::Ip(_) | SubjectKey::All | SubjectKey::Connection(_) => format!(
+                    "{problem}: its runtime's next run on {} restores it, or forget it",
+                    a.device
+                ),
+                _ => format!("{problem}: repeat its limit to restore it, or forget it"),
+            },
             raylimit: Some(forget(a)),
             tc: Vec::new(),
         });
@@ -572,7 +578,7 @@ fn compare<'a>(
                     direction: "upload".into(),
                     subject: "ingress redirect".into(),
                     owner: None,
-                    problem: format!("{why}; repeating any upload limit on the device restores it"),
+                    problem: format!("{why}; the next upload run on the device restores it"),
                     raylimit: None,
                     tc: Vec::new(),
                 });

@@ -379,7 +379,7 @@ fn watch_adds_at_once_and_drops_after_the_grace_period() {
         kernel = std::mem::take(&mut e.kernel);
         r
     };
-    let Round::PerIp { live, departed } = round(&["10.0.0.1", "10.0.0.2"], 0) else {
+    let Round::PerIp { live, departed, .. } = round(&["10.0.0.1", "10.0.0.2"], 0) else {
         panic!("a per_ip round")
     };
     assert_eq!(live.len(), 2);
@@ -396,7 +396,7 @@ fn watch_adds_at_once_and_drops_after_the_grace_period() {
         panic!("a per_ip round")
     };
     assert!(departed.is_empty(), "gone 25 s, within 30 s");
-    let Round::PerIp { live, departed } = round(&["10.0.0.2"], 51) else {
+    let Round::PerIp { live, departed, .. } = round(&["10.0.0.2"], 51) else {
         panic!("a per_ip round")
     };
     assert_eq!(live.len(), 1);
@@ -707,4 +707,140 @@ fn the_upload_redirect_carries_only_the_runtimes_listeners_while_every_rule_is_s
     assert_eq!(run.take(t).outcome, Outcome::Executed);
     let h = hook(&e);
     assert!(h.parent.is_none() && h.listeners.is_empty(), "{h:?}");
+}
+
+/// The minor of the class the annotation of this runtime's rule for `addr` records.
+fn recorded_minor(e: &Engine<Fake>, shaped_device: &str, addr: &str) -> u16 {
+    e.annotations()
+        .find(
+            "",
+            shaped_device,
+            &crate::policy::SubjectKey::Ip(ip(addr)),
+            &runtime().owner(),
+        )
+        .and_then(|a| a.class_minor)
+        .expect("annotated with a class")
+}
+
+/// The addresses a run's repairs are for, with the rate each asks for.
+fn repaired(e: &Engine<Fake>, repairs: &[Ticket]) -> Vec<(String, Want)> {
+    repairs
+        .iter()
+        .map(|t| {
+            let d = e.decided(*t);
+            (d.request.subject.value(), d.request.want)
+        })
+        .collect()
+}
+
+#[test]
+fn a_run_repairs_what_the_kernel_lost_of_its_runtimes_rules() {
+    use crate::reconcile::observe::classid_of;
+    let state = TempState::new();
+    let mut e = engine(Fake::default(), &state, true);
+    e.stage(limit("10.0.0.1", 100_000), None, None);
+    e.stage(limit("10.0.0.2", 200_000), None, None);
+    let mut unlimited = limit("10.0.0.4", 1);
+    unlimited.want = Want::Unlimited;
+    e.stage(unlimited, None, None);
+    e.commit();
+
+    // By hand: 10.0.0.2's filter nodes are deleted; its class stays, sent to by nothing.
+    let minor = recorded_minor(&e, DEV_NAME, "10.0.0.2");
+    let sends_to_it = |f: &crate::model::tc::FilterEntry| {
+        classid_of(&f.filter).is_some_and(|c| c.minor() == minor)
+    };
+    e.kernel.kernel.device.filters.retain(|f| !sends_to_it(f));
+    // A run for another client repairs it in the same commit.
+    let t = e.stage(limit("10.0.0.3", 300_000), None, None);
+    let repairs = e.stage_repairs();
+    assert_eq!(
+        repaired(&e, &repairs),
+        [("10.0.0.2".to_string(), Want::Limit(200_000))]
+    );
+    let mut run = e.commit();
+    assert_eq!(run.take(t).outcome, Outcome::Executed);
+    assert_eq!(run.take(repairs[0]).outcome, Outcome::Executed);
+    assert!(e.kernel.kernel.device.filters.iter().any(sends_to_it));
+    // Nothing is left to repair.
+    e.stage(limit("10.0.0.3", 300_000), None, None);
+    assert!(e.stage_repairs().is_empty());
+    e.commit();
+
+    // By hand: the whole root is deleted. Every rule of the runtime comes back as recorded,
+    // the unlimited exception too.
+    e.kernel.kernel.device = crate::model::DeviceTc {
+        ifindex: super::fake::DEV,
+        ..Default::default()
+    };
+    let t = e.stage(limit("10.0.0.3", 300_000), None, None);
+    let repairs = e.stage_repairs();
+    let mut got = repaired(&e, &repairs);
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(
+        got,
+        [
+            ("10.0.0.1".to_string(), Want::Limit(100_000)),
+            ("10.0.0.2".to_string(), Want::Limit(200_000)),
+            ("10.0.0.4".to_string(), Want::Unlimited),
+        ]
+    );
+    let mut run = e.commit();
+    assert_eq!(run.take(t).outcome, Outcome::Executed);
+    for r in repairs {
+        assert_eq!(run.take(r).outcome, Outcome::Executed);
+    }
+    assert_eq!(e.kernel.kernel.device.classes.len(), 3);
+    for addr in ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.4"] {
+        let t = e.stage(
+            match addr {
+                "10.0.0.4" => {
+                    let mut r = limit(addr, 1);
+                    r.want = Want::Unlimited;
+                    r
+                }
+                "10.0.0.1" => limit(addr, 100_000),
+                "10.0.0.2" => limit(addr, 200_000),
+                _ => limit(addr, 300_000),
+            },
+            None,
+            None,
+        );
+        assert_eq!(e.decided(t).decision.kind, DecisionKind::NoOp, "{addr}");
+    }
+    assert!(e.stage_repairs().is_empty());
+    e.commit();
+}
+
+#[test]
+fn an_upload_root_whose_hook_was_deleted_is_put_back_in_force() {
+    let state = TempState::new();
+    let mut e = engine(Fake::default(), &state, true);
+    let upload = |addr: &str, rate| {
+        let mut r = limit(addr, rate);
+        r.direction = Direction::Upload;
+        r
+    };
+    e.stage(upload("10.0.0.1", 100_000), None, None);
+    e.stage(upload("10.0.0.2", 100_000), None, None);
+    e.commit();
+    assert!(!hook(&e).listeners.is_empty());
+    // By hand: `tc qdisc del dev eth0 clsact` takes the hook and its redirect filters.
+    let device = &mut e.kernel.kernel.device;
+    device
+        .qdiscs
+        .retain(|q| q.qdisc.kind != crate::model::tc::QdiscKind::Clsact);
+    device.filters.clear();
+    assert!(hook(&e).parent.is_none());
+    // Every upload decision checks the hook: even the removal of another client puts the
+    // redirect back for the rule left on the IFB.
+    let mut removal = upload("10.0.0.2", 1);
+    removal.want = Want::Remove;
+    let t = e.stage(removal, None, None);
+    assert!(e.stage_repairs().is_empty());
+    let mut run = e.commit();
+    let d = run.take(t);
+    assert_eq!(d.outcome, Outcome::Executed, "{:?}", d.decision.reason);
+    let h = hook(&e);
+    assert!(h.clsact && !h.listeners.is_empty(), "{h:?}");
 }

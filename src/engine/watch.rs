@@ -55,12 +55,15 @@ pub enum Round {
         live: Vec<(IpAddr, Decided)>,
         /// Clients gone past the grace period, how long ago, and their removal.
         departed: Vec<(IpAddr, Duration, Decided)>,
+        /// Drift the round repaired on the device (`Engine::stage_repairs`).
+        repaired: Vec<Decided>,
     },
     User {
         email: String,
         /// The addresses the user's rule holds now (none: the rule is removed).
         ips: BTreeSet<IpAddr>,
         decided: Box<Decided>,
+        repaired: Vec<Decided>,
     },
 }
 
@@ -122,8 +125,10 @@ impl Watcher {
             request.want = Want::Remove;
             departed.push((*ip, gone, engine.stage(request, Some(PER_IP), None)));
         }
+        let repairs = engine.stage_repairs();
         // The round's changes go to the kernel together.
         let mut run = engine.commit();
+        let repaired = repairs.into_iter().map(|t| run.take(t)).collect();
         let live = added.into_iter().map(|(ip, t)| (ip, run.take(t))).collect();
         let departed: Vec<(IpAddr, Duration, Decided)> = departed
             .into_iter()
@@ -134,7 +139,11 @@ impl Watcher {
                 self.last_seen.remove(ip);
             }
         }
-        Round::PerIp { live, departed }
+        Round::PerIp {
+            live,
+            departed,
+            repaired,
+        }
     }
 
     fn user<K: Kernel>(
@@ -171,11 +180,13 @@ impl Watcher {
             request.want = Want::Remove;
         }
         let ticket = engine.stage(request, None, None);
-        let decided = Box::new(engine.commit().take(ticket));
+        let repairs = engine.stage_repairs();
+        let mut run = engine.commit();
         Round::User {
             email: user.email.clone(),
             ips,
-            decided,
+            decided: Box::new(run.take(ticket)),
+            repaired: repairs.into_iter().map(|t| run.take(t)).collect(),
         }
     }
 }

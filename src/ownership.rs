@@ -208,12 +208,14 @@ impl Lock {
     }
 
     /// Writes the holder's pid into the lock file (what a waiting run reports and checks).
+    /// The pid is written over the old one at a fixed width (a pid has at most 7 digits), not
+    /// after a truncate: ext4 flushes a truncated file to disk on close, which would cost every
+    /// run a write-back.
     fn announce(&self) {
-        use std::io::{Seek, Write};
-        let mut f = &self.file;
-        let _ = f.set_len(0);
-        let _ = f.seek(std::io::SeekFrom::Start(0));
-        let _ = writeln!(f, "{}", std::process::id());
+        use std::os::unix::fs::FileExt;
+        let _ = self
+            .file
+            .write_all_at(format!("{:<15}\n", std::process::id()).as_bytes(), 0);
         self.heartbeat();
     }
 }

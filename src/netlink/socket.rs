@@ -76,7 +76,9 @@ impl RtSocket {
         Ok(Self {
             socket,
             next_seq: 1,
-            buf: vec![0u8; RECV_BUFFER_BYTES],
+            // Capacity only: recv writes into the spare capacity, so no megabyte is zeroed (and
+            // faulted in) for the few kilobytes a small run receives.
+            buf: Vec::with_capacity(RECV_BUFFER_BYTES),
         })
     }
 
@@ -155,7 +157,8 @@ impl RtSocket {
         let mut results: Vec<Option<Result<Ack, KernelError>>> = vec![None; acked.len()];
         let mut pending = acked.len();
         while pending > 0 {
-            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            self.buf.clear();
+            let n = self.socket.recv(&mut self.buf, 0)?;
             for (header, payload) in split_messages(&self.buf[..n])? {
                 if header.msg_type != NLMSG_ERROR {
                     continue;
@@ -203,7 +206,8 @@ impl RtSocket {
         }));
         let mut pending = seqs.len();
         while pending > 0 {
-            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            self.buf.clear();
+            let n = self.socket.recv(&mut self.buf, 0)?;
             for (header, payload) in split_messages(&self.buf[..n])? {
                 if header.msg_type != NLMSG_ERROR {
                     continue;
@@ -245,7 +249,8 @@ impl RtSocket {
         let mut out = Vec::new();
         let mut interrupted = false;
         loop {
-            let n = self.socket.recv(&mut &mut self.buf[..], 0)?;
+            self.buf.clear();
+            let n = self.socket.recv(&mut self.buf, 0)?;
             for (header, payload) in split_messages(&self.buf[..n])? {
                 if header.seq != seq {
                     continue;

@@ -214,8 +214,12 @@ fn node_filter(
 }
 
 /// The scaffolding that deleting the client nodes in `removed` leaves empty, deleted after them
-/// (`kept`: buckets this plan still puts clients in). An emptied second-level table goes with
-/// its link node; an emptied band with every table and link it has, then its priority.
+/// (`kept`: buckets this plan still puts clients in): an emptied band with every table and link
+/// it has, then its priority. A bucket emptied while its band keeps other clients keeps its
+/// second-level table and link: deleting the table right after its link is refused (EBUSY)
+/// until the kernel releases it, an RCU grace period later, and waiting for that made removing
+/// one client cost tens of milliseconds. The next address in that bucket reuses them, and they
+/// go with the band (at most 256 per band and family).
 ///
 /// Tables go one by one, each after the link that points at it (u32 refuses to delete a table
 /// still linked to), rather than with the priority alone: the kernel keeps a deleted priority's
@@ -236,28 +240,14 @@ pub(super) fn delete_emptied(
         }
         let band_emptied =
             !kept.iter().any(|(p, _)| *p == prio) && !shaped.nodes_left(prio, None, removed);
-        let touched: BTreeSet<u32> = removed
-            .iter()
-            .filter(|(p, _)| *p == prio)
-            .filter_map(|(_, h)| shaping::second_level_of(U32Handle(*h).table()))
-            .map(|(_, _, byte)| byte)
-            .collect();
-        let emptied: BTreeSet<u32> = if band_emptied {
-            // Every bucket of the band, including any left empty by an earlier run.
-            let in_band = |(p, _): &&(u16, u32)| *p == prio;
-            let tables = shaped.bucket_tables.iter().filter(in_band);
-            let links = shaped.bucket_links.keys().filter(in_band);
-            tables.chain(links).map(|(_, b)| *b).collect()
-        } else {
-            touched
-                .into_iter()
-                .filter(|b| !kept.contains(&(prio, *b)))
-                .filter(|b| {
-                    let table = shaping::second_level_table(band, family, *b).table();
-                    !shaped.nodes_left(prio, Some(table), removed)
-                })
-                .collect()
-        };
+        if !band_emptied {
+            continue;
+        }
+        // Every bucket of the band, including those left empty by earlier removals.
+        let in_band = |(p, _): &&(u16, u32)| *p == prio;
+        let tables = shaped.bucket_tables.iter().filter(in_band);
+        let links = shaped.bucket_links.keys().filter(in_band);
+        let emptied: BTreeSet<u32> = tables.chain(links).map(|(_, b)| *b).collect();
         for byte in emptied {
             if let Some(link) = shaped.bucket_links.get(&(prio, byte)) {
                 let mut before = link.filter.clone();
@@ -269,9 +259,7 @@ pub(super) fn delete_emptied(
                 steps.push(Step::delete("delete-bucket-table", dev, table));
             }
         }
-        if band_emptied {
-            steps.extend(delete_band(shaped, band, family, (dev, ifindex)));
-        }
+        steps.extend(delete_band(shaped, band, family, (dev, ifindex)));
     }
     steps
 }

@@ -117,8 +117,21 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
         - removed.len();
     let empty = classes_left == 0 && nodes_left == 0 && shaped.unrecognised.is_empty();
     if empty {
-        let root = shaping::root_qdisc(ifindex);
-        steps.push(Step::delete("delete-root-qdisc", &dev, root));
+        // Deleting the root takes everything under it at once, so the separate deletes go:
+        // none of them then waits for the kernel to release a u32 table (an RCU grace period
+        // after its link goes). Undoing it restores what they would have, in their order.
+        let (tc, mut kept): (Vec<Step>, Vec<Step>) = steps
+            .into_iter()
+            .partition(|s| matches!(s.action, Operation::Tc { .. }));
+        let root = Step::delete("delete-root-qdisc", &dev, shaping::root_qdisc(ifindex));
+        let undo = root
+            .undo
+            .iter()
+            .cloned()
+            .chain(tc.into_iter().rev().flat_map(|s| s.undo))
+            .collect();
+        kept.push(root.undone_by(undo));
+        steps = kept;
         if !req.on_egress() {
             remove_upload_scaffolding(ctx, obs, &mut steps);
         }

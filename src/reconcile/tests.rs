@@ -514,10 +514,7 @@ fn with_cls_fw_an_outbound_upload_is_an_fw_filter_and_no_nft_rule() {
         d.blocked
     );
     let gone = run(&mut k, &fw_outbound(Direction::Upload, Want::Remove));
-    assert_eq!(
-        names(&gone),
-        ["delete-filter", "delete-class", "delete-root-qdisc"]
-    );
+    assert_eq!(names(&gone), ["delete-root-qdisc"]);
     assert!(k.device.filters.is_empty() && k.device.qdiscs.is_empty());
 }
 
@@ -692,38 +689,43 @@ fn a_client_in_a_new_first_level_bucket_brings_its_table_and_link() {
 }
 
 #[test]
-fn the_last_client_of_a_bucket_takes_its_link_and_table_and_the_last_of_a_band_the_band() {
+fn an_emptied_bucket_keeps_its_table_and_the_last_rule_takes_the_root_with_everything() {
     let mut k = FakeKernel::default();
     for ip in ["10.0.5.2", "10.0.5.3", "10.0.6.2"] {
         run(&mut k, &ip_limit(ip));
     }
+    // Alone in its bucket: its table and link stay for the next address there (deleting the
+    // table would wait for the kernel to release it).
     let alone = run(&mut k, &ip_remove("10.0.6.2"));
-    assert_eq!(
-        names(&alone),
-        [
-            "delete-filter",
-            "delete-bucket-link",
-            "delete-bucket-table",
-            "delete-class"
-        ]
-    );
+    assert_eq!(names(&alone), ["delete-filter", "delete-class"]);
     let shared = run(&mut k, &ip_remove("10.0.5.3"));
     assert_eq!(names(&shared), ["delete-filter", "delete-class"]);
+    // The last rule: the root goes, and everything under it with it (no table delete that
+    // would wait for the kernel to release the table). Its undo restores all of it.
+    let count = |d: &crate::model::DeviceTc| (d.qdiscs.len(), d.classes.len(), d.filters.len());
+    let before = count(&k.device);
     let last = run(&mut k, &ip_remove("10.0.5.2"));
+    assert_eq!(names(&last), ["delete-root-qdisc"]);
+    assert!(k.device.qdiscs.is_empty() && k.device.filters.is_empty());
+    let undo: Vec<&str> = last.steps[0].undo.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
-        names(&last),
+        undo,
         [
-            "delete-filter",
-            "delete-bucket-link",
-            "delete-bucket-table",
-            "delete-address-link",
-            "delete-address-table",
-            "delete-priority",
-            "delete-class",
-            "delete-root-qdisc"
+            "restore-root-qdisc",
+            "restore-class",
+            "restore-address-table",
+            "restore-filter",
+            "restore-bucket-table",
+            "restore-bucket-link",
+            "restore-bucket-table",
+            "restore-bucket-link",
+            "restore-filter"
         ]
     );
-    assert!(k.device.qdiscs.is_empty() && k.device.filters.is_empty());
+    // Undone, the rule is back as it was (the kernel numbers the root table anew).
+    k.apply(&last.steps[0].undo);
+    assert_eq!(count(&k.device), before);
+    assert_eq!(run(&mut k, &ip_limit("10.0.5.2")).kind, DecisionKind::NoOp);
 }
 
 #[test]

@@ -276,6 +276,9 @@ enum AnnotationChange {
 /// One run against one device: the runtime, the kernel, the lock and the owner annotations.
 pub struct Engine<K: Kernel> {
     pub runtime: Rc<Runtime>,
+    /// The runtime's owner string and description, made once (every staged rule records them).
+    owner: String,
+    description: String,
     pub device: Link,
     pub execute: bool,
     allow_missing_state: bool,
@@ -338,6 +341,8 @@ impl<K: Kernel> Engine<K> {
         .map(|m| std::os::unix::fs::MetadataExt::ino(&m));
         Ok(Engine {
             live: Box::new(RuntimeLive(runtime.clone(), device_netns)),
+            owner: runtime.owner(),
+            description: runtime.describe(),
             runtime,
             device,
             execute: options.execute,
@@ -418,7 +423,7 @@ impl<K: Kernel> Engine<K> {
     ) -> Ticket {
         let shaped_device = self.shaped_device(request.on_egress());
         let subject_key = request.subject.key();
-        let owner = self.runtime.owner();
+        let owner = self.owner.clone();
         let annotation = self
             .annotations
             .find(&self.netns_key, &shaped_device, &subject_key, &owner)
@@ -540,7 +545,7 @@ impl<K: Kernel> Engine<K> {
                         _ => None,
                     },
                     owner,
-                    runtime: self.runtime.describe(),
+                    runtime: self.description.clone(),
                     set: set.map(str::to_string),
                 }),
             };
@@ -726,6 +731,9 @@ impl<K: Kernel> Engine<K> {
                 decided: staged.into_iter().map(Some).collect(),
             };
         }
+        if pending.iter().all(|i| staged[*i].decision.steps.is_empty()) {
+            return self.commit_without_steps(staged, &pending);
+        }
         // The intent, on disk before the kernel changes.
         let on_disk = self.state_dir.load().unwrap_or_default();
         let intent = self.annotations.clone().keeping(&on_disk);
@@ -802,6 +810,29 @@ impl<K: Kernel> Engine<K> {
                 d.warnings.push(Warning::NotAnnotated(e.clone()));
             }
             d.execution = Some(mine);
+        }
+        Committed {
+            decided: staged.into_iter().map(Some).collect(),
+        }
+    }
+}
+
+impl<K: Kernel> Engine<K> {
+    /// A commit whose decisions change nothing in the kernel (every one a no_op, as most of a
+    /// repeated apply or a watch round are): no intent to record and nothing to run, only the
+    /// annotations to save when they changed.
+    fn commit_without_steps(&mut self, mut staged: Vec<Decided>, pending: &[usize]) -> Committed {
+        let save = match std::mem::take(&mut self.annotations_changed) {
+            true => self.state_dir.save(&self.annotations).err(),
+            false => None,
+        };
+        for i in pending {
+            let d = &mut staged[*i];
+            d.outcome = Outcome::NoChanges;
+            d.execution = Some(Execution::default());
+            if let Some(e) = &save {
+                d.warnings.push(Warning::NotAnnotated(e.clone()));
+            }
         }
         Committed {
             decided: staged.into_iter().map(Some).collect(),

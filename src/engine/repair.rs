@@ -22,7 +22,7 @@ impl<K: Kernel> Engine<K> {
     /// alone (users, inbounds, outbounds, records without a rate) are restored by their next
     /// request, and shown by `status` until then.
     pub fn stage_repairs(&mut self) -> Vec<Ticket> {
-        let owner = self.runtime.owner();
+        let owner = self.owner.clone();
         let mut wanted: Vec<(Request, Option<String>)> = Vec::new();
         for (egress, observation) in &self.observed {
             if observation.error.is_some() {

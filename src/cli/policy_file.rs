@@ -449,7 +449,8 @@ pub(super) fn render(b: &Batch, reports: &[(String, Report)], pruned: &[(String,
         count(Outcome::Failed)
     );
     // Written as it is rendered, one limit at a time: a policy may list thousands.
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    // Large writes: a report of a thousand limits is about a megabyte.
+    let mut out = std::io::BufWriter::with_capacity(256 << 10, std::io::stdout().lock());
     let written = match b.run.format {
         Format::Json => write_json(&mut out, b, reports, pruned, &summary, error.as_ref()),
         Format::Text => write_text(&mut out, b, reports, pruned, &summary),
@@ -495,9 +496,10 @@ fn write_json(
         write!(out, ",\n\"{key}\": [")?;
         for (i, (name, r)) in list.iter().enumerate() {
             let sep = if i == 0 { "\n" } else { ",\n" };
-            let item = json!({"limit": name, "report": r.json_without_runtime()});
             out.write_all(sep.as_bytes())?;
-            serde_json::to_writer(&mut *out, &item)?;
+            write!(out, "{{\"limit\":{},\"report\":", text(&json!(name)))?;
+            r.write_json_without_runtime(&mut *out)?;
+            out.write_all(b"}")?;
         }
         write!(out, "\n]")?;
     }

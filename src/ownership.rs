@@ -74,20 +74,19 @@ pub struct Made {
 /// rule for the same subject on one device (each scoped to its own listeners).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Annotations {
-    entries: BTreeMap<(String, String, String, String), Annotation>,
+    /// By (namespace, shaped device, subject, owner); the subject as its typed key, so a
+    /// lookup formats nothing.
+    entries: BTreeMap<Key, Annotation>,
     made: std::collections::BTreeSet<Made>,
 }
 
-fn key(
-    netns: &str,
-    shaped_device: &str,
-    subject: &SubjectKey,
-    owner: &str,
-) -> (String, String, String, String) {
+type Key = (String, String, SubjectKey, String);
+
+fn key(netns: &str, shaped_device: &str, subject: &SubjectKey, owner: &str) -> Key {
     (
         netns.into(),
         shaped_device.into(),
-        subject.to_string(),
+        subject.clone(),
         owner.into(),
     )
 }
@@ -115,11 +114,11 @@ impl Annotations {
         shaped_device: &'a str,
         subject: &SubjectKey,
     ) -> impl Iterator<Item = &'a Annotation> + 'a {
-        let text = subject.to_string();
-        let from = (netns.to_string(), shaped_device.to_string(), text.clone());
+        let subject = subject.clone();
+        let from = key(netns, shaped_device, &subject, "");
         self.entries
-            .range((from.0, from.1, from.2, String::new())..)
-            .take_while(move |((n, d, s, _), _)| n == netns && d == shaped_device && *s == text)
+            .range(from..)
+            .take_while(move |((n, d, s, _), _)| n == netns && d == shaped_device && *s == subject)
             .map(|(_, a)| a)
     }
 

@@ -167,11 +167,10 @@ impl Annotations {
 
     /// raylimit created `object` on `device` (so it may delete it).
     pub fn made(&self, netns: &str, device: &str, object: &str) -> bool {
-        self.made.contains(&Made {
-            netns: netns.into(),
-            device: device.into(),
-            object: object.into(),
-        })
+        // A handful of entries, asked once per staged rule: a scan allocates nothing.
+        self.made
+            .iter()
+            .any(|m| m.netns == netns && m.device == device && m.object == object)
     }
 
     /// Records that raylimit created `object` on `device` (`true`), or that it is gone.

@@ -23,23 +23,38 @@ impl<K: Kernel> Engine<K> {
     /// request, and shown by `status` until then.
     pub fn stage_repairs(&mut self) -> Vec<Ticket> {
         let owner = self.owner.clone();
+        // What this run decided already holds (or was refused for a reason of its own).
+        let decided: BTreeSet<(bool, SubjectKey)> = self
+            .staged
+            .iter()
+            .map(|d| (d.request.on_egress(), d.request.subject.key()))
+            .collect();
         let mut wanted: Vec<(Request, Option<String>)> = Vec::new();
         for (egress, observation) in &self.observed {
             if observation.error.is_some() {
                 continue;
             }
             let shaped_device = self.shaped_device(*egress);
+            let candidates: Vec<(&Annotation, Request)> = self
+                .annotations
+                .iter()
+                .filter(|a| {
+                    a.netns == self.netns_key
+                        && a.shaped_device == shaped_device
+                        && a.owner == owner
+                        && !decided.contains(&(*egress, a.subject.clone()))
+                })
+                .filter_map(|a| Some((a, rebuild(a, &self.device.name)?)))
+                .filter(|(_, r)| r.on_egress() == *egress)
+                .collect();
+            if candidates.is_empty() {
+                continue;
+            }
             let held = Held::of(observation);
-            for a in self.annotations.iter().filter(|a| {
-                a.netns == self.netns_key && a.shaped_device == shaped_device && a.owner == owner
-            }) {
-                let Some(request) = rebuild(a, &self.device.name) else {
-                    continue;
-                };
-                if request.on_egress() != *egress || held.holds(a) {
-                    continue;
+            for (a, request) in candidates {
+                if !held.holds(a) {
+                    wanted.push((request, a.set.clone()));
                 }
-                wanted.push((request, a.set.clone()));
             }
         }
         wanted

@@ -33,6 +33,7 @@ pub use kernel::{Kernel, NetlinkKernel};
 
 use crate::evidence::scope::{ListenEndpoint, Scope};
 use crate::evidence::{self, Evidence};
+use crate::model::tc::Op;
 use crate::model::u32::End;
 use crate::model::Link;
 use crate::netlink::probe::{Capabilities, Feature};
@@ -40,7 +41,7 @@ use crate::netlink::NetlinkError;
 use crate::ownership::{Annotation, Annotations, Lock, StateDir};
 use crate::policy::{Request, Subject, SubjectKey, Want};
 use crate::reconcile::observe::{Hook, Observation, RootState, ShapedRoot};
-use crate::reconcile::plan::{Operation, Step};
+use crate::reconcile::plan::{Operation, Step, TcObject};
 use crate::reconcile::{self, Context, Decision};
 use crate::runtime::Runtime;
 use crate::shaping::{self, CatchAll, ListenerMatch};
@@ -298,6 +299,9 @@ pub struct Engine<K: Kernel> {
     capabilities: Option<Capabilities>,
     /// The annotations as this run leaves them (saved at commit when it succeeds).
     annotations: Annotations,
+    /// The IFBs of earlier devices of this name that annotations still name (read once, when a
+    /// removal first needs them).
+    earlier_ifbs: Option<BTreeSet<String>>,
     annotations_changed: bool,
     /// The observation of each shaped side (true: the device's egress), once read.
     observed: BTreeMap<bool, Observation>,
@@ -352,6 +356,7 @@ impl<K: Kernel> Engine<K> {
             foreign_classes: BTreeMap::new(),
             kernel,
             annotations: options.state_dir.load()?,
+            earlier_ifbs: None,
             annotations_changed: false,
             progress: None,
             state_dir: options.state_dir,
@@ -682,25 +687,29 @@ impl<K: Kernel> Engine<K> {
                 // The rule as recorded on this shaped device, and as recorded on the IFB of an
                 // earlier device of the same name (deleted and made again, with another
                 // ifindex): that one's objects went with the old device.
-                let current_ifb = shaping::ifb_name(self.device.index);
-                let doomed: Vec<String> = self
-                    .annotations
-                    .iter()
-                    .filter(|a| {
-                        a.netns == self.netns_key
-                            && a.subject == subject
-                            && a.owner == owner
-                            && (a.shaped_device == shaped_device
-                                || (a.device == self.device.name
-                                    && a.shaped_device != self.device.name
-                                    && a.shaped_device != current_ifb))
-                    })
-                    .map(|a| a.shaped_device.clone())
-                    .collect();
-                for shaped in doomed {
+                let earlier_ifbs = self.earlier_ifbs.get_or_insert_with(|| {
+                    let current_ifb = shaping::ifb_name(self.device.index);
                     self.annotations
-                        .remove(&self.netns_key, &shaped, &subject, &owner);
-                    self.annotations_changed = true;
+                        .iter()
+                        .filter(|a| {
+                            a.netns == self.netns_key
+                                && a.device == self.device.name
+                                && a.shaped_device != self.device.name
+                                && a.shaped_device != current_ifb
+                        })
+                        .map(|a| a.shaped_device.clone())
+                        .collect()
+                });
+                for shaped in std::iter::once(&shaped_device).chain(earlier_ifbs.iter()) {
+                    if self
+                        .annotations
+                        .find(&self.netns_key, shaped, &subject, &owner)
+                        .is_some()
+                    {
+                        self.annotations
+                            .remove(&self.netns_key, shaped, &subject, &owner);
+                        self.annotations_changed = true;
+                    }
                 }
             }
         }
@@ -752,6 +761,7 @@ impl<K: Kernel> Engine<K> {
                 .map(|i| staged[*i].decision.steps.as_slice())
                 .collect();
             let (steps, owners) = run_order(&decisions);
+            let (steps, owners, subsumed) = subsume_under_root_deletes(steps, owners);
             let progress = &mut self.progress;
             let lock = &self.lock;
             let execution = execute_with_progress(&mut self.kernel, &steps, &mut |done, all| {
@@ -764,7 +774,15 @@ impl<K: Kernel> Engine<K> {
             let mut placed: Vec<Vec<(usize, StepResult)>> = vec![Vec::new(); pending.len()];
             for (result, owned) in execution.results.iter().zip(&owners) {
                 for (p, i) in owned {
-                    placed[*p].push((*i, result.clone()));
+                    let mut result = result.clone();
+                    if subsumed.contains(&(*p, *i)) {
+                        // Its own step, done (or not, or undone) with the root's delete.
+                        let own = &decisions[*p][*i];
+                        result.step = own.name.clone();
+                        result.command = own.command();
+                        result.warning = Some(SUBSUMED.into());
+                    }
+                    placed[*p].push((*i, result));
                 }
             }
             let per: Vec<Execution> = placed
@@ -867,6 +885,7 @@ fn not_run(mut staged: Vec<Decided>, pending: &[usize], why: &str) -> Vec<Option
 
 /// The (decision, step) places one executed step stands for.
 type Owners = Vec<(usize, usize)>;
+type Places = BTreeSet<(usize, usize)>;
 
 /// The run's steps in execution order, each with the (decision, step) places it stands for:
 /// every decision's tc and link steps in decision order, then all nft changes as one atomic
@@ -912,6 +931,83 @@ fn run_order<'a>(decisions: &[&'a [Step]]) -> (Vec<Cow<'a, Step>>, Vec<Owners>) 
         owners.push(nft_owners);
     }
     (steps, owners)
+}
+
+/// What a delete the root's delete took over says in its result.
+const SUBSUMED: &str = "done by deleting raylimit's root qdisc later in this run, which takes \
+                        everything under it";
+
+/// Deletes of classes and filters under a root that the same run deletes later are done by
+/// that delete: the kernel drops a qdisc's classes and filters with it, while deleting them one
+/// by one walks every class of the qdisc for each (a prune of 10 000 rules took seconds). Only
+/// the deletes after the last other change on that device go (nothing made there in between
+/// depends on them). The root's delete stands for them in the results and, for its undo, runs
+/// their undo steps (last first) after its own. Returns which (decision, step) places it took.
+fn subsume_under_root_deletes<'a>(
+    steps: Vec<Cow<'a, Step>>,
+    owners: Vec<Owners>,
+) -> (Vec<Cow<'a, Step>>, Vec<Owners>, Places) {
+    let root = shaping::root_qdisc(0);
+    fn on(s: &Step) -> Option<(Op, &str, &TcObject)> {
+        match &s.action {
+            Operation::Tc {
+                op, dev, object, ..
+            } => Some((*op, dev.name(), object)),
+            _ => None,
+        }
+    }
+    let is_root_delete = |s: &Step| {
+        matches!(on(s), Some((Op::Delete, _, TcObject::Qdisc(q)))
+            if q.parent == root.parent && q.handle == root.handle)
+    };
+    let under_root = |object: &TcObject| match object {
+        TcObject::Class(c) => c.handle.major() == shaping::ROOT_MAJOR,
+        TcObject::Filter(f) => f.parent == root.handle,
+        TcObject::Qdisc(_) => false,
+    };
+    let mut taken: BTreeSet<usize> = BTreeSet::new();
+    let mut extra: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+    for r in (0..steps.len()).filter(|r| is_root_delete(&steps[*r])) {
+        let Some((_, device, _)) = on(&steps[r]) else {
+            continue;
+        };
+        for i in (0..r).rev() {
+            match on(&steps[i]) {
+                Some((Op::Delete, d, object)) if d == device && under_root(object) => {
+                    taken.insert(i);
+                    extra.entry(r).or_default().push(i);
+                }
+                Some((_, d, _)) if d == device => break,
+                _ => {}
+            }
+        }
+    }
+    if taken.is_empty() {
+        return (steps, owners, BTreeSet::new());
+    }
+    let mut subsumed = BTreeSet::new();
+    let mut kept_steps = Vec::with_capacity(steps.len() - taken.len());
+    let mut kept_owners = Vec::with_capacity(steps.len() - taken.len());
+    for (r, (step, mut owned)) in steps.iter().zip(owners.iter().cloned()).enumerate() {
+        if taken.contains(&r) {
+            continue;
+        }
+        let Some(inner) = extra.get(&r) else {
+            kept_steps.push(step.clone());
+            kept_owners.push(owned);
+            continue;
+        };
+        // `inner` runs from the latest delete back: their undo in that order.
+        let mut undo = step.undo.clone();
+        for i in inner {
+            undo.extend(steps[*i].undo.iter().cloned());
+            owned.extend(owners[*i].iter().copied());
+            subsumed.extend(owners[*i].iter().copied());
+        }
+        kept_steps.push(Cow::Owned(step.as_ref().clone().undone_by(undo)));
+        kept_owners.push(owned);
+    }
+    (kept_steps, kept_owners, subsumed)
 }
 
 /// Reads what a request is decided on: the shaped root, and for upload the IFB and the hook.

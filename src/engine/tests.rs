@@ -844,3 +844,76 @@ fn an_upload_root_whose_hook_was_deleted_is_put_back_in_force() {
     let h = hook(&e);
     assert!(h.clsact && !h.listeners.is_empty(), "{h:?}");
 }
+
+#[test]
+fn removing_every_rule_is_one_root_delete_that_undoes_to_all_of_them() {
+    let state = TempState::new();
+    let mut e = engine(Fake::default(), &state, true);
+    let addrs = ["10.0.0.1", "10.0.1.2", "10.0.2.3"];
+    for a in addrs {
+        e.stage(limit(a, 1_000), None, None);
+    }
+    e.commit();
+    let count = |e: &Engine<Fake>| {
+        let d = &e.kernel.kernel.device;
+        (d.qdiscs.len(), d.classes.len(), d.filters.len())
+    };
+    let before = count(&e);
+    let removal = |a: &str| {
+        let mut r = limit(a, 1_000);
+        r.want = Want::Remove;
+        r
+    };
+
+    // A later step of the same run fails after the root went: the root's undo rebuilds all
+    // the rules, and every decision says the run was undone.
+    let tickets: Vec<Ticket> = addrs
+        .iter()
+        .map(|a| e.stage(removal(a), None, None))
+        .collect();
+    let mut upload = limit("10.0.9.9", 1_000);
+    upload.direction = Direction::Upload;
+    e.stage(upload, None, None);
+    e.kernel.fail_at = Some(e.kernel.calls.steps.len() + 1);
+    let sent = e.kernel.calls.steps.len();
+    let mut run = e.commit();
+    assert_eq!(e.kernel.calls.steps[sent], "delete-root-qdisc");
+    for t in &tickets {
+        assert_eq!(run.take(*t).outcome, Outcome::Failed);
+    }
+    assert_eq!(count(&e), before);
+    for a in addrs {
+        let t = e.stage(limit(a, 1_000), None, None);
+        assert_eq!(e.decided(t).decision.kind, DecisionKind::NoOp, "{a}");
+    }
+    e.commit();
+
+    // Alone, the removals send one step: the root's delete, which stands for every delete
+    // under it in each decision's results.
+    e.kernel.fail_at = None;
+    let tickets: Vec<Ticket> = addrs
+        .iter()
+        .map(|a| e.stage(removal(a), None, None))
+        .collect();
+    let planned: usize = tickets
+        .iter()
+        .map(|t| e.decided(*t).decision.steps.len())
+        .sum();
+    assert!(planned > 3, "{planned}");
+    let sent = e.kernel.calls.steps.len();
+    let mut run = e.commit();
+    assert_eq!(e.kernel.calls.steps[sent..], ["delete-root-qdisc"]);
+    assert_eq!(count(&e), (0, 0, 0));
+    for t in tickets {
+        let d = run.take(t);
+        assert_eq!(d.outcome, Outcome::Executed);
+        let results = &d.execution.as_ref().unwrap().results;
+        let names: Vec<&str> = d.decision.steps.iter().map(|s| s.name.as_str()).collect();
+        let got: Vec<&str> = results.iter().map(|r| r.step.as_str()).collect();
+        assert_eq!(got, names);
+        for r in results {
+            assert_eq!(r.status, super::execute::Status::Ok);
+            assert_eq!(r.warning.is_some(), r.step != "delete-root-qdisc", "{r:?}");
+        }
+    }
+}

@@ -10,7 +10,8 @@
 //! Per N (medians over the runs, seconds): dry_run_s (plan against the empty device), apply_s
 //! (`--execute` from empty), noop_s (the same again: every limit no_op), change_one_s (one rate
 //! changed), remove_s (every limit `"remove": true`, back to an empty device), tc_batch_apply_s,
-//! tc_spawn_apply_s, and peak_rss_bytes (largest ru_maxrss of a raylimit child at that N).
+//! tc_spawn_apply_s, and peak_rss_bytes (largest peak RSS of a raylimit child at that N, its VmHWM
+//! read at its exit stop).
 //! Every run's JSON report is checked (exit code, summary counts, decisions) and every baseline's
 //! result is compared with what raylimit built, so a broken run is never reported as a fast one.
 //! The table goes to stdout, the rows to `<repo>/target/bench-summary.json`.
@@ -119,7 +120,7 @@ fn sh(cmd: &mut Command) -> Res<String> {
 }
 
 /// One finished child: exit code (negative: killed by that signal), wall time from spawn to
-/// reaping, and its own peak RSS.
+/// reaping, and its own peak RSS (VmHWM at its exit).
 struct Ran {
     code: i32,
     secs: f64,
@@ -139,6 +140,19 @@ fn run_timed(cmd: &mut Command, out: Stdio, err: &Path, timeout: Duration, what:
         .spawn()
         .map_err(|e| Failure::Broken(format!("{what}: cannot start: {e}")))?;
     let pid = child.id() as libc::pid_t;
+    // The child's own peak RSS is read at its exit stop: its rusage would also count the pages
+    // of this bench it was forked from (exec records the old mm's high-water mark).
+    // SAFETY: seizes our own child (already exec'd) with the exit stop only.
+    let traced = unsafe {
+        libc::ptrace(
+            libc::PTRACE_SEIZE,
+            pid,
+            std::ptr::null_mut::<libc::c_void>(),
+            libc::PTRACE_O_TRACEEXIT as usize as *mut libc::c_void,
+        )
+    } == 0;
+    let mut peak_rss = 0;
+    let mut paused = Duration::ZERO;
     set_timer(timeout.max(Duration::from_millis(1)));
     let mut status: libc::c_int = 0;
     // SAFETY: zeroed rusage is a valid value; wait4 fills it.
@@ -148,6 +162,30 @@ fn run_timed(cmd: &mut Command, out: Stdio, err: &Path, timeout: Duration, what:
         // SAFETY: waits for our own unreaped child; until it is reaped its pid cannot be reused,
         // so the kill below can only reach it.
         let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid && libc::WIFSTOPPED(status) {
+            let exiting = status >> 8 == libc::SIGTRAP | (libc::PTRACE_EVENT_EXIT << 8);
+            // A stop for a signal passes the signal on; the exit stop is where the peak is read.
+            let stopped = Instant::now();
+            let signal = match exiting {
+                true => {
+                    peak_rss = vm_hwm(pid).unwrap_or(0);
+                    0
+                }
+                false => libc::WSTOPSIG(status),
+            };
+            // The time it spends stopped for this bench is not its own.
+            paused += stopped.elapsed();
+            // SAFETY: resumes our own traced, stopped child.
+            unsafe {
+                libc::ptrace(
+                    libc::PTRACE_CONT,
+                    pid,
+                    std::ptr::null_mut::<libc::c_void>(),
+                    signal as usize as *mut libc::c_void,
+                )
+            };
+            continue;
+        }
         if r == pid {
             break;
         }
@@ -171,7 +209,7 @@ fn run_timed(cmd: &mut Command, out: Stdio, err: &Path, timeout: Duration, what:
             }
         }
     }
-    let secs = start.elapsed().as_secs_f64();
+    let secs = start.elapsed().saturating_sub(paused).as_secs_f64();
     set_timer(Duration::ZERO);
     drop(child);
     if let Some(f) = killed {
@@ -185,8 +223,19 @@ fn run_timed(cmd: &mut Command, out: Stdio, err: &Path, timeout: Duration, what:
     Ok(Ran {
         code,
         secs,
-        maxrss: ru.ru_maxrss.max(0) as u64 * 1024,
+        maxrss: match traced {
+            true => peak_rss,
+            false => ru.ru_maxrss.max(0) as u64 * 1024,
+        },
     })
+}
+
+/// A process's peak resident set (`VmHWM`), in bytes.
+fn vm_hwm(pid: libc::pid_t) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 /// The namespace, its device, the runtime and a private state directory. Fields drop in order:

@@ -150,9 +150,17 @@ impl Annotations {
             .insert(key(&a.netns, &a.shaped_device, &a.subject, &a.owner), a);
     }
 
-    pub fn remove(&mut self, netns: &str, shaped_device: &str, subject: &SubjectKey, owner: &str) {
+    /// Forgets the owner's annotation of `subject`; true when there was one.
+    pub fn remove(
+        &mut self,
+        netns: &str,
+        shaped_device: &str,
+        subject: &SubjectKey,
+        owner: &str,
+    ) -> bool {
         self.entries
-            .remove(&key(netns, shaped_device, subject, owner));
+            .remove(&key(netns, shaped_device, subject, owner))
+            .is_some()
     }
 
     /// These annotations, and every rule and made object of `earlier` they lack: what a run

@@ -703,11 +703,8 @@ impl<K: Kernel> Engine<K> {
                 for shaped in std::iter::once(&shaped_device).chain(earlier_ifbs.iter()) {
                     if self
                         .annotations
-                        .find(&self.netns_key, shaped, &subject, &owner)
-                        .is_some()
+                        .remove(&self.netns_key, shaped, &subject, &owner)
                     {
-                        self.annotations
-                            .remove(&self.netns_key, shaped, &subject, &owner);
                         self.annotations_changed = true;
                     }
                 }
@@ -833,9 +830,7 @@ impl<K: Kernel> Engine<K> {
             decided: staged.into_iter().map(Some).collect(),
         }
     }
-}
 
-impl<K: Kernel> Engine<K> {
     /// A commit whose decisions change nothing in the kernel (every one a no_op, as most of a
     /// repeated apply or a watch round are): no intent to record and nothing to run, only the
     /// annotations to save when they changed.

@@ -9,16 +9,16 @@ use std::collections::BTreeSet;
 
 use crate::ownership::Annotation;
 use crate::policy::{Direction, Request, Subject, SubjectKey, Want};
-use crate::reconcile::observe::{classid_of, Observation};
+use crate::reconcile::observe::{classid_of, Observation, ShapedRoot};
 use crate::shaping::{Band, ClientMatch};
 
 use super::{Engine, Kernel, Ticket};
 
 impl<K: Kernel> Engine<K> {
     /// Stages a repair for each of this runtime's annotated rules, on the sides this run has
-    /// read, whose objects the kernel no longer holds as recorded (an upload root's redirect needs
-    /// no repair of its own: every upload decision puts a missing one back). Call it after the run's own requests (their steps count as done)
-    /// and before [`Engine::commit`]. Rules whose subject cannot be rebuilt from the annotation
+    /// read, whose objects the kernel no longer holds as recorded (an upload root's redirect
+    /// needs no repair of its own: every upload decision puts a missing one back). Call it after
+    /// the run's own requests (their steps count as done) and before [`Engine::commit`]. Rules whose subject cannot be rebuilt from the annotation
     /// alone (users, inbounds, outbounds, records without a rate) are restored by their next
     /// request, and shown by `status` until then.
     pub fn stage_repairs(&mut self) -> Vec<Ticket> {
@@ -88,18 +88,17 @@ fn rebuild(a: &Annotation, device: &str) -> Option<Request> {
 /// What a side holds of raylimit's layout, for a cheap check of each annotation (a full
 /// decision per annotated rule would cost as much as an apply of all of them).
 struct Held<'a> {
-    observation: &'a Observation,
-    managed: bool,
+    /// raylimit's root on the side, when it is there.
+    shaped: Option<&'a ShapedRoot>,
     /// Class minors that exist and that a node, listener node, baseline or mark sends to.
     sent_to: BTreeSet<u16>,
 }
 
 impl<'a> Held<'a> {
     fn of(observation: &'a Observation) -> Self {
+        let shaped = observation.shaped.as_ref().filter(|s| s.is_managed());
         let mut sent_to = BTreeSet::new();
-        let mut managed = false;
-        if let Some(s) = observation.shaped.as_ref().filter(|s| s.is_managed()) {
-            managed = true;
+        if let Some(s) = shaped {
             let classes = s
                 .nodes()
                 .map(|n| n.classid)
@@ -113,17 +112,13 @@ impl<'a> Held<'a> {
                     .filter(|m| s.classes.contains_key(m)),
             );
         }
-        Held {
-            observation,
-            managed,
-            sent_to,
-        }
+        Held { shaped, sent_to }
     }
 
     /// The annotated rule is in the kernel as recorded: its class exists and is sent to, and
     /// an address's node sends to that class (the unlimited exception: to the root itself).
     fn holds(&self, a: &Annotation) -> bool {
-        let Some(s) = self.observation.shaped.as_ref().filter(|_| self.managed) else {
+        let Some(s) = self.shaped else {
             return false;
         };
         let minor = a.class_minor.unwrap_or(0);

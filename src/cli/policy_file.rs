@@ -355,11 +355,11 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
             Ok(e) => e,
             Err(e) => return super::fail(format, e.failure(), e),
         };
-        let mut staged = Vec::new();
         let on_device: Vec<_> = validated
             .iter()
             .filter(|(v, _)| &v.wanted.device == device)
             .collect();
+        let mut staged = Vec::with_capacity(on_device.len());
         let mut planning = Progress::on_terminal(&format!("apply: planning {device}"));
         engine.on_progress(progress::for_engine(&format!(
             "apply: kernel steps on {device}"

@@ -243,8 +243,8 @@ impl LimitReport {
                     let _ = writeln!(w, "Execution status: failed");
                 }
                 let _ = writeln!(w, "Execution results:");
-                for (i, r) in e.results.iter().enumerate() {
-                    let _ = writeln!(w, "  {}. {}: {}", i + 1, r.step, r.status.name());
+                for (i, (s, r)) in d.steps.iter().zip(&e.results).enumerate() {
+                    let _ = writeln!(w, "  {}. {}: {}", i + 1, s.name, r.status.name());
                     if let Some(err) = &r.error {
                         let _ = writeln!(w, "     error: {err}");
                     }
@@ -260,10 +260,10 @@ impl LimitReport {
                             "  {}. {}: {} ({})",
                             i + 1,
                             r.step,
-                            r.status.name(),
+                            r.result.status.name(),
                             r.command
                         );
-                        if let Some(err) = &r.error {
+                        if let Some(err) = &r.result.error {
                             let _ = writeln!(w, "     error: {err}");
                         }
                     }
@@ -351,10 +351,12 @@ impl LimitReport {
                 _ => None,
             },
             results: match &self.decided.execution {
-                Some(e) => e
-                    .results
+                Some(e) => d
+                    .steps
                     .iter()
-                    .map(|r| result_json(r, self.netns.as_deref()))
+                    .zip(&commands)
+                    .zip(&e.results)
+                    .map(|((s, command), r)| result_json(&s.name, command.clone(), r))
                     .collect(),
                 None => d
                     .steps
@@ -378,7 +380,10 @@ impl LimitReport {
                 .map(|e| {
                     e.rollback
                         .iter()
-                        .map(|r| result_json(r, self.netns.as_deref()))
+                        .map(|r| {
+                            let command = in_netns(r.command.clone(), self.netns.as_deref());
+                            result_json(&r.step, command, &r.result)
+                        })
                         .collect()
                 }),
             scope: ScopeJson {
@@ -477,13 +482,13 @@ pub fn blocked_text(b: &Blocked) -> String {
     }
 }
 
-fn result_json<'a>(r: &'a StepResult, netns: Option<&str>) -> ResultJson<'a> {
+fn result_json<'a>(step: &'a str, command: String, r: &'a StepResult) -> ResultJson<'a> {
     ResultJson {
-        command: in_netns(r.command.clone(), netns),
+        command,
         error: r.error.as_deref(),
         skipped: None,
         status: Some(r.status.name()),
-        step: &r.step,
+        step,
         warning: r.warning.as_deref(),
     }
 }
@@ -756,8 +761,8 @@ impl PerIpReport {
                 }
             }
             if let Some(e) = &t.decided.execution {
-                for r in &e.results {
-                    let _ = writeln!(w, "       {}: {}", r.step, r.status.name());
+                for (s, r) in d.steps.iter().zip(&e.results) {
+                    let _ = writeln!(w, "       {}: {}", s.name, r.status.name());
                     if let Some(err) = &r.error {
                         let _ = writeln!(w, "         error: {err}");
                     }
@@ -881,7 +886,7 @@ impl Report {
                     .iter()
                     .map(|t| limit(run.take(*t), None))
                     .collect();
-                Body::PerIp(Box::new(PerIpReport::new(engine, wanted, x, targets)))
+                Body::PerIp(Box::new(PerIpReport::new(engine, wanted, *x, targets)))
             }
         };
         Report {

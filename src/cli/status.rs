@@ -2,6 +2,7 @@
 
 use std::fmt::Write as _;
 
+use serde::Serialize;
 use serde_json::{json, Value};
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -138,18 +139,15 @@ pub fn run(
     })
 }
 
+/// The whole status as JSON. The roots (a rule each, thousands on a busy host) are written from
+/// typed values straight into the text rather than built as a `Value` tree first: the tree
+/// costs several times the text.
 fn json_text(read: &[(Option<String>, Status)]) -> String {
-    let roots: Vec<Value> = read
+    let roots: Vec<RootJson> = read
         .iter()
-        .flat_map(|(ns, s)| {
-            s.roots.iter().map(move |r| {
-                let mut v = root_json(r);
-                v["netns"] = json!(ns);
-                v
-            })
-        })
+        .flat_map(|(ns, s)| s.roots.iter().map(move |r| root_json(r, ns.as_deref())))
         .collect();
-    let spaces: Vec<Value> = read
+    let namespaces: Vec<Value> = read
         .iter()
         .map(|(ns, s)| {
             json!({
@@ -168,14 +166,65 @@ fn json_text(read: &[(Option<String>, Status)]) -> String {
         .iter()
         .flat_map(|(ns, s)| s.drift.iter().map(|d| drift_json(d, ns.as_deref())))
         .collect();
-    format!(
-        "{}\n",
-        serde_json::to_string_pretty(&json!({
-            "roots": roots, "nft": nft, "drift": drift, "namespaces": spaces,
-            "state_error": read.first().and_then(|(_, s)| s.state_error.clone()),
-        }))
-        .unwrap_or_default()
-    )
+    let status = StatusJson {
+        drift,
+        namespaces,
+        nft,
+        roots,
+        state_error: read.first().and_then(|(_, s)| s.state_error.as_deref()),
+    };
+    let mut out = serde_json::to_vec_pretty(&status).unwrap_or_default();
+    out.push(b'\n');
+    String::from_utf8(out).unwrap_or_default()
+}
+
+// The JSON shapes below list their fields in alphabetical order, the order serde_json's maps
+// have always given this output.
+
+#[derive(Serialize)]
+struct StatusJson<'a> {
+    drift: Vec<Value>,
+    namespaces: Vec<Value>,
+    nft: Value,
+    roots: Vec<RootJson<'a>>,
+    state_error: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct RootJson<'a> {
+    backlog_bytes: u32,
+    bytes: u64,
+    device: &'a str,
+    direction: &'a str,
+    drops: u32,
+    netns: Option<&'a str>,
+    not_in_force: Option<&'a str>,
+    orphan_classes: Vec<String>,
+    packets: u64,
+    root_handle: String,
+    rules: Vec<RuleJson<'a>>,
+    shaped_device: &'a str,
+    unrecognised_filters: &'a [String],
+}
+
+#[derive(Serialize)]
+struct RuleJson<'a> {
+    backlog_bytes: u32,
+    bytes: u64,
+    class_id: Option<String>,
+    clients: &'a [String],
+    direction: &'a str,
+    drops: u32,
+    listeners: &'a [String],
+    owner: Option<&'a str>,
+    packets: u64,
+    priority: Option<u16>,
+    rate_bytes_per_second: Option<u64>,
+    scope_drift: Option<&'a str>,
+    subject: &'a str,
+    throughput_bytes_per_second: Option<u64>,
+    unlimited: bool,
+    user_traffic: Option<&'a str>,
 }
 
 /// The commands that repair a drift, as they can be pasted (in its namespace).
@@ -522,34 +571,43 @@ fn text(s: &Status, netns: Option<&str>) -> String {
     out
 }
 
-fn root_json(r: &Root) -> Value {
-    json!({
-        "device": r.device,
-        "direction": r.direction,
-        "shaped_device": r.shaped_device,
-        "root_handle": shaping::root_handle().to_string(),
-        "bytes": r.stats.bytes, "packets": r.stats.packets, "drops": r.stats.drops,
-        "backlog_bytes": r.stats.backlog,
-        "not_in_force": r.not_in_force,
-        "rules": r.rules.iter().map(|x| json!({
-            "subject": x.subject,
-            "clients": x.clients,
-            "listeners": x.listeners,
-            "user_traffic": x.user_traffic,
-            "scope_drift": x.scope_drift,
-            "priority": x.priority,
-            "class_id": x.class.map(|c| c.to_string()),
-            "unlimited": x.class.is_some_and(|c| c.minor() == 0),
-            "rate_bytes_per_second": x.rate,
-            "direction": x.direction,
-            "bytes": x.stats.bytes, "packets": x.stats.packets, "drops": x.stats.drops,
-            "backlog_bytes": x.stats.backlog,
-            "throughput_bytes_per_second": x.throughput,
-            "owner": x.owner,
-        })).collect::<Vec<_>>(),
-        "orphan_classes": r.orphan_classes.iter().map(|c| c.to_string()).collect::<Vec<_>>(),
-        "unrecognised_filters": r.unrecognised,
-    })
+fn root_json<'a>(r: &'a Root, netns: Option<&'a str>) -> RootJson<'a> {
+    RootJson {
+        backlog_bytes: r.stats.backlog,
+        bytes: r.stats.bytes,
+        device: &r.device,
+        direction: r.direction,
+        drops: r.stats.drops,
+        netns,
+        not_in_force: r.not_in_force.as_deref(),
+        orphan_classes: r.orphan_classes.iter().map(|c| c.to_string()).collect(),
+        packets: r.stats.packets,
+        root_handle: shaping::root_handle().to_string(),
+        rules: r
+            .rules
+            .iter()
+            .map(|x| RuleJson {
+                backlog_bytes: x.stats.backlog,
+                bytes: x.stats.bytes,
+                class_id: x.class.map(|c| c.to_string()),
+                clients: &x.clients,
+                direction: x.direction,
+                drops: x.stats.drops,
+                listeners: &x.listeners,
+                owner: x.owner.as_deref(),
+                packets: x.stats.packets,
+                priority: x.priority,
+                rate_bytes_per_second: x.rate,
+                scope_drift: x.scope_drift.as_deref(),
+                subject: &x.subject,
+                throughput_bytes_per_second: x.throughput,
+                unlimited: x.class.is_some_and(|c| c.minor() == 0),
+                user_traffic: x.user_traffic.as_deref(),
+            })
+            .collect(),
+        shaped_device: &r.shaped_device,
+        unrecognised_filters: &r.unrecognised,
+    }
 }
 
 #[cfg(test)]

@@ -30,22 +30,32 @@ impl Status {
     }
 }
 
+/// What became of one step. It is the step's by position: a decision's results are its plan's
+/// steps in order, so names and commands are rendered from the plan when reported, not kept
+/// twice (a run of 10 000 limits has 20 000 of them).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StepResult {
-    pub step: String,
-    pub command: String,
     pub status: Status,
     pub error: Option<String>,
     /// A warning the kernel attached to its acknowledgement.
     pub warning: Option<String>,
 }
 
+/// An undo step run after a failure: it may be any decision's, so it carries its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UndoResult {
+    pub step: String,
+    pub command: String,
+    pub result: StepResult,
+}
+
 /// What running a plan did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Execution {
+    /// One per step, in the order of the steps run.
     pub results: Vec<StepResult>,
     /// The undo steps run after a failure, in the order they ran.
-    pub rollback: Vec<StepResult>,
+    pub rollback: Vec<UndoResult>,
 }
 
 impl Execution {
@@ -56,7 +66,9 @@ impl Execution {
     /// True when a failure was followed by an undo that itself failed: the kernel may differ
     /// from how it began.
     pub fn rollback_failed(&self) -> bool {
-        self.rollback.iter().any(|r| r.status == Status::Failed)
+        self.rollback
+            .iter()
+            .any(|r| r.result.status == Status::Failed)
     }
 }
 
@@ -75,8 +87,9 @@ pub fn execute_with_progress<S: Borrow<Step>>(
 ) -> Execution {
     let steps: Vec<&Step> = steps.iter().map(Borrow::borrow).collect();
     let mut exec = Execution::default();
-    // The undo steps of what is done: (the step, its undo step).
-    let mut undo_stack: Vec<(usize, &Step)> = Vec::new();
+    // The undo steps of what is done: (the step, which of its undo steps), written out only
+    // if a rollback runs.
+    let mut undo_stack: Vec<(usize, usize)> = Vec::new();
     let mut next = 0;
     while next < steps.len() {
         let end = batch_end(&steps, next);
@@ -85,15 +98,13 @@ pub fn execute_with_progress<S: Borrow<Step>>(
         for (i, outcome) in (next..end).zip(outcomes) {
             match outcome {
                 Ok(warning) => {
-                    exec.results
-                        .push(result(steps[i], Status::Ok, None, warning));
+                    exec.results.push(result(Status::Ok, None, warning));
                     // A step's undo steps run in the order written, after those of later steps.
-                    undo_stack.extend(steps[i].undo.iter().rev().map(|u| (i, u)));
+                    undo_stack.extend((0..steps[i].undo_len()).rev().map(|u| (i, u)));
                 }
                 Err(e) => {
                     failed = true;
-                    exec.results
-                        .push(result(steps[i], Status::Failed, Some(e), None));
+                    exec.results.push(result(Status::Failed, Some(e), None));
                 }
             }
         }
@@ -101,7 +112,6 @@ pub fn execute_with_progress<S: Borrow<Step>>(
         if !failed && next < steps.len() && !progress(next, steps.len()) {
             failed = true;
             exec.results.push(result(
-                steps[next],
                 Status::Failed,
                 Some("interrupted by a signal before this step; the steps done are undone".into()),
                 None,
@@ -109,11 +119,14 @@ pub fn execute_with_progress<S: Borrow<Step>>(
             next += 1;
         }
         if failed {
-            for later in &steps[next..] {
-                exec.results.push(result(later, Status::NotRun, None, None));
-            }
+            exec.results
+                .resize(steps.len(), result(Status::NotRun, None, None));
             undo_stack.reverse();
-            rollback(kernel, &undo_stack, &mut exec);
+            let undo: Vec<(usize, Step)> = undo_stack
+                .iter()
+                .map(|(i, u)| (*i, steps[*i].undo_steps()[*u].clone()))
+                .collect();
+            rollback(kernel, &undo, &mut exec);
             break;
         }
     }
@@ -122,17 +135,21 @@ pub fn execute_with_progress<S: Borrow<Step>>(
 
 /// Runs the undo steps in the order given, each one whatever happened to the others, and marks
 /// the steps they undid.
-fn rollback(kernel: &mut impl Kernel, undo: &[(usize, &Step)], exec: &mut Execution) {
-    let steps: Vec<&Step> = undo.iter().map(|(_, s)| *s).collect();
+fn rollback(kernel: &mut impl Kernel, undo: &[(usize, Step)], exec: &mut Execution) {
+    let steps: Vec<&Step> = undo.iter().map(|(_, s)| s).collect();
     let mut next = 0;
     while next < steps.len() {
         let end = batch_end(&steps, next);
         let outcomes = kernel.run_batch(&steps[next..end]);
         for ((done, step), outcome) in undo[next..end].iter().zip(outcomes) {
             exec.results[*done].status = Status::Undone;
-            exec.rollback.push(match outcome {
-                Ok(w) => result(step, Status::Ok, None, w),
-                Err(e) => result(step, Status::Failed, Some(e), None),
+            exec.rollback.push(UndoResult {
+                step: step.name.clone(),
+                command: step.command(),
+                result: match outcome {
+                    Ok(w) => result(Status::Ok, None, w),
+                    Err(e) => result(Status::Failed, Some(e), None),
+                },
             });
         }
         next = end;
@@ -184,15 +201,8 @@ pub fn is_table_delete(op: Op, object: &TcObject) -> bool {
     op == Op::Delete && f.handle != 0 && table
 }
 
-fn result(
-    step: &Step,
-    status: Status,
-    error: Option<String>,
-    warning: Option<String>,
-) -> StepResult {
+pub fn result(status: Status, error: Option<String>, warning: Option<String>) -> StepResult {
     StepResult {
-        step: step.name.clone(),
-        command: step.command(),
         status,
         error,
         warning,

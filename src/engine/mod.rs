@@ -23,7 +23,7 @@ pub mod fake;
 #[cfg(test)]
 mod tests;
 
-use std::borrow::Cow;
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::rc::Rc;
@@ -560,6 +560,8 @@ impl<K: Kernel> Engine<K> {
                 self.pending.push(ticket.0);
             }
         }
+        // A plan grows by pushes; a run keeps thousands of them until its report is written.
+        decision.steps.shrink_to_fit();
         self.staged.push(Decided {
             request,
             scope: scope_used,
@@ -774,9 +776,6 @@ impl<K: Kernel> Engine<K> {
                     let mut result = result.clone();
                     if subsumed.contains(&(*p, *i)) {
                         // Its own step, done (or not, or undone) with the root's delete.
-                        let own = &decisions[*p][*i];
-                        result.step = own.name.clone();
-                        result.command = own.command();
                         result.warning = Some(SUBSUMED.into());
                     }
                     placed[*p].push((*i, result));
@@ -860,18 +859,7 @@ fn not_run(mut staged: Vec<Decided>, pending: &[usize], why: &str) -> Vec<Option
         d.outcome = Outcome::Failed;
         d.warnings.push(Warning::NotAnnotated(why.to_string()));
         d.execution = Some(Execution {
-            results: d
-                .decision
-                .steps
-                .iter()
-                .map(|s| StepResult {
-                    step: s.name.clone(),
-                    command: s.command(),
-                    status: Status::NotRun,
-                    error: None,
-                    warning: None,
-                })
-                .collect(),
+            results: vec![execute::result(Status::NotRun, None, None); d.decision.steps.len()],
             rollback: Vec::new(),
         });
     }
@@ -882,21 +870,46 @@ fn not_run(mut staged: Vec<Decided>, pending: &[usize], why: &str) -> Vec<Option
 type Owners = Vec<(usize, usize)>;
 type Places = BTreeSet<(usize, usize)>;
 
+/// A step of a run: one of a decision's, or one the run made of several (the nft transaction,
+/// a root delete carrying the undo of the deletes it stands for). A run of 20 000 planned
+/// steps lists references to them, not copies.
+#[derive(Clone)]
+enum RunStep<'a> {
+    Planned(&'a Step),
+    Made(Box<Step>),
+}
+
+impl std::ops::Deref for RunStep<'_> {
+    type Target = Step;
+    fn deref(&self) -> &Step {
+        match self {
+            RunStep::Planned(s) => s,
+            RunStep::Made(s) => s,
+        }
+    }
+}
+
+impl Borrow<Step> for RunStep<'_> {
+    fn borrow(&self) -> &Step {
+        self
+    }
+}
+
 /// The run's steps in execution order, each with the (decision, step) places it stands for:
 /// every decision's tc and link steps in decision order, then all nft changes as one atomic
 /// transaction (a new rule's class exists by then; a removed rule's class may already be gone,
 /// which sends its packets to the filters for that instant, as if unlimited).
-fn run_order<'a>(decisions: &[&'a [Step]]) -> (Vec<Cow<'a, Step>>, Vec<Owners>) {
+fn run_order<'a>(decisions: &[&'a [Step]]) -> (Vec<RunStep<'a>>, Vec<Owners>) {
     let is_nft = |s: &Step| matches!(s.action, Operation::Nft { .. });
     let all: Vec<(usize, usize, &Step)> = decisions
         .iter()
         .enumerate()
         .flat_map(|(d, steps)| steps.iter().enumerate().map(move |(i, s)| (d, i, s)))
         .collect();
-    let mut steps: Vec<Cow<Step>> = Vec::with_capacity(all.len());
+    let mut steps: Vec<RunStep> = Vec::with_capacity(all.len());
     let mut owners = Vec::with_capacity(all.len());
     for (d, i, step) in all.iter().filter(|(_, _, s)| !is_nft(s)) {
-        steps.push(Cow::Borrowed(*step));
+        steps.push(RunStep::Planned(step));
         owners.push(vec![(*d, *i)]);
     }
     let mut nft_ops = Vec::new();
@@ -908,12 +921,12 @@ fn run_order<'a>(decisions: &[&'a [Step]]) -> (Vec<Cow<'a, Step>>, Vec<Owners>) 
             netns = n.clone();
             nft_ops.extend(ops.iter().cloned());
             // A later decision's undo runs before an earlier one's.
-            nft_undo.splice(0..0, step.undo.iter().cloned());
+            nft_undo.splice(0..0, step.undo_steps().iter().cloned());
             nft_owners.push((*d, *i));
         }
     }
     if !nft_owners.is_empty() {
-        steps.push(Cow::Owned(
+        steps.push(RunStep::Made(Box::new(
             Step::new(
                 "nft-transaction",
                 Operation::Nft {
@@ -922,7 +935,7 @@ fn run_order<'a>(decisions: &[&'a [Step]]) -> (Vec<Cow<'a, Step>>, Vec<Owners>) 
                 },
             )
             .undone_by(nft_undo),
-        ));
+        )));
         owners.push(nft_owners);
     }
     (steps, owners)
@@ -939,9 +952,9 @@ const SUBSUMED: &str = "done by deleting raylimit's root qdisc later in this run
 /// depends on them). The root's delete stands for them in the results and, for its undo, runs
 /// their undo steps (last first) after its own. Returns which (decision, step) places it took.
 fn subsume_under_root_deletes<'a>(
-    steps: Vec<Cow<'a, Step>>,
+    steps: Vec<RunStep<'a>>,
     owners: Vec<Owners>,
-) -> (Vec<Cow<'a, Step>>, Vec<Owners>, Places) {
+) -> (Vec<RunStep<'a>>, Vec<Owners>, Places) {
     let root = shaping::root_qdisc(0);
     fn on(s: &Step) -> Option<(Op, &str, &TcObject)> {
         match &s.action {
@@ -993,13 +1006,14 @@ fn subsume_under_root_deletes<'a>(
             continue;
         };
         // `inner` runs from the latest delete back: their undo in that order.
-        let mut undo = step.undo.clone();
+        let mut undo = step.undo_steps().into_owned();
         for i in inner {
-            undo.extend(steps[*i].undo.iter().cloned());
+            undo.extend(steps[*i].undo_steps().iter().cloned());
             owned.extend(owners[*i].iter().copied());
             subsumed.extend(owners[*i].iter().copied());
         }
-        kept_steps.push(Cow::Owned(step.as_ref().clone().undone_by(undo)));
+        let root_delete = Step::clone(step).undone_by(undo);
+        kept_steps.push(RunStep::Made(Box::new(root_delete)));
         kept_owners.push(owned);
     }
     (kept_steps, kept_owners, subsumed)

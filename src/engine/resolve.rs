@@ -22,7 +22,7 @@ pub enum Staged {
         resolution: Resolution,
     },
     /// Every live client IP of a per_ip set, each staged on its own.
-    PerIp(PerIpExpansion),
+    PerIp(Box<PerIpExpansion>),
 }
 
 /// What resolving one subject found.
@@ -32,15 +32,17 @@ pub enum Resolution {
     Direct,
     /// A removal finds its rule without evidence: why.
     NotNeeded(&'static str),
+    // Boxed: most resolutions of a large policy are Direct, and the enum is as large as its
+    // largest variant.
     User {
-        evidence: Evidence,
+        evidence: Box<Evidence>,
         /// The user in the config (UUID or email matched).
         configured: bool,
         /// The user as the evidence knows them.
         user: Option<UserEvidence>,
     },
     Connection {
-        evidence: Evidence,
+        evidence: Box<Evidence>,
         /// The live connection, when it is one of the runtime's.
         connection: Option<Connection>,
     },
@@ -191,7 +193,7 @@ impl<K: Kernel> Engine<K> {
         match &wanted.target {
             Target::PerIp { inbound } => {
                 let ev = (wanted.want != Want::Remove).then(|| self.gather());
-                Staged::PerIp(self.per_ip(wanted, inbound.as_deref(), ev))
+                Staged::PerIp(Box::new(self.per_ip(wanted, inbound.as_deref(), ev)))
             }
             Target::User(id) => one(self.user(wanted, id)),
             Target::Connection(addr) => one(self.connection(wanted, *addr)),
@@ -355,7 +357,7 @@ impl<K: Kernel> Engine<K> {
         };
         let ticket = self.stage(wanted.resolved(subject), None, blocked);
         let resolution = Resolution::User {
-            evidence: ev,
+            evidence: Box::new(ev),
             configured: configured.is_some(),
             user: found,
         };
@@ -388,7 +390,7 @@ impl<K: Kernel> Engine<K> {
         let connection = connection.filter(|_| ev.state != State::Unavailable);
         let ticket = self.stage(request, None, blocked);
         let resolution = Resolution::Connection {
-            evidence: ev,
+            evidence: Box::new(ev),
             connection,
         };
         (ticket, resolution)

@@ -116,11 +116,10 @@ pub(super) fn delete_priority(ifindex: u32, prio: u16, dev: &Dev) -> Step {
 /// the old one with its last node).
 pub(super) fn delete_in_root_table(name: &str, dev: &Dev, mut before: Filter) -> Step {
     let node = U32Handle(before.handle).node();
-    let mut step = Step::delete(name, dev, before.clone());
+    let step = Step::delete(name, dev, before.clone());
     before.handle = U32Handle::new(0, 0, node).0;
     if let FilterKind::U32(u) = &mut before.kind {
         u.hash = None;
     }
-    step.undo = vec![Step::tc("restore-filter", Op::Create, dev, before)];
-    step
+    step.undone_by(vec![Step::tc("restore-filter", Op::Create, dev, before)])
 }

@@ -498,7 +498,7 @@ fn plan_without_state(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Dec
         ) {
             step.exists_ok = true;
             // What existed before is unknown, so nothing is undone.
-            step.undo.clear();
+            step.undo = plan::Undo::Steps(Vec::new());
         }
     }
 }

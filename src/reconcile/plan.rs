@@ -79,12 +79,23 @@ pub enum Operation {
     },
 }
 
+/// What reverses a step if a later step fails.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Undo {
+    /// These steps, in order (none: nothing to undo, or nothing known).
+    Steps(Vec<Step>),
+    /// The step's own object the other way: a create's undo deletes it (`create-x` by
+    /// `delete-x`), a delete's creates it again (`delete-x` by `restore-x`). Written out only
+    /// when a rollback runs: a plan of 10 000 rules would otherwise carry a copy of each object.
+    Reverse,
+}
+
 /// A named step of a plan and the steps that reverse it if a later step fails.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
     pub name: String,
     pub action: Operation,
-    pub undo: Vec<Step>,
+    pub undo: Undo,
     /// An object already in the wanted state counts as done: one that exists, for a create run
     /// without observed state; one already gone, for a delete the kernel may have done itself.
     pub exists_ok: bool,
@@ -95,14 +106,45 @@ impl Step {
         Step {
             name: name.to_string(),
             action,
-            undo: Vec::new(),
+            undo: Undo::Steps(Vec::new()),
             exists_ok: false,
         }
     }
 
     pub fn undone_by(mut self, undo: Vec<Step>) -> Self {
-        self.undo = undo;
+        self.undo = Undo::Steps(undo);
         self
+    }
+
+    /// The steps that undo this one, in the order they run.
+    pub fn undo_steps(&self) -> std::borrow::Cow<'_, [Step]> {
+        match &self.undo {
+            Undo::Steps(steps) => std::borrow::Cow::Borrowed(steps),
+            Undo::Reverse => std::borrow::Cow::Owned(self.reversed().into_iter().collect()),
+        }
+    }
+
+    /// How many steps undo this one.
+    pub fn undo_len(&self) -> usize {
+        match &self.undo {
+            Undo::Steps(steps) => steps.len(),
+            Undo::Reverse => 1,
+        }
+    }
+
+    /// The tc step that reverses this one (see [`Undo::Reverse`]).
+    fn reversed(&self) -> Option<Step> {
+        let Operation::Tc {
+            op, dev, object, ..
+        } = &self.action
+        else {
+            return None;
+        };
+        let (op, name) = match op {
+            Op::Delete => (Op::Create, self.name.replacen("delete-", "restore-", 1)),
+            _ => (Op::Delete, self.name.replacen("create-", "delete-", 1)),
+        };
+        Some(Step::tc(&name, op, dev, object.clone()))
     }
 
     pub fn tc(name: &str, op: Op, dev: &Dev, object: impl Into<TcObject>) -> Self {
@@ -119,26 +161,16 @@ impl Step {
 
     /// Creates `object`; undone by deleting it (`create-x` is undone by `delete-x`).
     pub fn create(name: &str, dev: &Dev, object: impl Into<TcObject>) -> Self {
-        let object = object.into();
-        let undo = Step::tc(
-            &name.replacen("create-", "delete-", 1),
-            Op::Delete,
-            dev,
-            object.clone(),
-        );
-        Step::tc(name, Op::Create, dev, object).undone_by(vec![undo])
+        let mut step = Step::tc(name, Op::Create, dev, object);
+        step.undo = Undo::Reverse;
+        step
     }
 
     /// Deletes `object` as observed; undone by creating it again (`delete-x` by `restore-x`).
     pub fn delete(name: &str, dev: &Dev, object: impl Into<TcObject>) -> Self {
-        let object = object.into();
-        let undo = Step::tc(
-            &name.replacen("delete-", "restore-", 1),
-            Op::Create,
-            dev,
-            object.clone(),
-        );
-        Step::tc(name, Op::Delete, dev, object).undone_by(vec![undo])
+        let mut step = Step::tc(name, Op::Delete, dev, object);
+        step.undo = Undo::Reverse;
+        step
     }
 
     /// True for a tc delete.

@@ -125,10 +125,10 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
             .partition(|s| matches!(s.action, Operation::Tc { .. }));
         let root = Step::delete("delete-root-qdisc", &dev, shaping::root_qdisc(ifindex));
         let undo = root
-            .undo
+            .undo_steps()
             .iter()
             .cloned()
-            .chain(tc.into_iter().rev().flat_map(|s| s.undo))
+            .chain(tc.iter().rev().flat_map(|s| s.undo_steps().into_owned()))
             .collect();
         kept.push(root.undone_by(undo));
         steps = kept;

@@ -707,7 +707,8 @@ fn an_emptied_bucket_keeps_its_table_and_the_last_rule_takes_the_root_with_every
     let last = run(&mut k, &ip_remove("10.0.5.2"));
     assert_eq!(names(&last), ["delete-root-qdisc"]);
     assert!(k.device.qdiscs.is_empty() && k.device.filters.is_empty());
-    let undo: Vec<&str> = last.steps[0].undo.iter().map(|s| s.name.as_str()).collect();
+    let undo_steps = last.steps[0].undo_steps();
+    let undo: Vec<&str> = undo_steps.iter().map(|s| s.name.as_str()).collect();
     assert_eq!(
         undo,
         [
@@ -723,7 +724,7 @@ fn an_emptied_bucket_keeps_its_table_and_the_last_rule_takes_the_root_with_every
         ]
     );
     // Undone, the rule is back as it was (the kernel numbers the root table anew).
-    k.apply(&last.steps[0].undo);
+    k.apply(&last.steps[0].undo_steps());
     assert_eq!(count(&k.device), before);
     assert_eq!(run(&mut k, &ip_limit("10.0.5.2")).kind, DecisionKind::NoOp);
 }

@@ -277,7 +277,7 @@ pub(super) fn redirect_step(obs: &Observation, name: &str, op: Op, f: Filter) ->
             object: TcObject::Filter(f),
             redirect_to: Some(ifb_dev(obs)),
         },
-        undo: Vec::new(),
+        undo: plan::Undo::Steps(Vec::new()),
         exists_ok: false,
     }
 }

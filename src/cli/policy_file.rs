@@ -229,7 +229,7 @@ fn validate(
 /// selection says: an `unlimited` entry suppresses the limits, else the tightest rate wins; a
 /// subject listed both for removal and for a limit is an error. Each merged limit keeps the
 /// file's order of its first entry and says which entries it stands for.
-fn merge(validated: Vec<Validated>) -> Result<Vec<(Validated, Option<String>)>, UsageError> {
+fn merge(validated: Vec<Validated>) -> Result<Vec<(Merged, Option<String>)>, UsageError> {
     let mut out: Vec<(Validated, Vec<usize>)> = Vec::new();
     let mut index: std::collections::HashMap<(String, &'static str, String), usize> =
         Default::default();
@@ -264,25 +264,37 @@ fn merge(validated: Vec<Validated>) -> Result<Vec<(Validated, Option<String>)>, 
         };
         entries.push(i);
     }
-    Ok(out
-        .into_iter()
-        .map(|(v, entries)| {
-            let note = (entries.len() > 1).then(|| {
-                let list: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
-                let chosen = match v.wanted.want {
-                    Want::Unlimited => "unlimited suppresses the limits".to_string(),
-                    Want::Limit(rate) => format!("the tightest, {rate} bytes/s, wins"),
-                    Want::Remove => "one removal".to_string(),
-                };
-                format!("limits[{}] merged: {chosen}", list.join("], limits["))
-            });
-            (v, note)
-        })
-        .collect())
+    // Into a list of its own size: collected in place, the smaller entries would keep the
+    // validated list's whole allocation for the run.
+    let mut merged = Vec::with_capacity(out.len());
+    merged.extend(out.into_iter().map(|(v, entries)| {
+        let note = (entries.len() > 1).then(|| {
+            let list: Vec<String> = entries.iter().map(|e| e.to_string()).collect();
+            let chosen = match v.wanted.want {
+                Want::Unlimited => "unlimited suppresses the limits".to_string(),
+                Want::Limit(rate) => format!("the tightest, {rate} bytes/s, wins"),
+                Want::Remove => "one removal".to_string(),
+            };
+            format!("limits[{}] merged: {chosen}", list.join("], limits["))
+        });
+        let merged = Merged {
+            wanted: v.wanted,
+            device_scope: v.device_scope,
+        };
+        (merged, note)
+    }));
+    Ok(merged)
+}
+
+/// What the run keeps of a merged limit (the runtime selection, the same for every limit,
+/// is kept once).
+struct Merged {
+    wanted: crate::policy::Wanted,
+    device_scope: bool,
 }
 
 /// How a limit is listed for prune: device, direction, subject key.
-fn listed(v: &Validated) -> Listed {
+fn listed(v: &Merged) -> Listed {
     let w = &v.wanted;
     (w.device.clone(), w.direction, prune::listed_key(&w.target))
 }
@@ -372,7 +384,7 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
                 Some(note) => format!("{key} {} on {device} ({note})", direction.name()),
                 None => format!("{key} {} on {device}", direction.name()),
             };
-            staged.push((name, v.wanted.clone(), engine.resolve(&v.wanted)));
+            staged.push((name, &v.wanted, engine.resolve(&v.wanted)));
         }
         let mut staged_prune = Vec::new();
         if a.prune {
@@ -400,7 +412,7 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
         let mut run = engine.commit();
         let (limits_before, pruned_before) = (reports.len(), pruned.len());
         for (name, wanted, s) in staged {
-            reports.push((name, Report::build(&engine, &wanted, s, &mut run)));
+            reports.push((name, Report::build(&engine, wanted, s, &mut run)));
         }
         for (name, wanted, s) in staged_prune {
             pruned.push((name, Report::build(&engine, &wanted, s, &mut run)));

@@ -243,16 +243,21 @@ pub struct Decided {
     pub outcome: Outcome,
 }
 
+/// A run's decisions, boxed: a run of 10 000 keeps each until its report takes it, and a box
+/// moves out without the list's room for all of them staying behind.
+#[allow(clippy::vec_box)]
+type StagedList = Vec<Box<Decided>>;
+
 /// Every staged request of a run, as the commit left them.
 #[derive(Debug, Default)]
 pub struct Committed {
-    decided: Vec<Option<Decided>>,
+    decided: Vec<Option<Box<Decided>>>,
 }
 
 impl Committed {
     /// Takes one staged request's result (each is taken once).
     pub fn take(&mut self, ticket: Ticket) -> Decided {
-        self.decided[ticket.0]
+        *self.decided[ticket.0]
             .take()
             .expect("each ticket's result is taken once")
     }
@@ -305,7 +310,7 @@ pub struct Engine<K: Kernel> {
     annotations_changed: bool,
     /// The observation of each shaped side (true: the device's egress), once read.
     observed: BTreeMap<bool, Observation>,
-    staged: Vec<Decided>,
+    staged: StagedList,
     /// Staged decisions whose steps run at the commit.
     pending: Vec<usize>,
     /// Told (steps done, steps in all) as a commit's batches are acknowledged.
@@ -562,7 +567,7 @@ impl<K: Kernel> Engine<K> {
         }
         // A plan grows by pushes; a run keeps thousands of them until its report is written.
         decision.steps.shrink_to_fit();
-        self.staged.push(Decided {
+        self.staged.push(Box::new(Decided {
             request,
             scope: scope_used,
             shaped_device,
@@ -571,7 +576,7 @@ impl<K: Kernel> Engine<K> {
             warnings,
             execution: None,
             outcome,
-        });
+        }));
         ticket
     }
 
@@ -744,9 +749,9 @@ impl<K: Kernel> Engine<K> {
         }
         // The intent, on disk before the kernel changes.
         let on_disk = self.state_dir.load().unwrap_or_default();
-        let intent = self.annotations.clone().keeping(&on_disk);
-        if self.annotations_changed && intent != on_disk {
-            if let Err(e) = self.state_dir.save(&intent) {
+        let intent_recorded = self.annotations_changed && self.annotations.adds_to(&on_disk);
+        if intent_recorded {
+            if let Err(e) = self.state_dir.save_intent(&self.annotations, &on_disk) {
                 self.annotations = on_disk;
                 self.annotations_changed = false;
                 return Committed {
@@ -797,8 +802,9 @@ impl<K: Kernel> Engine<K> {
         let save = if failed {
             // A failed run changes nothing, so the annotations go back to what they were.
             self.annotations = on_disk;
-            (intent != self.annotations).then(|| self.state_dir.save(&self.annotations))
-        } else if self.annotations_changed && self.annotations != intent {
+            intent_recorded.then(|| self.state_dir.save(&self.annotations))
+        } else if self.annotations_changed && self.annotations.lack_any_of(&on_disk) {
+            // What the intent kept for the removals goes now that they are done.
             Some(self.state_dir.save(&self.annotations))
         } else {
             None
@@ -833,7 +839,11 @@ impl<K: Kernel> Engine<K> {
     /// A commit whose decisions change nothing in the kernel (every one a no_op, as most of a
     /// repeated apply or a watch round are): no intent to record and nothing to run, only the
     /// annotations to save when they changed.
-    fn commit_without_steps(&mut self, mut staged: Vec<Decided>, pending: &[usize]) -> Committed {
+    fn commit_without_steps(
+        &mut self,
+        mut staged: StagedList,
+        pending: &[usize],
+    ) -> Committed {
         let save = match std::mem::take(&mut self.annotations_changed) {
             true => self.state_dir.save(&self.annotations).err(),
             false => None,
@@ -853,7 +863,11 @@ impl<K: Kernel> Engine<K> {
 }
 
 /// The decisions of a commit that could not record its intent: nothing ran, and each says why.
-fn not_run(mut staged: Vec<Decided>, pending: &[usize], why: &str) -> Vec<Option<Decided>> {
+fn not_run(
+    mut staged: StagedList,
+    pending: &[usize],
+    why: &str,
+) -> Vec<Option<Box<Decided>>> {
     for i in pending {
         let d = &mut staged[*i];
         d.outcome = Outcome::Failed;

@@ -8,10 +8,12 @@
 //!   make bench          # 5 runs per N, then the codec bench
 //!
 //! Per N (medians over the runs, seconds): dry_run_s (plan against the empty device), apply_s
-//! (`--execute` from empty), noop_s (the same again: every limit no_op), change_one_s (one rate
-//! changed), remove_s (every limit `"remove": true`, back to an empty device), tc_batch_apply_s,
-//! tc_spawn_apply_s, and peak_rss_bytes (largest peak RSS of a raylimit child at that N, its VmHWM
-//! read at its exit stop).
+//! (`--execute` from empty), status_s (`status --format json` of what was applied), noop_s (the
+//! apply again: every limit no_op), change_one_s (one rate changed), remove_s (every limit
+//! `"remove": true`, back to an empty device), tc_batch_apply_s, tc_spawn_apply_s;
+//! peak_rss_bytes (largest peak RSS of any raylimit child at that N, its VmHWM read at its exit
+//! stop), apply_peak_rss_bytes and status_peak_rss_bytes (those of the apply and of status), and
+//! noop_speedup_over_tc_batch (tc_batch_apply_s ÷ noop_s).
 //! Every run's JSON report is checked (exit code, summary counts, decisions) and every baseline's
 //! result is compared with what raylimit built, so a broken run is never reported as a fast one.
 //! The table goes to stdout, the rows to `<repo>/target/bench-summary.json`.
@@ -337,6 +339,47 @@ impl Host {
         Ok((ran, v))
     }
 
+    /// `raylimit status --format json`, checked to list the `n` rules applied.
+    fn status(&self, n: usize) -> Res<Ran> {
+        let out_path = self.path("status.out.json");
+        let err_path = self.path("status.err");
+        let out = File::create(&out_path).map_err(|e| Failure::Broken(e.to_string()))?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(["--netns", &self.ns.name, "status", "--format", "json"])
+            .env("RAYLIMIT_STATE_DIR", self.path("state"));
+        let ran = run_timed(
+            &mut cmd,
+            Stdio::from(out),
+            &err_path,
+            self.timeout,
+            "status",
+        )?;
+        if ran.code != 0 {
+            let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+            return broken(format!(
+                "status: exit {}: {}",
+                ran.code,
+                first_lines(&stderr)
+            ));
+        }
+        let body = std::fs::read(&out_path).map_err(|e| Failure::Broken(e.to_string()))?;
+        let v: Value = serde_json::from_slice(&body)
+            .map_err(|e| Failure::Broken(format!("status: not JSON: {e}")))?;
+        let rules: usize = v["roots"].as_array().map_or(0, |roots| {
+            roots
+                .iter()
+                .map(|r| r["rules"].as_array().map_or(0, Vec::len))
+                .sum()
+        });
+        if rules != n || v["drift"].as_array().is_none_or(|d| !d.is_empty()) {
+            return broken(format!(
+                "status N={n}: {rules} rules listed, drift {}",
+                v["drift"]
+            ));
+        }
+        Ok(ran)
+    }
+
     /// What the kernel holds on the device, in tc's words: the classes (buffer ticks apart, kept
     /// separately) and the filters, each sorted, so two ways of building them compare equal.
     fn objects(&self) -> Res<Objects> {
@@ -654,10 +697,14 @@ fn median(v: &[f64]) -> Option<f64> {
     })
 }
 
-const METRICS: [&str; 7] = [
+/// The first this many of METRICS are raylimit's own runs, in the order they run.
+const RAYLIMIT_METRICS: usize = 6;
+
+const METRICS: [&str; 8] = [
     "dry_run_s",
     "apply_s",
     "noop_s",
+    "status_s",
     "change_one_s",
     "remove_s",
     "tc_batch_apply_s",
@@ -671,6 +718,9 @@ struct Row {
     /// A metric some run of which failed or timed out: reported as null.
     missing: BTreeSet<&'static str>,
     peak_rss: u64,
+    /// The largest peak RSS of an `apply --execute` from an empty device, and of `status`.
+    apply_peak_rss: u64,
+    status_peak_rss: u64,
     /// How many tc commands the baselines ran.
     objects: usize,
 }
@@ -692,10 +742,14 @@ impl Row {
         for m in METRICS {
             v[m] = json!(self.get(m));
         }
-        v["peak_rss_bytes"] = if self.peak_rss > 0 {
-            json!(self.peak_rss)
-        } else {
-            Value::Null
+        let bytes = |b: u64| if b > 0 { json!(b) } else { Value::Null };
+        v["peak_rss_bytes"] = bytes(self.peak_rss);
+        v["apply_peak_rss_bytes"] = bytes(self.apply_peak_rss);
+        v["status_peak_rss_bytes"] = bytes(self.status_peak_rss);
+        // How many times faster a no-op run is than tc -batch building the same set.
+        v["noop_speedup_over_tc_batch"] = match (self.get("tc_batch_apply_s"), self.get("noop_s")) {
+            (Some(tc), Some(noop)) if noop > 0.0 => json!(tc / noop),
+            _ => Value::Null,
         };
         v
     }
@@ -847,6 +901,7 @@ fn raylimit_runs(host: &Host, row: &mut Row, first: bool, seen: &mut Seen) -> Re
     let (ran, applied) = host.raylimit("apply.json", true, "apply")?;
     validate(&applied, &format!("apply N={n}"), n, [0, 0, n], "apply")?;
     row.peak_rss = row.peak_rss.max(ran.maxrss);
+    row.apply_peak_rss = row.apply_peak_rss.max(ran.maxrss);
     row.push("apply_s", ran.secs);
     let objects = host.objects()?;
     if !objects.count_ok(n) {
@@ -865,6 +920,11 @@ fn raylimit_runs(host: &Host, row: &mut Row, first: bool, seen: &mut Seen) -> Re
         seen.reference = Some(objects);
     }
     drop(applied);
+
+    let ran = host.status(n)?;
+    row.peak_rss = row.peak_rss.max(ran.maxrss);
+    row.status_peak_rss = row.status_peak_rss.max(ran.maxrss);
+    row.push("status_s", ran.secs);
 
     let (ran, again) = host.raylimit("apply.json", true, "no-op")?;
     validate(&again, &format!("no-op N={n}"), n, [n, 0, 0], "no_op")?;
@@ -1143,20 +1203,23 @@ fn bench_n(
         }
         let t = Instant::now();
         // After a failed or killed raylimit run, the rest of raylimit's runs at N are skipped.
-        if !METRICS[..5].iter().any(|m| row.missing.contains(m)) {
+        if !METRICS[..RAYLIMIT_METRICS]
+            .iter()
+            .any(|m| row.missing.contains(m))
+        {
             eprintln!("bench: N={n} run {}/{}: raylimit", run + 1, cfg.runs);
             if let Err(f) = raylimit_runs(host, &mut row, run == 0, &mut seen) {
                 // The metrics this run did not reach are not measured at this N.
-                let reached: Vec<&'static str> = METRICS[..5]
+                let reached: Vec<&'static str> = METRICS[..RAYLIMIT_METRICS]
                     .iter()
                     .copied()
                     .filter(|m| row.samples.get(m).map_or(0, Vec::len) <= run)
                     .collect();
                 record(&mut row, failures, notes, &reached, f)?;
-                if run + 1 < cfg.runs && reached.len() < 5 {
+                if run + 1 < cfg.runs && reached.len() < RAYLIMIT_METRICS {
                     notes.push(format!(
                         "N={n}: raylimit's later runs skipped, so {} come from {} run(s)",
-                        METRICS[..5 - reached.len()].join(", "),
+                        METRICS[..RAYLIMIT_METRICS - reached.len()].join(", "),
                         run + 1
                     ));
                 }
@@ -1196,15 +1259,20 @@ fn fmt_s(v: Option<f64>) -> String {
 
 fn table(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| N | dry-run | apply | no-op | change one | remove | tc -batch | tc per object | peak RSS |\n\
-         |---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| N | dry-run | apply | no-op | status | change one | remove | tc -batch | tc per object | peak RSS (apply, status) |\n\
+         |---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
-        let rss = if r.peak_rss > 0 {
-            format!("{:.1} MiB", r.peak_rss as f64 / 1048576.0)
-        } else {
-            "—".into()
+        let mib = |b: u64| match b {
+            0 => "—".to_string(),
+            b => format!("{:.1}", b as f64 / 1048576.0),
         };
+        let rss = format!(
+            "{} MiB ({}, {})",
+            mib(r.peak_rss),
+            mib(r.apply_peak_rss),
+            mib(r.status_peak_rss)
+        );
         s += &format!("| {} |", r.n);
         for m in METRICS {
             s += &format!(" {} |", fmt_s(r.get(m)));

@@ -839,11 +839,7 @@ impl<K: Kernel> Engine<K> {
     /// A commit whose decisions change nothing in the kernel (every one a no_op, as most of a
     /// repeated apply or a watch round are): no intent to record and nothing to run, only the
     /// annotations to save when they changed.
-    fn commit_without_steps(
-        &mut self,
-        mut staged: StagedList,
-        pending: &[usize],
-    ) -> Committed {
+    fn commit_without_steps(&mut self, mut staged: StagedList, pending: &[usize]) -> Committed {
         let save = match std::mem::take(&mut self.annotations_changed) {
             true => self.state_dir.save(&self.annotations).err(),
             false => None,
@@ -863,11 +859,7 @@ impl<K: Kernel> Engine<K> {
 }
 
 /// The decisions of a commit that could not record its intent: nothing ran, and each says why.
-fn not_run(
-    mut staged: StagedList,
-    pending: &[usize],
-    why: &str,
-) -> Vec<Option<Box<Decided>>> {
+fn not_run(mut staged: StagedList, pending: &[usize], why: &str) -> Vec<Option<Box<Decided>>> {
     for i in pending {
         let d = &mut staged[*i];
         d.outcome = Outcome::Failed;

@@ -2,8 +2,6 @@
 //! one batch; when a step fails, the steps this run already did are undone in reverse order, so
 //! the kernel ends as it began.
 
-use std::borrow::Borrow;
-
 use super::kernel::Kernel;
 use crate::model::tc::{FilterKind, Op};
 use crate::model::U32Handle;
@@ -72,20 +70,46 @@ impl Execution {
     }
 }
 
+/// A step as a run executes it: its kernel operation, and the steps that undo it, written out
+/// one at a time and only when a rollback runs.
+pub trait RunItem {
+    fn step(&self) -> &Step;
+
+    fn undo_len(&self) -> usize {
+        self.step().undo_len()
+    }
+
+    fn undo_step(&self, u: usize) -> Step {
+        self.step().undo_steps()[u].clone()
+    }
+}
+
+impl RunItem for Step {
+    fn step(&self) -> &Step {
+        self
+    }
+}
+
+impl RunItem for &Step {
+    fn step(&self) -> &Step {
+        self
+    }
+}
+
 /// Runs `steps` on `kernel`. A failure stops the run after the batch it was in, and everything
 /// done so far is undone, last first.
-pub fn execute<S: Borrow<Step>>(kernel: &mut impl Kernel, steps: &[S]) -> Execution {
+pub fn execute<S: RunItem>(kernel: &mut impl Kernel, steps: &[S]) -> Execution {
     execute_with_progress(kernel, steps, &mut |_, _| true)
 }
 
 /// `execute`, telling `progress` (steps done, steps in all) after each batch; when it answers
 /// false (the run was interrupted), no further batch runs and what was done is undone.
-pub fn execute_with_progress<S: Borrow<Step>>(
+pub fn execute_with_progress<S: RunItem>(
     kernel: &mut impl Kernel,
-    steps: &[S],
+    items: &[S],
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Execution {
-    let steps: Vec<&Step> = steps.iter().map(Borrow::borrow).collect();
+    let steps: Vec<&Step> = items.iter().map(RunItem::step).collect();
     let mut exec = Execution::default();
     // The undo steps of what is done: (the step, which of its undo steps), written out only
     // if a rollback runs.
@@ -100,7 +124,7 @@ pub fn execute_with_progress<S: Borrow<Step>>(
                 Ok(warning) => {
                     exec.results.push(result(Status::Ok, None, warning));
                     // A step's undo steps run in the order written, after those of later steps.
-                    undo_stack.extend((0..steps[i].undo_len()).rev().map(|u| (i, u)));
+                    undo_stack.extend((0..items[i].undo_len()).rev().map(|u| (i, u)));
                 }
                 Err(e) => {
                     failed = true;
@@ -124,7 +148,7 @@ pub fn execute_with_progress<S: Borrow<Step>>(
             undo_stack.reverse();
             let undo: Vec<(usize, Step)> = undo_stack
                 .iter()
-                .map(|(i, u)| (*i, steps[*i].undo_steps()[*u].clone()))
+                .map(|(i, u)| (*i, items[*i].undo_step(*u)))
                 .collect();
             rollback(kernel, &undo, &mut exec);
             break;

@@ -23,12 +23,11 @@ pub mod fake;
 #[cfg(test)]
 mod tests;
 
-use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::rc::Rc;
 
-pub use execute::{execute, execute_with_progress, Execution, Status, StepResult};
+pub use execute::{execute, execute_with_progress, Execution, RunItem, Status, StepResult};
 pub use kernel::{Kernel, NetlinkKernel};
 
 use crate::evidence::scope::{ListenEndpoint, Scope};
@@ -876,13 +875,19 @@ fn not_run(mut staged: StagedList, pending: &[usize], why: &str) -> Vec<Option<B
 type Owners = Vec<(usize, usize)>;
 type Places = BTreeSet<(usize, usize)>;
 
-/// A step of a run: one of a decision's, or one the run made of several (the nft transaction,
-/// a root delete carrying the undo of the deletes it stands for). A run of 20 000 planned
-/// steps lists references to them, not copies.
+/// A step of a run: one of a decision's, one the run made of several (the nft transaction), or
+/// a root delete that stands for the deletes under it. A run of 20 000 planned steps lists
+/// references to them, not copies.
 #[derive(Clone)]
 enum RunStep<'a> {
     Planned(&'a Step),
     Made(Box<Step>),
+    /// Undone by its own undo, then by theirs (from the latest delete back), each written out
+    /// only if a rollback runs.
+    RootDelete {
+        root: Box<RunStep<'a>>,
+        under: Vec<RunStep<'a>>,
+    },
 }
 
 impl std::ops::Deref for RunStep<'_> {
@@ -891,13 +896,36 @@ impl std::ops::Deref for RunStep<'_> {
         match self {
             RunStep::Planned(s) => s,
             RunStep::Made(s) => s,
+            RunStep::RootDelete { root, .. } => root,
         }
     }
 }
 
-impl Borrow<Step> for RunStep<'_> {
-    fn borrow(&self) -> &Step {
+impl RunItem for RunStep<'_> {
+    fn step(&self) -> &Step {
         self
+    }
+
+    fn undo_len(&self) -> usize {
+        match self {
+            RunStep::RootDelete { root, under } => {
+                root.undo_len() + under.iter().map(RunItem::undo_len).sum::<usize>()
+            }
+            other => other.step().undo_len(),
+        }
+    }
+
+    fn undo_step(&self, mut u: usize) -> Step {
+        let RunStep::RootDelete { root, under } = self else {
+            return self.step().undo_steps()[u].clone();
+        };
+        for part in std::iter::once(root.as_ref()).chain(under) {
+            if u < part.undo_len() {
+                return part.undo_step(u);
+            }
+            u -= part.undo_len();
+        }
+        unreachable!("an undo step past the root delete's undo")
     }
 }
 
@@ -1012,14 +1040,14 @@ fn subsume_under_root_deletes<'a>(
             continue;
         };
         // `inner` runs from the latest delete back: their undo in that order.
-        let mut undo = step.undo_steps().into_owned();
         for i in inner {
-            undo.extend(steps[*i].undo_steps().iter().cloned());
             owned.extend(owners[*i].iter().copied());
             subsumed.extend(owners[*i].iter().copied());
         }
-        let root_delete = Step::clone(step).undone_by(undo);
-        kept_steps.push(RunStep::Made(Box::new(root_delete)));
+        kept_steps.push(RunStep::RootDelete {
+            root: Box::new(step.clone()),
+            under: inner.iter().map(|i| steps[*i].clone()).collect(),
+        });
         kept_owners.push(owned);
     }
     (kept_steps, kept_owners, subsumed)

@@ -1,5 +1,5 @@
 # raylimit: every target runs as root on Debian 12 (network namespaces, tc, nftables).
-.PHONY: setup build install demo test lint bench bench-quick static static-check fixtures clean-netns test-stock-kernel
+.PHONY: setup build install demo test lint bench bench-quick bench-accuracy static static-check fixtures clean-netns test-stock-kernel
 
 MUSL := x86_64-unknown-linux-musl
 
@@ -70,6 +70,11 @@ bench:
 # skipped and reported); CI runs it after the tests.
 bench-quick:
 	cargo bench --bench reconcile -- --quick
+
+# How a limit feels: wire rate, goodput, worst second, RTT under load and two-flow fairness per
+# rate and direction (benches/accuracy.rs). Writes target/bench-accuracy.json.
+bench-accuracy:
+	cargo bench --bench accuracy
 
 # Debian's stock kernel (linux-image-amd64) under qemu: the optional tc features this machine's
 # kernel lacks (matchall, fw, gact, connmark), probed and used by the static binary (and the

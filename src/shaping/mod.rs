@@ -289,7 +289,7 @@ const LEAF_QUEUE_DIVISOR: u64 = 40;
 pub enum Leaf {
     /// A TBF that never limits: it cuts a GSO super-packet larger than the class's burst into
     /// frames before HTB charges it (a 64 KiB packet charged at once would put a 4 KiB/s class
-    /// 16 s into debt), and its FIFO is limited in bytes to 25 ms of the rate (at least eight
+    /// 16 s into debt), and its FIFO is limited in bytes to 25 ms of the rate (at least sixteen
     /// frames), so a saturated subject's interactive packets wait tens of milliseconds at
     /// 1 MB/s and up instead of the seconds a 1 000-packet FIFO holds.
     Tbf,
@@ -351,18 +351,18 @@ pub fn leaf_handle(minor: u16) -> TcHandle {
 
 /// The TBF under a class at `rate`: it passes whole any packet up to the class's burst and one
 /// frame more (so what HTB may send at once, overdraft included, finds the bucket full), cuts
-/// larger GSO packets into frames, and queues 25 ms of the rate, never less than eight frames
+/// larger GSO packets into frames, and queues 25 ms of the rate, never less than sixteen frames
 /// (half a second of the rate where that is less, but four frames at least) nor one whole
-/// packet. Below about 490 KB/s the eight frames are more than 25 ms: a sender that does not
+/// packet. Below about 1 MB/s the sixteen frames are more than 25 ms: a sender that does not
 /// pace sends its window in one burst, and a shorter FIFO dropped enough of it to hold TCP
-/// 10-20 % under the rate through a proxy (measured at 200-250 KB/s with four frames); at a few
-/// KB/s, eight frames are seconds of queue, and TCP's retransmission timer backs off behind them
-/// (4 KiB/s fell 40-60 % under the rate). Its own rate refills the bucket in 960 ns, so it never
-/// limits.
+/// 10-20 % under the rate through a proxy (measured at 200-250 KB/s with four and with eight
+/// frames); at a few KB/s, many frames are seconds of queue, and TCP's retransmission timer
+/// backs off behind them (4 KiB/s fell 40-60 % under the rate with eight). Its own rate
+/// refills the bucket in 960 ns, so it never limits.
 pub fn leaf_tbf(rate: u64, frame: u64) -> TbfQdisc {
     let largest = class_burst(rate, Leaf::Tbf, frame) + frame;
     let refill_ns = LEAF_REFILL_TICKS as u64 * NSEC_PER_TICK;
-    let floor = (rate / 2).clamp(4 * frame, 8 * frame);
+    let floor = (rate / 2).clamp(4 * frame, 16 * frame);
     let limit = (rate / LEAF_QUEUE_DIVISOR).max(floor).max(largest + frame);
     TbfQdisc {
         rate: (largest as u128 * 1_000_000_000).div_ceil(refill_ns as u128) as u64,

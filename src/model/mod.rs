@@ -13,7 +13,6 @@ pub mod htb;
 pub mod matchall;
 pub mod nft;
 pub mod stats;
-pub mod tbf;
 pub mod tc;
 pub mod u32;
 

@@ -32,7 +32,6 @@ pub fn context(subject: Subject, direction: Direction, want: Want, device: &str)
         foreign_classes: Default::default(),
         made_hook: true,
         made_ifb: true,
-        leaf: raylimit::shaping::Leaf::Tbf,
     }
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 use raylimit::model::tc::*;
 use raylimit::model::u32::{End, U32Filter, U32Selector};
 use raylimit::model::{TcHandle, U32Handle};
-use raylimit::shaping::leaf_class;
+use raylimit::shaping::{frame_bytes, leaf_class, Leaf, ETHERNET_MTU};
 
 fn main() {
     let iterations: u32 = if std::env::args().any(|a| a == "--bench") {
@@ -42,7 +42,11 @@ fn main() {
         ifindex: 3,
         handle: TcHandle::new(0x7a31, 0x10),
         parent: root,
-        kind: ClassKind::Htb(leaf_class(1_000_000)),
+        kind: ClassKind::Htb(leaf_class(
+            1_000_000,
+            Leaf::Default,
+            frame_bytes(ETHERNET_MTU),
+        )),
     };
 
     let start = Instant::now();

@@ -384,11 +384,19 @@ impl Host {
     /// separately) and the filters, each sorted, so two ways of building them compare equal.
     fn objects(&self) -> Res<Objects> {
         let qdisc = self.tc(&["qdisc", "show", "dev", DEVICE])?;
+        // Each class's leaf (TBF) by its parent and options; TBF's own class is not a subject's.
+        let mut leaves: Vec<String> = qdisc
+            .lines()
+            .filter(|l| l.starts_with("qdisc tbf "))
+            .map(|l| l.trim().to_string())
+            .collect();
+        leaves.sort();
         let mut classes = Vec::new();
         let mut buffers = BTreeMap::new();
         for line in self
             .tc(&["-d", "-raw", "class", "show", "dev", DEVICE])?
             .lines()
+            .filter(|l| l.starts_with("class htb "))
         {
             let (shape, ticks) = match line.find(" buffer [") {
                 Some(i) => (&line[..i], &line[i..]),
@@ -421,6 +429,7 @@ impl Host {
             )),
             classes,
             buffers,
+            leaves,
             filters,
         })
     }
@@ -430,14 +439,16 @@ struct Objects {
     root: bool,
     classes: Vec<String>,
     buffers: BTreeMap<String, String>,
+    leaves: Vec<String>,
     filters: Vec<String>,
 }
 
 impl Objects {
-    /// Every shaped subject has one class and one filter that sends to it.
+    /// Every shaped subject has one class, its leaf, and one filter that sends to it.
     fn count_ok(&self, n: usize) -> bool {
         self.root
             && self.classes.len() == n
+            && self.leaves.len() == n
             && self.filters.iter().filter(|f| f.contains("flowid")).count() == n
     }
 
@@ -459,6 +470,19 @@ impl Objects {
                 "{} classes against raylimit's {}{first}",
                 self.classes.len(),
                 reference.classes.len()
+            ));
+        }
+        if self.leaves != reference.leaves {
+            let first = self
+                .leaves
+                .iter()
+                .find(|l| !reference.leaves.contains(l))
+                .map(|l| format!(": tc built `{l}`"))
+                .unwrap_or_default();
+            return Some(format!(
+                "{} leaf qdiscs against raylimit's {}{first}",
+                self.leaves.len(),
+                reference.leaves.len()
             ));
         }
         if self.filters != reference.filters {
@@ -605,6 +629,9 @@ fn object_key(cmd: &str) -> String {
     };
     match words.get(1).copied() {
         Some("class") => format!("class {}", after("classid")),
+        Some("qdisc") if words.contains(&"parent") => {
+            format!("qdisc {} {}", after("parent"), after("handle"))
+        }
         Some("filter") => format!(
             "filter {} {} {} {}",
             after("parent"),
@@ -906,8 +933,9 @@ fn raylimit_runs(host: &Host, row: &mut Row, first: bool, seen: &mut Seen) -> Re
     let objects = host.objects()?;
     if !objects.count_ok(n) {
         return broken(format!(
-            "apply N={n}: the device holds {} classes and {} filters to classes, not {n}",
+            "apply N={n}: the device holds {} classes, {} leaves and {} filters to classes, not {n}",
             objects.classes.len(),
+            objects.leaves.len(),
             objects
                 .filters
                 .iter()
@@ -961,8 +989,9 @@ fn check_built(host: &Host, n: usize, what: &str, seen: &Seen) -> Res<Objects> {
         }
         None if !built.count_ok(n) => {
             return broken(format!(
-                "{what} N={n}: {} classes and {} filters to classes, not {n}",
+                "{what} N={n}: {} classes, {} leaves and {} filters to classes, not {n}",
                 built.classes.len(),
+                built.leaves.len(),
                 built
                     .filters
                     .iter()

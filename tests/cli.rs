@@ -7,7 +7,7 @@ use common::*;
 use raylimit::model::tc::*;
 use raylimit::model::u32::{End, U32Filter, U32Selector};
 use raylimit::model::{TcHandle, U32Handle};
-use raylimit::shaping::leaf_class;
+use raylimit::shaping::{frame_bytes, leaf_class, Leaf, ETHERNET_MTU};
 use std::process::Command;
 
 fn raylimit(args: &[&str]) -> (i32, String, String) {
@@ -41,7 +41,11 @@ fn netns_option_reads_objects_inside_the_namespace() {
             ifindex,
             handle: class,
             parent: root,
-            kind: ClassKind::Htb(leaf_class(1_000_000)),
+            kind: ClassKind::Htb(leaf_class(
+                1_000_000,
+                Leaf::Default,
+                frame_bytes(ETHERNET_MTU),
+            )),
         }
         .request(Op::Create),
         "c",

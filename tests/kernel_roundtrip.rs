@@ -16,7 +16,7 @@ use raylimit::model::u32::*;
 use raylimit::model::{TcHandle, U32Handle};
 use raylimit::netlink::probe::{missing_feature, Capabilities, Feature};
 use raylimit::netlink::RtSocket;
-use raylimit::shaping::leaf_class;
+use raylimit::shaping::{frame_bytes, leaf_class, Leaf, ETHERNET_MTU};
 
 const ROOT: TcHandle = TcHandle::new(0x7a31, 0);
 
@@ -82,7 +82,7 @@ fn htb_qdisc_and_classes_round_trip_and_change_in_place() {
             ifindex,
             handle: TcHandle::new(0x7a31, minor),
             parent: ROOT,
-            kind: ClassKind::Htb(leaf_class(rate)),
+            kind: ClassKind::Htb(leaf_class(rate, Leaf::Default, frame_bytes(ETHERNET_MTU))),
         })
         .collect();
     for c in &classes {
@@ -109,7 +109,11 @@ fn htb_qdisc_and_classes_round_trip_and_change_in_place() {
 
     // Change in place: same handle, new rate, counters keep counting.
     let changed = Class {
-        kind: ClassKind::Htb(leaf_class(2_000_000)),
+        kind: ClassKind::Htb(leaf_class(
+            2_000_000,
+            Leaf::Default,
+            frame_bytes(ETHERNET_MTU),
+        )),
         ..classes[0].clone()
     };
     sock.request(changed.request(Op::Change), "change class")
@@ -129,6 +133,82 @@ fn htb_qdisc_and_classes_round_trip_and_change_in_place() {
     sock.request(root.request(Op::Delete), "delete qdisc")
         .unwrap();
     assert!(!ns.tc(&["qdisc", "show", "dev", "veth-a"]).contains("htb"));
+}
+
+/// The leaf raylimit puts under each class: the kernel takes it, dumps it back equal (64-bit
+/// rates included), tc reads the same queue limit, and a class delete takes it along.
+#[test]
+fn tbf_leaves_round_trip_and_go_with_their_class() {
+    require(&[need::NAMESPACE, &[need::TC, need::VETH, need::HTB]]);
+    let (ns, mut sock, ifindex) = setup();
+    let root = htb_root(ifindex);
+    sock.request(root.request(Op::Create), "add qdisc").unwrap();
+    let frame = frame_bytes(ETHERNET_MTU);
+    let mut leaves = Vec::new();
+    for (minor, rate) in [(0x10u16, 4096u64), (0x11, 1_000_000), (0x12, 6_000_000_000)] {
+        let class = Class {
+            ifindex,
+            handle: TcHandle::new(0x7a31, minor),
+            parent: ROOT,
+            kind: ClassKind::Htb(leaf_class(rate, Leaf::Tbf, frame)),
+        };
+        sock.request(class.request(Op::Create), "add class")
+            .unwrap();
+        let leaf = Qdisc {
+            ifindex,
+            handle: TcHandle::new(minor, 0),
+            parent: class.handle,
+            kind: QdiscKind::Tbf(raylimit::shaping::leaf_tbf(rate, frame)),
+        };
+        sock.request(leaf.request(Op::Create), "add leaf").unwrap();
+        leaves.push(leaf);
+    }
+    let dumped = dump(&mut sock, RTM_GETQDISC, ifindex, TcHandle(0));
+    for leaf in &leaves {
+        assert!(
+            dumped
+                .iter()
+                .any(|e| matches!(e, TcEntry::Qdisc(q) if q.qdisc == *leaf)),
+            "{leaf:?} not in {dumped:?}"
+        );
+    }
+    // tc's own reading, and the slow (4 KiB/s) leaf's queue: 8 MiB, above a TCP window.
+    let text = ns.tc(&["-j", "qdisc", "show", "dev", "veth-a"]);
+    assert!(
+        text.contains(r#""kind":"tbf","handle":"10:","parent":"7a31:10""#),
+        "{text}"
+    );
+    let QdiscKind::Tbf(slow) = &leaves[0].kind else {
+        unreachable!()
+    };
+    assert_eq!(slow.limit, 8 << 20);
+    // Replacing a leaf with other options changes it in place.
+    let mut changed = leaves[1].clone();
+    changed.kind = QdiscKind::Tbf(raylimit::shaping::leaf_tbf(2_000_000, frame));
+    sock.request(changed.request(Op::Replace), "replace leaf")
+        .unwrap();
+    let dumped = dump(&mut sock, RTM_GETQDISC, ifindex, TcHandle(0));
+    assert!(dumped
+        .iter()
+        .any(|e| matches!(e, TcEntry::Qdisc(q) if q.qdisc == changed)));
+    // Deleting a class destroys its leaf.
+    sock.request(
+        Class {
+            ifindex,
+            handle: TcHandle::new(0x7a31, 0x10),
+            parent: ROOT,
+            kind: ClassKind::Htb(leaf_class(4096, Leaf::Tbf, frame)),
+        }
+        .request(Op::Delete),
+        "delete class",
+    )
+    .unwrap();
+    let dumped = dump(&mut sock, RTM_GETQDISC, ifindex, TcHandle(0));
+    assert!(!dumped
+        .iter()
+        .any(|e| matches!(e, TcEntry::Qdisc(q) if q.qdisc.handle == leaves[0].handle)));
+    sock.request(root.request(Op::Delete), "delete qdisc")
+        .unwrap();
 }
 
 fn u32_filter(
@@ -160,7 +240,11 @@ fn u32_filters_round_trip_with_tc_as_oracle() {
             ifindex,
             handle: class,
             parent: ROOT,
-            kind: ClassKind::Htb(leaf_class(1_000_000)),
+            kind: ClassKind::Htb(leaf_class(
+                1_000_000,
+                Leaf::Default,
+                frame_bytes(ETHERNET_MTU),
+            )),
         }
         .request(Op::Create),
         "class",
@@ -288,7 +372,7 @@ fn u32_filters_round_trip_with_tc_as_oracle() {
                 ifindex,
                 handle: class,
                 parent: ROOT,
-                kind: ClassKind::Htb(leaf_class(1)),
+                kind: ClassKind::Htb(leaf_class(1, Leaf::Default, frame_bytes(ETHERNET_MTU))),
             }
             .request(Op::Delete),
             "delete class",
@@ -310,7 +394,11 @@ fn u32_hash_tables_classify_into_buckets() {
             ifindex,
             handle: class,
             parent: ROOT,
-            kind: ClassKind::Htb(leaf_class(1_000_000)),
+            kind: ClassKind::Htb(leaf_class(
+                1_000_000,
+                Leaf::Default,
+                frame_bytes(ETHERNET_MTU),
+            )),
         }
         .request(Op::Create),
         "class",
@@ -448,7 +536,11 @@ fn optional_kinds_are_confirmed_by_the_kernel() {
             ifindex,
             handle: class,
             parent: ROOT,
-            kind: ClassKind::Htb(leaf_class(1_000_000)),
+            kind: ClassKind::Htb(leaf_class(
+                1_000_000,
+                Leaf::Default,
+                frame_bytes(ETHERNET_MTU),
+            )),
         }
         .request(Op::Create),
         "class",

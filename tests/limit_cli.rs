@@ -726,6 +726,7 @@ fn a_failed_step_is_undone_and_the_kernel_ends_as_it_began() {
         statuses,
         [
             ("create-class", "undone"),
+            ("create-leaf", "undone"),
             ("create-address-table", "failed"),
             ("create-address-link", "not run"),
             ("create-bucket-table", "not run"),
@@ -734,8 +735,9 @@ fn a_failed_step_is_undone_and_the_kernel_ends_as_it_began() {
         ],
         "{out}"
     );
-    assert_eq!(v["rollback"][0]["step"], "delete-class");
-    assert_eq!(v["rollback"][0]["status"], "ok");
+    assert_eq!(v["rollback"][0]["step"], "delete-leaf");
+    assert_eq!(v["rollback"][1]["step"], "delete-class");
+    assert_eq!(v["rollback"][1]["status"], "ok");
     assert_eq!(
         h.kernel_state(),
         before,

@@ -167,6 +167,9 @@ fn specific_ip_lifecycle(direction: &str) {
         rule_before["bytes"].as_u64().unwrap() > 1_000_000,
         "{rule_before}"
     );
+    // status names the leaf the kernel holds under the class: a TBF queueing 8 MiB.
+    assert_eq!(rule_before["leaf"], "tbf", "{rule_before}");
+    assert_eq!(rule_before["leaf_queue_bytes"], 8 << 20, "{rule_before}");
     let again = s.limit(&[
         "--ip",
         client,
@@ -200,7 +203,8 @@ fn specific_ip_lifecycle(direction: &str) {
         .iter()
         .map(|r| r["step"].as_str().unwrap())
         .collect();
-    assert_eq!(steps, ["change-class"], "{changed}");
+    // The class changes in place, and its leaf is resized for the new rate.
+    assert_eq!(steps, ["change-class", "replace-leaf"], "{changed}");
     assert_within_10_percent(
         &format!("{direction} of {client} at 2 MB/s"),
         s.measure(direction, client),

@@ -11,7 +11,7 @@ use raylimit::model::action::Action;
 use raylimit::model::tc::*;
 use raylimit::model::u32::{End, U32Filter, U32Selector};
 use raylimit::model::{TcHandle, U32Handle};
-use raylimit::shaping::leaf_class;
+use raylimit::shaping::{frame_bytes, leaf_class, Leaf, ETHERNET_MTU};
 
 const RATE: u64 = 1_000_000;
 
@@ -34,7 +34,7 @@ fn htb_with_class(sock: &mut raylimit::netlink::RtSocket, ifindex: u32, sel: U32
             ifindex,
             handle: class,
             parent: root,
-            kind: ClassKind::Htb(leaf_class(RATE)),
+            kind: ClassKind::Htb(leaf_class(RATE, Leaf::Default, frame_bytes(ETHERNET_MTU))),
         }
         .request(Op::Create),
         "class",

@@ -215,6 +215,8 @@ struct RuleJson<'a> {
     clients: &'a [String],
     direction: &'a str,
     drops: u32,
+    leaf: Option<&'a str>,
+    leaf_queue_bytes: Option<u32>,
     listeners: &'a [String],
     owner: Option<&'a str>,
     packets: u64,
@@ -394,7 +396,15 @@ fn nft_json(nft: &Result<NftState, NetlinkError>) -> Value {
 /// The limit a rule holds, in words.
 fn shape(rule: &Rule) -> String {
     match (rule.class, rule.rate) {
-        (Some(c), Some(rate)) => format!("class {c} rate {rate} bytes/s ({})", human_rate(rate)),
+        (Some(c), Some(rate)) => {
+            let mut s = format!("class {c} rate {rate} bytes/s ({})", human_rate(rate));
+            match (&rule.leaf, rule.leaf_queue_bytes) {
+                (Some(leaf), Some(q)) => s.push_str(&format!(", leaf {leaf} queue {q} B")),
+                (Some(leaf), None) => s.push_str(&format!(", leaf {leaf}")),
+                (None, _) => {}
+            }
+            s
+        }
         (Some(c), None) if c.minor() == 0 => "unlimited (HTB direct queue)".to_string(),
         (Some(c), None) => format!("class {c} (missing)"),
         (None, _) => "no class".to_string(),
@@ -593,6 +603,8 @@ fn root_json<'a>(r: &'a Root, netns: Option<&'a str>) -> RootJson<'a> {
                 clients: &x.clients,
                 direction: x.direction,
                 drops: x.stats.drops,
+                leaf: x.leaf.as_deref(),
+                leaf_queue_bytes: x.leaf_queue_bytes,
                 listeners: &x.listeners,
                 owner: x.owner.as_deref(),
                 packets: x.stats.packets,

@@ -168,7 +168,7 @@ fn rollback(kernel: &mut impl Kernel, undo: &[(usize, Step)], exec: &mut Executi
         for ((done, step), outcome) in undo[next..end].iter().zip(outcomes) {
             exec.results[*done].status = Status::Undone;
             exec.rollback.push(UndoResult {
-                step: step.name.clone(),
+                step: step.name.to_string(),
                 command: step.command(),
                 result: match outcome {
                     Ok(w) => result(Status::Ok, None, w),
@@ -202,7 +202,8 @@ fn makes_container(step: &Step) -> bool {
             object,
             ..
         } => match object {
-            TcObject::Qdisc(_) => true,
+            // A class's leaf qdisc holds nothing raylimit sends later: it need not end a batch.
+            TcObject::Qdisc(q) => q.parent.major() != crate::shaping::ROOT_MAJOR,
             TcObject::Filter(f) => matches!(&f.kind, FilterKind::U32(u) if u.divisor.is_some()),
             TcObject::Class(_) => false,
         },

@@ -116,10 +116,23 @@ impl FakeKernel {
                     match object {
                         TcObject::Qdisc(mut q) => {
                             q.ifindex = ifindex;
-                            tc.qdiscs.retain(|e| e.qdisc.handle != q.handle);
+                            let under_class = q.parent.major() == shaping::ROOT_MAJOR;
+                            ensure!(
+                                !under_class
+                                    || tc.classes.iter().any(|c| c.class.handle == q.parent),
+                                "ENOENT: class {} not found",
+                                q.parent
+                            );
+                            // A class holds one leaf: a new one is grafted in its place.
+                            tc.qdiscs.retain(|e| {
+                                e.qdisc.handle != q.handle
+                                    && !(under_class && e.qdisc.parent == q.parent)
+                            });
                             if *op == Op::Delete {
                                 if q.handle == shaping::root_handle() {
                                     tc.classes.clear();
+                                    tc.qdiscs
+                                        .retain(|e| e.qdisc.parent.major() != shaping::ROOT_MAJOR);
                                     tc.filters.retain(|f| f.filter.parent != q.handle);
                                     self.orphans.retain(|(i, _)| *i != ifindex);
                                 }
@@ -134,6 +147,9 @@ impl FakeKernel {
                         TcObject::Class(mut c) => {
                             c.ifindex = ifindex;
                             tc.classes.retain(|e| e.class.handle != c.handle);
+                            if *op == Op::Delete {
+                                tc.qdiscs.retain(|e| e.qdisc.parent != c.handle);
+                            }
                             if *op != Op::Delete {
                                 tc.classes.push(ClassEntry {
                                     class: c.canonical(),
@@ -376,6 +392,7 @@ impl FakeKernel {
             name: name.into(),
             kind: None,
             up: true,
+            mtu: 1500,
         };
         match direction {
             Direction::Download => Observation {
@@ -433,6 +450,7 @@ impl Kernel for Fake {
             name: name.into(),
             kind: None,
             up: true,
+            mtu: 1500,
         };
         match name {
             DEV_NAME => Ok(link(DEV)),
@@ -475,7 +493,7 @@ impl Kernel for Fake {
             .iter()
             .map(|s| {
                 let n = self.calls.steps.len();
-                self.calls.steps.push(s.name.clone());
+                self.calls.steps.push(s.name.to_string());
                 if self.fail_at == Some(n) {
                     return Err(format!("{}: injected failure", s.command()));
                 }

@@ -72,11 +72,11 @@ impl NetlinkKernel {
         match dev {
             Dev::Index { index, .. } => Ok(*index),
             Dev::Ifb(name) => {
-                if let Some(i) = self.devices.get(name) {
+                if let Some(i) = self.devices.get(&**name) {
                     return Ok(*i);
                 }
                 let index = self.sock.link_by_name(name)?.index;
-                self.devices.insert(name.clone(), index);
+                self.devices.insert(name.to_string(), index);
                 Ok(index)
             }
         }

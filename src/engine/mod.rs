@@ -301,6 +301,8 @@ pub struct Engine<K: Kernel> {
     netns_path: Option<String>,
     /// What the kernel offers, probed when a request first needs it.
     capabilities: Option<Capabilities>,
+    /// The leaf qdisc this run gives classes, once known.
+    leaf: Option<shaping::Leaf>,
     /// The annotations as this run leaves them (saved at commit when it succeeds).
     annotations: Annotations,
     /// The IFBs of earlier devices of this name that annotations still name (read once, when a
@@ -367,6 +369,7 @@ impl<K: Kernel> Engine<K> {
             netns_key: options.netns.clone().unwrap_or_default(),
             netns_path: options.netns.map(|n| format!("/run/netns/{n}")),
             capabilities: None,
+            leaf: None,
             observed: BTreeMap::new(),
             staged: Vec::new(),
             pending: Vec::new(),
@@ -406,6 +409,32 @@ impl<K: Kernel> Engine<K> {
     /// A staged request's decision, before the commit.
     pub fn decided(&self, ticket: Ticket) -> &Decided {
         &self.staged[ticket.0]
+    }
+
+    /// The leaf qdisc classes get: TBF where the kernel has it. A side that already holds a TBF
+    /// leaf says so without a probe, so a run that changes nothing reads no kernel config.
+    fn leaf(&mut self, egress: bool) -> shaping::Leaf {
+        if let Some(leaf) = self.leaf {
+            return leaf;
+        }
+        let seen = self.observed.get(&egress).and_then(|o| o.shaped.as_ref());
+        let has_tbf = seen.is_some_and(|s| {
+            s.leaves
+                .values()
+                .any(|q| matches!(q.kind, crate::model::tc::QdiscKind::Tbf(_)))
+        }) || {
+            let kernel = &mut self.kernel;
+            let caps = self
+                .capabilities
+                .get_or_insert_with(|| kernel.capabilities());
+            caps.has(Feature::Tbf)
+        };
+        let leaf = match has_tbf {
+            true => shaping::Leaf::Tbf,
+            false => shaping::Leaf::Default,
+        };
+        self.leaf = Some(leaf);
+        leaf
     }
 
     /// Reads what a request is decided on, once per shaped side (kept current afterwards).
@@ -469,6 +498,11 @@ impl<K: Kernel> Engine<K> {
             (CatchAll::choose(false), false, false)
         };
         let (rule_scope, scope_used, unscoped) = self.rule_scope(&request);
+        self.observe_once(&request);
+        let leaf = match request.want {
+            Want::Limit(_) => self.leaf(request.on_egress()),
+            _ => shaping::Leaf::Default,
+        };
         let ctx = Context {
             request: request.clone(),
             catch_all,
@@ -489,8 +523,8 @@ impl<K: Kernel> Engine<K> {
                 &shaping::ifb_name(self.device.index),
                 MADE_IFB,
             ),
+            leaf,
         };
-        self.observe_once(&request);
         let egress = request.on_egress();
         let observation = &self.observed[&egress];
         let shadowed = matches!(request.subject, Subject::Inbound { .. })
@@ -658,7 +692,7 @@ impl<K: Kernel> Engine<K> {
     fn record_made(&mut self, steps: &[Step]) {
         let ifb = shaping::ifb_name(self.device.index);
         for step in steps {
-            let (device, object, made) = match step.name.as_str() {
+            let (device, object, made) = match step.name.as_ref() {
                 "create-ingress-hook" => (self.device.name.as_str(), MADE_HOOK, true),
                 "delete-ingress-hook" => (self.device.name.as_str(), MADE_HOOK, false),
                 "create-ifb" => (ifb.as_str(), MADE_IFB, true),

@@ -41,6 +41,11 @@ pub struct Rule {
     pub priority: Option<u16>,
     pub class: Option<TcHandle>,
     pub rate: Option<u64>,
+    /// The class's leaf qdisc: `tbf` (segmenting, byte-limited FIFO), `pfifo` (HTB's default),
+    /// or another kind put there by hand; none without a class.
+    pub leaf: Option<String>,
+    /// The bytes the leaf's FIFO holds (TBF's limit).
+    pub leaf_queue_bytes: Option<u32>,
     /// The class's counters (the unlimited exception has none of its own).
     pub stats: TcStats,
     /// Bytes per second over the sampling window, when status sampled one.
@@ -66,6 +71,8 @@ impl Rule {
             priority: None,
             class: None,
             rate: None,
+            leaf: None,
+            leaf_queue_bytes: None,
             stats: TcStats::default(),
             throughput: None,
             recent_drops: None,
@@ -85,6 +92,15 @@ impl Rule {
             _ => None,
         });
         self.stats = entry.map(|c| c.stats).unwrap_or_default();
+        let leaf = entry.map(|c| shaped.leaves.get(&c.class.handle.minor()));
+        self.leaf = leaf.map(|l| match l {
+            Some(q) => q.kind_name().to_string(),
+            None => shaping::Leaf::Default.name().to_string(),
+        });
+        self.leaf_queue_bytes = leaf.flatten().and_then(|q| match &q.kind {
+            crate::model::tc::QdiscKind::Tbf(t) => Some(t.limit),
+            _ => None,
+        });
         self
     }
 
@@ -521,7 +537,7 @@ fn compare<'a>(
         });
     }
     for root in roots.iter_mut() {
-        let dev = Dev::Ifb(root.shaped_device.clone());
+        let dev = Dev::Ifb(root.shaped_device.as_str().into());
         for rule in root.rules.iter().filter(|r| r.owner.is_none()) {
             drift.push(Drift {
                 device: root.device.clone(),
@@ -605,7 +621,7 @@ fn compare<'a>(
                     problem,
                     vec![Step::delete(
                         "delete-redirect",
-                        &Dev::Ifb(h.device.clone()),
+                        &Dev::Ifb(h.device.as_str().into()),
                         f.filter.clone(),
                     )
                     .command()],

@@ -254,7 +254,7 @@ fn a_blocked_request_absorbs_nothing() {
         .decision
         .steps
         .iter()
-        .map(|s| s.name.as_str())
+        .map(|s| s.name.as_ref())
         .collect();
     assert_eq!(steps[0], "create-root-qdisc", "{steps:?}");
     let mut run = e.commit();

@@ -23,6 +23,8 @@ pub struct Link {
     /// `ifb`, `veth`, ... when the link has a kind.
     pub kind: Option<String>,
     pub up: bool,
+    /// Largest packet the link sends, without its link-layer header.
+    pub mtu: u32,
 }
 
 /// A device's qdiscs, classes and filters, decoded.

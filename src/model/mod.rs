@@ -13,6 +13,7 @@ pub mod htb;
 pub mod matchall;
 pub mod nft;
 pub mod stats;
+pub mod tbf;
 pub mod tc;
 pub mod u32;
 

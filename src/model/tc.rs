@@ -13,6 +13,7 @@ use super::handle::{TcHandle, U32Handle};
 use super::htb::{HtbClass, HtbClassCounters, HtbQdisc, HtbQdiscCounters};
 use super::matchall::MatchAll;
 use super::stats::TcStats;
+use super::tbf::TbfQdisc;
 use super::u32::U32Filter;
 
 pub const RTM_NEWQDISC: u16 = 36;
@@ -77,6 +78,8 @@ impl Op {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QdiscKind {
     Htb(HtbQdisc),
+    /// The leaf under a managed class: it segments GSO packets and bounds the queue.
+    Tbf(TbfQdisc),
     Clsact,
     Ingress,
     /// A kind raylimit does not model; its options payload, verbatim.
@@ -139,6 +142,7 @@ impl Qdisc {
     pub fn kind_name(&self) -> &str {
         match &self.kind {
             QdiscKind::Htb(_) => "htb",
+            QdiscKind::Tbf(_) => "tbf",
             QdiscKind::Clsact => "clsact",
             QdiscKind::Ingress => "ingress",
             QdiscKind::Other { kind, .. } => kind,
@@ -166,6 +170,9 @@ impl Qdisc {
                 match &self.kind {
                     QdiscKind::Htb(h) => {
                         w.nested(TCA_OPTIONS, false, |w| h.encode_options(w));
+                    }
+                    QdiscKind::Tbf(t) => {
+                        w.nested(TCA_OPTIONS, false, |w| t.encode_options(w));
                     }
                     QdiscKind::Clsact | QdiscKind::Ingress => {}
                     QdiscKind::Other { options, .. } => put_opaque(w, options),
@@ -429,6 +436,7 @@ pub fn decode(msg_type: u16, payload: &[u8]) -> Result<TcEntry, DecodeError> {
                     htb = Some(counters);
                     QdiscKind::Htb(q)
                 }
+                "tbf" => QdiscKind::Tbf(TbfQdisc::decode_options(options)?),
                 "clsact" => QdiscKind::Clsact,
                 "ingress" => QdiscKind::Ingress,
                 _ => QdiscKind::Other {
@@ -529,6 +537,15 @@ impl fmt::Display for Qdisc {
             if let Some(q) = h.direct_qlen {
                 write!(f, " direct_qlen {q}")?;
             }
+        }
+        if let QdiscKind::Tbf(t) = &self.kind {
+            write!(
+                f,
+                " rate {}B/s burst {}b limit {}b",
+                t.rate,
+                t.max_packet(),
+                t.limit
+            )?;
         }
         Ok(())
     }

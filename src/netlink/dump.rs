@@ -31,23 +31,33 @@ impl RtSocket {
                 }
             }
         }
+        // Filters and classes are read where they classify: on the root qdisc and the ingress
+        // hook. A leaf qdisc under a class (one per limit) has neither filters nor classes of
+        // interest, and asking each for its filters would cost a request per limit.
         let mut parents = Vec::new();
+        let mut root = None;
         for q in &out.qdiscs {
             match q.qdisc.kind {
                 QdiscKind::Clsact => {
                     parents.extend([TcHandle::CLSACT_INGRESS, TcHandle::CLSACT_EGRESS])
                 }
-                _ if q.qdisc.handle.major() != 0 => parents.push(q.qdisc.handle),
+                QdiscKind::Ingress => parents.push(q.qdisc.handle),
+                _ if q.qdisc.parent == TcHandle::ROOT && q.qdisc.handle.major() != 0 => {
+                    root = Some(q.qdisc.handle);
+                    parents.push(q.qdisc.handle);
+                }
                 _ => {}
             }
         }
-        let classes = self.dump(
-            &tc::dump_request(RTM_GETTCLASS, ifindex, TcHandle(0)),
-            "dump classes",
-        )?;
-        for e in decode_all(classes)? {
-            if let TcEntry::Class(c) = e {
-                out.classes.push(c);
+        if let Some(root) = root {
+            let classes = self.dump(
+                &tc::dump_request(RTM_GETTCLASS, ifindex, root),
+                "dump classes",
+            )?;
+            for e in decode_all(classes)? {
+                if let TcEntry::Class(c) = e {
+                    out.classes.push(c);
+                }
             }
         }
         for parent in parents {

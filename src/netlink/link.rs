@@ -43,10 +43,12 @@ fn decode_link(payload: &[u8]) -> Result<Link, NetlinkError> {
         name: String::new(),
         kind: None,
         up: msg.header.flags.contains(LinkFlags::Up),
+        mtu: 0,
     };
     for attr in msg.attributes {
         match attr {
             LinkAttribute::IfName(n) => link.name = n,
+            LinkAttribute::Mtu(m) => link.mtu = m,
             LinkAttribute::LinkInfo(infos) => {
                 for info in infos {
                     if let LinkInfo::Kind(k) = info {

@@ -1,4 +1,5 @@
-//! Kernel capability probing for the tc modules some kernels lack (matchall, fw, gact, connmark).
+//! Kernel capability probing for the tc modules some kernels lack (matchall, fw, gact, connmark,
+//! tbf).
 //! It only reads what the kernel exposes (`/proc/config.gz`, `/sys/module`, `modules.builtin`,
 //! the module tree) and changes nothing. The kernel's own answer at execute time confirms it:
 //! see [`missing_feature`].
@@ -18,15 +19,18 @@ pub enum Feature {
     /// The u32 classifier's skb mark match (`CONFIG_CLS_U32_MARK`, part of cls_u32). Without it the
     /// kernel silently ignores a u32 mark key.
     U32Mark,
+    /// The TBF qdisc (`sch_tbf`), the leaf under each class.
+    Tbf,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 5] = [
+    pub const ALL: [Feature; 6] = [
         Feature::Matchall,
         Feature::Fw,
         Feature::Gact,
         Feature::Connmark,
         Feature::U32Mark,
+        Feature::Tbf,
     ];
 
     pub fn name(self) -> &'static str {
@@ -36,6 +40,7 @@ impl Feature {
             Feature::Gact => "gact",
             Feature::Connmark => "connmark",
             Feature::U32Mark => "u32 mark match",
+            Feature::Tbf => "tbf",
         }
     }
 
@@ -46,6 +51,7 @@ impl Feature {
             Feature::Gact => "CONFIG_NET_ACT_GACT",
             Feature::Connmark => "CONFIG_NET_ACT_CONNMARK",
             Feature::U32Mark => "CONFIG_CLS_U32_MARK",
+            Feature::Tbf => "CONFIG_NET_SCH_TBF",
         }
     }
 
@@ -56,6 +62,7 @@ impl Feature {
             Feature::Gact => "act_gact",
             Feature::Connmark => "act_connmark",
             Feature::U32Mark => "cls_u32",
+            Feature::Tbf => "sch_tbf",
         }
     }
 }

@@ -7,6 +7,7 @@ use crate::model::tc::{ClassEntry, Op, QdiscEntry, QdiscKind};
 use crate::model::u32::End;
 use crate::model::Link;
 use crate::model::TcHandle;
+use crate::shaping::ROOT_MAJOR;
 
 use super::observe::{Hook, Observation, RootState, ShapedRoot};
 use super::plan::{Dev, Operation, Step, TcObject};
@@ -28,6 +29,7 @@ impl Observation {
                     name: name.clone(),
                     kind: Some("ifb".into()),
                     up: false,
+                    mtu: crate::shaping::ETHERNET_MTU,
                 });
                 self.shaped = Some(ShapedRoot::empty(0, end));
             }
@@ -118,9 +120,18 @@ impl ShapedRoot {
                     htb: None,
                 });
             }
+            (op, TcObject::Qdisc(q)) if q.parent.major() == ROOT_MAJOR => {
+                let minor = q.parent.minor();
+                match op {
+                    Op::Delete => self.leaves.remove(&minor),
+                    _ => self.leaves.insert(minor, q.clone()),
+                };
+            }
             (_, TcObject::Qdisc(_)) => {}
             (Op::Delete, TcObject::Class(c)) => {
+                // The kernel destroys the class's leaf with it.
                 self.classes.remove(&c.handle.minor());
+                self.leaves.remove(&c.handle.minor());
             }
             (_, TcObject::Class(c)) => {
                 // As the kernel reports it: a class right under the root qdisc has parent

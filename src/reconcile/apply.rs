@@ -46,10 +46,16 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
                 let name = shaping::ifb_name(obs.device.index);
                 steps.push(
                     Step::new("create-ifb", Operation::CreateIfb(name.clone())).undone_by(vec![
-                        Step::new("delete-ifb", Operation::DeleteLink(Dev::Ifb(name.clone()))),
+                        Step::new(
+                            "delete-ifb",
+                            Operation::DeleteLink(Dev::Ifb(name.as_str().into())),
+                        ),
                     ]),
                 );
-                steps.push(Step::new("set-ifb-up", Operation::SetUp(Dev::Ifb(name))));
+                steps.push(Step::new(
+                    "set-ifb-up",
+                    Operation::SetUp(Dev::Ifb(name.into())),
+                ));
             }
             Some(ifb) if !ifb.up => {
                 steps.push(Step::new("set-ifb-up", Operation::SetUp(device_dev(ifb))));
@@ -86,7 +92,8 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
                 )));
                 return;
             };
-            let class = shaping::class(ifindex, minor, rate);
+            let frame = shaping::frame_bytes(obs.device.mtu);
+            let class = shaping::class(ifindex, minor, rate, ctx.leaf, frame);
             let ClassKind::Htb(want) = &class.kind else {
                 unreachable!("leaf classes are HTB")
             };
@@ -112,6 +119,10 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
                     steps.push(Step::create("create-class", &dev, class.clone()));
                 }
             }
+            let leaf = shaping::leaf_qdisc(ifindex, minor, rate, ctx.leaf, frame);
+            let old_leaf =
+                observed_class_entry.and_then(|_| shaped.and_then(|s| s.leaves.get(&minor)));
+            plan_leaf(&dev, leaf, old_leaf, &mut steps, &mut changes);
             class.handle
         }
         // The root itself: HTB sends it through its direct queue, unshaped.
@@ -281,10 +292,9 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
     // A class the subject no longer uses (limit -> unlimited) goes after the filter moved off it.
     if let Some(old) = observed_class_entry {
         if old.class.handle != target_class {
-            let mut before = old.class.clone();
-            before.parent = shaping::root_handle();
             changes.push(format!("class {} is no longer needed", old.class.handle));
-            steps.push(Step::delete("delete-class", &dev, before));
+            let shaped = shaped.expect("an observed class is on a shaped root");
+            steps.push(delete_class(&dev, shaped, old.class.handle.minor()));
         }
     }
 
@@ -316,7 +326,7 @@ pub(super) fn plan_apply(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut 
         _ if changes.is_empty() => {
             "scaffolding the rule depends on was missing and is restored".into()
         }
-        _ => changes.join("; "),
+        _ => changes.join("; ").into(),
     };
     d.steps = steps;
 }
@@ -345,4 +355,44 @@ fn delete_listener_nodes(
             steps.push(delete_priority(ifindex, prio, dev));
         }
     }
+}
+
+/// Puts the class's leaf qdisc in place: created with a new class, replaced when the observed
+/// one differs (a hand edit, an older layout, a new rate), removed when the kernel has no leaf
+/// raylimit could use and an old one is still there.
+fn plan_leaf(
+    dev: &Dev,
+    want: Option<Qdisc>,
+    old: Option<&Qdisc>,
+    steps: &mut Vec<Step>,
+    changes: &mut Vec<String>,
+) {
+    match (want, old) {
+        (Some(want), Some(old)) if leaf_matches(old, &want) => {}
+        (Some(want), Some(old)) => {
+            changes.push(format!("the leaf under {} is replaced", want.parent));
+            let mut before = old.clone();
+            before.parent = want.parent;
+            steps.push(
+                Step::tc("replace-leaf", Op::Replace, dev, want).undone_by(vec![Step::tc(
+                    "restore-leaf",
+                    Op::Replace,
+                    dev,
+                    before,
+                )]),
+            );
+        }
+        (Some(want), None) => steps.push(Step::create("create-leaf", dev, want)),
+        (None, Some(old)) => {
+            let mut old = old.clone();
+            old.parent = TcHandle::new(ROOT_MAJOR, old.parent.minor());
+            steps.push(Step::delete("delete-leaf", dev, old));
+        }
+        (None, None) => {}
+    }
+}
+
+/// The observed leaf is the wanted one: same handle, kind and options.
+fn leaf_matches(old: &Qdisc, want: &Qdisc) -> bool {
+    old.handle == want.handle && old.kind == want.kind
 }

@@ -114,7 +114,7 @@ pub(super) fn delete_priority(ifindex: u32, prio: u16, dev: &Dev) -> Step {
 /// Deletes a node of a priority's root table (a listener node, a band's root link); undone by
 /// creating it again in whatever root table the priority has then (the kernel may have removed
 /// the old one with its last node).
-pub(super) fn delete_in_root_table(name: &str, dev: &Dev, mut before: Filter) -> Step {
+pub(super) fn delete_in_root_table(name: &'static str, dev: &Dev, mut before: Filter) -> Step {
     let node = U32Handle(before.handle).node();
     let step = Step::delete(name, dev, before.clone());
     before.handle = U32Handle::new(0, 0, node).0;

@@ -88,6 +88,8 @@ pub struct Context {
     /// are deleted with the last rule only when raylimit made them (never one it adopted).
     pub made_hook: bool,
     pub made_ifb: bool,
+    /// The qdisc each class gets as its leaf (by what the kernel has).
+    pub leaf: shaping::Leaf,
 }
 
 /// Which of a device's packets a runtime's rule may match.
@@ -151,7 +153,7 @@ impl Blocked {
 #[derive(Debug, Clone)]
 pub struct Decision {
     pub kind: DecisionKind,
-    pub reason: String,
+    pub reason: std::borrow::Cow<'static, str>,
     /// Set when execution must not go ahead, with why.
     pub blocked: Option<Blocked>,
     /// `available`, `available (not comparable)` or `unavailable`.
@@ -197,7 +199,7 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
     let req = &ctx.request;
     let mut d = Decision {
         kind: DecisionKind::NoOp,
-        reason: String::new(),
+        reason: std::borrow::Cow::Borrowed(""),
         blocked: None,
         observed_state: "available",
         observation_note: None,
@@ -318,10 +320,10 @@ pub fn decide(ctx: &Context, obs: &Observation) -> Decision {
     if unresolved && req.want != Want::Remove {
         // Nothing to plan without the listener or the mark; the caller says why it is missing.
         d.kind = DecisionKind::Apply;
-        d.reason = format!(
+        d.reason = std::borrow::Cow::Owned(format!(
             "{} is not resolved from the runtime's config, so no rule can be planned",
             req.subject
-        );
+        ));
         d.blocked = Some(Blocked::Reason(format!(
             "{} could not be resolved",
             req.subject
@@ -394,7 +396,7 @@ fn shaped_name(req: &Request, obs: &Observation) -> String {
 fn device_dev(link: &Link) -> Dev {
     Dev::Index {
         index: link.index,
-        name: link.name.clone(),
+        name: link.name.as_str().into(),
     }
 }
 
@@ -505,3 +507,19 @@ fn plan_without_state(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut Dec
 
 #[cfg(test)]
 mod tests;
+
+/// Deletes class `minor` as observed; the kernel destroys its leaf with it, so the undo puts
+/// both back.
+fn delete_class(dev: &Dev, shaped: &ShapedRoot, minor: u16) -> Step {
+    let mut class = shaped.classes[&minor].class.clone();
+    class.parent = shaping::root_handle();
+    let Some(leaf) = shaped.leaves.get(&minor) else {
+        return Step::delete("delete-class", dev, class);
+    };
+    let mut leaf = leaf.clone();
+    leaf.ifindex = class.ifindex;
+    Step::tc("delete-class", Op::Delete, dev, class.clone()).undone_by(vec![
+        Step::tc("restore-class", Op::Create, dev, class),
+        Step::tc("restore-leaf", Op::Replace, dev, leaf),
+    ])
+}

@@ -5,7 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use crate::model::action::{Action, MirredMode};
-use crate::model::tc::{ClassEntry, Filter, FilterEntry, FilterKind, QdiscEntry, QdiscKind};
+use crate::model::tc::{ClassEntry, Filter, FilterEntry, FilterKind, Qdisc, QdiscEntry, QdiscKind};
 use crate::model::u32::{End, Family};
 use crate::model::DeviceTc;
 use crate::model::Link;
@@ -64,6 +64,8 @@ pub struct ShapedRoot {
     pub root: RootState,
     /// Leaf classes under the managed root, by minor.
     pub classes: BTreeMap<u16, ClassEntry>,
+    /// The qdisc under each class that has one other than HTB's default FIFO, by class minor.
+    pub leaves: BTreeMap<u16, Qdisc>,
     /// Client nodes of every band.
     nodes: BTreeMap<FilterKey, Node>,
     /// The same nodes by (band, what they match).
@@ -98,6 +100,7 @@ impl ShapedRoot {
             ifindex: tc.ifindex,
             root: RootState::Default(None),
             classes: BTreeMap::new(),
+            leaves: BTreeMap::new(),
             nodes: BTreeMap::new(),
             by_match: BTreeSet::new(),
             by_class: BTreeSet::new(),
@@ -129,6 +132,11 @@ impl ShapedRoot {
         for c in &tc.classes {
             if c.class.handle.major() == ROOT_MAJOR {
                 s.classes.insert(c.class.handle.minor(), c.clone());
+            }
+        }
+        for q in &tc.qdiscs {
+            if q.qdisc.parent.major() == ROOT_MAJOR && q.qdisc.parent.minor() != 0 {
+                s.leaves.insert(q.qdisc.parent.minor(), q.qdisc.clone());
             }
         }
         for f in &tc.filters {

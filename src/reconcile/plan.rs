@@ -15,8 +15,12 @@ use crate::shaping;
 /// of the same run created it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Dev {
-    Index { index: u32, name: String },
-    Ifb(String),
+    /// The name is shared by every step on the device (a run of 10 000 limits has 30 000).
+    Index {
+        index: u32,
+        name: std::rc::Rc<str>,
+    },
+    Ifb(std::rc::Rc<str>),
 }
 
 impl Dev {
@@ -63,7 +67,7 @@ pub enum Operation {
         dev: Dev,
         object: TcObject,
         /// Where a redirect's mirred action points, resolved when the step runs.
-        redirect_to: Option<Dev>,
+        redirect_to: Option<Box<Dev>>,
     },
     /// Changes to raylimit's nft table, sent as one atomic batch in the namespace at `netns`.
     Nft {
@@ -93,7 +97,9 @@ pub enum Undo {
 /// A named step of a plan and the steps that reverse it if a later step fails.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Step {
-    pub name: String,
+    /// What the step does, as reports name it: a literal (a run of 10 000 limits keeps no copy),
+    /// or made when an undo is written out.
+    pub name: std::borrow::Cow<'static, str>,
     pub action: Operation,
     pub undo: Undo,
     /// An object already in the wanted state counts as done: one that exists, for a create run
@@ -102,9 +108,9 @@ pub struct Step {
 }
 
 impl Step {
-    pub fn new(name: &str, action: Operation) -> Self {
+    pub fn new(name: impl Into<std::borrow::Cow<'static, str>>, action: Operation) -> Self {
         Step {
-            name: name.to_string(),
+            name: name.into(),
             action,
             undo: Undo::Steps(Vec::new()),
             exists_ok: false,
@@ -144,10 +150,15 @@ impl Step {
             Op::Delete => (Op::Create, self.name.replacen("delete-", "restore-", 1)),
             _ => (Op::Delete, self.name.replacen("create-", "delete-", 1)),
         };
-        Some(Step::tc(&name, op, dev, object.clone()))
+        Some(Step::tc(name, op, dev, object.clone()))
     }
 
-    pub fn tc(name: &str, op: Op, dev: &Dev, object: impl Into<TcObject>) -> Self {
+    pub fn tc(
+        name: impl Into<std::borrow::Cow<'static, str>>,
+        op: Op,
+        dev: &Dev,
+        object: impl Into<TcObject>,
+    ) -> Self {
         Step::new(
             name,
             Operation::Tc {
@@ -160,14 +171,14 @@ impl Step {
     }
 
     /// Creates `object`; undone by deleting it (`create-x` is undone by `delete-x`).
-    pub fn create(name: &str, dev: &Dev, object: impl Into<TcObject>) -> Self {
+    pub fn create(name: &'static str, dev: &Dev, object: impl Into<TcObject>) -> Self {
         let mut step = Step::tc(name, Op::Create, dev, object);
         step.undo = Undo::Reverse;
         step
     }
 
     /// Deletes `object` as observed; undone by creating it again (`delete-x` by `restore-x`).
-    pub fn delete(name: &str, dev: &Dev, object: impl Into<TcObject>) -> Self {
+    pub fn delete(name: &'static str, dev: &Dev, object: impl Into<TcObject>) -> Self {
         let mut step = Step::tc(name, Op::Delete, dev, object);
         step.undo = Undo::Reverse;
         step
@@ -189,7 +200,7 @@ impl Step {
                 dev,
                 object,
                 redirect_to,
-            } => render_tc(*op, dev.name(), object, redirect_to.as_ref()),
+            } => render_tc(*op, dev.name(), object, redirect_to.as_deref()),
             Operation::Nft { ops, .. } => ops
                 .iter()
                 .map(NftOp::describe)
@@ -222,6 +233,15 @@ fn render_tc(op: Op, dev: &str, object: &TcObject, redirect_to: Option<&Dev>) ->
                     }
                     (format!("root handle {} ", q.handle), kind)
                 }
+                QdiscKind::Tbf(t) => (
+                    format!("parent {} handle {} ", q.parent, q.handle),
+                    format!(
+                        "tbf rate {}bps burst {}b limit {}b",
+                        t.rate,
+                        tbf_burst_for_tc(t),
+                        t.limit
+                    ),
+                ),
                 QdiscKind::Other { kind, .. } => {
                     (format!("root handle {} ", q.handle), kind.clone())
                 }
@@ -259,6 +279,14 @@ fn render_tc(op: Op, dev: &str, object: &TcObject, redirect_to: Option<&Dev>) ->
         }
         TcObject::Filter(f) => render_filter(op, dev, f, redirect_to),
     }
+}
+
+/// The burst to give `tc` for a TBF bucket: tc turns it into whole microseconds at the rate and
+/// then into ticks, so the bytes of the bucket's time rounded up to a microsecond land on the
+/// same ticks (raylimit's leaves refill in 15 ticks, tc's "1us").
+fn tbf_burst_for_tc(t: &crate::model::tbf::TbfQdisc) -> u64 {
+    let micros = (t.buffer as u64 * crate::model::htb::NSEC_PER_TICK).div_ceil(1000);
+    (micros as u128 * t.rate as u128).div_ceil(1_000_000) as u64
 }
 
 fn parent_words(parent: TcHandle) -> String {

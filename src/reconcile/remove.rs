@@ -17,19 +17,19 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
         if !req.on_egress() && redirects {
             let mut steps = Vec::new();
             remove_upload_scaffolding(ctx, obs, &mut steps);
-            d.reason = format!(
+            d.reason = std::borrow::Cow::Owned(format!(
                 "no managed root exists on {}: the ingress redirect of {} that sent to it (dropping what it matched) goes",
                 dev.name(),
                 obs.device.name
-            );
+            ));
             d.steps = steps;
             return;
         }
         d.kind = DecisionKind::NoOp;
-        d.reason = format!(
+        d.reason = std::borrow::Cow::Owned(format!(
             "no managed root exists on {}, so there is nothing to remove",
             dev.name()
-        );
+        ));
         return;
     };
     // A removal takes the subject's own filters only: a user's by its class, never by the
@@ -49,12 +49,12 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
         && class_minor.is_none()
     {
         d.kind = DecisionKind::NoOp;
-        d.reason = format!(
+        d.reason = std::borrow::Cow::Owned(format!(
             "no rule for {} {} was observed on {}",
             req.subject,
             req.direction.name(),
             dev.name()
-        );
+        ));
         return;
     }
     d.observed_class = held.class;
@@ -104,9 +104,7 @@ pub(super) fn plan_remove(ctx: &Context, rule: &Rule, obs: &Observation, d: &mut
         steps.push(delete_priority(ifindex, prio, &dev));
     }
     if let Some(minor) = class_minor {
-        let mut before = shaped.classes[&minor].class.clone();
-        before.parent = shaping::root_handle();
-        steps.push(Step::delete("delete-class", &dev, before));
+        steps.push(delete_class(&dev, shaped, minor));
     }
     // Shared scaffolding goes only when nothing managed is left on it.
     let classes_left = shaped.classes.len() - usize::from(class_minor.is_some());

@@ -36,6 +36,7 @@ fn ctx(subject: &str, direction: Direction, want: Want) -> Context {
         foreign_classes: Default::default(),
         made_hook: true,
         made_ifb: true,
+        leaf: crate::shaping::Leaf::Tbf,
     }
 }
 
@@ -47,7 +48,7 @@ fn run(k: &mut FakeKernel, c: &Context) -> Decision {
 }
 
 fn names(d: &Decision) -> Vec<&str> {
-    d.steps.iter().map(|s| s.name.as_str()).collect()
+    d.steps.iter().map(|s| s.name.as_ref()).collect()
 }
 
 #[test]
@@ -70,7 +71,7 @@ fn apply_then_no_op_then_change_in_place_then_remove() {
 
         let change = run(&mut k, &ctx("10.0.0.2", direction, Want::Limit(2_000_000)));
         assert_eq!(change.kind, DecisionKind::Replace);
-        assert_eq!(names(&change), ["change-class"]);
+        assert_eq!(names(&change), ["change-class", "replace-leaf"]);
 
         let removed = run(&mut k, &ctx("10.0.0.2", direction, Want::Remove));
         assert_eq!(removed.kind, DecisionKind::Remove);
@@ -176,6 +177,7 @@ fn user_ctx(uuid: &str, ips: &[&str], want: Want, remembered: Option<u16>) -> Co
         foreign_classes: Default::default(),
         made_hook: true,
         made_ifb: true,
+        leaf: crate::shaping::Leaf::Tbf,
     }
 }
 
@@ -397,7 +399,12 @@ fn an_outbound_is_a_class_and_an_nft_rule_on_the_remote_facing_egress() {
     let first = run(&mut k, &out(0x0100_0000, Want::Limit(1000)));
     assert_eq!(
         names(&first),
-        ["create-root-qdisc", "create-class", "nft-classify-mark"]
+        [
+            "create-root-qdisc",
+            "create-class",
+            "create-leaf",
+            "nft-classify-mark"
+        ]
     );
     // Upload of the outbound leaves the device: its egress root, no IFB.
     assert!(k.ifb.is_none());
@@ -477,7 +484,12 @@ fn with_cls_fw_an_outbound_upload_is_an_fw_filter_and_no_nft_rule() {
     let first = run(&mut k, &fw_outbound(Direction::Upload, Want::Limit(1000)));
     assert_eq!(
         names(&first),
-        ["create-root-qdisc", "create-class", "create-filter"]
+        [
+            "create-root-qdisc",
+            "create-class",
+            "create-leaf",
+            "create-filter"
+        ]
     );
     assert!(first.forms[0].contains("fw on eth0, mark 0x1000000/0xf000000"));
     let f = fw_filter(&k.device).expect("an fw filter on the device");
@@ -529,6 +541,7 @@ fn with_connmark_an_outbound_download_restores_the_mark_before_the_ifb() {
             "set-ifb-up",
             "create-root-qdisc",
             "create-class",
+            "create-leaf",
             "create-filter",
             "nft-save-mark",
             "create-ingress-hook",
@@ -562,6 +575,7 @@ fn with_connmark_an_outbound_download_restores_the_mark_before_the_ifb() {
         names(&run(&mut k, &ip)),
         [
             "create-class",
+            "create-leaf",
             "create-address-table",
             "create-address-link",
             "create-bucket-table",
@@ -641,6 +655,7 @@ fn a_client_in_a_new_first_level_bucket_brings_its_table_and_link() {
         [
             "create-root-qdisc",
             "create-class",
+            "create-leaf",
             "create-address-table",
             "create-address-link",
             "create-bucket-table",
@@ -650,13 +665,17 @@ fn a_client_in_a_new_first_level_bucket_brings_its_table_and_link() {
     );
     // The same first-level bucket (second-to-last byte 5): only its class and node.
     let same = run(&mut k, &ip_limit("10.0.5.3"));
-    assert_eq!(names(&same), ["create-class", "create-filter"]);
+    assert_eq!(
+        names(&same),
+        ["create-class", "create-leaf", "create-filter"]
+    );
     // The same last byte in another first-level bucket: a table and link of its own.
     let other = run(&mut k, &ip_limit("10.0.6.2"));
     assert_eq!(
         names(&other),
         [
             "create-class",
+            "create-leaf",
             "create-bucket-table",
             "create-bucket-link",
             "create-filter"
@@ -708,12 +727,13 @@ fn an_emptied_bucket_keeps_its_table_and_the_last_rule_takes_the_root_with_every
     assert_eq!(names(&last), ["delete-root-qdisc"]);
     assert!(k.device.qdiscs.is_empty() && k.device.filters.is_empty());
     let undo_steps = last.steps[0].undo_steps();
-    let undo: Vec<&str> = undo_steps.iter().map(|s| s.name.as_str()).collect();
+    let undo: Vec<&str> = undo_steps.iter().map(|s| s.name.as_ref()).collect();
     assert_eq!(
         undo,
         [
             "restore-root-qdisc",
             "restore-class",
+            "restore-leaf",
             "restore-address-table",
             "restore-filter",
             "restore-bucket-table",
@@ -876,12 +896,10 @@ fn absorbing_a_plan_and_forgetting_its_deletes_tracks_the_kernel() {
         assert!(d.blocked.is_none(), "{:?}", d.blocked);
         k.apply(&d.steps);
         for step in &d.steps {
-            if let Operation::Tc {
-                op,
-                object: TcObject::Filter(f),
-                ..
-            } = &step.action
-            {
+            if let Operation::Tc { op, object, .. } = &step.action {
+                let TcObject::Filter(f) = object else {
+                    continue;
+                };
                 match op {
                     Op::Delete => tracked.forget_filter(f.priority, f.handle),
                     _ => tracked.absorb_filter(f, end),
@@ -890,6 +908,7 @@ fn absorbing_a_plan_and_forgetting_its_deletes_tracks_the_kernel() {
         }
         let read = ShapedRoot::read(&k.device, end);
         tracked.classes = read.classes.clone();
+        tracked.leaves = read.leaves.clone();
         assert_eq!(tracked, read, "after {}", c.request.subject);
     }
 }
@@ -1043,4 +1062,90 @@ fn a_runtime_scoped_baseline_is_a_node_per_listener_and_trades_places_with_the_d
 
 fn first_request(direction: Direction) -> Request {
     ctx("all", direction, Want::Limit(1)).request
+}
+
+fn leaf_of(k: &FakeKernel) -> Option<crate::model::tc::Qdisc> {
+    k.device
+        .qdiscs
+        .iter()
+        .find(|q| q.qdisc.parent.major() == ROOT_MAJOR)
+        .map(|q| q.qdisc.clone())
+}
+
+#[test]
+fn every_class_gets_a_segmenting_tbf_leaf_sized_for_its_rate() {
+    let mut k = FakeKernel::default();
+    run(&mut k, &ip_limit("10.0.0.2"));
+    let leaf = leaf_of(&k).expect("a leaf under the class");
+    let class = &k.device.classes[0].class;
+    assert_eq!(leaf.parent, class.handle);
+    assert_eq!(leaf.handle, shaping::leaf_handle(class.handle.minor()));
+    assert_eq!(
+        leaf.kind,
+        QdiscKind::Tbf(shaping::leaf_tbf(1000, shaping::frame_bytes(1500)))
+    );
+    // A new rate resizes the leaf with the class, in place.
+    let change = run(
+        &mut k,
+        &ctx("10.0.0.2", Direction::Download, Want::Limit(50_000_000)),
+    );
+    assert_eq!(names(&change), ["change-class", "replace-leaf"]);
+    assert_eq!(
+        leaf_of(&k).unwrap().kind,
+        QdiscKind::Tbf(shaping::leaf_tbf(50_000_000, shaping::frame_bytes(1500)))
+    );
+    // The undo of the change puts the old leaf back.
+    k.apply(&change.steps[1].undo_steps());
+    assert_eq!(leaf_of(&k).unwrap(), leaf);
+}
+
+#[test]
+fn a_lost_or_foreign_leaf_is_put_back_and_a_matching_one_is_a_no_op() {
+    let mut k = FakeKernel::default();
+    run(&mut k, &ip_limit("10.0.0.2"));
+    let leaf = leaf_of(&k).unwrap();
+    assert_eq!(run(&mut k, &ip_limit("10.0.0.2")).kind, DecisionKind::NoOp);
+    // Deleted by hand: HTB's default FIFO is back, which the dump does not show.
+    k.device.qdiscs.retain(|q| q.qdisc != leaf);
+    let repaired = run(&mut k, &ip_limit("10.0.0.2"));
+    assert_eq!(repaired.kind, DecisionKind::Replace);
+    assert_eq!(names(&repaired), ["create-leaf"]);
+    assert_eq!(leaf_of(&k).unwrap(), leaf);
+    // Replaced by hand with another kind: raylimit's class gets raylimit's leaf back, and the
+    // undo would restore the hand-made one.
+    for q in k.device.qdiscs.iter_mut() {
+        if q.qdisc == leaf {
+            q.qdisc.handle = TcHandle::new(0x8001, 0);
+            q.qdisc.kind = QdiscKind::Other {
+                kind: "pfifo".into(),
+                options: None,
+            };
+        }
+    }
+    let foreign = leaf_of(&k).unwrap();
+    let replaced = run(&mut k, &ip_limit("10.0.0.2"));
+    assert_eq!(names(&replaced), ["replace-leaf"]);
+    assert_eq!(leaf_of(&k).unwrap(), leaf);
+    k.apply(&replaced.steps[0].undo_steps());
+    assert_eq!(leaf_of(&k).unwrap(), foreign);
+}
+
+#[test]
+fn without_tbf_a_class_keeps_htbs_fifo_with_a_burst_that_holds_a_gso_packet() {
+    let mut k = FakeKernel::default();
+    let mut c = ip_limit("10.0.0.2");
+    c.leaf = shaping::Leaf::Default;
+    let d = run(&mut k, &c);
+    assert!(!names(&d).contains(&"create-leaf"), "{:?}", names(&d));
+    assert!(leaf_of(&k).is_none());
+    let ClassKind::Htb(h) = &k.device.classes[0].class.kind else {
+        unreachable!()
+    };
+    assert_eq!(h, &shaping::leaf_class(1000, shaping::Leaf::Default, 1532));
+    // A leaf left by a run on a kernel that had TBF goes, and the class is resized.
+    let mut k = FakeKernel::default();
+    run(&mut k, &ip_limit("10.0.0.2"));
+    let d = run(&mut k, &c);
+    assert_eq!(names(&d), ["change-class", "delete-leaf"]);
+    assert!(leaf_of(&k).is_none());
 }

@@ -268,14 +268,14 @@ pub(super) fn plan_redirect(
 
 /// A step on the device's ingress redirect, sending to the IFB (its index filled in at
 /// execution when the IFB is created in the same run).
-pub(super) fn redirect_step(obs: &Observation, name: &str, op: Op, f: Filter) -> Step {
+pub(super) fn redirect_step(obs: &Observation, name: &'static str, op: Op, f: Filter) -> Step {
     Step {
-        name: name.to_string(),
+        name: name.into(),
         action: Operation::Tc {
             op,
             dev: device_dev(&obs.device),
             object: TcObject::Filter(f),
-            redirect_to: Some(ifb_dev(obs)),
+            redirect_to: Some(Box::new(ifb_dev(obs))),
         },
         undo: plan::Undo::Steps(Vec::new()),
         exists_ok: false,
@@ -287,7 +287,7 @@ pub(super) fn redirect_step(obs: &Observation, name: &str, op: Op, f: Filter) ->
 pub(super) fn ifb_dev(obs: &Observation) -> Dev {
     match &obs.ifb {
         Some(l) if l.index != 0 => device_dev(l),
-        _ => Dev::Ifb(shaping::ifb_name(obs.device.index)),
+        _ => Dev::Ifb(shaping::ifb_name(obs.device.index).into()),
     }
 }
 
@@ -340,7 +340,7 @@ pub(super) fn remove_upload_scaffolding(ctx: &Context, obs: &Observation, steps:
         steps.push(
             Step::new("delete-ifb", Operation::DeleteLink(device_dev(ifb))).undone_by(vec![
                 Step::new("restore-ifb", Operation::CreateIfb(name.clone())),
-                Step::new("set-ifb-up", Operation::SetUp(Dev::Ifb(name))),
+                Step::new("set-ifb-up", Operation::SetUp(Dev::Ifb(name.into()))),
             ]),
         );
     }

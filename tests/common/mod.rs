@@ -4,6 +4,7 @@
 //! needs the raylimit library (netlink sockets inside a namespace) is added here.
 #![allow(dead_code, unused_imports)]
 
+pub mod accuracy;
 mod connect_from;
 pub mod container;
 pub mod fake_xray;

@@ -32,6 +32,7 @@ pub fn context(subject: Subject, direction: Direction, want: Want, device: &str)
         foreign_classes: Default::default(),
         made_hook: true,
         made_ifb: true,
+        leaf: raylimit::shaping::Leaf::Tbf,
     }
 }
 

@@ -411,7 +411,8 @@ impl<K: Kernel> Engine<K> {
         &self.staged[ticket.0]
     }
 
-    /// The leaf qdisc classes get: TBF where the kernel has it. A side that already holds a TBF
+    /// The leaf qdisc classes get: TBF where the kernel is known to have it (present or an
+    /// installed module; HTB's default where nothing says). A side that already holds a TBF
     /// leaf says so without a probe, so a run that changes nothing reads no kernel config.
     fn leaf(&mut self, egress: bool) -> shaping::Leaf {
         if let Some(leaf) = self.leaf {
@@ -427,7 +428,7 @@ impl<K: Kernel> Engine<K> {
             let caps = self
                 .capabilities
                 .get_or_insert_with(|| kernel.capabilities());
-            caps.has(Feature::Tbf)
+            caps.get(Feature::Tbf).confirmed()
         };
         let leaf = match has_tbf {
             true => shaping::Leaf::Tbf,

@@ -87,6 +87,13 @@ impl Availability {
             Availability::Present(_) | Availability::Loadable(_) | Availability::Unknown
         )
     }
+
+    /// Whether something the kernel exposes says the feature is there. What raylimit adds on
+    /// its own (a leaf queue) needs this: where nothing tells, as on a kernel without
+    /// `/proc/config.gz` whose module is not installed, using it would fail every limit.
+    pub fn confirmed(&self) -> bool {
+        matches!(self, Availability::Present(_) | Availability::Loadable(_))
+    }
 }
 
 /// Where the probe looks; tests point it at a fake tree.
@@ -223,6 +230,15 @@ pub fn missing_feature(feature: Feature, error: &KernelError) -> Option<NetlinkE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_evidence_confirms_a_feature() {
+        assert!(Availability::Present("x".into()).confirmed());
+        assert!(Availability::Loadable("x".into()).confirmed());
+        assert!(!Availability::Unknown.confirmed());
+        assert!(Availability::Unknown.usable());
+        assert!(!Availability::Absent("x".into()).confirmed());
+    }
 
     #[test]
     fn config_lines_are_read_exactly() {

@@ -28,7 +28,7 @@ check() { # name feature command...
 }
 
 raylimit probe > /tmp/probe
-for f in matchall fw gact connmark; do
+for f in matchall fw gact connmark tbf; do
     check "probe finds $f" "$f" grep -Eq "^$f +(present|loadable)" /tmp/probe
 done
 
@@ -115,6 +115,12 @@ shows() { # DEV PATTERN: raylimit's own decode of DEV lists PATTERN
     raylimit show --device "$1" > /tmp/show && grep -q "$2" /tmp/show ||
         { echo "no $2 on $1:"; cat /tmp/show; return 1; }
 }
+leaf_is_tbf() { # 10.77.0.2's class has its TBF leaf, and status names it
+    shows rl-cl 'qdisc tbf' || return 1
+    raylimit status > /tmp/status
+    grep -q '^ *ip 10.77.0.2 .*leaf tbf queue' /tmp/status || { cat /tmp/status; return 1; }
+    sed -n 's/^ *\(ip 10.77.0.2 .*leaf tbf[^;]*\).*/measured: status: \1/p' /tmp/status
+}
 class_carried() { # DEV: the HTB classes on DEV sent at least BYTES (the shaped transfer went through them)
     sent=$(raylimit show --device "$1" | grep -A1 '^class htb' | awk '$1 == "sent" { n += $2 } END { print n + 0 }')
     echo "measured: HTB class on $1 sent $sent bytes for $BYTES of payload"
@@ -160,7 +166,7 @@ through_v2ray() {
 # would be) and another client address run unshaped.
 ip_download() {
     rl --ip 10.77.0.2 --direction download --rate "$RATE" --execute >/dev/null || return 1
-    shows rl-cl 'class htb' && shows rl-cl 'match 0a4d0002/ffffffff at 16' &&
+    shows rl-cl 'class htb' && shows rl-cl 'match 0a4d0002/ffffffff at 16' && leaf_is_tbf &&
         wire_held "$CLIENT" cl0 get && transfer get 10.77.0.2 fast && transfer get 10.77.0.3 fast
     ok=$?
     rl --ip 10.77.0.2 --direction download --remove --execute >/dev/null || ok=1
@@ -235,7 +241,7 @@ leaves_kernel_as_it_began() {
 
 check "baseline plan picks matchall" matchall plans_matchall
 check "unshaped download through v2ray's marked outbound is fast" control through_v2ray
-check "10.77.0.2's download through v2ray held; its traffic to another service, and 10.77.0.3, unshaped" "htb, u32" ip_download
+check "10.77.0.2's download through v2ray held; its traffic to another service, and 10.77.0.3, unshaped" "htb, tbf, u32" ip_download
 check "10.77.0.2's upload through v2ray held; its traffic to another service, and 10.77.0.3, unshaped" "mirred, ifb, u32" ip_upload
 check "outbound upload held by its socket mark, unmarked traffic on rl-rm unshaped" \
     "fw" outbound_upload

@@ -292,13 +292,11 @@ const LEAF_QUEUE_DIVISOR: u64 = 40;
 pub enum Leaf {
     /// A TBF that never limits: it cuts a GSO super-packet larger than the class's burst into
     /// frames before HTB charges it (a 64 KiB packet charged at once would put a 4 KiB/s class
-    /// 16 s into debt), so a slow class sends steadily. Its FIFO is bounded in bytes, but
-    /// above a TCP window: on a kernel without an AQM qdisc, a FIFO short enough to keep
-    /// queueing delay low drops bursts of a window, and TCP through a proxy lost a third or
-    /// more of its goodput now and then at 200-300 KB/s.
+    /// 16 s into debt), so a slow class sends steadily. Its FIFO holds more than a TCP window
+    /// (`leaf_tbf` says why a shorter one is worse).
     Tbf,
-    /// HTB's default FIFO (1 000 packets), where the kernel has no TBF: the class's burst must
-    /// then hold a whole GSO packet.
+    /// HTB's default FIFO (1 000 packets), where the probe does not confirm TBF: the class's
+    /// burst must then hold a whole GSO packet.
     Default,
 }
 

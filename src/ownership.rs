@@ -25,14 +25,14 @@ const LOCK_WAIT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Annotation {
     /// The network namespace (`--netns`), empty for the current one.
-    pub netns: String,
+    pub netns: Shared,
     /// The device the operator named.
-    pub device: String,
-    pub direction: String,
+    pub device: Shared,
+    pub direction: Shared,
     /// The subject's key (`ip 10.0.0.1`, `ip all`).
     pub subject: SubjectKey,
     /// The device whose root holds the rule (the device, or its IFB).
-    pub shaped_device: String,
+    pub shaped_device: Shared,
     /// The leaf class, when the rule has one (the unlimited exception has none).
     #[serde(default)]
     pub class_minor: Option<u16>,
@@ -40,10 +40,10 @@ pub struct Annotation {
     /// later run restores when the kernel has lost the rule.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate: Option<u64>,
-    pub owner: String,
+    pub owner: Shared,
     /// How the runtime was described when the rule was made (for reports only).
     #[serde(default)]
-    pub runtime: String,
+    pub runtime: Shared,
     /// The expanded set the rule belongs to (`per_ip`), when it was not asked for by itself.
     #[serde(default)]
     pub set: Option<String>,
@@ -72,15 +72,127 @@ pub struct Made {
 /// All annotations, by rule: (netns, shaped device, subject key as written, owner), so they list
 /// in the order the state file and earlier versions always gave. Two runtimes may each hold a
 /// rule for the same subject on one device (each scoped to its own listeners).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct Annotations {
     /// By (namespace, shaped device, subject, owner); the subject as its typed key, so a
     /// lookup formats nothing.
     entries: BTreeMap<Key, Annotation>,
     made: std::collections::BTreeSet<Made>,
+    /// The one copy of each string the entries repeat.
+    strings: std::collections::BTreeSet<Shared>,
 }
 
-type Key = (String, String, SubjectKey, String);
+impl PartialEq for Annotations {
+    fn eq(&self, other: &Self) -> bool {
+        self.entries == other.entries && self.made == other.made
+    }
+}
+
+impl Eq for Annotations {}
+
+impl Annotations {
+    /// Makes `a`'s repeated strings the copies already held (or holds them): a rule costs its
+    /// subject and a few pointers, not six strings of its own.
+    fn share(&mut self, a: &mut Annotation) {
+        let fields = [
+            &mut a.netns,
+            &mut a.device,
+            &mut a.direction,
+            &mut a.shaped_device,
+            &mut a.owner,
+            &mut a.runtime,
+        ];
+        for field in fields {
+            match self.strings.get(&**field) {
+                Some(held) => *field = held.clone(),
+                None => {
+                    self.strings.insert(field.clone());
+                }
+            }
+        }
+    }
+}
+
+type Key = (Shared, Shared, SubjectKey, Shared);
+
+/// A string many annotations repeat (the namespace, the devices, the direction, the owner, the
+/// runtime): shared, so 10 000 rules keep one copy of each. It reads and compares as a `str`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Shared(std::rc::Rc<str>);
+
+impl Shared {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for Shared {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::borrow::Borrow<str> for Shared {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl From<&str> for Shared {
+    fn from(s: &str) -> Self {
+        Shared(s.into())
+    }
+}
+
+impl From<String> for Shared {
+    fn from(s: String) -> Self {
+        Shared(s.into())
+    }
+}
+
+impl From<&String> for Shared {
+    fn from(s: &String) -> Self {
+        Shared(s.as_str().into())
+    }
+}
+
+impl PartialEq<str> for Shared {
+    fn eq(&self, other: &str) -> bool {
+        *self.0 == *other
+    }
+}
+
+impl PartialEq<&str> for Shared {
+    fn eq(&self, other: &&str) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<String> for Shared {
+    fn eq(&self, other: &String) -> bool {
+        *self.0 == **other
+    }
+}
+
+impl PartialEq<Shared> for String {
+    fn eq(&self, other: &Shared) -> bool {
+        **self == *other.0
+    }
+}
+
+impl PartialEq<Shared> for &str {
+    fn eq(&self, other: &Shared) -> bool {
+        **self == *other.0
+    }
+}
 
 fn key(netns: &str, shaped_device: &str, subject: &SubjectKey, owner: &str) -> Key {
     (
@@ -88,6 +200,16 @@ fn key(netns: &str, shaped_device: &str, subject: &SubjectKey, owner: &str) -> K
         shaped_device.into(),
         subject.clone(),
         owner.into(),
+    )
+}
+
+/// An annotation's key, sharing its strings.
+fn key_of(a: &Annotation) -> Key {
+    (
+        a.netns.clone(),
+        a.shaped_device.clone(),
+        a.subject.clone(),
+        a.owner.clone(),
     )
 }
 
@@ -145,9 +267,9 @@ impl Annotations {
         })
     }
 
-    pub fn upsert(&mut self, a: Annotation) {
-        self.entries
-            .insert(key(&a.netns, &a.shaped_device, &a.subject, &a.owner), a);
+    pub fn upsert(&mut self, mut a: Annotation) {
+        self.share(&mut a);
+        self.entries.insert(key_of(&a), a);
     }
 
     /// Forgets the owner's annotation of `subject`; true when there was one.
@@ -444,15 +566,16 @@ impl StateDir {
         // Built at once from the sorted list, the map's nodes are full; inserted one by one in
         // key order, each split leaves one half empty (a third more memory at 10 000 rules).
         // The last of two records of one rule wins, as an insert would.
-        let entries = file
-            .rules
-            .into_iter()
-            .map(|a| (key(&a.netns, &a.shaped_device, &a.subject, &a.owner), a))
-            .collect();
-        Ok(Annotations {
-            entries,
+        let mut annotations = Annotations {
             made: file.made.into_iter().collect(),
-        })
+            ..Annotations::default()
+        };
+        let mut rules = file.rules;
+        for a in &mut rules {
+            annotations.share(a);
+        }
+        annotations.entries = rules.into_iter().map(|a| (key_of(&a), a)).collect();
+        Ok(annotations)
     }
 
     /// Writes the annotations atomically (a temporary file renamed over the old one); the
@@ -532,5 +655,43 @@ mod tests {
         assert_eq!(live_holder(&path), None);
         drop(lock);
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn rule(ip: &str, owner: &str) -> Annotation {
+        Annotation {
+            netns: "".into(),
+            device: "eth0".into(),
+            direction: "download".into(),
+            subject: SubjectKey::Ip(ip.parse().unwrap()),
+            shaped_device: "eth0".into(),
+            class_minor: Some(1),
+            rate: Some(1000),
+            owner: owner.into(),
+            runtime: "xray".into(),
+            set: None,
+        }
+    }
+
+    #[test]
+    fn rules_share_their_repeated_strings_when_recorded_and_when_read_back() {
+        let same = |a: &Shared, b: &Shared| std::rc::Rc::ptr_eq(&a.0, &b.0);
+        let mut annotations = Annotations::default();
+        annotations.upsert(rule("10.0.0.1", "host:/usr/bin/xray"));
+        annotations.upsert(rule("10.0.0.2", "host:/usr/bin/xray"));
+        annotations.upsert(rule("10.0.0.3", "host:/usr/bin/v2ray"));
+        let all: Vec<&Annotation> = annotations.iter().collect();
+        assert!(same(&all[0].owner, &all[1].owner) && same(&all[0].device, &all[1].device));
+        assert!(same(&all[0].device, &all[2].shaped_device));
+        assert!(!same(&all[0].owner, &all[2].owner));
+        assert_eq!(all[2].owner, "host:/usr/bin/v2ray");
+
+        let dir = std::env::temp_dir().join(format!("raylimit-share-{}", std::process::id()));
+        let state = StateDir { path: dir.clone() };
+        state.save(&annotations).unwrap();
+        let read = state.load().unwrap();
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(read, annotations);
+        let all: Vec<&Annotation> = read.iter().collect();
+        assert!(same(&all[0].owner, &all[1].owner) && same(&all[1].runtime, &all[2].runtime));
     }
 }

@@ -330,8 +330,9 @@ pub fn run(netns: Option<&str>, a: &ApplyArgs) -> i32 {
                     Err(e) => return super::fail(format, Failure::Refused, e),
                 };
                 for x in annotations.iter() {
-                    if x.owner == owner && x.netns == key && !devices.contains(&x.device) {
-                        devices.push(x.device.clone());
+                    if x.owner == owner && x.netns == key && !devices.iter().any(|d| *d == x.device)
+                    {
+                        devices.push(x.device.to_string());
                     }
                 }
             }

@@ -65,7 +65,13 @@ pub fn run(netns: Option<&str>, a: &ResetArgs) -> i32 {
         .filter(|x| a.device.as_ref().is_none_or(|d| &x.device == d))
         .filter(|x| subject.as_ref().is_none_or(|k| &x.subject == k))
         .filter(|x| a.direction.as_ref().is_none_or(|d| &x.direction == d))
-        .map(|x| (x.netns.clone(), x.device.clone(), x.owner.clone()))
+        .map(|x| {
+            (
+                x.netns.to_string(),
+                x.device.to_string(),
+                x.owner.to_string(),
+            )
+        })
         .collect();
     let mut reports: Vec<(String, Report)> = Vec::new();
     let mut gone = Vec::new();

@@ -475,7 +475,7 @@ impl<K: Kernel> Engine<K> {
                 self.annotations
                     .for_subject(&self.netns_key, &shaped_device, &subject_key)
                     .find(|a| a.owner != owner)
-                    .map(|a| a.owner.clone())
+                    .map(|a| a.owner.to_string())
             })
             .flatten();
         // Only a catch-all (the baseline, the upload redirect) or an outbound depends on
@@ -578,18 +578,18 @@ impl<K: Kernel> Engine<K> {
                     owner,
                 },
                 _ => AnnotationChange::Upsert(Annotation {
-                    netns: self.netns_key.clone(),
-                    device: self.device.name.clone(),
+                    netns: self.netns_key.as_str().into(),
+                    device: self.device.name.as_str().into(),
                     direction: request.direction.name().into(),
                     subject: subject_key,
-                    shaped_device: shaped_device.clone(),
+                    shaped_device: shaped_device.as_str().into(),
                     class_minor: decision.expected_class.map(|c| c.minor()),
                     rate: match request.want {
                         Want::Limit(rate) => Some(rate),
                         _ => None,
                     },
-                    owner,
-                    runtime: self.description.clone(),
+                    owner: owner.as_str().into(),
+                    runtime: self.description.as_str().into(),
                     set: set.map(str::to_string),
                 }),
             };
@@ -738,7 +738,7 @@ impl<K: Kernel> Engine<K> {
                                 && a.shaped_device != self.device.name
                                 && a.shaped_device != current_ifb
                         })
-                        .map(|a| a.shaped_device.clone())
+                        .map(|a| a.shaped_device.to_string())
                         .collect()
                 });
                 for shaped in std::iter::once(&shaped_device).chain(earlier_ifbs.iter()) {

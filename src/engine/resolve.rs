@@ -166,7 +166,7 @@ impl PerIpSet {
                 .iter()
                 .filter(|a| a.netns == netns && a.shaped_device == shaped && a.set.is_none())
                 .filter(|a| a.owner == owner)
-                .filter_map(|a| Some((a.subject.ip()?, a.owner.clone())))
+                .filter_map(|a| Some((a.subject.ip()?, a.owner.to_string())))
                 .collect(),
         }
     }

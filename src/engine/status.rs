@@ -169,7 +169,7 @@ pub fn annotated_namespaces() -> Vec<String> {
     let annotations = StateDir::from_env().load().unwrap_or_default();
     let names: std::collections::BTreeSet<String> = annotations
         .iter()
-        .map(|a| a.netns.clone())
+        .map(|a| a.netns.to_string())
         .filter(|n| !n.is_empty())
         .collect();
     // A name is one path component under /run/netns (the state file is not trusted further).
@@ -365,7 +365,7 @@ pub fn read_kernel(netns: Option<&str>, device: Option<&str>) -> Result<Status, 
             });
             let mut rule = Rule::new(&shaped, subject, rule_direction).with_class(&shaped, class);
             if let Some(a) = annotation {
-                rule.owner = Some(a.owner.clone());
+                rule.owner = Some(a.owner.to_string());
                 if a.direction == "upload" || a.direction == "download" {
                     rule.direction = if a.direction == "upload" {
                         "upload"
@@ -468,10 +468,10 @@ fn compare<'a>(
                     _ => String::new(),
                 };
                 drift.push(Drift {
-                    device: a.device.clone(),
-                    direction: a.direction.clone(),
+                    device: a.device.to_string(),
+                    direction: a.direction.to_string(),
                     subject,
-                    owner: Some(a.owner.clone()),
+                    owner: Some(a.owner.to_string()),
                     problem: format!("recorded on {}, which no longer exists{left}", a.device),
                     raylimit: Some(forget(a)),
                     tc: Vec::new(),
@@ -486,10 +486,10 @@ fn compare<'a>(
             {
                 let left = links.iter().any(|l| l.name == a.shaped_device);
                 drift.push(Drift {
-                    device: a.device.clone(),
-                    direction: a.direction.clone(),
+                    device: a.device.to_string(),
+                    direction: a.direction.to_string(),
                     subject,
-                    owner: Some(a.owner.clone()),
+                    owner: Some(a.owner.to_string()),
                     problem: format!(
                         "recorded on {}, the IFB of an earlier {} (the device was made again, with another ifindex){}",
                         a.shaped_device,
@@ -521,10 +521,10 @@ fn compare<'a>(
             },
         };
         drift.push(Drift {
-            device: a.device.clone(),
-            direction: a.direction.clone(),
+            device: a.device.to_string(),
+            direction: a.direction.to_string(),
             subject,
-            owner: Some(a.owner.clone()),
+            owner: Some(a.owner.to_string()),
             problem: match a.subject {
                 SubjectKey::Ip(_) | SubjectKey::All | SubjectKey::Connection(_) => format!(
                     "{problem}: its runtime's next run on {} restores it, or forget it",
@@ -612,7 +612,7 @@ fn compare<'a>(
                 "redirects to ifindex {target}, which no longer exists: the packets it matches \
                  are dropped"
             );
-            let (problem, tc) = match recorded_upload.contains(&h.device) {
+            let (problem, tc) = match recorded_upload.contains(h.device.as_str()) {
                 true => (
                     format!("{problem}; removing the upload limits recorded here removes it"),
                     Vec::new(),

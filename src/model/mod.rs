@@ -7,6 +7,7 @@ pub mod action;
 pub mod attr;
 pub mod device;
 pub mod error;
+pub mod fq_codel;
 pub mod fw;
 pub mod handle;
 pub mod htb;

@@ -546,7 +546,6 @@ fn two_runtimes_hold_their_own_limits_for_the_same_client() {
 fn an_ip_rule_wins_over_an_inbound_rule_and_a_baseline_is_warned_about() {
     require(&[need::RUNTIME_HOST, need::DOWNLOAD]);
     let c = Chain::new("prec");
-    let flow = c.flow(b'S', 25);
     let inbound = c.limit_json(&inbound_args(
         "download",
         &["--rate", "600000", "--execute"],
@@ -564,9 +563,11 @@ fn an_ip_rule_wins_over_an_inbound_rule_and_a_baseline_is_warned_about() {
     ]);
     let ip_class = ip["plan"]["class_id"].as_str().unwrap().to_string();
     let inbound_class = inbound["plan"]["class_id"].as_str().unwrap().to_string();
-    // The same packets match both; the specific IP's band is evaluated first. (The inbound
-    // class's backlog from before drains first: up to a queue of 1000 packets.)
-    std::thread::sleep(Duration::from_secs(3));
+    // The same packets match both; the specific IP's band is evaluated first. The flow starts
+    // once both rules are in place: moved from one class to the other mid-flow, it would leave
+    // the inbound class's queue behind (up to the leaf's 8 MiB), and TCP recovering from that
+    // is not what this measures.
+    let flow = c.flow(b'S', 20);
     let before = class_bytes(&c.server, "veth-s", &inbound_class);
     assert_shaped(
         &c.server,

@@ -179,7 +179,7 @@ for lib in $(for b in /usr/bin/v2ray "$NFTBIN"; do ldd "$b"; done | grep -o '/[^
 done
 # The modules the tests need, with their dependencies, in load order.
 : > "$ROOT/modules.order"
-for m in sch_htb sch_tbf sch_ingress cls_u32 cls_matchall cls_fw act_gact act_mirred act_connmark ifb veth \
+for m in sch_htb sch_tbf sch_fq_codel sch_ingress cls_u32 cls_matchall cls_fw act_gact act_mirred act_connmark ifb veth \
          nf_tables nft_ct nf_conntrack inet_diag tcp_diag udp_diag; do
     for ko in $(modprobe -d "$OUT/kernel" -S "$VER" --show-depends "$m" | awk '$1 == "insmod" {print $2}'); do
         rel=/lib/modules/${ko#*/lib/modules/} # modprobe prints absolute paths

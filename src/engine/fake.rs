@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use super::kernel::{Kernel, StepOutcome};
 use crate::model::stats::TcStats;
-use crate::model::tc::{ClassEntry, Filter, FilterEntry, FilterKind, Op, QdiscEntry};
+use crate::model::tc::{ClassEntry, Filter, FilterEntry, FilterKind, Op, QdiscEntry, QdiscKind};
 use crate::model::u32::U32Filter;
 use crate::model::DeviceTc;
 use crate::model::Link;
@@ -122,6 +122,29 @@ impl FakeKernel {
                                     || tc.classes.iter().any(|c| c.class.handle == q.parent),
                                 "ENOENT: class {} not found",
                                 q.parent
+                            );
+                            // Under its own handle a qdisc changes only into its own kind,
+                            // and an fq_codel never names its flow count in a change (the
+                            // kernel keeps the one it was made with).
+                            let same = tc.qdiscs.iter().find(|e| e.qdisc.handle == q.handle);
+                            if matches!(op, Op::Change | Op::Replace) {
+                                if let Some(e) = same {
+                                    ensure!(
+                                        e.qdisc.kind_name() == q.kind_name(),
+                                        "EINVAL: Invalid qdisc name: must match existing qdisc"
+                                    );
+                                    if let (QdiscKind::FqCodel(old), QdiscKind::FqCodel(new)) =
+                                        (&e.qdisc.kind, &mut q.kind)
+                                    {
+                                        ensure!(*op == Op::Change, "EINVAL: fq_codel flows");
+                                        new.flows = old.flows;
+                                    }
+                                }
+                            }
+                            ensure!(
+                                *op != Op::Change || same.is_some(),
+                                "ENOENT: qdisc {} not found",
+                                q.handle
                             );
                             // A class holds one leaf: a new one is grafted in its place.
                             tc.qdiscs.retain(|e| {

@@ -301,8 +301,9 @@ pub struct Engine<K: Kernel> {
     netns_path: Option<String>,
     /// What the kernel offers, probed when a request first needs it.
     capabilities: Option<Capabilities>,
-    /// The leaf qdisc this run gives classes, once known.
-    leaf: Option<shaping::Leaf>,
+    /// The leaf qdisc this run gives classes, by side (egress or not) and by whether fq_codel
+    /// suits their rate, once known.
+    leaf: BTreeMap<(bool, bool), shaping::Leaf>,
     /// The annotations as this run leaves them (saved at commit when it succeeds).
     annotations: Annotations,
     /// The IFBs of earlier devices of this name that annotations still name (read once, when a
@@ -369,7 +370,7 @@ impl<K: Kernel> Engine<K> {
             netns_key: options.netns.clone().unwrap_or_default(),
             netns_path: options.netns.map(|n| format!("/run/netns/{n}")),
             capabilities: None,
-            leaf: None,
+            leaf: BTreeMap::new(),
             observed: BTreeMap::new(),
             staged: Vec::new(),
             pending: Vec::new(),
@@ -411,30 +412,43 @@ impl<K: Kernel> Engine<K> {
         &self.staged[ticket.0]
     }
 
-    /// The leaf qdisc classes get: TBF where the kernel is known to have it (present or an
-    /// installed module; HTB's default where nothing says). A side that already holds a TBF
-    /// leaf says so without a probe, so a run that changes nothing reads no kernel config.
-    fn leaf(&mut self, egress: bool) -> shaping::Leaf {
-        if let Some(leaf) = self.leaf {
-            return leaf;
+    /// The leaf qdisc a class at `rate` gets: fq_codel where the rate suits it and the kernel is
+    /// known to have it (present or an installed module), else TBF, else fq_codel at any rate,
+    /// else HTB's default where nothing says. A side that holds the kind a class wants says so
+    /// without a probe, and one that holds TBF leaves and no fq_codel keeps TBF, so a run that
+    /// changes nothing reads no kernel config. Decided once per side and speed in a run.
+    fn leaf(&mut self, egress: bool, rate: u64) -> shaping::Leaf {
+        use crate::model::tc::QdiscKind;
+        use shaping::Leaf;
+        let fast = shaping::fq_codel_suits(rate);
+        if let Some(leaf) = self.leaf.get(&(egress, fast)) {
+            return *leaf;
         }
         let seen = self.observed.get(&egress).and_then(|o| o.shaped.as_ref());
-        let has_tbf = seen.is_some_and(|s| {
-            s.leaves
-                .values()
-                .any(|q| matches!(q.kind, crate::model::tc::QdiscKind::Tbf(_)))
-        }) || {
-            let kernel = &mut self.kernel;
-            let caps = self
-                .capabilities
-                .get_or_insert_with(|| kernel.capabilities());
-            caps.get(Feature::Tbf).confirmed()
+        let holds = |kind: fn(&QdiscKind) -> bool| {
+            seen.is_some_and(|s| s.leaves.values().any(|q| kind(&q.kind)))
         };
-        let leaf = match has_tbf {
-            true => shaping::Leaf::Tbf,
-            false => shaping::Leaf::Default,
+        let holds_fq_codel = holds(|k| matches!(k, QdiscKind::FqCodel(_)));
+        let holds_tbf = holds(|k| matches!(k, QdiscKind::Tbf(_)));
+        let leaf = match (fast, holds_fq_codel, holds_tbf) {
+            (_, false, true) | (false, _, true) => Leaf::Tbf,
+            (true, true, _) => Leaf::FqCodel,
+            _ => {
+                let kernel = &mut self.kernel;
+                let caps = self
+                    .capabilities
+                    .get_or_insert_with(|| kernel.capabilities());
+                let fq_codel = caps.get(Feature::FqCodel).confirmed();
+                let tbf = caps.get(Feature::Tbf).confirmed();
+                match (fast && fq_codel, tbf, fq_codel) {
+                    (true, _, _) => Leaf::FqCodel,
+                    (_, true, _) => Leaf::Tbf,
+                    (_, _, true) => Leaf::FqCodel,
+                    _ => Leaf::Default,
+                }
+            }
         };
-        self.leaf = Some(leaf);
+        self.leaf.insert((egress, fast), leaf);
         leaf
     }
 
@@ -501,7 +515,7 @@ impl<K: Kernel> Engine<K> {
         let (rule_scope, scope_used, unscoped) = self.rule_scope(&request);
         self.observe_once(&request);
         let leaf = match request.want {
-            Want::Limit(_) => self.leaf(request.on_egress()),
+            Want::Limit(rate) => self.leaf(request.on_egress(), rate),
             _ => shaping::Leaf::Default,
         };
         let ctx = Context {

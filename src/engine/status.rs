@@ -99,6 +99,7 @@ impl Rule {
         });
         self.leaf_queue_bytes = leaf.flatten().and_then(|q| match &q.kind {
             crate::model::tc::QdiscKind::Tbf(t) => Some(t.limit),
+            crate::model::tc::QdiscKind::FqCodel(f) => Some(f.memory_limit),
             _ => None,
         });
         self

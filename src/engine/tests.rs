@@ -916,3 +916,63 @@ fn removing_every_rule_is_one_root_delete_that_undoes_to_all_of_them() {
         }
     }
 }
+
+/// The kind of every leaf qdisc under raylimit's classes.
+fn leaf_kinds(e: &Engine<Fake>) -> Vec<&'static str> {
+    e.kernel
+        .kernel
+        .device
+        .qdiscs
+        .iter()
+        .filter(|q| q.qdisc.parent.major() == crate::shaping::ROOT_MAJOR)
+        .map(|q| match q.qdisc.kind {
+            crate::model::tc::QdiscKind::FqCodel(_) => "fq_codel",
+            crate::model::tc::QdiscKind::Tbf(_) => "tbf",
+            _ => "other",
+        })
+        .collect()
+}
+
+#[test]
+fn the_leaf_is_fq_codel_where_the_kernel_has_it_and_the_rate_suits_and_a_side_keeps_tbf() {
+    use crate::netlink::probe::Feature;
+    let with = |features: Vec<Feature>| Fake {
+        features,
+        ..Fake::default()
+    };
+    let (fast, slow) = (1_000_000, 64_000);
+    let state = TempState::new();
+    let mut e = engine(with(vec![Feature::Tbf, Feature::FqCodel]), &state, true);
+    e.stage(limit("10.0.0.1", fast), None, None);
+    e.commit();
+    assert_eq!(leaf_kinds(&e), ["fq_codel"]);
+    // A slow class on the same side gets the TBF, which cuts GSO packets into frames.
+    let kernel = std::mem::take(&mut e.kernel);
+    drop(e);
+    let mut e = engine(kernel, &state, true);
+    e.stage(limit("10.0.0.2", slow), None, None);
+    e.commit();
+    assert_eq!(leaf_kinds(&e), ["fq_codel", "tbf"]);
+
+    // Without TBF, fq_codel at any rate.
+    let state = TempState::new();
+    let mut e = engine(with(vec![Feature::FqCodel]), &state, true);
+    e.stage(limit("10.0.0.2", slow), None, None);
+    e.commit();
+    assert_eq!(leaf_kinds(&e), ["fq_codel"]);
+
+    let state = TempState::new();
+    let mut e = engine(with(vec![Feature::Tbf]), &state, true);
+    e.stage(limit("10.0.0.1", fast), None, None);
+    e.commit();
+    assert_eq!(leaf_kinds(&e), ["tbf"]);
+    // The same side, now on a kernel with fq_codel: it holds TBF leaves and no fq_codel, so it
+    // keeps TBF (no probe), for a new fast class too.
+    let mut kernel = std::mem::take(&mut e.kernel);
+    drop(e);
+    kernel.features.push(Feature::FqCodel);
+    let mut e = engine(kernel, &state, true);
+    e.stage(limit("10.0.0.2", fast), None, None);
+    e.commit();
+    assert_eq!(leaf_kinds(&e), ["tbf", "tbf"]);
+}

@@ -8,6 +8,7 @@ use std::fmt;
 
 use super::attr::{AttrWriter, Attrs, StructReader};
 use super::error::DecodeError;
+use super::fq_codel::FqCodelQdisc;
 use super::fw::Fw;
 use super::handle::{TcHandle, U32Handle};
 use super::htb::{HtbClass, HtbClassCounters, HtbQdisc, HtbQdiscCounters};
@@ -80,6 +81,9 @@ pub enum QdiscKind {
     Htb(HtbQdisc),
     /// The leaf under a managed class: it segments GSO packets and bounds the queue.
     Tbf(TbfQdisc),
+    /// The leaf under a managed class where the kernel has it: a queue per flow, each kept
+    /// short by CoDel.
+    FqCodel(FqCodelQdisc),
     Clsact,
     Ingress,
     /// A kind raylimit does not model; its options payload, verbatim.
@@ -143,6 +147,7 @@ impl Qdisc {
         match &self.kind {
             QdiscKind::Htb(_) => "htb",
             QdiscKind::Tbf(_) => "tbf",
+            QdiscKind::FqCodel(_) => "fq_codel",
             QdiscKind::Clsact => "clsact",
             QdiscKind::Ingress => "ingress",
             QdiscKind::Other { kind, .. } => kind,
@@ -173,6 +178,11 @@ impl Qdisc {
                     }
                     QdiscKind::Tbf(t) => {
                         w.nested(TCA_OPTIONS, false, |w| t.encode_options(w));
+                    }
+                    QdiscKind::FqCodel(f) => {
+                        w.nested(TCA_OPTIONS, false, |w| {
+                            f.encode_options(w, op != Op::Change)
+                        });
                     }
                     QdiscKind::Clsact | QdiscKind::Ingress => {}
                     QdiscKind::Other { options, .. } => put_opaque(w, options),
@@ -437,6 +447,7 @@ pub fn decode(msg_type: u16, payload: &[u8]) -> Result<TcEntry, DecodeError> {
                     QdiscKind::Htb(q)
                 }
                 "tbf" => QdiscKind::Tbf(TbfQdisc::decode_options(options)?),
+                "fq_codel" => QdiscKind::FqCodel(FqCodelQdisc::decode_options(options)?),
                 "clsact" => QdiscKind::Clsact,
                 "ingress" => QdiscKind::Ingress,
                 _ => QdiscKind::Other {
@@ -546,6 +557,9 @@ impl fmt::Display for Qdisc {
                 t.max_packet(),
                 t.limit
             )?;
+        }
+        if let QdiscKind::FqCodel(q) = &self.kind {
+            write!(f, " {}", q.options_text())?;
         }
         Ok(())
     }

@@ -1,5 +1,5 @@
 //! Kernel capability probing for the tc modules some kernels lack (matchall, fw, gact, connmark,
-//! tbf).
+//! tbf, fq_codel).
 //! It only reads what the kernel exposes (`/proc/config.gz`, `/sys/module`, `modules.builtin`,
 //! the module tree) and changes nothing. The kernel's own answer at execute time confirms it:
 //! see [`missing_feature`].
@@ -19,18 +19,21 @@ pub enum Feature {
     /// The u32 classifier's skb mark match (`CONFIG_CLS_U32_MARK`, part of cls_u32). Without it the
     /// kernel silently ignores a u32 mark key.
     U32Mark,
-    /// The TBF qdisc (`sch_tbf`), the leaf under each class.
+    /// The TBF qdisc (`sch_tbf`), the leaf under each class where fq_codel is missing.
     Tbf,
+    /// The fq_codel qdisc (`sch_fq_codel`), the leaf under each class where present.
+    FqCodel,
 }
 
 impl Feature {
-    pub const ALL: [Feature; 6] = [
+    pub const ALL: [Feature; 7] = [
         Feature::Matchall,
         Feature::Fw,
         Feature::Gact,
         Feature::Connmark,
         Feature::U32Mark,
         Feature::Tbf,
+        Feature::FqCodel,
     ];
 
     pub fn name(self) -> &'static str {
@@ -41,6 +44,7 @@ impl Feature {
             Feature::Connmark => "connmark",
             Feature::U32Mark => "u32 mark match",
             Feature::Tbf => "tbf",
+            Feature::FqCodel => "fq_codel",
         }
     }
 
@@ -52,6 +56,7 @@ impl Feature {
             Feature::Connmark => "CONFIG_NET_ACT_CONNMARK",
             Feature::U32Mark => "CONFIG_CLS_U32_MARK",
             Feature::Tbf => "CONFIG_NET_SCH_TBF",
+            Feature::FqCodel => "CONFIG_NET_SCH_FQ_CODEL",
         }
     }
 
@@ -63,6 +68,7 @@ impl Feature {
             Feature::Connmark => "act_connmark",
             Feature::U32Mark => "cls_u32",
             Feature::Tbf => "sch_tbf",
+            Feature::FqCodel => "sch_fq_codel",
         }
     }
 }

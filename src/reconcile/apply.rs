@@ -369,14 +369,30 @@ fn plan_leaf(
 ) {
     match (want, old) {
         (Some(want), Some(old)) if leaf_matches(old, &want) => {}
+        // Under its own handle the kernel changes a qdisc in place only into its own kind, and
+        // an fq_codel never into another flow count: otherwise the old one goes and the wanted
+        // one is made. Under another handle the wanted one is made over it (below).
+        (Some(want), Some(old)) if old.handle == want.handle && !changes_in_place(old, &want) => {
+            changes.push(format!("the leaf under {} is replaced", want.parent));
+            let mut old = old.clone();
+            old.parent = want.parent;
+            steps.push(Step::delete("delete-leaf", dev, old));
+            steps.push(Step::create("create-leaf", dev, want));
+        }
         (Some(want), Some(old)) => {
             changes.push(format!("the leaf under {} is replaced", want.parent));
             let mut before = old.clone();
             before.parent = want.parent;
+            // In place, a change (which never names an fq_codel's flow count); over another
+            // handle, a replace that makes the wanted leaf whole.
+            let op = match old.handle == want.handle {
+                true => Op::Change,
+                false => Op::Replace,
+            };
             steps.push(
-                Step::tc("replace-leaf", Op::Replace, dev, want).undone_by(vec![Step::tc(
+                Step::tc("replace-leaf", op, dev, want).undone_by(vec![Step::tc(
                     "restore-leaf",
-                    Op::Replace,
+                    op,
                     dev,
                     before,
                 )]),
@@ -395,4 +411,13 @@ fn plan_leaf(
 /// The observed leaf is the wanted one: same handle, kind and options.
 fn leaf_matches(old: &Qdisc, want: &Qdisc) -> bool {
     old.handle == want.handle && old.kind == want.kind
+}
+
+/// The kernel can change `old` into `want` in place: the same kind (it refuses another kind
+/// under one handle), and for fq_codel the same flow count (fixed when it is made).
+fn changes_in_place(old: &Qdisc, want: &Qdisc) -> bool {
+    match (&old.kind, &want.kind) {
+        (QdiscKind::FqCodel(a), QdiscKind::FqCodel(b)) => a.flows == b.flows,
+        (a, b) => std::mem::discriminant(a) == std::mem::discriminant(b),
+    }
 }

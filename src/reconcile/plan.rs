@@ -242,6 +242,10 @@ fn render_tc(op: Op, dev: &str, object: &TcObject, redirect_to: Option<&Dev>) ->
                         t.limit
                     ),
                 ),
+                QdiscKind::FqCodel(f) => (
+                    format!("parent {} handle {} ", q.parent, q.handle),
+                    format!("fq_codel {}", f.options_text()),
+                ),
                 QdiscKind::Other { kind, .. } => {
                     (format!("root handle {} ", q.handle), kind.clone())
                 }

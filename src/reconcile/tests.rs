@@ -1099,6 +1099,92 @@ fn every_class_gets_a_segmenting_tbf_leaf_sized_for_its_rate() {
     assert_eq!(leaf_of(&k).unwrap(), leaf);
 }
 
+fn with_fq_codel(mut c: Context) -> Context {
+    c.leaf = shaping::Leaf::FqCodel;
+    c
+}
+
+#[test]
+fn an_fq_codel_leaf_is_sized_for_its_rate_and_changed_without_its_flow_count() {
+    let mut k = FakeKernel::default();
+    let first = run(&mut k, &with_fq_codel(ip_limit("10.0.0.2")));
+    let leaf = leaf_of(&k).expect("a leaf under the class");
+    let class = &k.device.classes[0].class;
+    assert_eq!(leaf.handle, shaping::leaf_handle(class.handle.minor()));
+    let frame = shaping::frame_bytes(1500);
+    assert_eq!(
+        leaf.kind,
+        QdiscKind::FqCodel(shaping::leaf_fq_codel(1000, frame))
+    );
+    // fq_codel does not cut GSO packets: the class's burst holds one, as over HTB's FIFO.
+    match &class.kind {
+        ClassKind::Htb(h) => {
+            assert_eq!(h, &shaping::leaf_class(1000, shaping::Leaf::Default, frame))
+        }
+        other => panic!("{other:?}"),
+    }
+    let create = first
+        .steps
+        .iter()
+        .find(|s| s.name == "create-leaf")
+        .unwrap();
+    assert!(
+        create.command().contains("fq_codel limit 10240 flows 64"),
+        "{}",
+        create.command()
+    );
+    assert_eq!(
+        run(&mut k, &with_fq_codel(ip_limit("10.0.0.2"))).kind,
+        DecisionKind::NoOp
+    );
+    // A new rate changes it in place: a change, which the kernel refuses if it names flows.
+    let faster = with_fq_codel(ctx(
+        "10.0.0.2",
+        Direction::Download,
+        Want::Limit(50_000_000),
+    ));
+    let change = run(&mut k, &faster);
+    assert_eq!(names(&change), ["change-class", "replace-leaf"]);
+    assert!(change.steps[1].command().starts_with("tc qdisc change"));
+    assert_eq!(
+        leaf_of(&k).unwrap().kind,
+        QdiscKind::FqCodel(shaping::leaf_fq_codel(50_000_000, frame))
+    );
+    k.apply(&change.steps[1].undo_steps());
+    assert_eq!(leaf_of(&k).unwrap(), leaf);
+}
+
+#[test]
+fn a_leaf_of_another_kind_or_flow_count_under_raylimits_handle_is_made_again() {
+    let mut k = FakeKernel::default();
+    run(&mut k, &ip_limit("10.0.0.2"));
+    let tbf = leaf_of(&k).unwrap();
+    // TBF where fq_codel is wanted: the kernel will not change one kind into another.
+    let moved = run(&mut k, &with_fq_codel(ip_limit("10.0.0.2")));
+    assert_eq!(
+        names(&moved),
+        ["change-class", "delete-leaf", "create-leaf"]
+    );
+    let fq = leaf_of(&k).unwrap();
+    assert!(matches!(fq.kind, QdiscKind::FqCodel(_)));
+    // Another flow count, set by hand: made again too.
+    for q in k.device.qdiscs.iter_mut() {
+        if let QdiscKind::FqCodel(f) = &mut q.qdisc.kind {
+            f.flows = 1024;
+        }
+    }
+    let remade = run(&mut k, &with_fq_codel(ip_limit("10.0.0.2")));
+    assert_eq!(names(&remade), ["delete-leaf", "create-leaf"]);
+    assert_eq!(leaf_of(&k).unwrap(), fq);
+    // And back to TBF, undoing to fq_codel the same way.
+    let back = run(&mut k, &ip_limit("10.0.0.2"));
+    assert_eq!(leaf_of(&k).unwrap(), tbf);
+    for step in back.steps.iter().rev() {
+        k.apply(&step.undo_steps());
+    }
+    assert_eq!(leaf_of(&k).unwrap(), fq);
+}
+
 #[test]
 fn a_lost_or_foreign_leaf_is_put_back_and_a_matching_one_is_a_no_op() {
     let mut k = FakeKernel::default();

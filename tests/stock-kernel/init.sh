@@ -123,9 +123,12 @@ leaf_is_fq_codel() { # 10.77.0.2's class has its fq_codel leaf, and status names
     sed -n 's/^ *\(ip 10.77.0.2 .*leaf fq_codel[^;]*\).*/measured: status: \1/p' /tmp/status
 }
 class_carried() { # DEV: the HTB classes on DEV sent at least BYTES (the shaped transfer went through them)
-    sent=$(raylimit show --device "$1" | grep -A1 '^class htb' | awk '$1 == "sent" { n += $2 } END { print n + 0 }')
+    sent=$(class_sent "$1")
     echo "measured: HTB class on $1 sent $sent bytes for $BYTES of payload"
     [ "$sent" -ge "$BYTES" ]
+}
+class_sent() { # DEV: the bytes DEV's HTB classes have sent, by their own counters
+    raylimit show --device "$1" | grep -A1 '^class htb' | awk '$1 == "sent" { n += $2 } END { print n + 0 }'
 }
 rx_bytes() { # PID DEV: the bytes DEV has received, in the network namespace of PID
     nsenter -t "$1" -n cat /proc/net/dev | awk -v d="$2:" '$1 == d { print $2 }'
@@ -246,9 +249,9 @@ responsive_and_fair() {
 }
 
 # steady RATE KIND MS: a class at RATE, device-wide, whose leaf status names KIND; one bulk flow to
-# 10.77.0.2 for 12 s. From its third second, each of six seconds that cl0 receives stays within
-# 25 % of the rate, and (MS given) probes in the middle come back within MS of the idle ones,
-# at most 2 of 40 lost.
+# 10.77.0.2 for 12 s. From its third second, the class's own counter over six seconds reads the
+# rate within 2 %, each of those seconds that cl0 receives stays within 25 % of it, and (MS
+# given) probes in the middle come back within MS of the idle ones, at most 2 of 40 lost.
 steady() {
     rl --ip 10.77.0.2 --scope device --direction download --rate "$1" --execute >/dev/null || return 1
     raylimit status > /tmp/status
@@ -259,6 +262,7 @@ steady() {
     sleep 2
     nsenter -t "$CLIENT" -n rl-traffic ping 10.77.0.1:9001 40 --bind 10.77.0.2 > /tmp/probes &
     probes=$!
+    c0=$(class_sent rl-cl) s0=$(awk '{ print $1 }' /proc/uptime)
     a=$(rx_bytes "$CLIENT" cl0) t0=$(awk '{ print $1 }' /proc/uptime) seconds=""
     for _ in 1 2 3 4 5 6; do
         sleep 1
@@ -266,11 +270,15 @@ steady() {
         seconds="$seconds $(awk -v a="$a" -v b="$b" -v t0="$t0" -v t1="$t1" 'BEGIN { printf "%d", (b - a) / (t1 - t0) }')"
         a=$b t0=$t1
     done
+    c1=$(class_sent rl-cl) s1=$(awk '{ print $1 }' /proc/uptime)
+    wire=$(awk -v a="$c0" -v b="$c1" -v t0="$s0" -v t1="$s1" 'BEGIN { printf "%d", (b - a) / (t1 - t0) }')
     wait $probes && wait $one || { cat /tmp/flow1 /tmp/probes; return 1; }
     rl --ip 10.77.0.2 --direction download --remove --execute >/dev/null || return 1
     loaded=$(cat /tmp/probes)
-    echo "measured: leaf $2; cl0 received per second:$seconds (limit $1 bytes/s); flow: $(cat /tmp/flow1)"
+    echo "measured: leaf $2; the class sent $wire bytes/s over $s0..$s1 s (limit $1 bytes/s, within 2 %)"
+    echo "measured: cl0 received per second:$seconds; flow: $(cat /tmp/flow1)"
     echo "measured: idle probes: $idle; under the flow: $loaded"
+    [ "$wire" -ge $(($1 * 98 / 100)) ] && [ "$wire" -le $(($1 * 102 / 100)) ] || return 1
     for r in $seconds; do
         [ "$r" -ge $(($1 * 3 / 4)) ] && [ "$r" -le $(($1 * 5 / 4)) ] || return 1
     done
@@ -310,8 +318,9 @@ check "unshaped download through v2ray's marked outbound is fast" control throug
 check "10.77.0.2's download through v2ray held; its traffic to another service, and 10.77.0.3, unshaped" "htb, fq_codel, u32" ip_download
 check "a probe through a saturated class stays within 50 ms of idle, two flows share it within 20 %" \
     "fq_codel" responsive_and_fair
-check "1 Mbit/s: every second within 25 %, probes within 50 ms of idle" "fq_codel" steady_at_1_mbit
-check "64 KiB/s: every second within 25 %" "tbf" steady_at_64_kib
+check "1 Mbit/s: the class's rate within 2 %, every second within 25 %, probes within 50 ms of idle" \
+    "fq_codel" steady_at_1_mbit
+check "64 KiB/s: the class's rate within 2 %, every second within 25 %" "tbf" steady_at_64_kib
 check "10.77.0.2's upload through v2ray held; its traffic to another service, and 10.77.0.3, unshaped" "mirred, ifb, u32" ip_upload
 check "outbound upload held by its socket mark, unmarked traffic on rl-rm unshaped" \
     "fw" outbound_upload

@@ -342,8 +342,8 @@ fn client_rules_shape_the_runtimes_traffic_and_not_another_service() {
             );
             direct.stop();
             // Arriving packets of the other service are not even redirected to the IFB: it
-            // carries at most what the runtime's stopped flow had queued (HTB's 1000 packets),
-            // not the gigabytes the other service sent meanwhile.
+            // carries at most what the runtime's stopped flow had queued (its leaf holds up to
+            // 8 MiB), not the gigabytes the other service sent meanwhile.
             if let (Some(before), Some(after)) = (before, ifb_sent()) {
                 eprintln!("{what}: the IFB carried {} bytes meanwhile", after - before);
                 assert!(

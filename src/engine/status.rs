@@ -41,12 +41,14 @@ pub struct Rule {
     pub priority: Option<u16>,
     pub class: Option<TcHandle>,
     pub rate: Option<u64>,
-    /// The class's leaf qdisc: `tbf` (segmenting, byte-limited FIFO), `pfifo` (HTB's default),
-    /// or another kind put there by hand; none without a class.
+    /// The class's leaf qdisc: `fq_codel` (flow queues with CoDel), `tbf` (segmenting,
+    /// byte-limited FIFO), `pfifo` (HTB's default), or another kind put there by hand; none
+    /// without a class.
     pub leaf: Option<String>,
-    /// The bytes the leaf's FIFO holds (TBF's limit).
+    /// The bytes the leaf holds at most (TBF's limit, fq_codel's memory limit).
     pub leaf_queue_bytes: Option<u32>,
-    /// The class's counters (the unlimited exception has none of its own).
+    /// The class's counters, its drops counting its leaf's (the unlimited exception has none of
+    /// its own).
     pub stats: TcStats,
     /// Bytes per second over the sampling window, when status sampled one.
     pub throughput: Option<u64>,
@@ -650,6 +652,7 @@ pub fn counters(
 ) -> Result<BTreeMap<(String, u16), TcStats>, NetlinkError> {
     let mut sock = RtSocket::open_in(netns)?;
     let mut out = BTreeMap::new();
+    let mut leaf_drops = Vec::new();
     for link in sock.links()? {
         if !shaped_devices.contains(&link.name) {
             continue;
@@ -662,8 +665,17 @@ pub fn counters(
                 TcEntry::Qdisc(q) if q.qdisc.handle.major() == ROOT_MAJOR => {
                     out.insert((link.name.clone(), 0), q.stats);
                 }
+                TcEntry::Qdisc(q) if q.qdisc.parent.major() == ROOT_MAJOR => {
+                    let key = (link.name.clone(), q.qdisc.parent.minor());
+                    leaf_drops.push((key, q.stats.drops));
+                }
                 _ => {}
             }
+        }
+    }
+    for (key, drops) in leaf_drops {
+        if let Some(class) = out.get_mut(&key) {
+            class.drops = crate::reconcile::observe::with_leaf_drops(class.drops, drops);
         }
     }
     Ok(out)

@@ -136,7 +136,11 @@ impl ShapedRoot {
         }
         for q in &tc.qdiscs {
             if q.qdisc.parent.major() == ROOT_MAJOR && q.qdisc.parent.minor() != 0 {
-                s.leaves.insert(q.qdisc.parent.minor(), q.qdisc.clone());
+                let minor = q.qdisc.parent.minor();
+                if let Some(c) = s.classes.get_mut(&minor) {
+                    c.stats.drops = with_leaf_drops(c.stats.drops, q.stats.drops);
+                }
+                s.leaves.insert(minor, q.qdisc.clone());
             }
         }
         for f in &tc.filters {
@@ -599,4 +603,11 @@ impl ShapedRoot {
             end,
         )
     }
+}
+
+/// A class's drops, counting its leaf's: HTB counts a packet its leaf refused at enqueue, but
+/// not one the leaf drops later (fq_codel's CoDel drops at dequeue), and the leaf counts both
+/// (fq_codel drops a batch where HTB counts one refusal). So the leaf's count, where larger.
+pub fn with_leaf_drops(class_drops: u32, leaf_drops: u32) -> u32 {
+    class_drops.max(leaf_drops)
 }

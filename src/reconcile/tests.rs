@@ -1186,6 +1186,32 @@ fn a_leaf_of_another_kind_or_flow_count_under_raylimits_handle_is_made_again() {
 }
 
 #[test]
+fn a_class_counts_the_drops_of_its_leaf_where_they_are_more() {
+    let mut k = FakeKernel::default();
+    let c = ip_limit("10.0.0.2");
+    run(&mut k, &c);
+    let drops_seen = |k: &FakeKernel| {
+        let obs = k.observe_for(&c.request);
+        let shaped = obs.shaped.as_ref().unwrap();
+        shaped.classes.values().next().unwrap().stats.drops
+    };
+    k.device.classes[0].stats.drops = 2;
+    // CoDel's drops at dequeue are the leaf's alone.
+    for q in k.device.qdiscs.iter_mut() {
+        if q.qdisc.parent.major() == ROOT_MAJOR {
+            q.stats.drops = 7;
+        }
+    }
+    assert_eq!(drops_seen(&k), 7);
+    for q in k.device.qdiscs.iter_mut() {
+        if q.qdisc.parent.major() == ROOT_MAJOR {
+            q.stats.drops = 1;
+        }
+    }
+    assert_eq!(drops_seen(&k), 2);
+}
+
+#[test]
 fn a_lost_or_foreign_leaf_is_put_back_and_a_matching_one_is_a_no_op() {
     let mut k = FakeKernel::default();
     run(&mut k, &ip_limit("10.0.0.2"));

@@ -225,7 +225,8 @@ static_refuses_download() {
 # Under load, device-wide so the probes share the class: two bulk flows to 10.77.0.2 for 8 s,
 # and UDP probes from it (answered on 10.77.0.1:9001) in their middle. fq_codel serves the probes'
 # flow ahead of the bulk ones and keeps theirs near CoDel's target: the probes' round trip stays
-# within 50 ms of the idle one, and the two flows get within 20 % of each other.
+# within 50 ms of the idle one, the two flows get within 20 % of each other, and status counts
+# the packets CoDel dropped.
 field() { echo "$2" | sed -n "s/.*$1=\([0-9.]*\).*/\1/p"; }
 responsive_and_fair() {
     rl --ip 10.77.0.2 --scope device --direction download --rate "$RATE" --execute >/dev/null || return 1
@@ -237,7 +238,13 @@ responsive_and_fair() {
     sleep 2
     loaded=$(nsenter -t "$CLIENT" -n rl-traffic ping 10.77.0.1:9001 40 --bind 10.77.0.2)
     wait $one && wait $two || { cat /tmp/flow1 /tmp/flow2; return 1; }
+    # CoDel keeps the flows' queues short by dropping at dequeue, which HTB never counts: status
+    # counts the leaf's drops with the class's.
+    raylimit status > /tmp/status
+    dropped=$(sed -n 's/^ *ip 10.77.0.2 .*[^0-9]\([0-9][0-9]*\) dropped.*/\1/p' /tmp/status)
     rl --ip 10.77.0.2 --direction download --remove --execute >/dev/null || return 1
+    echo "measured: status: 10.77.0.2's class dropped ${dropped:-?} packets"
+    [ "${dropped:-0}" -gt 0 ] || { cat /tmp/status; return 1; }
     a=$(field rate "$(cat /tmp/flow1)") b=$(field rate "$(cat /tmp/flow2)")
     echo "measured: idle probes: $idle; under two bulk flows: $loaded"
     echo "measured: flows: $(cat /tmp/flow1); $(cat /tmp/flow2) (limit $RATE bytes/s)"

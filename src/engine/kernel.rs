@@ -10,7 +10,7 @@ use crate::model::DeviceTc;
 use crate::model::Link;
 use crate::model::U32Handle;
 use crate::netlink::nft::{self, NftOp, NftState};
-use crate::netlink::probe::Capabilities;
+use crate::netlink::probe::{Capabilities, Feature, ProbeRoots};
 use crate::netlink::socket::Ack;
 use crate::netlink::{NetlinkError, RtSocket};
 use crate::reconcile::plan::{Dev, Operation, Step, TcObject};
@@ -28,6 +28,11 @@ pub trait Kernel {
     fn nft(&mut self) -> Result<NftState, NetlinkError>;
     /// The optional tc features the kernel offers.
     fn capabilities(&mut self) -> Capabilities;
+    /// Whether `feature`'s module is there, by the cheap checks alone (no kernel configuration
+    /// read): for a run that may change nothing.
+    fn module_confirmed(&mut self, feature: Feature) -> bool {
+        self.capabilities().get(feature).confirmed()
+    }
     /// Runs one batch as [`super::execute`] cuts them: a run of tc steps (many messages, one
     /// send, every acknowledgement checked), or one other step. One outcome per step.
     fn run_batch(&mut self, steps: &[&Step]) -> Vec<StepOutcome>;
@@ -215,6 +220,10 @@ impl Kernel for NetlinkKernel {
 
     fn capabilities(&mut self) -> Capabilities {
         Capabilities::probe()
+    }
+
+    fn module_confirmed(&mut self, feature: Feature) -> bool {
+        crate::netlink::probe::module_confirmed(feature, &ProbeRoots::default())
     }
 
     fn run_batch(&mut self, steps: &[&Step]) -> Vec<StepOutcome> {

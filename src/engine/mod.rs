@@ -415,8 +415,10 @@ impl<K: Kernel> Engine<K> {
     /// The leaf qdisc a class at `rate` gets: fq_codel where the rate suits it and the kernel is
     /// known to have it (present or an installed module), else TBF, else fq_codel at any rate,
     /// else HTB's default where nothing says. A side that holds the kind a class wants says so
-    /// without a probe, and one that holds TBF leaves and no fq_codel keeps TBF, so a run that
-    /// changes nothing reads no kernel config. Decided once per side and speed in a run.
+    /// without a probe; one that holds TBF leaves and no fq_codel (made before raylimit used
+    /// fq_codel, or on a kernel without it) moves a fast class to fq_codel only where the
+    /// module checks alone confirm it, so a run that changes nothing reads no kernel config.
+    /// Decided once per side and speed in a run.
     fn leaf(&mut self, egress: bool, rate: u64) -> shaping::Leaf {
         use crate::model::tc::QdiscKind;
         use shaping::Leaf;
@@ -431,8 +433,12 @@ impl<K: Kernel> Engine<K> {
         let holds_fq_codel = holds(|k| matches!(k, QdiscKind::FqCodel(_)));
         let holds_tbf = holds(|k| matches!(k, QdiscKind::Tbf(_)));
         let leaf = match (fast, holds_fq_codel, holds_tbf) {
-            (_, false, true) | (false, _, true) => Leaf::Tbf,
+            (false, _, true) => Leaf::Tbf,
             (true, true, _) => Leaf::FqCodel,
+            (true, false, true) => match self.kernel.module_confirmed(Feature::FqCodel) {
+                true => Leaf::FqCodel,
+                false => Leaf::Tbf,
+            },
             _ => {
                 let kernel = &mut self.kernel;
                 let caps = self

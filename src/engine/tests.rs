@@ -934,7 +934,7 @@ fn leaf_kinds(e: &Engine<Fake>) -> Vec<&'static str> {
 }
 
 #[test]
-fn the_leaf_is_fq_codel_where_the_kernel_has_it_and_the_rate_suits_and_a_side_keeps_tbf() {
+fn the_leaf_is_fq_codel_where_the_kernel_has_it_and_the_rate_suits_and_tbf_sides_move_to_it() {
     use crate::netlink::probe::Feature;
     let with = |features: Vec<Feature>| Fake {
         features,
@@ -966,13 +966,29 @@ fn the_leaf_is_fq_codel_where_the_kernel_has_it_and_the_rate_suits_and_a_side_ke
     e.stage(limit("10.0.0.1", fast), None, None);
     e.commit();
     assert_eq!(leaf_kinds(&e), ["tbf"]);
-    // The same side, now on a kernel with fq_codel: it holds TBF leaves and no fq_codel, so it
-    // keeps TBF (no probe), for a new fast class too.
-    let mut kernel = std::mem::take(&mut e.kernel);
+    // Without fq_codel the side keeps its TBF leaves, for a new fast class too.
+    let kernel = std::mem::take(&mut e.kernel);
     drop(e);
-    kernel.features.push(Feature::FqCodel);
     let mut e = engine(kernel, &state, true);
     e.stage(limit("10.0.0.2", fast), None, None);
     e.commit();
     assert_eq!(leaf_kinds(&e), ["tbf", "tbf"]);
+    // On a kernel with fq_codel (its module confirmed without reading the configuration), the
+    // next run that stages them moves the fast classes to it: the TBF goes, fq_codel is made.
+    let mut kernel = std::mem::take(&mut e.kernel);
+    drop(e);
+    kernel.features.push(Feature::FqCodel);
+    let mut e = engine(kernel, &state, true);
+    let moved = e.stage(limit("10.0.0.1", fast), None, None);
+    let steps: Vec<&str> = e
+        .decided(moved)
+        .decision
+        .steps
+        .iter()
+        .map(|s| s.name.as_ref())
+        .collect();
+    assert_eq!(steps, ["change-class", "delete-leaf", "create-leaf"]);
+    e.stage(limit("10.0.0.2", fast), None, None);
+    e.commit();
+    assert_eq!(leaf_kinds(&e), ["fq_codel", "fq_codel"]);
 }

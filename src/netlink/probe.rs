@@ -156,6 +156,19 @@ impl Capabilities {
     }
 }
 
+/// Whether `feature`'s module is loaded, built in (`modules.builtin`) or installed, read
+/// without the kernel configuration (a few file checks, where the full probe decompresses
+/// `/proc/config.gz`): what a run that may change nothing can afford. A feature only the
+/// configuration names as built in reads as missing here.
+pub fn module_confirmed(feature: Feature, roots: &ProbeRoots) -> bool {
+    let builtin = std::fs::read_to_string(format!("{}/modules.builtin", roots.lib_modules))
+        .unwrap_or_default();
+    matches!(
+        availability(feature, roots, None, &builtin),
+        Availability::Present(_) | Availability::Loadable(_)
+    )
+}
+
 fn read_config(path: &str) -> Option<String> {
     let file = std::fs::File::open(path).ok()?;
     let mut text = String::new();
@@ -244,6 +257,30 @@ mod tests {
         assert!(!Availability::Unknown.confirmed());
         assert!(Availability::Unknown.usable());
         assert!(!Availability::Absent("x".into()).confirmed());
+    }
+
+    #[test]
+    fn the_module_checks_confirm_a_builtin_or_installed_module_without_the_configuration() {
+        let dir = std::env::temp_dir().join(format!("raylimit-probe-{}", std::process::id()));
+        let lib = dir.join("lib");
+        std::fs::create_dir_all(lib.join("kernel/net/sched")).unwrap();
+        let roots = ProbeRoots {
+            // Never read here: a configuration that says `=y` would confirm it, this one cannot.
+            proc_config: dir.join("no-config.gz").display().to_string(),
+            sys_module: dir.join("sys").display().to_string(),
+            lib_modules: lib.display().to_string(),
+        };
+        assert!(!module_confirmed(Feature::FqCodel, &roots));
+        std::fs::write(
+            lib.join("modules.builtin"),
+            "kernel/net/sched/sch_fq_codel.ko\n",
+        )
+        .unwrap();
+        assert!(module_confirmed(Feature::FqCodel, &roots));
+        assert!(!module_confirmed(Feature::Tbf, &roots));
+        std::fs::write(lib.join("kernel/net/sched/sch_tbf.ko.xz"), "").unwrap();
+        assert!(module_confirmed(Feature::Tbf, &roots));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

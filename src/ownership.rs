@@ -117,7 +117,7 @@ type Key = (Shared, Shared, SubjectKey, Shared);
 
 /// A string many annotations repeat (the namespace, the devices, the direction, the owner, the
 /// runtime): shared, so 10 000 rules keep one copy of each. It reads and compares as a `str`.
-#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Shared(std::rc::Rc<str>);
 
@@ -152,18 +152,6 @@ impl From<&str> for Shared {
     }
 }
 
-impl From<String> for Shared {
-    fn from(s: String) -> Self {
-        Shared(s.into())
-    }
-}
-
-impl From<&String> for Shared {
-    fn from(s: &String) -> Self {
-        Shared(s.as_str().into())
-    }
-}
-
 impl PartialEq<str> for Shared {
     fn eq(&self, other: &str) -> bool {
         *self.0 == *other
@@ -183,12 +171,6 @@ impl PartialEq<String> for Shared {
 }
 
 impl PartialEq<Shared> for String {
-    fn eq(&self, other: &Shared) -> bool {
-        **self == *other.0
-    }
-}
-
-impl PartialEq<Shared> for &str {
     fn eq(&self, other: &Shared) -> bool {
         **self == *other.0
     }

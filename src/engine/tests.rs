@@ -918,19 +918,22 @@ fn removing_every_rule_is_one_root_delete_that_undoes_to_all_of_them() {
 }
 
 /// The kind of every leaf qdisc under raylimit's classes.
-fn leaf_kinds(e: &Engine<Fake>) -> Vec<&'static str> {
+fn leaf_kinds(e: &Engine<Fake>) -> Vec<&str> {
     e.kernel
         .kernel
         .device
         .qdiscs
         .iter()
         .filter(|q| q.qdisc.parent.major() == crate::shaping::ROOT_MAJOR)
-        .map(|q| match q.qdisc.kind {
-            crate::model::tc::QdiscKind::FqCodel(_) => "fq_codel",
-            crate::model::tc::QdiscKind::Tbf(_) => "tbf",
-            _ => "other",
-        })
+        .map(|q| q.qdisc.kind_name())
         .collect()
+}
+
+/// The next run on the same kernel and state, as a new process would open it.
+fn reopen(mut e: Engine<Fake>, state: &TempState) -> Engine<Fake> {
+    let kernel = std::mem::take(&mut e.kernel);
+    drop(e);
+    engine(kernel, state, true)
 }
 
 #[test]
@@ -947,9 +950,7 @@ fn the_leaf_is_fq_codel_where_the_kernel_has_it_and_the_rate_suits_and_tbf_sides
     e.commit();
     assert_eq!(leaf_kinds(&e), ["fq_codel"]);
     // A slow class on the same side gets the TBF, which cuts GSO packets into frames.
-    let kernel = std::mem::take(&mut e.kernel);
-    drop(e);
-    let mut e = engine(kernel, &state, true);
+    let mut e = reopen(e, &state);
     e.stage(limit("10.0.0.2", slow), None, None);
     e.commit();
     assert_eq!(leaf_kinds(&e), ["fq_codel", "tbf"]);
@@ -967,18 +968,14 @@ fn the_leaf_is_fq_codel_where_the_kernel_has_it_and_the_rate_suits_and_tbf_sides
     e.commit();
     assert_eq!(leaf_kinds(&e), ["tbf"]);
     // Without fq_codel the side keeps its TBF leaves, for a new fast class too.
-    let kernel = std::mem::take(&mut e.kernel);
-    drop(e);
-    let mut e = engine(kernel, &state, true);
+    let mut e = reopen(e, &state);
     e.stage(limit("10.0.0.2", fast), None, None);
     e.commit();
     assert_eq!(leaf_kinds(&e), ["tbf", "tbf"]);
     // On a kernel with fq_codel (its module confirmed without reading the configuration), the
     // next run that stages them moves the fast classes to it: the TBF goes, fq_codel is made.
-    let mut kernel = std::mem::take(&mut e.kernel);
-    drop(e);
-    kernel.features.push(Feature::FqCodel);
-    let mut e = engine(kernel, &state, true);
+    e.kernel.features.push(Feature::FqCodel);
+    let mut e = reopen(e, &state);
     let moved = e.stage(limit("10.0.0.1", fast), None, None);
     let steps: Vec<&str> = e
         .decided(moved)

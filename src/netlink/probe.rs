@@ -163,10 +163,7 @@ impl Capabilities {
 pub fn module_confirmed(feature: Feature, roots: &ProbeRoots) -> bool {
     let builtin = std::fs::read_to_string(format!("{}/modules.builtin", roots.lib_modules))
         .unwrap_or_default();
-    matches!(
-        availability(feature, roots, None, &builtin),
-        Availability::Present(_) | Availability::Loadable(_)
-    )
+    availability(feature, roots, None, &builtin).confirmed()
 }
 
 fn read_config(path: &str) -> Option<String> {

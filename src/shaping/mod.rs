@@ -431,21 +431,17 @@ pub fn leaf_fq_codel(rate: u64, frame: u64) -> FqCodelQdisc {
 
 /// The leaf qdisc raylimit puts under class `minor`, or none for HTB's default.
 pub fn leaf_qdisc(ifindex: u32, minor: u16, rate: u64, leaf: Leaf, frame: u64) -> Option<Qdisc> {
-    match leaf {
-        Leaf::FqCodel => Some(Qdisc {
-            ifindex,
-            handle: leaf_handle(minor),
-            parent: TcHandle::new(ROOT_MAJOR, minor),
-            kind: QdiscKind::FqCodel(leaf_fq_codel(rate, frame)),
-        }),
-        Leaf::Tbf => Some(Qdisc {
-            ifindex,
-            handle: leaf_handle(minor),
-            parent: TcHandle::new(ROOT_MAJOR, minor),
-            kind: QdiscKind::Tbf(leaf_tbf(rate, frame)),
-        }),
-        Leaf::Default => None,
-    }
+    let kind = match leaf {
+        Leaf::FqCodel => QdiscKind::FqCodel(leaf_fq_codel(rate, frame)),
+        Leaf::Tbf => QdiscKind::Tbf(leaf_tbf(rate, frame)),
+        Leaf::Default => return None,
+    };
+    Some(Qdisc {
+        ifindex,
+        handle: leaf_handle(minor),
+        parent: TcHandle::new(ROOT_MAJOR, minor),
+        kind,
+    })
 }
 
 /// True when two HTB classes shape the same way (the parameters raylimit sets).
